@@ -1,0 +1,39 @@
+"""The one exception family of stealer.
+
+Every error that stealer raises on purpose derives from :class:`StealerError`, so callers
+(the CLI, the node's connection handlers) can catch ours without catching bugs.
+"""
+
+from __future__ import annotations
+
+
+class StealerError(Exception):
+    """Base class of every error stealer raises on purpose."""
+
+
+class ModelError(StealerError):
+    """A cfg or weights file is malformed or does not fit its cfg."""
+
+
+class CfgError(ModelError):
+    """A darknet cfg file cannot be parsed; the message names the file and line."""
+
+
+class WeightsError(ModelError):
+    """A darknet weights file does not fit its cfg; the message names the byte counts."""
+
+
+class ShapeError(StealerError):
+    """An input tensor has the wrong shape or dtype for the layer it is fed to."""
+
+
+class PlanError(StealerError):
+    """A fused-tile partition cannot be made (bad grid, unsupported layer in the fused range)."""
+
+
+class ProtocolError(StealerError):
+    """A peer sent bytes that do not decode to a valid message; the connection is dropped."""
+
+
+class CommClosedError(StealerError):
+    """A peer connection is closed (cleanly or not); socket errors are converted to this once."""
