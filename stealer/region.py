@@ -143,10 +143,12 @@ def detect(out: np.ndarray, spec: RegionSpec, *, img_w: int, img_h: int, net_w: 
     dets = []
     for i in np.flatnonzero(best_prob > thresh):
         x, y, w, h = (float(v) for v in boxes[i])
-        left = max(0, int((x - w / 2.0) * img_w))
-        right = min(img_w - 1, int((x + w / 2.0) * img_w))
-        top = max(0, int((y - h / 2.0) * img_h))
-        bottom = min(img_h - 1, int((y + h / 2.0) * img_h))
+        # darknet clamps only left/top at 0 and right/bottom at the far edge; a box wholly
+        # outside the image then has left > right. Clamp all four so pixel boxes stay valid.
+        left = min(max(0, int((x - w / 2.0) * img_w)), img_w - 1)
+        right = min(max(0, int((x + w / 2.0) * img_w)), img_w - 1)
+        top = min(max(0, int((y - h / 2.0) * img_h)), img_h - 1)
+        bottom = min(max(0, int((y + h / 2.0) * img_h)), img_h - 1)
         dets.append(Detection(int(best[i]), float(best_prob[i]), x, y, w, h, left, top, right, bottom))
     dets.sort(key=lambda d: -d.prob)
     return dets

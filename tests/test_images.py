@@ -1,0 +1,56 @@
+"""Frames: darknet's resize/letterbox and deterministic synthetic frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stealer.errors import ShapeError, StealerError
+from stealer.images import letterbox, load_input, resize_image, synthetic_frame
+
+from . import darknet_ref as ref
+
+
+@pytest.mark.parametrize("src, dst", [((7, 9), (5, 4)), ((4, 4), (9, 11)), ((10, 3), (6, 6))])
+def test_resize_matches_darknet_bit_for_bit(src, dst):
+    rng = np.random.default_rng(0)
+    im = rng.uniform(0, 1, (3, *src)).astype(np.float32)
+    assert np.array_equal(resize_image(im, dst[1], dst[0]), ref.resize_image(im, dst[1], dst[0]))
+
+
+def test_letterbox_keeps_aspect_and_pads_with_half():
+    im = np.ones((3, 20, 40), np.float32)
+    boxed = letterbox(im, 32, 32)
+    assert boxed.shape == (3, 32, 32)
+    assert np.all(boxed[:, :8, :] == 0.5) and np.all(boxed[:, 24:, :] == 0.5)
+    assert np.allclose(boxed[:, 8:24, :], 1.0)
+    with pytest.raises(ShapeError):
+        letterbox(np.ones((1, 4, 4), np.float32), 8, 8)
+
+
+def test_synthetic_frames_deterministic_and_distinct():
+    a = synthetic_frame(1, 5, (3, 40, 50))
+    assert a.dtype == np.float32 and a.shape == (3, 40, 50) and 0 <= a.min() and a.max() <= 1
+    assert np.array_equal(a, synthetic_frame(1, 5, (3, 40, 50)))
+    assert not np.array_equal(a, synthetic_frame(1, 6, (3, 40, 50)))
+    assert not np.array_equal(a, synthetic_frame(2, 5, (3, 40, 50)))
+
+
+def test_load_input_npy_and_image(tmp_path):
+    from PIL import Image
+
+    x = np.random.default_rng(0).uniform(size=(3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    got, w, h = load_input(tmp_path / "x.npy", (3, 16, 16))
+    assert np.array_equal(got, x) and (w, h) == (16, 16)
+    with pytest.raises(ShapeError, match=r"must have shape \(C,H,W\)=\(3, 8, 8\)"):
+        load_input(tmp_path / "x.npy", (3, 8, 8))
+    np.save(tmp_path / "d.npy", x.astype(np.float64))
+    with pytest.raises(ShapeError, match="float32"):
+        load_input(tmp_path / "d.npy", (3, 16, 16))
+    Image.fromarray(np.full((10, 20, 3), 255, np.uint8)).save(tmp_path / "w.png")
+    img, w, h = load_input(tmp_path / "w.png", (3, 16, 16))
+    assert (w, h) == (20, 10) and img.shape == (3, 16, 16) and img.max() == 1.0
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(StealerError, match="cannot read image"):
+        load_input(tmp_path / "bad.jpg", (3, 16, 16))
