@@ -1,0 +1,154 @@
+"""The gateway's bookkeeping, pure: frame assembly, the reuse-strip cache, ordered results.
+
+* :class:`FrameAssembly` stitches a frame's output tiles into the fused block's output map as they
+  arrive (first result of a task wins, later duplicates are counted and dropped).
+* :class:`StripCache` holds the reuse strips producers upload until their frame completes, under
+  a byte cap (a burst of frames cannot exhaust the gateway's memory: past the cap the oldest
+  frames' strips go first, and their dependants fall back to full-halo inputs).
+* :class:`ResultOrder` releases results per source in frame order, even when frames finish out
+  of order (several frames of one source are in flight at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Rect = tuple[int, int, int, int]
+
+
+@dataclass
+class FrameAssembly:
+    """One frame's fused output, filled tile by tile.
+
+    Parameters
+    ----------
+    shape : (C, H, W)
+        Shape of the fused block's output map.
+    tiles : sequence of (y0, y1, x0, x1)
+        Output region of each task, by task id; together they partition the map.
+    """
+
+    shape: tuple[int, int, int]
+    tiles: Sequence[Rect]
+    output: np.ndarray = field(init=False)
+    received: set[int] = field(default_factory=set)
+    duplicates: int = 0
+
+    def __post_init__(self) -> None:
+        self.output = np.empty(self.shape, np.float32)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == len(self.tiles)
+
+    @property
+    def missing(self) -> list[int]:
+        return [t for t in range(len(self.tiles)) if t not in self.received]
+
+    def add(self, task: int, tile: np.ndarray) -> bool:
+        """Place one task's output tile. Returns False for a duplicate (dropped).
+
+        Raises
+        ------
+        ValueError
+            If the task id is unknown or the tile's shape or dtype does not fit its region (a
+            peer's bug or a forged result; the caller drops that peer's message).
+        """
+        if not 0 <= task < len(self.tiles):
+            raise ValueError(f"task {task} is not a tile of this frame (0..{len(self.tiles) - 1})")
+        y0, y1, x0, x1 = self.tiles[task]
+        want = (self.shape[0], y1 - y0, x1 - x0)
+        if tile.shape != want or tile.dtype != np.float32:
+            raise ValueError(f"tile {task} must be float32 {want}, got {tile.dtype} {tile.shape}")
+        if task in self.received:
+            self.duplicates += 1
+            return False
+        self.output[:, y0:y1, x0:x1] = tile
+        self.received.add(task)
+        return True
+
+
+class StripCache:
+    """Reuse strips by (frame key, strip id), evicting whole frames oldest-first past a byte cap.
+
+    The cap stops a gateway from holding strips for an unbounded number of frames in flight (a slow
+    tail, a flood of frames from a misbehaving source).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.evicted_frames = 0
+        self._frames: OrderedDict[Any, dict[int, np.ndarray]] = OrderedDict()
+
+    def put(self, frame: Any, strip: int, data: np.ndarray) -> None:
+        strips = self._frames.setdefault(frame, {})
+        if strip in strips:
+            return  # first upload wins; a re-executed producer sends the same bits
+        strips[strip] = data
+        self.nbytes += data.nbytes
+        while self.nbytes > self.max_bytes:
+            oldest = next((f for f in self._frames if f != frame), None)
+            if oldest is None:  # only the frame being filled is left: keep it whole
+                break
+            self.drop(oldest)
+            self.evicted_frames += 1
+            log.warning("reuse cache over %d bytes: dropped the strips of frame %s", self.max_bytes, oldest)
+
+    def get(self, frame: Any, strips: Sequence[int]) -> dict[int, np.ndarray] | None:
+        """All the named strips of a frame, or None if any is missing (the caller falls back)."""
+        have = self._frames.get(frame)
+        if have is None or any(s not in have for s in strips):
+            return None
+        return {s: have[s] for s in strips}
+
+    def drop(self, frame: Any) -> None:
+        strips = self._frames.pop(frame, None)
+        if strips:
+            self.nbytes -= sum(a.nbytes for a in strips.values())
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+class ResultOrder:
+    """Releases each source's results in frame order.
+
+    A source announces every frame it starts (:meth:`expect`); results (:meth:`finish`) and frames
+    the source gave up on (:meth:`skip`, deadline mode) are released only when every earlier
+    announced frame of that source has been released.
+    """
+
+    def __init__(self) -> None:
+        self._expected: dict[str, list[int]] = {}
+        self._ready: dict[tuple[str, int], Any] = {}
+
+    def expect(self, source: str, frame: int) -> None:
+        frames = self._expected.setdefault(source, [])
+        if frames and frame <= frames[-1]:
+            if frame in frames:
+                return
+            raise ValueError(f"source {source} announced frame {frame} after {frames[-1]}")
+        frames.append(frame)
+
+    def finish(self, source: str, frame: int, result: Any) -> list[tuple[int, Any]]:
+        """Record a frame's result; returns the (frame, result) pairs now releasable, in order."""
+        if frame not in self._expected.get(source, ()):
+            raise ValueError(f"result for frame {frame} of {source}, which was never announced")
+        self._ready.setdefault((source, frame), result)
+        out = []
+        frames = self._expected[source]
+        while frames and (source, frames[0]) in self._ready:
+            f = frames.pop(0)
+            out.append((f, self._ready.pop((source, f))))
+        return out
+
+    def pending(self, source: str) -> list[int]:
+        return list(self._expected.get(source, ()))

@@ -1,0 +1,166 @@
+"""Work queues and stealing decisions: pure state machines, no sockets, no clocks of their own.
+
+A data source (or the gateway, for tail tasks) owns a :class:`WorkQueue`. Its tasks leave the
+queue only under a *lease* naming the node that runs them (itself or a thief). A lease ends when
+the gateway acknowledges the task's result (:meth:`WorkQueue.done`), and the task goes back to the
+*front* of the queue when its holder is lost or the lease runs out (:meth:`WorkQueue.peer_lost`,
+:meth:`WorkQueue.expire`). So a task is never lost, and a second run can only happen after a
+failure, where the gateway keeps the first result and drops the duplicate.
+
+The caller passes ``now`` (seconds, any monotonic clock) into every method that needs time, so
+tests drive these machines with plain numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+#: Task id of a frame's tail task (the layers after the fused block); tile tasks are 0 .. n-1.
+TAIL = -1
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TaskRef:
+    """Names one task of one frame of one source, cluster-wide."""
+
+    source: str
+    frame: int
+    task: int
+
+    @property
+    def is_tail(self) -> bool:
+        return self.task == TAIL
+
+    def __str__(self) -> str:
+        kind = "tail" if self.is_tail else f"tile {self.task}"
+        return f"{self.source[:8]}#{self.frame}/{kind}"
+
+
+@dataclass(slots=True)
+class Lease:
+    holder: str
+    deadline: float
+
+
+@dataclass
+class WorkQueue:
+    """FIFO of tasks with leases.
+
+    FIFO (not LIFO, as in classic work stealing) because the plan orders tasks so that reuse
+    producers run before their dependents; thieves take from the same end so the order holds
+    across the cluster.
+
+    Parameters
+    ----------
+    owner : str
+        Node id of the queue's owner (its own runs are leased to it too).
+    lease_seconds : float
+        How long a holder may keep a task before it is handed out again.
+    """
+
+    owner: str
+    lease_seconds: float
+    queue: deque[TaskRef] = field(default_factory=deque)
+    leases: dict[TaskRef, Lease] = field(default_factory=dict)
+    requeued: int = 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def add(self, tasks: Iterable[TaskRef]) -> None:
+        """Queue tasks at the back, in the given order."""
+        self.queue.extend(tasks)
+
+    def take(self, holder: str, now: float, *, accept_tail: bool = True) -> TaskRef | None:
+        """Hand the first task ``holder`` may run to it under a lease, or None if there is none."""
+        if not self.queue:
+            return None
+        if accept_tail or not self.queue[0].is_tail:
+            ref = self.queue.popleft()
+        else:
+            ref = next((r for r in self.queue if not r.is_tail), None)
+            if ref is None:
+                return None
+            self.queue.remove(ref)
+        self.leases[ref] = Lease(holder, now + self.lease_seconds)
+        return ref
+
+    def holder(self, ref: TaskRef) -> str | None:
+        lease = self.leases.get(ref)
+        return lease.holder if lease else None
+
+    def done(self, ref: TaskRef) -> bool:
+        """The gateway has the task's result: end its lease (or drop it from the queue if a
+        requeued copy is waiting). Returns False if the task was not known (a late duplicate)."""
+        if self.leases.pop(ref, None) is not None:
+            return True
+        try:
+            self.queue.remove(ref)
+            return True
+        except ValueError:
+            return False
+
+    def peer_lost(self, holder: str) -> list[TaskRef]:
+        """Requeue, at the front and in their original order, every task ``holder`` held."""
+        lost = sorted(ref for ref, lease in self.leases.items() if lease.holder == holder)
+        return self._requeue(lost)
+
+    def expire(self, now: float) -> list[TaskRef]:
+        """Requeue every task whose lease ran out."""
+        late = sorted(ref for ref, lease in self.leases.items() if lease.deadline <= now)
+        return self._requeue(late)
+
+    def next_deadline(self) -> float | None:
+        return min((lease.deadline for lease in self.leases.values()), default=None)
+
+    def drop_frame(self, source: str, frame: int) -> int:
+        """Forget every queued and leased task of a frame (it completed, or was dropped)."""
+        before = len(self.queue) + len(self.leases)
+        self.queue = deque(r for r in self.queue if (r.source, r.frame) != (source, frame))
+        self.leases = {r: l for r, l in self.leases.items() if (r.source, r.frame) != (source, frame)}
+        return before - len(self.queue) - len(self.leases)
+
+    def _requeue(self, refs: list[TaskRef]) -> list[TaskRef]:
+        for ref in reversed(refs):
+            del self.leases[ref]
+            self.queue.appendleft(ref)
+        if refs:
+            self.requeued += len(refs)
+            log.info("requeued %d task(s): %s", len(refs), ", ".join(map(str, refs[:5])))
+        return refs
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLoad:
+    """What a node knows about a peer's queue (from its last status message)."""
+
+    queued_tiles: int
+    queued_tails: int
+    rtt: float = 0.0  # seconds, smoothed round trip of the peer connection
+    can_take_tails: bool = True
+
+
+def choose_victim(loads: Mapping[str, PeerLoad], *, want_tails: bool, tile_seconds: float,
+                  tail_seconds: float, exclude: Iterable[str] = ()) -> str | None:
+    """Pick the peer whose queue holds the most work (in estimated seconds), or None.
+
+    Work is counted in seconds, not tasks, because a tail task costs about as much as a dozen
+    tiles; ties go to the peer with the shorter round trip.
+    """
+    skip = set(exclude)
+    best: tuple[float, float, str] | None = None
+    for peer, load in loads.items():
+        if peer in skip:
+            continue
+        work = load.queued_tiles * tile_seconds + (load.queued_tails * tail_seconds if want_tails else 0.0)
+        if work <= 0:
+            continue
+        key = (-work, load.rtt, peer)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[2]

@@ -1,0 +1,118 @@
+"""Pure runtime state machines: work queue with leases, victim choice, frame assembly, ordering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stealer.assembly import FrameAssembly, ResultOrder, StripCache
+from stealer.scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
+
+
+def refs(frame, n, source="src"):
+    return [TaskRef(source, frame, t) for t in range(n)]
+
+
+def test_queue_is_fifo_and_leases_every_task():
+    q = WorkQueue("me", lease_seconds=5)
+    q.add(refs(0, 3) + [TaskRef("src", 0, TAIL)])
+    assert q.take("me", 0.0) == TaskRef("src", 0, 0)
+    assert q.take("thief", 0.0) == TaskRef("src", 0, 1)
+    assert q.holder(TaskRef("src", 0, 1)) == "thief" and len(q) == 2
+    assert q.take("pi", 0.0, accept_tail=False) == TaskRef("src", 0, 2)
+    assert q.take("pi", 0.0, accept_tail=False) is None  # only a tail is left
+    assert q.take("big", 0.0) == TaskRef("src", 0, TAIL)
+
+
+def test_lost_holder_requeues_in_order_at_front_and_done_drops_duplicates():
+    q = WorkQueue("me", lease_seconds=5)
+    q.add(refs(0, 4))
+    a, b, c = (q.take("thief", 0.0) for _ in range(3))
+    assert q.done(b)
+    assert q.peer_lost("thief") == [a, c]
+    assert list(q.queue) == [a, c, TaskRef("src", 0, 3)] and q.requeued == 2
+    assert not q.done(b)  # a late duplicate of an acknowledged task is unknown
+    assert q.done(a) and list(q.queue) == [c, TaskRef("src", 0, 3)]  # the first run's result counted
+
+
+def test_expired_leases_requeue_and_next_deadline():
+    q = WorkQueue("me", lease_seconds=2)
+    q.add(refs(0, 2))
+    a = q.take("slow", 0.0)
+    b = q.take("fast", 1.0)
+    assert q.next_deadline() == 2.0
+    assert q.expire(1.5) == [] and q.expire(2.0) == [a]
+    assert q.holder(b) == "fast" and list(q.queue) == [a]
+
+
+def test_drop_frame_forgets_queued_and_leased_tasks():
+    q = WorkQueue("me", lease_seconds=2)
+    q.add(refs(0, 2) + refs(1, 2))
+    q.take("x", 0.0)
+    assert q.drop_frame("src", 0) == 2
+    assert list(q.queue) == refs(1, 2) and not q.leases
+
+
+@pytest.mark.parametrize(
+    "loads, want_tails, expected",
+    [
+        pytest.param({}, True, None, id="nobody"),
+        pytest.param({"a": PeerLoad(0, 0)}, True, None, id="idle-peers"),
+        pytest.param({"a": PeerLoad(3, 0), "b": PeerLoad(5, 0)}, True, "b", id="most-tiles"),
+        pytest.param({"a": PeerLoad(3, 0), "b": PeerLoad(0, 1)}, True, "b", id="tail-outweighs-tiles"),
+        pytest.param({"a": PeerLoad(3, 0), "b": PeerLoad(0, 1)}, False, "a", id="no-tails-for-small-nodes"),
+        pytest.param({"a": PeerLoad(2, 0, rtt=0.01), "b": PeerLoad(2, 0, rtt=0.001)}, True, "b", id="tie-by-rtt"),
+        pytest.param({"me": PeerLoad(9, 0), "a": PeerLoad(1, 0)}, True, "a", id="never-self"),
+    ],
+)
+def test_choose_victim(loads, want_tails, expected):
+    assert choose_victim(loads, want_tails=want_tails, tile_seconds=0.1, tail_seconds=1.0,
+                         exclude=["me"]) == expected
+
+
+def test_frame_assembly_stitches_and_drops_duplicates():
+    tiles = [(0, 2, 0, 3), (0, 2, 3, 5), (2, 4, 0, 5)]
+    fa = FrameAssembly((2, 4, 5), tiles)
+    full = np.arange(40, dtype=np.float32).reshape(2, 4, 5)
+    for t, (y0, y1, x0, x1) in reversed(list(enumerate(tiles))):
+        assert fa.add(t, full[:, y0:y1, x0:x1].copy())
+        assert fa.complete == (t == 0)
+    assert np.array_equal(fa.output, full)
+    assert not fa.add(1, np.zeros((2, 2, 2), np.float32)) and fa.duplicates == 1
+    assert np.array_equal(fa.output, full)  # the first result won
+    with pytest.raises(ValueError, match="must be float32"):
+        fa.add(0, np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="not a tile"):
+        fa.add(3, np.zeros((2, 2, 2), np.float32))
+
+
+def test_strip_cache_caps_bytes_by_evicting_oldest_frames():
+    cache = StripCache(max_bytes=3 * 400)
+    strip = np.zeros(100, np.float32)  # 400 bytes
+    cache.put("f0", 0, strip)
+    cache.put("f0", 1, strip)
+    cache.put("f1", 0, strip)
+    assert cache.get("f0", [0, 1]) is not None and cache.get("f0", [0, 2]) is None
+    cache.put("f2", 0, strip)  # 4 strips > cap: frame f0 goes whole
+    assert cache.get("f0", [0]) is None and cache.evicted_frames == 1
+    assert cache.nbytes == 800 and cache.get("f2", [0]) is not None
+    big = np.zeros(1000, np.float32)
+    cache.put("f3", 0, big)  # alone over the cap: older frames go, the current one stays
+    assert cache.get("f3", [0]) is not None and len(cache) == 1
+    cache.drop("f3")
+    assert cache.nbytes == 0
+
+
+def test_results_released_in_frame_order_per_source():
+    order = ResultOrder()
+    for f in (5, 6, 7):
+        order.expect("a", f)
+    order.expect("b", 0)
+    assert order.finish("a", 6, "r6") == []
+    assert order.finish("b", 0, "b0") == [(0, "b0")]
+    assert order.finish("a", 5, "r5") == [(5, "r5"), (6, "r6")]
+    assert order.pending("a") == [7]
+    with pytest.raises(ValueError, match="never announced"):
+        order.finish("a", 99, "x")
+    with pytest.raises(ValueError, match="after"):
+        order.expect("a", 3)
