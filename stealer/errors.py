@@ -37,3 +37,19 @@ class ProtocolError(StealerError):
 
 class CommClosedError(StealerError):
     """A peer connection is closed (cleanly or not); socket errors are converted to this once."""
+
+
+class HandshakeRejected(ProtocolError):
+    """The handshake failed on purpose: the peer (or we) refused the connection.
+
+    The message carries the human-readable reason (protocol version or model hash
+    mismatch, server full, ...). Retrying the same connection will fail the same way.
+    """
+
+
+class PeerDeadError(CommClosedError):
+    """A peer sent nothing for ``Limits.peer_dead_after`` seconds; its connection was aborted."""
+
+
+class DiscoveryError(StealerError):
+    """mDNS discovery could not start (no usable interface, name conflict, socket error)."""

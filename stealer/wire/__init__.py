@@ -1,0 +1,60 @@
+"""Wire layer of stealer: messages, framing and persistent TCP comms.
+
+Public API (the submodules are implementation, import from here):
+
+* messages: :class:`Message`, :func:`register`, :func:`encode`, :func:`decode`,
+  :data:`PROTOCOL_VERSION`, :data:`DTYPES` and the message classes;
+* framing: :func:`read_frame`, :func:`write_frame` (used by :class:`Comm`);
+* comms: :class:`Comm`, :func:`connect`, :func:`serve`, :class:`Server`, and the event
+  loop helpers :func:`run` / :func:`install_event_loop_policy` (uvloop when installed).
+"""
+
+from __future__ import annotations
+
+from stealer.wire.comm import Comm, Server, connect, install_event_loop_policy, run, serve
+from stealer.wire.framing import read_frame, write_frame
+from stealer.wire.messages import (
+    DTYPES,
+    PROTOCOL_VERSION,
+    Goodbye,
+    Header,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reject,
+    TensorMsg,
+    Welcome,
+    decode,
+    encode,
+    message_types,
+    register,
+    unpack_header,
+)
+
+__all__ = [
+    "DTYPES",
+    "PROTOCOL_VERSION",
+    "Comm",
+    "Goodbye",
+    "Header",
+    "Hello",
+    "Message",
+    "Ping",
+    "Pong",
+    "Reject",
+    "Server",
+    "TensorMsg",
+    "Welcome",
+    "connect",
+    "decode",
+    "encode",
+    "install_event_loop_policy",
+    "message_types",
+    "read_frame",
+    "register",
+    "run",
+    "serve",
+    "unpack_header",
+    "write_frame",
+]

@@ -1,0 +1,397 @@
+"""Messages and framing, with no sockets: round trips, and hostile bytes of every kind."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import struct
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from stealer.config import DEFAULT_LIMITS, Limits
+from stealer.errors import ProtocolError
+from stealer.wire import (
+    DTYPES,
+    PROTOCOL_VERSION,
+    Goodbye,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reject,
+    TensorMsg,
+    Welcome,
+    decode,
+    encode,
+    message_types,
+    register,
+)
+from stealer.wire.framing import frame_pieces, parse_body, read_frame, read_length
+
+pytestmark = pytest.mark.timeout(120)
+
+HELLO = Hello(PROTOCOL_VERSION, "a" * 32, "worker", 7000, 4, "f00d" * 16, 2**30)
+
+
+def frame_bytes(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    header, buffers = encode(msg, limits)
+    return b"".join(bytes(p) for p in frame_pieces(header, buffers, limits))
+
+
+def raw_frame(header: Any, buffers: Sequence[bytes] = (), *, pack: bool = True) -> bytes:
+    """A frame around an arbitrary (possibly wrong) header object."""
+    hbytes = msgpack.packb(header, use_bin_type=True) if pack else header
+    views = [memoryview(b) for b in buffers]
+    return b"".join(bytes(p) for p in frame_pieces(hbytes, views))
+
+
+def roundtrip(msg: Message, limits: Limits = DEFAULT_LIMITS) -> Message:
+    data = frame_bytes(msg, limits)
+    (n,) = struct.unpack(">I", data[:4])
+    assert n == len(data) - 4
+    header, buffers = parse_body(data[4:], limits)
+    return decode(header, buffers, limits)
+
+
+def assert_same(a: Message, b: Message) -> None:
+    assert type(a) is type(b)
+    for f in dataclasses.fields(a):  # type: ignore[arg-type]
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            assert y.dtype == x.dtype.newbyteorder("<") and y.shape == x.shape
+            np.testing.assert_array_equal(x, y)
+        else:
+            assert x == y, f.name
+
+
+def body_of(data: bytes) -> bytes:
+    return data[4:]
+
+
+def stream(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+# ---- round trips ----------------------------------------------------------------------
+
+
+SAMPLES = [
+    pytest.param(HELLO, id="hello"),
+    pytest.param(Welcome.of(HELLO), id="welcome"),
+    pytest.param(Reject("model hash mismatch: ümlaut ok"), id="reject"),
+    pytest.param(Ping(0), id="ping"),
+    pytest.param(Pong(2**63), id="pong-big-seq"),
+    pytest.param(Goodbye(), id="goodbye-default"),
+    pytest.param(Goodbye("shutting down"), id="goodbye"),
+    pytest.param(
+        TensorMsg("t", np.arange(24, dtype=np.float32).reshape(2, 3, 4), {"tile": [1, 2]}),
+        id="tensor",
+    ),
+    pytest.param(
+        TensorMsg(
+            "meta",
+            np.zeros((0, 5), np.int64),
+            {"a": None, "b": True, "c": 1.5, "d": b"\x00raw", "e": {"nested": [1, "x"]}},
+        ),
+        id="tensor-empty-meta-types",
+    ),
+    pytest.param(TensorMsg("scalar", np.array(3, dtype=np.int32)), id="tensor-0d"),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES)
+def test_roundtrip_every_message(msg: Message) -> None:
+    assert_same(msg, roundtrip(msg))
+
+
+def test_every_registered_message_is_covered() -> None:
+    sampled = {p.values[0].op for p in SAMPLES}  # type: ignore[union-attr]
+    registered = {op for op in message_types() if not op.startswith("test-")}
+    assert registered == sampled, "add a sample of each new message to SAMPLES"
+
+
+_views = st.sampled_from(["as-is", "step", "transpose", "reverse"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arr=hnp.arrays(
+        dtype=st.sampled_from(sorted(DTYPES)),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7),
+    ),
+    view=_views,
+    big_endian=st.booleans(),
+)
+def test_roundtrip_arrays(arr: np.ndarray, view: str, big_endian: bool) -> None:
+    if big_endian:
+        arr = arr.astype(arr.dtype.newbyteorder(">"))
+    if view == "step" and arr.ndim:
+        arr = arr[::2]
+    elif view == "transpose":
+        arr = arr.T
+    elif view == "reverse" and arr.ndim:
+        arr = arr[::-1]
+    out = roundtrip(TensorMsg("h", arr, {"k": 1}))
+    assert isinstance(out, TensorMsg)
+    assert out.array.shape == arr.shape
+    assert out.array.dtype == DTYPES[arr.dtype.name]
+    np.testing.assert_array_equal(out.array, arr)
+    assert out.array.flags.aligned
+
+
+def test_decoded_array_is_zero_copy_view_of_body() -> None:
+    data = frame_bytes(TensorMsg("z", np.arange(16, dtype=np.int32)))
+    body = bytearray(body_of(data))
+    header, buffers = parse_body(body)
+    msg = decode(header, buffers)
+    assert isinstance(msg, TensorMsg)
+    body[-4:] = struct.pack("<i", -1)  # last element, written in the frame buffer
+    assert msg.array[-1] == -1
+
+
+def test_encode_does_not_copy_contiguous_arrays() -> None:
+    arr = np.arange(1000, dtype=np.float32)
+    _, buffers = encode(TensorMsg("c", arr))
+    assert np.shares_memory(np.frombuffer(buffers[0], np.uint8), arr)
+
+
+async def test_read_frame_from_stream() -> None:
+    msgs = [Ping(1), TensorMsg("a", np.ones((300, 300), np.float16)), Goodbye("x")]
+    limits = DEFAULT_LIMITS.replace(read_chunk_bytes=4096)  # forces the chunked path
+    reader = stream(b"".join(frame_bytes(m) for m in msgs))
+    for m in msgs:
+        header, buffers = await read_frame(reader, limits)
+        assert_same(m, decode(header, buffers, limits))
+
+
+# ---- extending the protocol -----------------------------------------------------------
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class _StealProbe(Message):
+    op: ClassVar[str] = "test-steal-probe"
+    request_id: int
+    tiles: tuple[int, ...] = ()
+    weights: np.ndarray | None = None
+
+
+def test_new_message_is_a_five_line_change() -> None:
+    msg = _StealProbe(7, (1, 2, 3), np.ones(3, np.uint8))
+    assert_same(msg, roundtrip(msg))
+    assert_same(_StealProbe(8), roundtrip(_StealProbe(8)))
+
+
+def test_register_rejects_duplicate_op() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register
+        @dataclass(frozen=True, slots=True)
+        class Again(Message):
+            op: ClassVar[str] = "ping"
+            seq: int
+
+
+def test_unknown_fields_are_ignored_and_defaults_fill_in() -> None:
+    # A newer peer adds a field; an older peer omits a defaulted one.
+    newer = raw_frame({"op": "goodbye", "f": {"reason": "r", "added_in_v2": [1]}, "a": [], "n": []})
+    assert decode(*parse_body(body_of(newer))) == Goodbye("r")
+    older = raw_frame({"op": "goodbye", "f": {}, "a": [], "n": []})
+    assert decode(*parse_body(body_of(older))) == Goodbye("")
+
+
+# ---- hostile input --------------------------------------------------------------------
+
+
+def _hdr(op: str, fields: dict[str, Any], arrays: Sequence[Any] = (), lens: Sequence[Any] = ()) -> dict[str, Any]:
+    return {"op": op, "f": fields, "a": list(arrays), "n": list(lens)}
+
+
+_HELLO_FIELDS = {f.name: getattr(HELLO, f.name) for f in dataclasses.fields(HELLO)}
+
+
+@pytest.mark.parametrize(
+    "header, buffers",
+    [
+        pytest.param(_hdr("no-such-op", {}), [], id="unknown-op"),
+        pytest.param(_hdr("ping", {"seq": "1"}), [], id="str-for-int"),
+        pytest.param(_hdr("ping", {"seq": True}), [], id="bool-for-int"),
+        pytest.param(_hdr("ping", {"seq": 1.0}), [], id="float-for-int"),
+        pytest.param(_hdr("ping", {}), [], id="missing-field"),
+        pytest.param(_hdr("reject", {"reason": b"bytes"}), [], id="bytes-for-str"),
+        pytest.param(_hdr("hello", {**_HELLO_FIELDS, "port": 70000}), [], id="port-range"),
+        pytest.param(_hdr("hello", {**_HELLO_FIELDS, "node_id": ""}), [], id="empty-node-id"),
+        pytest.param(_hdr("tensor", {"tag": "t", "meta": []}, [["array", "uint8", [1]]], [1]), [b"x"], id="list-for-dict"),
+        pytest.param(_hdr("tensor", {"tag": "t", "meta": {}}), [], id="missing-array"),
+        pytest.param(_hdr("tensor", {"tag": "t", "array": [1, 2]}), [], id="array-as-plain-value"),
+        pytest.param(_hdr("ping", {}, [["seq", "int64", []]], [8]), [bytes(8)], id="plain-field-as-array"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "float64", [1]]], [8]), [bytes(8)], id="dtype-float64"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "object", [1]]], [8]), [bytes(8)], id="dtype-object"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "<f4", [1]]], [4]), [bytes(4)], id="dtype-numpy-str"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "float32", [3]]], [8]), [bytes(8)], id="bytes-vs-shape"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [-1]]], [0]), [b""], id="negative-dim"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [2**40, 0]]], [0]), [b""], id="huge-dim"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1] * 9]], [1]), [b"x"], id="too-many-dims"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1.0]]], [1]), [b"x"], id="float-dim"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1]]], [1]), [], id="missing-buffer"),
+        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1]]], []), [b"x"], id="lens-count"),
+        pytest.param(
+            _hdr("tensor", {"tag": "t"}, [["array", "uint8", [1]], ["array", "uint8", [1]]], [1, 1]),
+            [b"x", b"y"],
+            id="duplicate-array",
+        ),
+        pytest.param(
+            _hdr("tensor", {"tag": "t", "meta": {"deep": [[[[[[[[[[1]]]]]]]]]]}}, [["array", "uint8", [0]]], [0]),
+            [b""],
+            id="meta-too-deep",
+        ),
+        pytest.param({"op": "ping", "f": {"seq": 1}, "a": [], "n": [], "x": 1}, [], id="extra-envelope-key"),
+        pytest.param({"op": "ping", "f": {"seq": 1}}, [], id="missing-envelope-key"),
+        pytest.param([1, 2, 3], [], id="envelope-not-map"),
+        pytest.param(_hdr("ping", {"seq": msgpack.ExtType(3, b"x")}), [], id="ext-type"),
+        pytest.param(_hdr("ping", {"seq": msgpack.Timestamp(1)}), [], id="timestamp-ext"),
+    ],
+)
+def test_bad_headers_raise_protocol_error(header: Any, buffers: list[bytes]) -> None:
+    hbytes = msgpack.packb(header, use_bin_type=True)
+    with pytest.raises(ProtocolError):
+        decode(hbytes, [memoryview(b) for b in buffers])
+
+
+@pytest.mark.parametrize(
+    "hbytes",
+    [
+        pytest.param(b"\x81\x01\x02", id="int-map-key"),
+        pytest.param(b"\xa2\xff\xfe", id="bad-utf8"),
+        pytest.param(b"\xc1", id="reserved-byte"),
+        pytest.param(b"\x91" * 100_000, id="nesting-bomb"),
+        pytest.param(msgpack.packb(_hdr("ping", {"seq": 1})) + b"\x00", id="trailing-bytes"),
+        pytest.param(b"\xdd\xff\xff\xff\xff", id="array-of-4g-declared"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_bad_msgpack_raises_protocol_error(hbytes: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(hbytes, [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_body_raises_only_protocol_error(data: bytes) -> None:
+    try:
+        decode(*parse_body(data))
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=4, max_size=64), st.binary(max_size=64))
+def test_random_header_in_valid_frame_raises_only_protocol_error(prefix: bytes, rest: bytes) -> None:
+    # Random bytes behind a plausible header length, to reach deeper into the parser.
+    body = struct.pack(">I", len(prefix)) + prefix + rest
+    try:
+        decode(*parse_body(body))
+    except ProtocolError:
+        pass
+
+
+def test_truncated_body_raises_protocol_error() -> None:
+    body = body_of(frame_bytes(TensorMsg("t", np.arange(10, dtype=np.int64), {"m": 1})))
+    for k in range(len(body)):
+        with pytest.raises(ProtocolError):
+            decode(*parse_body(body[:k]))
+    with pytest.raises(ProtocolError):
+        decode(*parse_body(body + b"\x00"))  # one byte too many
+
+
+async def test_truncated_stream_raises_incomplete_read() -> None:
+    data = frame_bytes(TensorMsg("t", np.arange(10, dtype=np.int64)))
+    for k in (0, 3, 4, 10, len(data) - 1):
+        with pytest.raises(asyncio.IncompleteReadError):
+            await read_frame(stream(data[:k]))
+
+
+@pytest.mark.parametrize("declared", [2**31, 2**32 - 1, DEFAULT_LIMITS.max_frame_bytes + 1, 0, 3])
+async def test_bad_frame_length_rejected_before_allocating(declared: int) -> None:
+    reader = stream(struct.pack(">I", declared) + b"\x00" * 16)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            await read_length(reader)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+def test_huge_header_length_and_buffer_lengths_rejected_without_allocating() -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            parse_body(struct.pack(">I", 2**31) + b"\x00" * 16)
+        # Header declares one 2 GiB buffer that is not in the body.
+        big = raw_frame(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [2**31]]], [2**31]))
+        with pytest.raises(ProtocolError):
+            parse_body(body_of(big), DEFAULT_LIMITS.replace(max_array_dim=2**32))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+async def test_frame_limit_enforced_on_both_ends() -> None:
+    small = DEFAULT_LIMITS.replace(max_frame_bytes=1000, max_header_bytes=500)
+    msg = TensorMsg("big", np.zeros(2000, np.uint8))
+    with pytest.raises(ProtocolError, match="max_frame_bytes"):
+        frame_bytes(msg, small)
+    data = frame_bytes(msg)  # made with default limits, read with small ones
+    with pytest.raises(ProtocolError):
+        await read_length(stream(data), small)
+
+
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        pytest.param(TensorMsg("t", np.zeros(3)), "dtype", id="float64"),
+        pytest.param(TensorMsg("t", np.zeros(3, np.float32), {"x": np.float32(1)}), "plain data", id="numpy-scalar-meta"),
+        pytest.param(TensorMsg("t", np.zeros(3, np.float32), {1: "x"}), "key", id="int-meta-key"),  # type: ignore[dict-item]
+        pytest.param(TensorMsg("t", [1, 2, 3]), "ndarray", id="list-not-array"),  # type: ignore[arg-type]
+        pytest.param(Ping("1"), "int", id="str-seq"),  # type: ignore[arg-type]
+        pytest.param(Ping(2**64), "range", id="int-too-big"),
+    ],
+)
+def test_encode_rejects_bad_values(msg: Message, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        encode(msg)
+
+
+def test_encode_rejects_unregistered_class() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Stray(Message):
+        op: ClassVar[str] = "stray"
+
+    with pytest.raises(ProtocolError, match="not a registered"):
+        encode(Stray())
+
+
+def test_limits_validation_and_replace() -> None:
+    fast = DEFAULT_LIMITS.replace(handshake_timeout=0.1)
+    assert fast.handshake_timeout == 0.1 and DEFAULT_LIMITS.handshake_timeout != 0.1
+    with pytest.raises(ValueError):
+        DEFAULT_LIMITS.replace(peer_dead_after=0.1, heartbeat_interval=0.2)
+    with pytest.raises(ValueError):
+        DEFAULT_LIMITS.replace(max_frame_bytes=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.handshake_timeout = 5  # type: ignore[misc]
