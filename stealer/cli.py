@@ -125,6 +125,117 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def _parse_peer(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _parse_grid_arg(text: str) -> tuple[int, int]:
+    from .ftp.plan import parse_grid
+
+    try:
+        return parse_grid(text)
+    except StealerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_node_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``stealer node`` (``stealer run`` passes them through)."""
+    _add_model_args(p)
+    p.add_argument("--gateway", action="store_true", help="this node is the gateway")
+    p.add_argument("--source", action="append", default=[], metavar="FEED",
+                   help="a frame feed: synthetic[:SEED], images:DIR, video:PATH, camera:N (repeatable)")
+    p.add_argument("--grid", type=_parse_grid_arg, default=(5, 5), help="tile grid RxC [5x5]")
+    p.add_argument("--layers", type=int, default=None, help="fused layers [16, or the conv/maxpool prefix]")
+    reuse = p.add_mutually_exclusive_group()
+    reuse.add_argument("--reuse", dest="scheme", action="store_const", const="quad",
+                       help="data-reuse-aware tiles (default)")
+    reuse.add_argument("--no-reuse", dest="scheme", action="store_const", const="none")
+    reuse.add_argument("--scheme", dest="scheme", choices=["none", "checkerboard", "quad", "wave"])
+    p.set_defaults(scheme="quad")
+    p.add_argument("--frames", type=int, default=None, help="frames per source [unbounded]")
+    p.add_argument("--fps", type=float, default=None, help="frame rate per source [as fast as the cluster goes]")
+    p.add_argument("--max-inflight", type=int, default=4, help="frames per source in flight [4]")
+    p.add_argument("--slots", type=int, default=1, help="tasks computed at once [1]")
+    p.add_argument("--max-memory", type=_parse_size, default=None,
+                   help="memory offered for tasks, e.g. 512M [what the device has]")
+    p.add_argument("--policy", choices=["steal", "share"], default="steal")
+    p.add_argument("--out", help="gateway: append results as JSON lines to this file")
+    p.add_argument("--host", default="0.0.0.0", help="listen address [0.0.0.0]")
+    p.add_argument("--port", type=int, default=0, help="listen port [any free]")
+    p.add_argument("--interface", action="append", default=None, help="mDNS on this interface/IP only")
+    p.add_argument("--loopback", action="store_true", help="mDNS on 127.0.0.1 only (several nodes on one host)")
+    p.add_argument("--no-discovery", action="store_true", help="no mDNS; use --peer")
+    p.add_argument("--peer", action="append", type=_parse_peer, default=[], metavar="HOST:PORT",
+                   help="connect to this peer directly (repeatable)")
+    p.add_argument("--thresh", type=float, default=0.24)
+    p.add_argument("--nms", type=float, default=0.45)
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="sources: exit once their frames are finished; gateway: after --expect results")
+    p.add_argument("--expect", type=int, default=None, help="gateway: exit after this many results")
+    p.add_argument("--stats", help="write this node's statistics as JSON here at exit")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish work at SIGTERM [30]")
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from .node import Node, NodeConfig, default_memory, install_signal_handlers
+    from .discovery import new_node_id
+    from .sources import open_source
+    from .wire import run
+
+    net = _load_network(args)
+    sources = [open_source(s) for s in args.source]
+    cfg = NodeConfig(
+        node_id=new_node_id(), host=args.host, port=args.port, gateway=args.gateway, sources=sources,
+        grid=args.grid, layers=args.layers, scheme=args.scheme, frames=args.frames, fps=args.fps,
+        max_inflight=args.max_inflight, slots=args.slots,
+        max_memory=args.max_memory if args.max_memory is not None else default_memory(),
+        policy=args.policy, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
+        interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
+    )
+
+    async def main() -> int:
+        import asyncio
+
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        async with Node(net, cfg) as node:
+            print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
+                              "role": node.role, "model_hash": net.model_hash}), flush=True)
+            waits = [asyncio.ensure_future(stop.wait())]
+            if args.exit_when_done and sources:
+                waits.append(asyncio.ensure_future(node.wait_sources_done()))
+            if args.gateway and args.expect is not None:
+                async def enough() -> None:
+                    while node.stats.frames_done < args.expect:
+                        await node.results.get()
+                waits.append(asyncio.ensure_future(enough()))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            await node.drain(args.drain_timeout)
+            stats = dict(node.stats.__dict__, node_id=node.id, role=node.role)
+        if args.stats:
+            with open(args.stats, "w") as fh:
+                json.dump(stats, fh)
+        return 0
+
+    return run(main())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stealer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON to this file (else to stdout)")
     p.add_argument("--save-output", metavar="NPY", help="save the last layer's output tensor")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("node", help="run a cluster node (the daemon)")
+    add_node_args(p)
+    p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("weights", help="write deterministic random weights in darknet format")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")

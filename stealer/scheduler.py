@@ -72,9 +72,13 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def add(self, tasks: Iterable[TaskRef]) -> None:
-        """Queue tasks at the back, in the given order."""
-        self.queue.extend(tasks)
+    def add(self, tasks: Iterable[TaskRef], *, front: bool = False) -> None:
+        """Queue tasks in the given order, at the back (or at the front: a frame's tail goes
+        first, so the frame's latency does not include later frames' tiles)."""
+        if front:
+            self.queue.extendleft(reversed(list(tasks)))
+        else:
+            self.queue.extend(tasks)
 
     def take(self, holder: str, now: float, *, accept_tail: bool = True) -> TaskRef | None:
         """Hand the first task ``holder`` may run to it under a lease, or None if there is none."""

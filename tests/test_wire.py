@@ -35,6 +35,18 @@ from stealer.wire import (
     message_types,
     register,
 )
+from stealer.wire.messages import (
+    FrameDone,
+    FrameStart,
+    StealReply,
+    StealRequest,
+    Status,
+    StripsReply,
+    StripsRequest,
+    TailDone,
+    TileAck,
+    TileDone,
+)
 from stealer.wire.framing import frame_pieces, parse_body, read_frame, read_length
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,7 +120,40 @@ SAMPLES = [
         id="tensor-empty-meta-types",
     ),
     pytest.param(TensorMsg("scalar", np.array(3, dtype=np.int32)), id="tensor-0d"),
+    pytest.param(Status(3, 1), id="status"),
+    pytest.param(StealRequest(7, accept_tail=False), id="steal"),
+    pytest.param(StealReply(7, False), id="steal-reply-none"),
+    pytest.param(
+        StealReply(8, True, "n1/0", 12, 4, "5x5:16:quad", [0, 50, 10, 60], 640, 480,
+                   np.ones((3, 50, 50), np.float32)),
+        id="steal-reply",
+    ),
+    pytest.param(FrameStart("n1/0", 2**40, "2x3:16:none", 608, 608), id="frame-start"),
+    pytest.param(StripsRequest(1, "n1/0", 3, 5, "5x5:16:quad"), id="strips-request"),
+    pytest.param(StripsReply(1, True, [[4, 2, 1, 3]], np.arange(6, dtype=np.float32)), id="strips-reply"),
+    pytest.param(
+        TileDone("n1/0", 3, 5, "5x5:16:quad", "reuse", np.zeros((4, 2, 2), np.float32),
+                 [[1, 4, 1, 2]], np.ones(8, np.float32), 0.25),
+        id="tile-done",
+    ),
+    pytest.param(TileAck("n1/0", 3, 5), id="tile-ack"),
+    pytest.param(TailDone("n1/0", 3, "ab" * 32, [{"cls": 1, "prob": 0.5}], 1.5), id="tail-done"),
+    pytest.param(FrameDone("n1/0", 3), id="frame-done"),
 ]
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        pytest.param(lambda: StealReply(1, True, "n/0", 1, 2), "carries data", id="grant-without-data"),
+        pytest.param(lambda: FrameStart("", 1, "p", 1, 1), "source", id="empty-source"),
+        pytest.param(lambda: TileDone("n/0", -1, 0, "p", "full", np.zeros(1, np.float32)),
+                     "negative", id="negative-frame"),
+    ],
+)
+def test_runtime_messages_validate_fields(make, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        make()
 
 
 @pytest.mark.parametrize("msg", SAMPLES)

@@ -684,3 +684,168 @@ def decode(
         return schema.cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"invalid {op}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# runtime messages (work stealing, reuse strips, results)
+# ---------------------------------------------------------------------------------------
+# Tasks are named by (source, frame, task): ``source`` is "<node id>/<k>" for the k-th feed of
+# a node, ``task`` the tile id in the frame's plan or -1 for the frame's tail (the layers after
+# the fused block). ``plan`` is a plan key "RxC:L:scheme" from which every node builds the
+# same plan (same model, checked at the handshake).
+
+
+def _check_task_name(source: str, frame: int, task: int) -> None:
+    if not 1 <= len(source) <= 128:
+        raise ValueError("source must have 1..128 characters")
+    if frame < 0:
+        raise ValueError(f"frame {frame} is negative")
+    if task < -1:
+        raise ValueError(f"task {task} is invalid")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    """How much work the sender has queued (sent whenever it changes); idle nodes pick
+    victims by it, so nobody polls."""
+
+    op: ClassVar[str] = "status"
+    queued_tiles: int
+    queued_tails: int
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class StealRequest(Message):
+    """An idle node asks for one task; ``accept_tail`` is false on nodes too small for tails."""
+
+    op: ClassVar[str] = "steal"
+    request_id: int
+    accept_tail: bool = True
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class StealReply(Message):
+    """The victim's answer: a task with its input data (``granted``), or nothing.
+
+    For a tile, ``data`` is the frame region ``region`` (y0, y1, x0, x1) that the task's full
+    variant needs (so the thief can fall back to it); for a tail, the fused block's output."""
+
+    op: ClassVar[str] = "steal-reply"
+    request_id: int
+    granted: bool
+    source: str = ""
+    frame: int = 0
+    task: int = 0
+    plan: str = ""
+    region: list[int] = field(default_factory=list)
+    img_w: int = 0
+    img_h: int = 0
+    data: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.granted:
+            _check_task_name(self.source, self.frame, self.task)
+            if self.data is None:
+                raise ValueError("a granted steal carries data")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class FrameStart(Message):
+    """A source tells the gateway about a frame before queueing its tasks."""
+
+    op: ClassVar[str] = "frame-start"
+    source: str
+    frame: int
+    plan: str
+    img_w: int
+    img_h: int
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, 0)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class StripsRequest(Message):
+    """A dependent tile asks the gateway for the reuse strips it consumes."""
+
+    op: ClassVar[str] = "strips-request"
+    request_id: int
+    source: str
+    frame: int
+    task: int
+    plan: str
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class StripsReply(Message):
+    """The strips, concatenated in ``data`` (float32, flat) as listed in ``meta``
+    ([strip id, C, H, W] each), or ``found`` false if any is missing (the tile then runs full)."""
+
+    op: ClassVar[str] = "strips-reply"
+    request_id: int
+    found: bool
+    meta: list[list[int]] = field(default_factory=list)
+    data: np.ndarray | None = None
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TileDone(Message):
+    """A tile's output (and the strips it publishes, packed like :class:`StripsReply`)."""
+
+    op: ClassVar[str] = "tile-done"
+    source: str
+    frame: int
+    task: int
+    plan: str
+    variant: str
+    output: np.ndarray
+    strip_meta: list[list[int]] = field(default_factory=list)
+    strips: np.ndarray | None = None
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, self.task)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TileAck(Message):
+    """Gateway to source: the tile's result is in; its lease ends."""
+
+    op: ClassVar[str] = "tile-ack"
+    source: str
+    frame: int
+    task: int
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TailDone(Message):
+    """A frame's final result: the digest of the network's output, and the detections."""
+
+    op: ClassVar[str] = "tail-done"
+    source: str
+    frame: int
+    output_sha256: str
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, -1)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class FrameDone(Message):
+    """Gateway to source: the frame's result is out; the source may forget the frame."""
+
+    op: ClassVar[str] = "frame-done"
+    source: str
+    frame: int

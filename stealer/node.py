@@ -1,0 +1,873 @@
+"""The node daemon: discovery, peer connections, work stealing, the gateway's assembly.
+
+One asyncio loop per node carries messages; kernels run in a thread pool (they release the GIL).
+The decisions live in pure state machines (:mod:`stealer.scheduler`, :mod:`stealer.assembly`);
+this module only moves data between them, the network and the compute threads.
+
+Roles
+-----
+* every node computes: its own queue first (if it is a source, or the gateway with tail tasks),
+  then it steals from the peer with the most queued work (peers announce their queue length
+  with :class:`Status` whenever it changes, so idle nodes wait on an event, never poll);
+* a *source* partitions each frame (FTP plan, reuse-aware order) into its queue and tells the
+  gateway (:class:`FrameStart`); stolen tiles carry their frame region straight from the source;
+* the *gateway* caches reuse strips, stitches tiles, queues each stitched frame's tail (the
+  layers after the fused block) as a stealable task, and emits results in frame order.
+
+Every task leaves a queue under a lease; the gateway's acknowledgement ends it, and a lost
+holder's tasks are queued again (the gateway keeps the first result of a task, drops repeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .assembly import FrameAssembly, ResultOrder, StripCache
+from .config import DEFAULT_LIMITS, Limits
+from .errors import CommClosedError, PlanError, ProtocolError, StealerError
+from .ftp.execute import run_task
+from .ftp.plan import Plan, make_plan
+from .layers import RegionSpec
+from .network import Network
+from .region import detect
+from .scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
+from .sources import Frame, FrameSource
+from .wire import Comm, Hello, connect, serve
+from .wire.messages import (
+    PROTOCOL_VERSION,
+    FrameDone,
+    FrameStart,
+    Goodbye,
+    Message,
+    StealReply,
+    StealRequest,
+    Status,
+    StripsReply,
+    StripsRequest,
+    TailDone,
+    TileAck,
+    TileDone,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """Timeouts (seconds) of the runtime itself; transport limits live in :class:`Limits`."""
+
+    lease: float = 30.0
+    """A holder may keep a task this long before it is handed out again (a hung thief). Far
+    above a tile's compute time on a Pi (~1 s) and a tail's (~10 s)."""
+    steal_timeout: float = 2.0
+    """Wait this long for a victim's answer before trying another victim."""
+    strips_timeout: float = 2.0
+    """Wait this long for reuse strips before running the tile's full variant instead."""
+    gateway_wait: float = 60.0
+    """A source waits this long for a gateway before giving up on a frame start."""
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node is told on its command line."""
+
+    node_id: str
+    host: str = "0.0.0.0"
+    port: int = 0
+    gateway: bool = False
+    sources: list[FrameSource] = field(default_factory=list)
+    grid: tuple[int, int] = (5, 5)
+    layers: int | None = None
+    scheme: str = "quad"  # "none" = no reuse
+    frames: int | None = None  # per source; None = unbounded
+    fps: float | None = None
+    max_inflight: int = 4  # frames per source in flight (back-pressure)
+    slots: int = 1  # tasks computed at once
+    max_memory: int = 0  # bytes offered for tasks; 0 = unlimited
+    policy: str = "steal"
+    out: str | None = None
+    discovery: bool = True
+    loopback: bool = False
+    interfaces: list[str] | None = None
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    thresh: float = 0.24
+    nms: float = 0.45
+    limits: Limits = DEFAULT_LIMITS
+    runtime: RuntimeLimits = field(default_factory=RuntimeLimits)
+
+
+@dataclass
+class Peer:
+    node_id: str
+    comm: Comm
+    role: str
+    max_memory: int
+    load: PeerLoad = field(default_factory=lambda: PeerLoad(0, 0))
+
+    @property
+    def is_gateway(self) -> bool:
+        return "gateway" in self.role
+
+
+@dataclass
+class Job:
+    """A task in hand: where its data is and who must hear of its lease."""
+
+    ref: TaskRef
+    plan_key: str
+    data: np.ndarray  # frame (or frame region) for a tile, fused output for a tail
+    img_w: int
+    img_h: int
+    victim: str  # node id whose queue leased it (ourselves for local work)
+
+
+@dataclass
+class SourceFrame:
+    frame: Frame
+    started: float
+
+
+@dataclass
+class Stats:
+    tiles_run: int = 0
+    tails_run: int = 0
+    stolen: int = 0
+    steal_failures: int = 0
+    busy_seconds: float = 0.0
+    reuse_fallbacks: int = 0
+    duplicates_dropped: int = 0
+    frames_done: int = 0
+    requeued: int = 0
+
+
+def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
+    return f"{grid[0]}x{grid[1]}:{layers}:{scheme}"
+
+
+def parse_plan_key(key: str) -> tuple[tuple[int, int], int, str]:
+    try:
+        grid, layers, scheme = key.split(":")
+        rows, cols = grid.split("x")
+        return (int(rows), int(cols)), int(layers), scheme
+    except ValueError:
+        raise ProtocolError(f"bad plan key {key!r}") from None
+
+
+def pack_strips(strips: dict[int, np.ndarray]) -> tuple[list[list[int]], np.ndarray | None]:
+    if not strips:
+        return [], None
+    meta = [[sid, *a.shape] for sid, a in sorted(strips.items())]
+    data = np.concatenate([np.ascontiguousarray(strips[m[0]], np.float32).ravel() for m in meta])
+    return meta, data
+
+
+def unpack_strips(meta: list[list[int]], data: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Split a packed strip array, checking every shape against the data before slicing."""
+    out: dict[int, np.ndarray] = {}
+    if not meta:
+        return out
+    if data is None or data.dtype != np.float32 or data.ndim != 1:
+        raise ProtocolError("strips must be a flat float32 array")
+    pos = 0
+    for entry in meta:
+        if len(entry) != 4 or min(entry[1:]) < 0:
+            raise ProtocolError(f"bad strip meta {entry!r}")
+        sid, c, h, w = entry
+        n = c * h * w
+        if pos + n > data.size:
+            raise ProtocolError("strip meta lists more data than was sent")
+        out[sid] = data[pos:pos + n].reshape(c, h, w)
+        pos += n
+    if pos != data.size:
+        raise ProtocolError("strip data longer than its meta")
+    return out
+
+
+class Node:
+    """One stealer node. Use ``async with Node(...)`` or :meth:`start` / :meth:`close`.
+
+    Parameters
+    ----------
+    net : Network
+        The model (every node of a cluster holds the same one; checked by hash at the handshake).
+    config : NodeConfig
+    on_result : callable, optional
+        Gateway only: called with each released result dict, in frame order per source.
+    """
+
+    def __init__(self, net: Network, config: NodeConfig,
+                 on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.net = net
+        self.cfg = config
+        self.id = config.node_id
+        self.on_result = on_result
+        self.layers = config.layers or min(16, _fusable(net))
+        self.role = "gateway" if config.gateway else "worker"
+        self.peers: dict[str, Peer] = {}
+        self.queue = WorkQueue(self.id, config.runtime.lease)
+        self.stats = Stats()
+        self.results: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._plans: dict[str, Plan] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.slots), thread_name_prefix=f"compute-{self.id[:6]}")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._work = asyncio.Event()
+        self._gateway_seen = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._status_dirty = False
+        self._last_status: tuple[int, int] | None = None
+        self._server = None
+        self._discovery = None
+        self._connecting: set[str] = set()
+        self._lease_timer: asyncio.TimerHandle | None = None
+        # source state
+        self._frames: dict[tuple[str, int], SourceFrame] = {}
+        self._inflight: dict[str, int] = {}
+        self._frame_freed = asyncio.Event()
+        self._sources_done = asyncio.Event()
+        # gateway state
+        self._assembly: dict[tuple[str, int], FrameAssembly] = {}
+        self._frame_info: dict[tuple[str, int], tuple[str, int, int, float]] = {}
+        self._tail_inputs: dict[tuple[str, int], np.ndarray] = {}
+        self._finished: set[tuple[str, int]] = set()
+        self._strips = StripCache(max_bytes=256 * 1024 * 1024)
+        self._order = ResultOrder()
+        self._parked: dict[tuple[str, int], dict[str, Any]] = {}
+        self._out_file = open(config.out, "a", buffering=1) if (config.out and config.gateway) else None
+        self._closed = False
+        self._draining = False
+        self._running = 0
+        self._idle_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        return self._server.port if self._server is not None else self.cfg.port
+
+    def hello(self) -> Hello:
+        return Hello(PROTOCOL_VERSION, self.id, self.role, self.port, max(1, self.cfg.slots),
+                     self.net.model_hash, self.cfg.max_memory)
+
+    async def start(self) -> "Node":
+        self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
+                             limits=self.cfg.limits)
+        await self._server.start()
+        log.info("node %s (%s) listening on port %d, model %s, plan %s", self.id[:8], self.role,
+                 self.port, self.net.model_hash, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
+        if self.cfg.gateway:
+            self._gateway_seen.set()
+        if self.cfg.discovery:
+            from .discovery import Discovery
+
+            self._discovery = Discovery(self.id, self.port, role=self.role, cores=max(1, self.cfg.slots),
+                                        model_hash=self.net.model_hash, on_event=self._on_discovery,
+                                        interfaces=self.cfg.interfaces, loopback=self.cfg.loopback,
+                                        limits=self.cfg.limits)
+            await self._discovery.start()
+        for host, port in self.cfg.peers:
+            self._spawn(self._connect(host, port, None), f"connect {host}:{port}")
+        for slot in range(max(1, self.cfg.slots)):
+            self._spawn(self._compute_loop(slot), f"compute {slot}")
+        if self.cfg.sources:
+            self._spawn(self._run_sources(), "sources")
+        else:
+            self._sources_done.set()
+        return self
+
+    async def close(self) -> None:
+        """Stop: finish the task in hand, say goodbye, release everything (safe twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        self._work.set()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for peer in list(self.peers.values()):
+            with contextlib.suppress(CommClosedError):
+                await peer.comm.close("node stopping")
+        if self._discovery is not None:
+            await self._discovery.close()
+        if self._server is not None:
+            await self._server.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._out_file is not None:
+            self._out_file.close()
+
+    async def __aenter__(self) -> "Node":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=what)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking new frames and new steals, and wait (at most ``timeout`` seconds) until
+        every frame this node started is finished and no task is in hand. Tasks still leased to
+        this node when it closes come back to their owners when the connection drops."""
+        self._draining = True
+        self._work.set()
+        try:
+            await asyncio.wait_for(self._drained(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("drain: %d frame(s) and %d task(s) still open after %.1f s",
+                        len(self._frames), self._running, timeout)
+            return False
+
+    async def _drained(self) -> None:
+        while self._frames or self._running:
+            self._idle_changed.clear()
+            await self._idle_changed.wait()
+
+    async def wait_sources_done(self) -> None:
+        """Until every source has produced its frames and seen all of them finished."""
+        await self._sources_done.wait()
+
+    # ------------------------------------------------------------------ peers
+    def _on_discovery(self, event: Any) -> None:
+        info = event.peer
+        if event.kind == "removed" or info.node_id in self.peers:
+            return
+        if info.model_hash != self.net.model_hash:
+            log.warning("ignoring node %s at %s:%d: it runs model %s, this node runs %s",
+                        info.node_id[:8], info.host, info.port, info.model_hash, self.net.model_hash)
+            return
+        # one connection per pair: the smaller node id dials
+        if self.id < info.node_id and info.node_id not in self._connecting:
+            self._spawn(self._connect(info.host, info.port, info.node_id), f"connect {info.node_id[:8]}")
+
+    async def _connect(self, host: str, port: int, node_id: str | None) -> None:
+        if node_id is not None:
+            self._connecting.add(node_id)
+        try:
+            comm = await connect(host, port, self.hello(), limits=self.cfg.limits)
+        except (CommClosedError, ProtocolError) as exc:
+            log.warning("cannot connect to %s:%d: %s", host, port, exc)
+            return
+        finally:
+            if node_id is not None:
+                self._connecting.discard(node_id)
+        await self._serve_peer(comm)
+
+    async def _on_comm(self, comm: Comm) -> None:
+        await self._serve_peer(comm)
+
+    async def _serve_peer(self, comm: Comm) -> None:
+        ident = comm.peer
+        if ident.node_id in self.peers:
+            log.info("already connected to %s; closing the second connection", ident.node_id[:8])
+            await comm.close("duplicate connection")
+            return
+        peer = Peer(ident.node_id, comm, ident.role, ident.max_memory)
+        self.peers[peer.node_id] = peer
+        if peer.is_gateway:
+            self._gateway_seen.set()
+        log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
+        try:
+            await comm.send(Status(*self._queued()))
+            while True:
+                msg = await comm.recv()
+                await self._dispatch(peer, msg)
+        except CommClosedError as exc:
+            log.info("peer %s gone: %s", peer.node_id[:8], exc)
+        except ProtocolError as exc:
+            log.warning("peer %s sent a bad message, dropping it: %s", peer.node_id[:8], exc)
+            comm.abort(str(exc))
+        finally:
+            if self.peers.get(peer.node_id) is peer:
+                del self.peers[peer.node_id]
+                self._peer_lost(peer)
+
+    def _peer_lost(self, peer: Peer) -> None:
+        requeued = self.queue.peer_lost(peer.node_id)
+        if requeued:
+            self.stats.requeued += len(requeued)
+            log.warning("peer %s left holding %d task(s); queued them again", peer.node_id[:8], len(requeued))
+            self._work_changed()
+        if peer.is_gateway and not any(p.is_gateway for p in self.peers.values()) and not self.cfg.gateway:
+            self._gateway_seen.clear()
+            log.error("lost the gateway %s", peer.node_id[:8])
+
+    def _gateway(self) -> Peer | None:
+        return next((p for p in self.peers.values() if p.is_gateway), None)
+
+    async def _to_gateway(self, msg: Message) -> None:
+        if self.cfg.gateway:
+            await self._dispatch(None, msg)
+            return
+        await asyncio.wait_for(self._gateway_seen.wait(), self.cfg.runtime.gateway_wait)
+        gw = self._gateway()
+        if gw is None:
+            raise CommClosedError("no gateway")
+        await gw.comm.send(msg)
+
+    async def _to_node(self, node_id: str, msg: Message) -> None:
+        if node_id == self.id:
+            await self._dispatch(None, msg)
+            return
+        peer = self.peers.get(node_id)
+        if peer is None:
+            log.info("cannot send %s to %s: not connected", msg.op, node_id[:8])
+            return
+        with contextlib.suppress(CommClosedError):
+            await peer.comm.send(msg)
+
+    # ------------------------------------------------------------------ dispatch
+    async def _dispatch(self, peer: Peer | None, msg: Message) -> None:
+        """Handle one message; ``peer`` is None for messages a node sends itself."""
+        if isinstance(msg, Status):
+            if peer is not None:
+                peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0,
+                                     True)
+                if msg.queued_tiles or msg.queued_tails:
+                    self._work.set()
+        elif isinstance(msg, StealRequest):
+            assert peer is not None
+            await self._grant(peer, msg)
+        elif isinstance(msg, (StealReply, StripsReply)):
+            fut = self._pending.pop(msg.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif isinstance(msg, StealReply) and msg.granted and peer is not None:
+                # A grant that arrived after we gave up: hand it back by letting its lease lapse
+                # would delay the frame; run it instead (the steal is still valid).
+                self._spawn(self._run_job(self._job_from_grant(msg, peer.node_id)), "late grant")
+        elif isinstance(msg, FrameStart):
+            self._gw_frame_start(msg)
+        elif isinstance(msg, StripsRequest):
+            assert peer is not None
+            await self._gw_strips(peer, msg)
+        elif isinstance(msg, TileDone):
+            await self._gw_tile(msg)
+        elif isinstance(msg, TailDone):
+            await self._gw_tail(msg)
+        elif isinstance(msg, TileAck):
+            self.queue.done(TaskRef(msg.source, msg.frame, msg.task))
+            self._leases_changed()
+        elif isinstance(msg, FrameDone):
+            self._source_frame_done(msg)
+        elif isinstance(msg, Goodbye):
+            raise CommClosedError(f"peer said goodbye: {msg.reason}")
+        else:
+            raise ProtocolError(f"unexpected message {msg.op!r}")
+
+    # ------------------------------------------------------------------ queue status
+    def _queued(self) -> tuple[int, int]:
+        tails = sum(1 for r in self.queue.queue if r.is_tail)
+        return len(self.queue) - tails, tails
+
+    def _work_changed(self) -> None:
+        if len(self.queue):
+            self._work.set()
+        if not self._status_dirty:
+            self._status_dirty = True
+            asyncio.get_running_loop().call_soon(self._send_status)
+        self._leases_changed()
+
+    def _send_status(self) -> None:
+        self._status_dirty = False
+        status = self._queued()
+        if status == self._last_status:
+            return
+        self._last_status = status
+        for peer in list(self.peers.values()):
+            self._spawn(self._send_quietly(peer, Status(*status)), "status")
+
+    async def _send_quietly(self, peer: Peer, msg: Message) -> None:
+        with contextlib.suppress(CommClosedError):
+            await peer.comm.send(msg)
+
+    def _leases_changed(self) -> None:
+        """Arm one timer for the earliest lease deadline (no periodic polling)."""
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
+        deadline = self.queue.next_deadline()
+        if deadline is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._lease_timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
+                                             self._expire_leases)
+
+    def _expire_leases(self) -> None:
+        self._lease_timer = None
+        late = self.queue.expire(time.monotonic())
+        if late:
+            self.stats.requeued += len(late)
+            log.warning("%d lease(s) ran out; queued again", len(late))
+        self._work_changed()
+
+    # ------------------------------------------------------------------ compute
+    def _accepts_tails(self) -> bool:
+        return self.cfg.max_memory == 0 or self.cfg.max_memory >= self._tail_bytes()
+
+    def _tail_bytes(self) -> int:
+        weights = sum(w.nbytes + b.nbytes for i, (w, b) in self.net.conv.items() if i >= self.layers)
+        acts = max((4 * int(np.prod(l.out_shape)) for l in self.net.layers[self.layers:]), default=0)
+        return weights + 4 * acts
+
+    async def _compute_loop(self, slot: int) -> None:
+        while not self._stopping.is_set():
+            job = self._take_local()
+            if job is None and self.cfg.policy == "steal" and not self._draining:
+                job = await self._steal()
+            if job is None:
+                self._work.clear()
+                if self._take_possible():
+                    continue
+                await self._work.wait()
+                continue
+            await self._run_job(job)
+
+    def _take_possible(self) -> bool:
+        return bool(len(self.queue)) or any(p.load.queued_tiles or p.load.queued_tails for p in self.peers.values())
+
+    def _take_local(self) -> Job | None:
+        ref = self.queue.take(self.id, time.monotonic(), accept_tail=self._accepts_tails())
+        if ref is None:
+            return None
+        self._work_changed()
+        return self._local_job(ref)
+
+    def _local_job(self, ref: TaskRef) -> Job:
+        key = (ref.source, ref.frame)
+        if ref.is_tail:
+            _, img_w, img_h, _ = self._frame_info[key]
+            return Job(ref, self._frame_info[key][0], self._tail_inputs[key], img_w, img_h, self.id)
+        sf = self._frames[key]
+        pk = plan_key(self.cfg.grid, self.layers, self.cfg.scheme)
+        return Job(ref, pk, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id)
+
+    async def _steal(self) -> Job | None:
+        tried: set[str] = set()
+        while not self._stopping.is_set():
+            loads = {pid: p.load for pid, p in self.peers.items()}
+            victim = choose_victim(loads, want_tails=self._accepts_tails(), tile_seconds=1.0,
+                                   tail_seconds=12.0, exclude=tried)
+            if victim is None:
+                return None
+            tried.add(victim)
+            peer = self.peers.get(victim)
+            if peer is None:
+                continue
+            rid = next(self._request_ids)
+            fut: asyncio.Future[StealReply] = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            try:
+                await peer.comm.send(StealRequest(rid, self._accepts_tails()))
+                reply = await asyncio.wait_for(fut, self.cfg.runtime.steal_timeout)
+            except (CommClosedError, asyncio.TimeoutError):
+                self._pending.pop(rid, None)
+                self.stats.steal_failures += 1
+                continue
+            if reply.granted:
+                self.stats.stolen += 1
+                return self._job_from_grant(reply, victim)
+            self.stats.steal_failures += 1
+            peer.load = PeerLoad(0, 0, peer.load.rtt)
+        return None
+
+    def _job_from_grant(self, reply: StealReply, victim: str) -> Job:
+        return Job(TaskRef(reply.source, reply.frame, reply.task), reply.plan, reply.data,
+                   reply.img_w, reply.img_h, victim)
+
+    async def _grant(self, peer: Peer, req: StealRequest) -> None:
+        """A thief asks: lease it the first task it can run, with that task's input data."""
+        if self.cfg.policy != "steal":
+            await peer.comm.send(StealReply(req.request_id, False))
+            return
+        accept_tail = req.accept_tail
+        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=accept_tail)
+        if ref is None:
+            await peer.comm.send(StealReply(req.request_id, False))
+            return
+        self._work_changed()
+        job = self._local_job(ref)
+        if ref.is_tail:
+            data, region = job.data, []
+        else:
+            plan = self._plan(job.plan_key)
+            y0, y1, x0, x1 = plan.task(ref.task).full.input_region
+            data, region = np.ascontiguousarray(job.data[:, y0:y1, x0:x1]), [y0, y1, x0, x1]
+        try:
+            await peer.comm.send(StealReply(req.request_id, True, ref.source, ref.frame, ref.task,
+                                            job.plan_key, region, job.img_w, job.img_h, data))
+        except CommClosedError:
+            pass  # the lease comes back when the peer's connection is declared lost
+
+    def _plan(self, key: str) -> Plan:
+        plan = self._plans.get(key)
+        if plan is None:
+            grid, layers, scheme = parse_plan_key(key)
+            try:
+                plan = make_plan(self.net, grid, layers, scheme=scheme)
+            except PlanError as exc:
+                raise ProtocolError(f"plan {key}: {exc}") from None
+            self._plans[key] = plan
+        return plan
+
+    async def _run_job(self, job: Job) -> None:
+        self._running += 1
+        try:
+            await self._run_job_inner(job)
+        finally:
+            self._running -= 1
+            self._idle_changed.set()
+
+    async def _run_job_inner(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            if job.ref.is_tail:
+                msg = await loop.run_in_executor(self._pool, self._compute_tail, job)
+                self.stats.tails_run += 1
+            else:
+                borrowed = await self._fetch_strips(job)
+                msg = await loop.run_in_executor(self._pool, self._compute_tile, job, borrowed)
+                self.stats.tiles_run += 1
+        except StealerError as exc:
+            log.error("task %s failed: %s", job.ref, exc)
+            return
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - t0
+        try:
+            await self._to_gateway(msg)
+        except (CommClosedError, asyncio.TimeoutError) as exc:
+            log.warning("result of %s not delivered (%s); its lease will bring it back", job.ref, exc)
+
+    async def _fetch_strips(self, job: Job) -> dict[int, np.ndarray] | None:
+        plan = self._plan(job.plan_key)
+        task = plan.task(job.ref.task)
+        if task.reuse is None or not task.consumes:
+            return None
+        key = (job.ref.source, job.ref.frame)
+        if self.cfg.gateway:
+            got = self._strips.get(key, task.consumes)
+        else:
+            gw = self._gateway()
+            if gw is None:
+                return None
+            rid = next(self._request_ids)
+            fut: asyncio.Future[StripsReply] = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            try:
+                await gw.comm.send(StripsRequest(rid, job.ref.source, job.ref.frame, job.ref.task, job.plan_key))
+                reply = await asyncio.wait_for(fut, self.cfg.runtime.strips_timeout)
+            except (CommClosedError, asyncio.TimeoutError):
+                self._pending.pop(rid, None)
+                reply = None
+            got = unpack_strips(reply.meta, reply.data) if reply is not None and reply.found else None
+        if got is None:
+            self.stats.reuse_fallbacks += 1
+        return got
+
+    def _compute_tile(self, job: Job, borrowed: dict[int, np.ndarray] | None) -> TileDone:
+        plan = self._plan(job.plan_key)
+        t0 = time.perf_counter()
+        res = run_task(self.net, plan, job.ref.task, job.data, borrowed, check=False)
+        meta, data = pack_strips(res.published)
+        return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, res.variant,
+                        res.output, meta, data, time.perf_counter() - t0)
+
+    def _compute_tail(self, job: Job) -> TailDone:
+        t0 = time.perf_counter()
+        _, layers, _ = parse_plan_key(job.plan_key)
+        out = self.net.forward(np.asarray(job.data, np.float32), start=layers)
+        digest = hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()
+        dets: list[dict[str, Any]] = []
+        last = self.net.layers[-1]
+        if isinstance(last, RegionSpec):
+            shape = self.net.input_shape
+            dets = [d.to_dict() for d in detect(out, last, img_w=job.img_w, img_h=job.img_h,
+                                                net_w=shape[2], net_h=shape[1],
+                                                thresh=self.cfg.thresh, nms=self.cfg.nms)]
+        return TailDone(job.ref.source, job.ref.frame, digest, dets, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ source
+    async def _run_sources(self) -> None:
+        try:
+            await asyncio.gather(*(self._run_source(i, src) for i, src in enumerate(self.cfg.sources)))
+        finally:
+            self._sources_done.set()
+
+    async def _run_source(self, index: int, src: FrameSource) -> None:
+        source_id = f"{self.id}/{index}"
+        loop = asyncio.get_running_loop()
+        frames = src.frames(self.net.input_shape)
+        pk = plan_key(self.cfg.grid, self.layers, self.cfg.scheme)
+        plan = self._plan(pk)
+        self._inflight[source_id] = 0
+        period = 1.0 / self.cfg.fps if self.cfg.fps else 0.0
+        next_at = loop.time()
+        count = 0
+        try:
+            while (self.cfg.frames is None or count < self.cfg.frames) and not self._draining:
+                while self._inflight[source_id] >= self.cfg.max_inflight:
+                    self._frame_freed.clear()
+                    await self._frame_freed.wait()
+                frame = await loop.run_in_executor(None, next, frames, None)
+                if frame is None:
+                    break
+                count += 1
+                key = (source_id, frame.number)
+                self._frames[key] = SourceFrame(frame, time.monotonic())
+                self._inflight[source_id] += 1
+                await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h))
+                self.queue.add(TaskRef(source_id, frame.number, t.id) for t in plan.tasks)
+                self._work_changed()
+                if period:
+                    next_at += period
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+            while self._inflight[source_id] > 0:
+                self._frame_freed.clear()
+                await self._frame_freed.wait()
+        finally:
+            src.close()
+
+    def _source_frame_done(self, msg: FrameDone) -> None:
+        key = (msg.source, msg.frame)
+        if self._frames.pop(key, None) is None:
+            return
+        self.queue.drop_frame(msg.source, msg.frame)
+        self._inflight[msg.source] -= 1
+        self._frame_freed.set()
+        self._idle_changed.set()
+        self._work_changed()
+
+    # ------------------------------------------------------------------ gateway
+    def _gw_frame_start(self, msg: FrameStart) -> None:
+        key = (msg.source, msg.frame)
+        if key in self._frame_info:
+            return
+        self._frame_info[key] = (msg.plan, msg.img_w, msg.img_h, time.monotonic())
+        self._order.expect(msg.source, msg.frame)
+        parked = self._parked.pop(key, None)
+        if parked is not None:
+            self._release(msg.source, msg.frame, parked)
+
+    def _gw_assembly(self, source: str, frame: int, key_plan: str) -> FrameAssembly:
+        key = (source, frame)
+        asm = self._assembly.get(key)
+        if asm is None:
+            plan = self._plan(key_plan)
+            asm = FrameAssembly(plan.output_shape, [t.output for t in sorted(plan.tasks, key=lambda t: t.id)])
+            self._assembly[key] = asm
+        return asm
+
+    async def _gw_strips(self, peer: Peer, msg: StripsRequest) -> None:
+        plan = self._plan(msg.plan)
+        try:
+            task = plan.task(msg.task)
+        except (KeyError, IndexError, PlanError):
+            raise ProtocolError(f"strips for unknown task {msg.task}") from None
+        got = self._strips.get((msg.source, msg.frame), task.consumes)
+        if got is None:
+            await peer.comm.send(StripsReply(msg.request_id, False))
+            return
+        meta, data = pack_strips(got)
+        await peer.comm.send(StripsReply(msg.request_id, True, meta, data))
+
+    async def _gw_tile(self, msg: TileDone) -> None:
+        key = (msg.source, msg.frame)
+        source_node = msg.source.split("/")[0]
+        if key in self._finished or key in self._tail_inputs:
+            self.stats.duplicates_dropped += 1
+            await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
+            return
+        asm = self._gw_assembly(msg.source, msg.frame, msg.plan)
+        try:
+            fresh = asm.add(msg.task, np.asarray(msg.output))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        if fresh:
+            for sid, arr in unpack_strips(msg.strip_meta, msg.strips).items():
+                self._strips.put(key, sid, arr)
+        else:
+            self.stats.duplicates_dropped += 1
+        await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
+        if asm.complete:
+            del self._assembly[key]
+            self._strips.drop(key)
+            self._tail_inputs[key] = asm.output
+            if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
+                self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
+            self.queue.add([TaskRef(msg.source, msg.frame, TAIL)], front=True)
+            self._work_changed()
+
+    async def _gw_tail(self, msg: TailDone) -> None:
+        key = (msg.source, msg.frame)
+        ref = TaskRef(msg.source, msg.frame, TAIL)
+        self.queue.done(ref)
+        self._leases_changed()
+        if key in self._finished or key not in self._tail_inputs:
+            self.stats.duplicates_dropped += 1
+            return
+        self._finished.add(key)
+        del self._tail_inputs[key]
+        info = self._frame_info.get(key)
+        latency = time.monotonic() - info[3] if info else float("nan")
+        result = {"source": msg.source, "frame": msg.frame, "latency": round(latency, 4),
+                  "output_sha256": msg.output_sha256, "detections": msg.detections,
+                  "tail_seconds": round(msg.seconds, 4)}
+        if msg.frame in self._order.pending(msg.source):
+            self._release(msg.source, msg.frame, result)
+        else:
+            self._parked[key] = result
+        await self._to_node(msg.source.split("/")[0], FrameDone(msg.source, msg.frame))
+
+    def _release(self, source: str, frame: int, result: dict[str, Any]) -> None:
+        for f, res in self._order.finish(source, frame, result):
+            self.stats.frames_done += 1
+            self._frame_info.pop((source, f), None)
+            if self._out_file is not None:
+                self._out_file.write(json.dumps(res) + "\n")
+            self.results.put_nowait(res)
+            if self.on_result is not None:
+                self.on_result(res)
+
+
+def _fusable(net: Network) -> int:
+    from .ftp.plan import fusable_prefix
+
+    return fusable_prefix(net.spec)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def default_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0

@@ -1,0 +1,133 @@
+"""The node runtime: in-process clusters on real 127.0.0.1 sockets, checked bit for bit against
+single-device inference of the same frames."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import numpy as np
+import pytest
+
+from stealer.config import DEFAULT_LIMITS
+from stealer.discovery import new_node_id
+from stealer.images import synthetic_frame
+from stealer.network import Network, builtin_cfg
+from stealer.node import Node, NodeConfig, RuntimeLimits, pack_strips, unpack_strips
+from stealer.errors import ProtocolError
+from stealer.sources import SyntheticSource
+
+pytestmark = pytest.mark.timeout(120)
+
+# Timing constants patched down so a lost peer is noticed quickly; safe because Limits and
+# RuntimeLimits are frozen objects passed to these nodes only.
+FAST = DEFAULT_LIMITS.replace(heartbeat_interval=0.05, peer_dead_after=0.4, handshake_timeout=1.0)
+FAST_RT = RuntimeLimits(lease=5.0, steal_timeout=1.0, strips_timeout=1.0, gateway_wait=10.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_net() -> Network:
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+    return Network.from_cfg_text(text, seed=11)
+
+
+def expected_digest(net: Network, seed: int, frame: int) -> str:
+    out = net.forward(synthetic_frame(seed, frame, net.input_shape))
+    return hashlib.sha256(out.tobytes()).hexdigest()
+
+
+def config(gateway=False, sources=(), frames=None, peers=(), **kw) -> NodeConfig:
+    return NodeConfig(node_id=new_node_id(), host="127.0.0.1", gateway=gateway,
+                      sources=[SyntheticSource(s) for s in sources], frames=frames,
+                      peers=list(peers), discovery=False, grid=kw.pop("grid", (3, 3)),
+                      layers=kw.pop("layers", 9), limits=FAST, runtime=FAST_RT, **kw)
+
+
+async def collect(node: Node, n: int, timeout: float = 60) -> list[dict]:
+    out = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            out.append(await node.results.get())
+    return out
+
+
+def test_strip_packing_roundtrip_and_validation():
+    strips = {3: np.ones((2, 1, 4), np.float32), 1: np.zeros((2, 3, 1), np.float32)}
+    meta, data = pack_strips(strips)
+    back = unpack_strips(meta, data)
+    assert back.keys() == strips.keys() and all(np.array_equal(back[k], strips[k]) for k in strips)
+    with pytest.raises(ProtocolError, match="more data"):
+        unpack_strips([[1, 2, 3, 4]], np.zeros(5, np.float32))
+    with pytest.raises(ProtocolError, match="longer"):
+        unpack_strips([[1, 1, 1, 1]], np.zeros(5, np.float32))
+
+
+@pytest.mark.parametrize("scheme", ["quad", "none"])
+async def test_three_nodes_steal_and_match_single_device(tiny_net, scheme):
+    gw = Node(tiny_net, config(gateway=True, scheme=scheme))
+    await gw.start()
+    src = Node(tiny_net, config(sources=[5], frames=4, peers=[("127.0.0.1", gw.port)], scheme=scheme))
+    await src.start()
+    thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port), ("127.0.0.1", src.port)], scheme=scheme))
+    await thief.start()
+    try:
+        results = await collect(gw, 4)
+    finally:
+        for n in (thief, src, gw):
+            await n.close()
+    assert [r["frame"] for r in results] == [0, 1, 2, 3]  # released in frame order
+    for r in results:
+        assert r["output_sha256"] == expected_digest(tiny_net, 5, r["frame"]), r
+    total_tiles = sum(n.stats.tiles_run for n in (gw, src, thief))
+    assert total_tiles >= 4 * 9
+    assert gw.stats.frames_done == 4
+    assert thief.stats.stolen + gw.stats.stolen > 0, "idle nodes never stole"
+    if scheme == "quad":
+        assert sum(n.stats.reuse_fallbacks for n in (gw, src, thief)) < total_tiles
+
+
+async def test_gateway_is_source_and_two_sources_in_flight(tiny_net):
+    gw = Node(tiny_net, config(gateway=True, sources=[1, 2], frames=3, max_inflight=2))
+    await gw.start()
+    worker = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)]))
+    await worker.start()
+    try:
+        results = await collect(gw, 6)
+        await asyncio.wait_for(gw.wait_sources_done(), 30)
+    finally:
+        await worker.close()
+        await gw.close()
+    by_source: dict[str, list[int]] = {}
+    for r in results:
+        by_source.setdefault(r["source"], []).append(r["frame"])
+        seed = 1 if r["source"].endswith("/0") else 2
+        assert r["output_sha256"] == expected_digest(tiny_net, seed, r["frame"])
+    assert sorted(by_source.values()) == [[0, 1, 2], [0, 1, 2]]
+
+
+async def test_nodes_find_each_other_by_mdns(tiny_net):
+    # the source is on the worker: no frame can reach the gateway until mDNS has joined them
+    cfg_gw = config(gateway=True)
+    cfg_w = config(sources=[3], frames=2)
+    for c in (cfg_gw, cfg_w):
+        c.discovery, c.loopback = True, True
+    async with Node(tiny_net, cfg_gw) as gw, Node(tiny_net, cfg_w) as w:
+        results = await collect(gw, 2, timeout=60)
+        assert w.id in gw.peers and gw.id in w.peers
+    assert all(r["output_sha256"] == expected_digest(tiny_net, 3, r["frame"]) for r in results)
+
+
+async def test_model_mismatch_is_refused_and_cluster_keeps_working(tiny_net):
+    other = Network.from_cfg_text(builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96")
+                                  .replace("height=416", "height=96"), seed=12)
+    gw = Node(tiny_net, config(gateway=True, sources=[4], frames=2))
+    await gw.start()
+    stranger = Node(other, config(peers=[("127.0.0.1", gw.port)]))
+    await stranger.start()
+    try:
+        results = await collect(gw, 2)
+        assert stranger.id not in gw.peers and not stranger.peers
+    finally:
+        await stranger.close()
+        await gw.close()
+    assert [r["output_sha256"] for r in results] == [expected_digest(tiny_net, 4, f) for f in (0, 1)]
