@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-output", metavar="NPY", help="save the last layer's output tensor")
     p.set_defaults(func=cmd_infer)
 
+    from .launcher import add_run_args, cmd_run
+
+    p = sub.add_parser("run", help="a whole cluster on this machine, checked against single-device inference")
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("node", help="run a cluster node (the daemon)")
     add_node_args(p)
     p.set_defaults(func=cmd_node)

@@ -1,0 +1,221 @@
+"""``python -m stealer run``: a whole cluster on this machine, as separate processes.
+
+Starts a gateway and ``--nodes - 1`` more nodes on 127.0.0.1 (they find each other by mDNS),
+puts the synthetic sources on the nodes, shows a live progress line, prints a final table and
+checks every frame's result against single-device inference of the same frame (the output's
+SHA-256 must match bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .errors import StealerError
+
+
+def _model_args(args: argparse.Namespace) -> list[str]:
+    out = ["--cfg", str(args.cfg)]
+    if args.weights:
+        out += ["--weights", str(args.weights)]
+    else:
+        out += ["--random-weights", str(0 if args.random_weights is None else args.random_weights)]
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    nodes = max(1, args.nodes)
+    n_sources = max(1, args.sources)
+    total = n_sources * args.frames
+    work = Path(tempfile.mkdtemp(prefix="stealer-run-"))
+    results_path = work / "results.jsonl"
+    common = _model_args(args) + ["--grid", f"{args.grid[0]}x{args.grid[1]}", "--scheme", args.scheme,
+                                  "--policy", args.policy, "--max-inflight", str(args.max_inflight)]
+    if args.layers:
+        common += ["--layers", str(args.layers)]
+    common += ["--loopback", "--host", "127.0.0.1"]
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    # sources go on the non-gateway nodes first (the gateway also runs the tails)
+    hosts = list(range(1, nodes)) or [0]
+    placement: dict[int, list[int]] = {}
+    for s in range(n_sources):
+        placement.setdefault(hosts[s % len(hosts)], []).append(s)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    t_start = time.monotonic()
+    try:
+        for i in range(nodes):
+            argv = [sys.executable, "-m", "stealer", "node", *common, "--stats", str(work / f"node{i}.json"),
+                    "--slots", str(args.slots)]
+            if i == 0:
+                argv += ["--gateway", "--out", str(results_path), "--expect", str(total)]
+            for s in placement.get(i, []):
+                argv += ["--source", f"synthetic:{args.seed + s}", "--frames", str(args.frames)]
+            log = open(work / f"node{i}.log", "wb")
+            procs.append((f"node{i}", subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                       start_new_session=True)))
+        results = _follow(results_path, total, procs, args.timeout, t_start, quiet=args.quiet)
+        elapsed = time.monotonic() - t_start
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for _, p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    stats = []
+    for i in range(nodes):
+        f = work / f"node{i}.json"
+        stats.append(json.loads(f.read_text()) if f.exists() else {})
+    _print_table(results, stats, elapsed, total)
+    ok = len(results) == total
+    if not ok:
+        print(f"only {len(results)} of {total} frames finished; logs in {work}", file=sys.stderr)
+    if args.verify and results:
+        seeds = _source_seeds(work, nodes, placement, args.seed)
+        bad = _verify(args, results, seeds)
+        if bad:
+            print(f"MISMATCH: {bad} frame(s) differ from single-device inference", file=sys.stderr)
+            ok = False
+        else:
+            print(f"verified: all {len(results)} results equal single-device inference bit for bit")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": results, "nodes": stats, "seconds": elapsed}, indent=1))
+    return 0 if ok else 1
+
+
+def _follow(path: Path, total: int, procs: list[tuple[str, subprocess.Popen[bytes]]], timeout: float,
+            t_start: float, *, quiet: bool) -> list[dict[str, Any]]:
+    """Read the gateway's result lines as they come, with a live progress line."""
+    results: list[dict[str, Any]] = []
+    pos = 0
+    first_at: float | None = None
+    shown = -1
+    while len(results) < total:
+        if time.monotonic() - t_start > timeout:
+            print(f"\ntimed out after {timeout:.0f} s", file=sys.stderr)
+            break
+        dead = [name for name, p in procs if p.poll() is not None]
+        if dead and len(results) < total and "node0" in dead:
+            print(f"\nthe gateway exited early (code {procs[0][1].returncode})", file=sys.stderr)
+            break
+        if path.exists():
+            with open(path) as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+            lines = chunk.split("\n")
+            for line in lines[:-1]:
+                if line.strip():
+                    results.append(json.loads(line))
+            pos += len(chunk) - len(lines[-1])
+            if results and first_at is None:
+                first_at = time.monotonic()
+        if not quiet and len(results) != shown:
+            shown = len(results)
+            fps = ""
+            if first_at is not None and len(results) > 1:
+                fps = f"  {(len(results) - 1) / max(1e-9, time.monotonic() - first_at):.2f} frames/s"
+            lat = percentile([r["latency"] for r in results], 50)
+            sys.stdout.write(f"\rframes {len(results)}/{total}{fps}  latency p50 {lat:.2f} s   ")
+            sys.stdout.flush()
+        # the results file is written by another process; a short wait between reads is the
+        # cheapest portable way to follow it (this is the launcher, not a node's event loop)
+        time.sleep(0.2)
+    if not quiet:
+        print()
+    return results
+
+
+def _print_table(results: list[dict[str, Any]], stats: list[dict[str, Any]], elapsed: float, total: int) -> None:
+    lats = [r["latency"] for r in results]
+    print(f"{len(results)}/{total} frames in {elapsed:.1f} s (including start-up)")
+    if len(results) > 1:
+        print(f"latency p50 {percentile(lats, 50):.3f} s  p99 {percentile(lats, 99):.3f} s")
+    print(f"{'node':<6} {'role':<8} {'tiles':>6} {'tails':>6} {'stolen':>7} {'busy s':>8} {'fallbacks':>9} {'requeued':>8}")
+    for i, s in enumerate(stats):
+        if not s:
+            print(f"node{i:<2} (no statistics: the process did not exit cleanly)")
+            continue
+        print(f"node{i:<2} {s.get('role', '?'):<8} {s['tiles_run']:>6} {s['tails_run']:>6} {s['stolen']:>7} "
+              f"{s['busy_seconds']:>8.2f} {s['reuse_fallbacks']:>9} {s['requeued']:>8}")
+
+
+def _source_seeds(work: Path, nodes: int, placement: dict[int, list[int]], seed: int) -> dict[str, int]:
+    """Source id ("<node id>/<k>") -> synthetic seed, from each node's first output line."""
+    seeds = {}
+    for i in range(nodes):
+        try:
+            first = (work / f"node{i}.log").read_text().splitlines()
+        except OSError:
+            continue
+        for line in first:
+            if line.startswith("{") and '"listening"' in line:
+                node_id = json.loads(line)["node_id"]
+                for k, s in enumerate(placement.get(i, [])):
+                    seeds[f"{node_id}/{k}"] = seed + s
+                break
+    return seeds
+
+
+def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict[str, int]) -> int:
+    """Recompute every frame on this device and compare output digests; returns mismatches."""
+    from .images import synthetic_frame
+    from .network import Network
+
+    net = Network.from_darknet(args.cfg, args.weights) if args.weights else \
+        Network.from_random(args.cfg, 0 if args.random_weights is None else args.random_weights)
+    bad = 0
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+        for r in sorted(results, key=lambda r: (r["source"], r["frame"])):
+            if r["source"] not in seeds:
+                raise StealerError(f"cannot tell which feed {r['source']} was")
+            frame = synthetic_frame(seeds[r["source"]], r["frame"], net.input_shape)
+            out = net.forward(frame, executor=pool, threads=threads)
+            if hashlib.sha256(out.tobytes()).hexdigest() != r["output_sha256"]:
+                bad += 1
+                print(f"frame {r['frame']} of {r['source']}: output differs", file=sys.stderr)
+    return bad
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    from .cli import _add_model_args, _parse_grid_arg
+
+    _add_model_args(p)
+    p.add_argument("--nodes", type=int, default=3, help="processes, the gateway included [3]")
+    p.add_argument("--sources", type=int, default=1, help="synthetic sources [1]")
+    p.add_argument("--frames", type=int, default=8, help="frames per source [8]")
+    p.add_argument("--seed", type=int, default=0, help="synthetic seed of the first source [0]")
+    p.add_argument("--grid", type=_parse_grid_arg, default=(5, 5))
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--scheme", default="quad", choices=["none", "checkerboard", "quad", "wave"])
+    p.add_argument("--policy", default="steal", choices=["steal", "share"])
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds [600]")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the check against single-device inference")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.add_argument("--out", help="write results and node statistics as JSON here")
