@@ -169,6 +169,36 @@ class Network:
     def table(self) -> list[LayerRow]:
         return layer_table(self.spec)
 
+    def warm_up(self) -> None:
+        """Run every kernel variant this network uses once on tiny inputs.
+
+        Numba compiles (or loads from its cache) on first call, holding the GIL meanwhile; a
+        node calls this before it joins a cluster, so that no compilation stalls its event loop
+        (and its heartbeats) later.
+        """
+        seen = set()
+        for layer in self.layers:
+            if isinstance(layer, ConvSpec):
+                key = ("conv", layer.size, layer.stride, layer.activation)
+                if key not in seen:
+                    seen.add(key)
+                    k = layer.size
+                    x = np.zeros((2, k + 2 * layer.stride, k + 2 * layer.stride), np.float32)
+                    w = np.zeros((3, 2, k, k), np.float32)
+                    kernels.conv2d(x, w, np.zeros(3, np.float32), stride=layer.stride, pad_top=layer.pad,
+                                   pad_left=layer.pad, activation=layer.activation)
+            elif isinstance(layer, MaxPoolSpec):
+                if ("max", layer.size, layer.stride) not in seen:
+                    seen.add(("max", layer.size, layer.stride))
+                    kernels.maxpool2d(np.zeros((2, 4, 4), np.float32), size=layer.size, stride=layer.stride,
+                                      pad_top=layer.pad, pad_left=layer.pad)
+            elif isinstance(layer, ReorgSpec):
+                s = layer.stride
+                kernels.reorg(np.zeros((s * s, 2 * s, 2 * s), np.float32), s)
+            elif isinstance(layer, RegionSpec):
+                kernels.region_activate(np.zeros(layer.in_shape, np.float32), num=layer.num, coords=layer.coords,
+                                        classes=layer.classes, softmax=layer.softmax)
+
     # ---------------------------------------------------------------- inference
     def check_input(self, x: np.ndarray, start: int = 0) -> np.ndarray:
         """Validate a (C,H,W) float32 input for layer ``start``; returns it C-contiguous."""

@@ -228,6 +228,7 @@ class Node:
         self._stopping = asyncio.Event()
         self._request_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._assigned: list[Job] = []  # tasks pushed to this node (policy "share")
         self._status_dirty = False
         self._last_status: tuple[int, int] | None = None
         self._server = None
@@ -263,6 +264,11 @@ class Node:
                      self.net.model_hash, self.cfg.max_memory)
 
     async def start(self) -> "Node":
+        loop = asyncio.get_running_loop()
+        # compile or load every kernel and build this node's own plan before joining: both hold
+        # the GIL for a while, which would otherwise stall heartbeats once peers are connected
+        await loop.run_in_executor(self._pool, self.net.warm_up)
+        await loop.run_in_executor(self._pool, self._plan, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits)
         await self._server.start()
@@ -443,6 +449,10 @@ class Node:
     # ------------------------------------------------------------------ dispatch
     async def _dispatch(self, peer: Peer | None, msg: Message) -> None:
         """Handle one message; ``peer`` is None for messages a node sends itself."""
+        key = getattr(msg, "plan", None)
+        if key and key not in self._plans:
+            # a plan this node has not built yet (another source's grid): build it off the loop
+            await asyncio.get_running_loop().run_in_executor(None, self._plan, key)
         if isinstance(msg, Status):
             if peer is not None:
                 peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0,
@@ -453,6 +463,11 @@ class Node:
             assert peer is not None
             await self._grant(peer, msg)
         elif isinstance(msg, (StealReply, StripsReply)):
+            if isinstance(msg, StealReply) and msg.request_id == 0 and msg.granted and peer is not None:
+                # policy "share": the source pushed this task to us without being asked
+                self._assigned.append(self._job_from_grant(msg, peer.node_id))
+                self._work.set()
+                return
             fut = self._pending.pop(msg.request_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -547,9 +562,15 @@ class Node:
             await self._run_job(job)
 
     def _take_possible(self) -> bool:
-        return bool(len(self.queue)) or any(p.load.queued_tiles or p.load.queued_tails for p in self.peers.values())
+        if self._assigned or len(self.queue):
+            return True
+        if self.cfg.policy != "steal":
+            return False
+        return any(p.load.queued_tiles or p.load.queued_tails for p in self.peers.values())
 
     def _take_local(self) -> Job | None:
+        if self._assigned:
+            return self._assigned.pop(0)
         ref = self.queue.take(self.id, time.monotonic(), accept_tail=self._accepts_tails())
         if ref is None:
             return None
@@ -609,6 +630,14 @@ class Node:
             await peer.comm.send(StealReply(req.request_id, False))
             return
         self._work_changed()
+        try:
+            await peer.comm.send(self._grant_for(ref, req.request_id))
+        except CommClosedError:
+            pass  # the lease comes back when the peer's connection is declared lost
+
+    def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply:
+        """A task leased to a peer, with the data it needs: the full variant's frame region for
+        a tile (so the peer can fall back to it), the fused output for a tail."""
         job = self._local_job(ref)
         if ref.is_tail:
             data, region = job.data, []
@@ -616,11 +645,24 @@ class Node:
             plan = self._plan(job.plan_key)
             y0, y1, x0, x1 = plan.task(ref.task).full.input_region
             data, region = np.ascontiguousarray(job.data[:, y0:y1, x0:x1]), [y0, y1, x0, x1]
-        try:
-            await peer.comm.send(StealReply(req.request_id, True, ref.source, ref.frame, ref.task,
-                                            job.plan_key, region, job.img_w, job.img_h, data))
-        except CommClosedError:
-            pass  # the lease comes back when the peer's connection is declared lost
+        return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, region,
+                          job.img_w, job.img_h, data)
+
+    async def _share(self, refs: list[TaskRef]) -> None:
+        """Policy "share" (the baseline of MoDNN and DeepThings' comparison): hand a frame's tiles
+        out round-robin over every known node, idle or not, when the frame arrives."""
+        members = [self.id, *sorted(self.peers)]
+        for i, ref in enumerate(refs):
+            target = members[i % len(members)]
+            if target == self.id or target not in self.peers:
+                continue
+            if not self.queue.take_ref(ref, target, time.monotonic()):
+                continue  # this node's own slot took it already
+            try:
+                await self.peers[target].comm.send(self._grant_for(ref, 0))
+            except CommClosedError:
+                pass  # requeued when the connection is declared lost
+        self._work_changed()
 
     def _plan(self, key: str) -> Plan:
         plan = self._plans.get(key)
@@ -740,8 +782,11 @@ class Node:
                 self._frames[key] = SourceFrame(frame, time.monotonic())
                 self._inflight[source_id] += 1
                 await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h))
-                self.queue.add(TaskRef(source_id, frame.number, t.id) for t in plan.tasks)
+                refs = [TaskRef(source_id, frame.number, t.id) for t in plan.tasks]
+                self.queue.add(refs)
                 self._work_changed()
+                if self.cfg.policy == "share":
+                    await self._share(refs)
                 if period:
                     next_at += period
                     await asyncio.sleep(max(0.0, next_at - loop.time()))

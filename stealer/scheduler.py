@@ -94,6 +94,16 @@ class WorkQueue:
         self.leases[ref] = Lease(holder, now + self.lease_seconds)
         return ref
 
+    def take_ref(self, ref: TaskRef, holder: str, now: float) -> bool:
+        """Lease a specific queued task to ``holder`` (work sharing assigns tasks by name).
+        Returns False if the task is no longer queued (already taken)."""
+        try:
+            self.queue.remove(ref)
+        except ValueError:
+            return False
+        self.leases[ref] = Lease(holder, now + self.lease_seconds)
+        return True
+
     def holder(self, ref: TaskRef) -> str | None:
         lease = self.leases.get(ref)
         return lease.holder if lease else None

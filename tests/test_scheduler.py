@@ -116,3 +116,11 @@ def test_results_released_in_frame_order_per_source():
         order.finish("a", 99, "x")
     with pytest.raises(ValueError, match="after"):
         order.expect("a", 3)
+
+
+def test_take_ref_leases_a_named_task():
+    q = WorkQueue("me", lease_seconds=5)
+    q.add(refs(0, 3))
+    assert q.take_ref(TaskRef("src", 0, 1), "w", 0.0)
+    assert not q.take_ref(TaskRef("src", 0, 1), "w", 0.0)
+    assert list(q.queue) == [TaskRef("src", 0, 0), TaskRef("src", 0, 2)] and q.holder(TaskRef("src", 0, 1)) == "w"
