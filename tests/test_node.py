@@ -136,3 +136,79 @@ async def test_model_mismatch_is_refused_and_cluster_keeps_working(tiny_net):
         await stranger.close()
         await gw.close()
     assert [r["output_sha256"] for r in results] == [expected_digest(tiny_net, 4, f) for f in (0, 1)]
+
+
+async def _rogue(port: int, net: Network):
+    """A raw peer with the right model hash, so it passes the handshake."""
+    from stealer.wire import Hello, connect
+    from stealer.wire.messages import PROTOCOL_VERSION
+
+    hello = Hello(PROTOCOL_VERSION, new_node_id(), "worker", 0, 1, net.model_hash, 0)
+    return await connect("127.0.0.1", port, hello, limits=FAST)
+
+
+async def test_thief_that_dies_holding_a_task_loses_nothing(tiny_net):
+    """A peer steals a tile, then its connection drops without a result: the tile is queued again
+    and the frame still completes with the exact result."""
+    from stealer.wire.messages import StealReply, StealRequest
+
+    src_cfg = config(gateway=True, sources=[8], frames=2, max_inflight=1)
+    src_cfg.slots = 1
+    gw = Node(tiny_net, src_cfg)
+    await gw.start()
+    try:
+        rogue = await _rogue(gw.port, tiny_net)
+        reply = None
+        async with asyncio.timeout(30):
+            while reply is None or not reply.granted:
+                await rogue.send(StealRequest(1))
+                while True:
+                    msg = await rogue.recv()
+                    if isinstance(msg, StealReply):
+                        reply = msg
+                        break
+        stolen = (reply.source, reply.frame, reply.task)
+        rogue.abort("simulated crash")
+        results = await collect(gw, 2)
+    finally:
+        await gw.close()
+    assert gw.stats.requeued >= 1, "the stolen task was never queued again"
+    assert [r["output_sha256"] for r in results] == [expected_digest(tiny_net, 8, f) for f in (0, 1)]
+    assert stolen[1] in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"\x00\x00\x00\x10garbage-garbage!", id="garbage"),
+        pytest.param(b"\xff\xff\xff\xff" + b"x" * 64, id="oversized-length"),
+    ],
+)
+async def test_garbage_from_a_peer_drops_only_that_peer(tiny_net, payload):
+    gw = Node(tiny_net, config(gateway=True, sources=[9], frames=2))
+    await gw.start()
+    try:
+        rogue = await _rogue(gw.port, tiny_net)
+        rogue._writer.write(payload)  # raw bytes on an authenticated connection
+        await rogue._writer.drain()
+        results = await collect(gw, 2)
+        async with asyncio.timeout(10):
+            while rogue.peer.node_id in gw.peers or len(gw.peers) > 0:
+                await asyncio.sleep(0.05)
+    finally:
+        await gw.close()
+    assert [r["output_sha256"] for r in results] == [expected_digest(tiny_net, 9, f) for f in (0, 1)]
+
+
+async def test_unknown_message_type_drops_only_that_peer(tiny_net):
+    from stealer.wire.messages import TensorMsg
+
+    gw = Node(tiny_net, config(gateway=True, sources=[10], frames=1))
+    await gw.start()
+    try:
+        rogue = await _rogue(gw.port, tiny_net)
+        await rogue.send(TensorMsg("nope", np.zeros(3, np.float32)))
+        results = await collect(gw, 1)
+    finally:
+        await gw.close()
+    assert results[0]["output_sha256"] == expected_digest(tiny_net, 10, 0)

@@ -1,0 +1,1 @@
+"""Developer tools for stealer (cluster emulator, …); not part of the installed package."""
