@@ -1,0 +1,202 @@
+"""Runtime benchmark: steal round trip, per-task runtime overhead, and frames/s with 1..3 nodes.
+
+    python bench/runtime.py [--quick] [--out bench/out/runtime.json]
+
+1. Steal round trip (request sent -> task data in hand) on 127.0.0.1, p50/p99, for a small tile
+   and a YOLOv2-608 5x5 tile, against a victim node with a full queue.
+2. Runtime overhead per task: a gateway, a source and a thief in one process with null compute
+   (tasks "run" without kernels), so the wall time per task is the runtime's own cost.
+3. End-to-end frames/s of YOLOv2-608 (5x5, reuse) with 1, 2 and 3 nodes under equal CPU quotas
+   (the emulator's cgroups when root; else plain processes on loopback, which share 2 cores).
+
+Anchors: Dask distributed ~1 ms scheduler overhead per task; DeepThings opens ~5 TCP connections
+per stolen task and polls every 100 ms. Targets: steal p50 <= 1 ms for a 5x5 tile, overhead
+<= 0.3 ms per task, 3 nodes >= 2.5x one node's frames/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stealer.config import DEFAULT_LIMITS  # noqa: E402
+from stealer.discovery import new_node_id  # noqa: E402
+from stealer.network import Network, builtin_cfg  # noqa: E402
+from stealer.node import Node, NodeConfig  # noqa: E402
+from stealer.sources import SyntheticSource  # noqa: E402
+from stealer.wire import Hello, connect, run  # noqa: E402
+from stealer.wire.messages import PROTOCOL_VERSION, StealReply, StealRequest  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def small_net() -> Network:
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+    return Network.from_cfg_text(text, seed=1)
+
+
+async def steal_rtt(net: Network, grid: tuple[int, int], n: int) -> dict:
+    cfg = NodeConfig(node_id=new_node_id(), host="127.0.0.1", gateway=True, sources=[SyntheticSource(0)],
+                     slots=0, discovery=False, grid=grid, max_inflight=1 << 20,
+                     layers=9 if net.input_shape[1] < 200 else None)
+    async with Node(net, cfg) as victim:
+        while len(victim.queue) < n + 10:  # let the queue fill before timing
+            await asyncio.sleep(0.05)
+        hello = Hello(PROTOCOL_VERSION, new_node_id(), "worker", 0, 1, net.model_hash, 0)
+        comm = await connect("127.0.0.1", victim.port, hello)
+        times, nbytes = [], 0
+        try:
+            for rid in range(1, n + 1):
+                t0 = time.perf_counter()
+                await comm.send(StealRequest(rid))
+                while True:
+                    msg = await comm.recv()
+                    if isinstance(msg, StealReply) and msg.request_id == rid:
+                        break
+                times.append(time.perf_counter() - t0)
+                assert msg.granted
+                nbytes = msg.data.nbytes
+        finally:
+            await comm.close()
+    return {"tile_bytes": nbytes, "p50_ms": 1e3 * pct(times, 50), "p99_ms": 1e3 * pct(times, 99),
+            "mean_ms": 1e3 * statistics.fmean(times), "steals": n}
+
+
+async def overhead(net: Network, frames: int) -> dict:
+    limits = DEFAULT_LIMITS
+    mk = lambda **kw: NodeConfig(node_id=new_node_id(), host="127.0.0.1", discovery=False, grid=(5, 5), layers=9,
+                                 null_compute=True, limits=limits, max_inflight=8, **kw)
+    gw = Node(net, mk(gateway=True))
+    await gw.start()
+    src = Node(net, mk(sources=[SyntheticSource(0)], frames=frames, peers=[("127.0.0.1", gw.port)]))
+    thief = Node(net, mk(peers=[("127.0.0.1", gw.port)]))
+    await thief.start()
+    await asyncio.sleep(0.2)
+    t0 = time.perf_counter()
+    await src.start()
+    for _ in range(frames):
+        await gw.results.get()
+    elapsed = time.perf_counter() - t0
+    tasks = sum(n.stats.tiles_run + n.stats.tails_run for n in (gw, src, thief))
+    stolen = sum(n.stats.stolen for n in (gw, src, thief))
+    for n in (thief, src, gw):
+        await n.close()
+    return {"frames": frames, "tasks": tasks, "stolen": stolen, "seconds": elapsed,
+            "per_task_ms": 1e3 * elapsed / tasks}
+
+
+def cluster_fps(nodes: int, frames: int, cpu: float | None, grid: str, timeout: float) -> dict:
+    """Run YOLOv2 on ``nodes`` processes; frames/s from the first to the last result."""
+    from stealer.launcher import _follow
+
+    work = Path(tempfile.mkdtemp(prefix="stealer-bench-"))
+    results = work / "results.jsonl"
+    base = [sys.executable, "-m", "stealer", "node", "--cfg", "yolov2", "--random-weights", "0",
+            "--grid", grid, "--scheme", "quad", "--max-inflight", "3"]
+    argvs = []
+    for i in range(nodes):
+        argv = base + ["--stats", str(work / f"node{i}.json")]
+        if i == 0:
+            argv += ["--gateway", "--out", str(results), "--expect", str(frames)]
+        if i == (1 if nodes > 1 else 0):
+            argv += ["--source", "synthetic:0", "--frames", str(frames)]
+        argvs.append(argv)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = []
+    cluster = None
+    t0 = time.monotonic()
+    try:
+        if cpu is not None and os.geteuid() == 0:
+            sys.path.insert(0, str(ROOT / "tools"))
+            from tools.emulate import Cluster
+
+            cluster = Cluster(nodes=nodes, cpu=cpu, rate=None)
+            cluster.start()
+            for i, argv in enumerate(argvs):
+                log = open(work / f"node{i}.log", "wb")
+                procs.append((f"node{i}", cluster.spawn(i, argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                        substitute=False)))
+        else:
+            for i, argv in enumerate(argvs):
+                log = open(work / f"node{i}.log", "wb")
+                procs.append((f"node{i}", subprocess.Popen(argv + ["--loopback", "--host", "127.0.0.1"], env=env,
+                                                           stdout=log, stderr=subprocess.STDOUT)))
+        res = _follow(results, frames, procs, timeout, t0, quiet=True)
+    finally:
+        if cluster is not None:
+            cluster.close()
+        for _, p in procs:
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    lat = [r["latency"] for r in res]
+    # steady state: frames/s between the first and the last result (start-up excluded)
+    fps = None
+    if len(res) >= 2:
+        stamps = [r.get("released_at") for r in res]
+        if all(s is not None for s in stamps):
+            fps = (len(res) - 1) / (max(stamps) - min(stamps))
+    return {"nodes": nodes, "cpu": cpu, "frames": len(res), "fps": fps,
+            "latency_p50": pct(lat, 50) if lat else None, "latency_p99": pct(lat, 99) if lat else None,
+            "wall_seconds": time.monotonic() - t0, "logs": str(work)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "runtime.json"))
+    ap.add_argument("--cpu", type=float, default=0.5, help="CPU share per node for part 3 (root) [0.5]")
+    ap.add_argument("--skip-cluster", action="store_true", help="skip part 3")
+    args = ap.parse_args()
+    n = 100 if args.quick else 400
+    report: dict = {}
+
+    big = Network.from_random("yolov2", 0)
+    small = small_net()
+    report["steal_rtt"] = {
+        "small": run(steal_rtt(small, (3, 3), n)),
+        "yolov2_5x5": run(steal_rtt(big, (5, 5), n)),
+    }
+    report["overhead"] = run(overhead(small, 10 if args.quick else 40))
+    print("steal round trip on 127.0.0.1 (request -> task data in hand)")
+    print(f"{'tile':<12} {'bytes':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, r in report["steal_rtt"].items():
+        print(f"{name:<12} {r['tile_bytes']:>9} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}")
+    o = report["overhead"]
+    print(f"\nruntime overhead (null compute, 3 nodes in one process): {o['tasks']} tasks "
+          f"({o['stolen']} stolen) in {o['seconds']:.2f} s = {o['per_task_ms']:.3f} ms per task")
+    if not args.skip_cluster:
+        frames = 4 if args.quick else 8
+        runs = [cluster_fps(k, frames, args.cpu, "5x5", 900) for k in (1, 2, 3)]
+        report["cluster"] = runs
+        base = runs[0]["fps"]
+        print(f"\nYOLOv2-608 5x5 reuse, {frames} frames, CPU {args.cpu if os.geteuid() == 0 else 'shared'} per node")
+        print(f"{'nodes':>5} {'frames/s':>9} {'x 1 node':>9} {'p50 s':>7} {'p99 s':>7}")
+        for r in runs:
+            ratio = (r["fps"] / base) if (r["fps"] and base) else float("nan")
+            print(f"{r['nodes']:>5} {r['fps'] or float('nan'):>9.3f} {ratio:>9.2f} "
+                  f"{r['latency_p50'] or float('nan'):>7.2f} {r['latency_p99'] or float('nan'):>7.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
