@@ -1,0 +1,231 @@
+"""A minimal 8 x float32 SIMD vector type for Numba, built on LLVM vector types.
+
+Why this exists: the exact convolution needs a register-blocked GEMM micro-kernel (12 vector
+accumulators held in registers across the whole reduction loop). Numba's auto-vectorization
+cannot be trusted to produce that: with plain arrays LLVM must assume the output may alias the
+inputs and keeps the accumulators in memory. Here each accumulator is an SSA value of LLVM type
+``<8 x float>``, so ``mem2reg`` puts it in a ``ymm`` register (AVX2) or in two ``q`` registers
+(NEON); nothing depends on the optimizer's mood.
+
+Exactness: :func:`vfma` is the ``llvm.fma.v8f32`` intrinsic, i.e. IEEE fused multiply-add with a
+single rounding, on every target (in hardware where available, otherwise a correctly rounded
+library call). It is the *specified* arithmetic, not a contraction the optimizer may or may not
+do, so every lane of every vector computes exactly ``fma(a, b, c)`` and the result of an
+accumulation chain depends only on its operands and their order.
+
+All memory intrinsics take a C-contiguous float32 array and a *flat* element index into it;
+there is no bounds checking (callers guarantee it), as in the rest of the inner loops.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+#: Number of float32 lanes in :data:`f32x8`.
+LANES = 8
+
+_F32 = ir.FloatType()
+_F64 = ir.DoubleType()
+_I32 = ir.IntType(32)
+_V8F32 = ir.VectorType(_F32, LANES)
+_V8F64 = ir.VectorType(_F64, LANES)
+_V8I32 = ir.VectorType(_I32, LANES)
+_IOTA = ir.Constant(_V8I32, list(range(LANES)))  # lane numbers 0..7
+
+
+class F32x8Type(types.Type):
+    """Numba type of an ``<8 x float>`` LLVM vector value (lives in registers, not in memory)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="f32x8")
+
+
+f32x8 = F32x8Type()
+
+
+@register_model(F32x8Type)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8F32)
+
+
+def _is_f32_c_array(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.float32 and t.layout == "C"
+
+
+def _elem_ptr(context, builder, arrty, arr, idxty, idx):
+    """Pointer to element ``idx`` (flat) of a C-contiguous float32 array."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    i = context.cast(builder, idx, idxty, types.intp)
+    return builder.gep(data, [i])
+
+
+@intrinsic
+def vzero(typingctx):
+    """``<0, 0, ..., 0>`` (+0.0 in every lane)."""
+    sig = f32x8()
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8F32, [0.0] * LANES)
+
+    return sig, codegen
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """Unaligned load of ``arr.flat[idx : idx + 8]``."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = f32x8(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return builder.load(builder.bitcast(p, _V8F32.as_pointer()), align=4)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """Unaligned store of ``v`` to ``arr.flat[idx : idx + 8]``."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer) and v == f32x8):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _V8F32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _splat(builder, scalar, vty=_V8F32):
+    """Broadcast an LLVM scalar to all lanes of vector type ``vty`` (insertelement + shuffle)."""
+    undef = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(_V8I32, [0] * LANES))
+
+
+@intrinsic
+def vbcast(typingctx, arr, idx):
+    """Load the scalar ``arr.flat[idx]`` and broadcast it to all lanes (``vbroadcastss``)."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = f32x8(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return _splat(builder, builder.load(p, align=4))
+
+    return sig, codegen
+
+
+@intrinsic
+def vsplat(typingctx, s):
+    """Broadcast a float32 scalar to all lanes."""
+    if s != types.float32:
+        return None
+    sig = f32x8(s)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` per lane with a single rounding (``llvm.fma.v8f32``)."""
+    if not (a == f32x8 and b == f32x8 and c == f32x8):
+        return None
+    sig = f32x8(a, b, c)
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+        return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """``a + b`` per lane (IEEE float32 addition)."""
+    if not (a == f32x8 and b == f32x8):
+        return None
+    sig = f32x8(a, b)
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vleaky(typingctx, v):
+    """Darknet leaky ReLU per lane: ``x > 0 ? x : float32(double(x) * 0.1)``.
+
+    The multiply is done in double, like darknet's ``.1*x`` (``.1`` is a C double), then rounded
+    once to float32; this is not the same as ``x * 0.1f`` in float32 for every x.
+    """
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        xd = builder.fpext(x, _V8F64)
+        yd = builder.fmul(xd, ir.Constant(_V8F64, [0.1] * LANES))
+        y = builder.fptrunc(yd, _V8F32)
+        pos = builder.fcmp_ordered(">", x, ir.Constant(_V8F32, [0.0] * LANES))
+        return builder.select(pos, x, y)
+
+    return sig, codegen
+
+
+@intrinsic
+def vrelu(typingctx, v):
+    """ReLU per lane with the package's rule ``x <= 0 ? +0.0 : x`` (NaN passes through)."""
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        zero = ir.Constant(_V8F32, [0.0] * LANES)
+        le0 = builder.fcmp_ordered("<=", x, zero)
+        return builder.select(le0, zero, x)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaskload(typingctx, prev, arr, idx, lo, hi):
+    """Lanes ``l`` with ``lo <= l < hi`` loaded from ``arr.flat[idx + l]``, the others from ``prev``.
+
+    Masked-off lanes are not accessed (``llvm.masked.load``: ``vmaskmovps`` on AVX2), so ``idx``
+    may point before or after the array as long as the enabled lanes are inside it. This is what
+    makes im2col packing branch-free at the image borders.
+    """
+    if not (prev == f32x8 and _is_f32_c_array(arr) and all(isinstance(t, types.Integer) for t in (idx, lo, hi))):
+        return None
+    sig = f32x8(prev, arr, idx, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        prev_v, arr_v, idx_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[1])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[2], types.intp)
+        p = builder.bitcast(builder.gep(data, [i]), _V8F32.as_pointer())  # not inbounds on purpose
+
+        def splat_i32(v, t):  # lane bounds are in [0, 24] (callers clip them), so int32 is safe
+            return _splat(builder, context.cast(builder, v, t, types.int32), _V8I32)
+
+        m = builder.and_(builder.icmp_signed(">=", _IOTA, splat_i32(lo_v, sig.args[3])),
+                         builder.icmp_signed("<", _IOTA, splat_i32(hi_v, sig.args[4])))
+        fnty = ir.FunctionType(_V8F32, [_V8F32.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _V8F32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v8f32.p0")
+        return builder.call(fn, [p, ir.Constant(_I32, 4), m, prev_v])
+
+    return sig, codegen

@@ -1,0 +1,614 @@
+"""2-D convolution (darknet ``[convolutional]``), float32, CHW, single image.
+
+Exact (default) path
+--------------------
+The convolution is the GEMM ``out[Co, N] = W[Co, K] @ B[K, N]`` with ``K = C*k*k`` (index
+``kk = (c*k + ky)*k + kx``, the order of ``weight.reshape(Co, -1)``) and ``N = out_h*out_w``
+pixels, where ``B`` is the implicit im2col matrix of the zero-padded input. It is computed with a
+hand-written, BLIS-style blocked GEMM:
+
+* ``B`` is packed (im2col on the fly) in blocks of ``KC`` rows x ``NC`` pixels into panels of
+  ``NR = 24`` pixels: ``[panel][kk][24]``, the last panel zero-padded to 24.
+* ``W`` is read in place, ``MR = 4`` rows (output channels) at a time; only a last partial
+  row block is copied, zero-padded to 4 rows. (Packing W on every call cost up to 25% on small
+  tiles, whose weights are as large as a full frame's.)
+* A 4 x 24 micro-kernel keeps 12 ``<8 x float>`` accumulators in registers and, for each kk,
+  does 3 vector loads of ``B``, 4 broadcasts of ``W`` and 12 ``fma`` (see ``_simd.py``).
+
+Why this is bit-exact under tiling: every output element is computed as::
+
+    acc = +0.0
+    for kk in 0..K-1:               # always this order, whatever the blocking
+        acc = fma(W[co, kk], X[kk, pixel], acc)     # one rounding per step
+    out = act(acc + bias[co])
+
+Nothing in that chain depends on where the pixel sits in a panel, on the tile size or on the
+blocking: ``K`` blocks are consecutive ranges of ``kk`` (the partial sum is stored as float32
+between blocks, which is exactly what the register held), every lane of every vector runs the same
+``fma``, the zero padding of the last panel/row block only feeds lanes that are discarded, and
+there is no scalar remainder path with different rounding. Two calls that see the same ``X``
+values for a pixel therefore produce the same bits, which is what fused-tile inference needs.
+BLAS does not give this (its kernels reorder/split the reduction depending on the shape).
+
+Portability of the bits: the path uses only IEEE float32 add/fma and float64 multiply (leaky),
+never ``fastmath`` and never a library reduction, so linear/leaky/relu layers give the same bits
+on any IEEE machine Numba targets (with or without hardware FMA, AVX2 or NEON). The logistic
+activation calls the platform libm's ``exp`` and can differ by an ulp between libm versions.
+
+Design notes (measured, Zen 3, single thread): the micro-kernel reaches 76-90 GFLOP/s with its
+operands in cache; packing B costs 3-12% of a 3x3 layer. An "implicit GEMM" variant (no im2col:
+the micro-kernel reading a zero-padded copy of the input through a per-kk offset table) was
+tried and was 10-30% *slower* on YOLOv2's layers: each tile then gathers from C*k different
+input rows, which the hardware prefetchers cannot follow when the input is L3-resident, while
+packed panels are read as one sequential stream.
+
+Fast path
+---------
+``exact=False`` uses im2col (Numba) + BLAS ``sgemm`` (numpy's ``np.dot``) + a bias/activation
+pass (Numba). It is *not* tile-invariant and exists for comparison and for callers that do not
+tile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._config import JIT_OPTS
+from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskload, vrelu, vstore, vzero
+from .activations import ACT_LEAKY, ACT_LOGISTIC, ACT_RELU, _act_code, _logistic32
+
+# Register block: MR output channels x NR pixels (NR = 3 AVX2 vectors). 12 accumulators + 3 B
+# vectors + 1 broadcast = 16 ymm registers.
+MR = 4
+NR = 24
+# Cache blocking, tuned on Zen 3 (32 KiB L1d, 512 KiB L2 per core, 32 MiB L3) with interleaved
+# side-by-side runs of all 12 conv layers of YOLOv2's first 16 (bench/kernels.py shapes):
+# * ORDER = 1: for each MR-row W sliver, sweep the B panels of the packed block. It beat the
+#   BLIS order (B sliver in L1, W slivers streaming) on every layer, by 2x on the 608x608 layer
+#   where K = 27 and the 32 output rows are 608*608*4 bytes apart (a multiple of 4 KiB: every
+#   row maps to the same cache sets, so writing few rows at a time matters).
+# * KC = 2304: no K blocking up to 512 input channels for 3x3 (K blocks larger than this are
+#   split evenly). Splitting K (KC = 256) was ~8% slower overall: each extra K block reloads the
+#   partial sums of every tile from L2/L3 at the start of the micro-kernel, which is latency the
+#   FMA chains wait for. The packed B block (KC x NC floats, up to 1.7 MiB) is read as
+#   sequential streams, which the prefetchers keep up with even from L3.
+# * NC = 192 pixels (8 panels) per packed block; 96..768 were within noise of each other.
+KC = 2304  # K block (balanced: ceil(K/KC) blocks of equal size)
+NC = NR * 8  # pixels per packed B block
+MC = 128  # output channels per W block (only matters for ORDER = 0)
+ORDER = 1
+PACK_GROUP = 16  # B panels packed together, row of B by row of B (see _pack_b)
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-kernel
+# --------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **JIT_OPTS)
+def _mk_4x24(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
+    """``C[4, 24] (+)= A[4, kc] @ Bp[kc, 24]`` with accumulators in registers.
+
+    Row ``r`` of the W sliver is ``a[ao + r*lda : ao + r*lda + kc]`` (W itself, row-major: no
+    packing, so the weights are not copied on every call); ``bp[bo:]`` is a packed B panel
+    ``[kk][24]``;
+    ``c[co + r*ldc + j]`` the destination. ``init``: start from the values in ``c`` (a previous
+    K block) instead of +0.0. ``epi`` (last K block only): 0 = store the raw sum, otherwise add
+    ``bias[bo_bias + r]`` and apply the activation (1 linear, 2 leaky, 3 relu; logistic is
+    applied by the caller after a linear epilogue).
+    """
+    if init:
+        c00 = vload(c, co)
+        c01 = vload(c, co + 8)
+        c02 = vload(c, co + 16)
+        c10 = vload(c, co + ldc)
+        c11 = vload(c, co + ldc + 8)
+        c12 = vload(c, co + ldc + 16)
+        c20 = vload(c, co + 2 * ldc)
+        c21 = vload(c, co + 2 * ldc + 8)
+        c22 = vload(c, co + 2 * ldc + 16)
+        c30 = vload(c, co + 3 * ldc)
+        c31 = vload(c, co + 3 * ldc + 8)
+        c32 = vload(c, co + 3 * ldc + 16)
+    else:
+        c00 = vzero()
+        c01 = vzero()
+        c02 = vzero()
+        c10 = vzero()
+        c11 = vzero()
+        c12 = vzero()
+        c20 = vzero()
+        c21 = vzero()
+        c22 = vzero()
+        c30 = vzero()
+        c31 = vzero()
+        c32 = vzero()
+    for _ in range(kc):
+        b0 = vload(bp, bo)
+        b1 = vload(bp, bo + 8)
+        b2 = vload(bp, bo + 16)
+        w = vbcast(a, ao)
+        c00 = vfma(w, b0, c00)
+        c01 = vfma(w, b1, c01)
+        c02 = vfma(w, b2, c02)
+        w = vbcast(a, ao + lda)
+        c10 = vfma(w, b0, c10)
+        c11 = vfma(w, b1, c11)
+        c12 = vfma(w, b2, c12)
+        w = vbcast(a, ao + 2 * lda)
+        c20 = vfma(w, b0, c20)
+        c21 = vfma(w, b1, c21)
+        c22 = vfma(w, b2, c22)
+        w = vbcast(a, ao + 3 * lda)
+        c30 = vfma(w, b0, c30)
+        c31 = vfma(w, b1, c31)
+        c32 = vfma(w, b2, c32)
+        ao += 1
+        bo += NR
+    if epi != 0:
+        # Darknet order: the full sum first, then + bias, then the activation.
+        bv = vbcast(bias, bo_bias)
+        c00 = vadd(c00, bv)
+        c01 = vadd(c01, bv)
+        c02 = vadd(c02, bv)
+        bv = vbcast(bias, bo_bias + 1)
+        c10 = vadd(c10, bv)
+        c11 = vadd(c11, bv)
+        c12 = vadd(c12, bv)
+        bv = vbcast(bias, bo_bias + 2)
+        c20 = vadd(c20, bv)
+        c21 = vadd(c21, bv)
+        c22 = vadd(c22, bv)
+        bv = vbcast(bias, bo_bias + 3)
+        c30 = vadd(c30, bv)
+        c31 = vadd(c31, bv)
+        c32 = vadd(c32, bv)
+        if epi == 2:
+            c00 = vleaky(c00)
+            c01 = vleaky(c01)
+            c02 = vleaky(c02)
+            c10 = vleaky(c10)
+            c11 = vleaky(c11)
+            c12 = vleaky(c12)
+            c20 = vleaky(c20)
+            c21 = vleaky(c21)
+            c22 = vleaky(c22)
+            c30 = vleaky(c30)
+            c31 = vleaky(c31)
+            c32 = vleaky(c32)
+        elif epi == 3:
+            c00 = vrelu(c00)
+            c01 = vrelu(c01)
+            c02 = vrelu(c02)
+            c10 = vrelu(c10)
+            c11 = vrelu(c11)
+            c12 = vrelu(c12)
+            c20 = vrelu(c20)
+            c21 = vrelu(c21)
+            c22 = vrelu(c22)
+            c30 = vrelu(c30)
+            c31 = vrelu(c31)
+            c32 = vrelu(c32)
+    vstore(c, co, c00)
+    vstore(c, co + 8, c01)
+    vstore(c, co + 16, c02)
+    vstore(c, co + ldc, c10)
+    vstore(c, co + ldc + 8, c11)
+    vstore(c, co + ldc + 16, c12)
+    vstore(c, co + 2 * ldc, c20)
+    vstore(c, co + 2 * ldc + 8, c21)
+    vstore(c, co + 2 * ldc + 16, c22)
+    vstore(c, co + 3 * ldc, c30)
+    vstore(c, co + 3 * ldc + 8, c31)
+    vstore(c, co + 3 * ldc + 16, c32)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**JIT_OPTS)
+def _panel_segments(n0, nc, out_w, pan, seg, g):
+    """Split panel ``pan`` (pixels ``n0 + pan*NR + j``, ``j < NR``, clipped to ``nc``) into runs
+    of pixels on one output row. ``seg[g, i] = (j0, j1, oy, ox0)``: lanes ``j0..j1-1`` are the
+    pixels ``(oy, ox0 + j - j0)``. Returns the number of runs."""
+    p = n0 + pan * NR
+    end = n0 + min(nc, (pan + 1) * NR)
+    oy = p // out_w
+    ox = p - oy * out_w
+    j = 0
+    ns = 0
+    while p < end:
+        run = min(out_w - ox, end - p)
+        seg[g, ns, 0] = j
+        seg[g, ns, 1] = j + run
+        seg[g, ns, 2] = oy
+        seg[g, ns, 3] = ox
+        ns += 1
+        j += run
+        p += run
+        oy += 1
+        ox = 0
+    return ns
+
+
+@njit(**JIT_OPTS)
+def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
+    """im2col of pixels ``n0 .. n0+nc-1`` (flat output index) and rows ``kk0 .. kk0+kc-1`` into
+    panels ``bp[panel][kl][NR]``; positions outside x and lanes past ``nc`` are zero.
+
+    Panels are packed in groups of ``PACK_GROUP``: for each row kk of B, the group's panels are
+    filled one after the other, so the reads walk along an input row (a few streams the hardware
+    prefetcher follows) instead of hopping between C*k planes per panel (latency-bound when x
+    does not fit in L2). For stride 1 a run of pixels on one output row reads a contiguous
+    stretch of an input row, so each 8-lane vector is one masked load (lanes outside the image
+    or the run are masked off and read as zero): no per-pixel branches. Stride > 1 takes a
+    scalar path.
+    """
+    hw = h * w
+    npan = (nc + NR - 1) // NR
+    c0 = kk0 // (k * k)
+    r0 = kk0 - c0 * k * k
+    ky0 = r0 // k
+    kx0 = r0 - ky0 * k
+    for g0 in range(0, npan, PACK_GROUP):
+        g_n = min(PACK_GROUP, npan - g0)
+        for g in range(g_n):
+            nseg[g] = _panel_segments(n0, nc, out_w, g0 + g, seg, g)
+        c = c0
+        ky = ky0
+        kx = kx0
+        for kl in range(kc):
+            for g in range(g_n):
+                d = ((g0 + g) * kc + kl) * NR
+                if s == 1:
+                    if nseg[g] == 1 and seg[g, 0, 1] - seg[g, 0, 0] == NR:
+                        # Fast path: the panel is one run on one output row; if its input
+                        # stretch is inside the image it is three plain vector copies.
+                        iy = seg[g, 0, 2] - pt + ky
+                        off = seg[g, 0, 3] - pl + kx
+                        if 0 <= iy < h and off >= 0 and off + NR <= w:
+                            base = c * hw + iy * w + off
+                            vstore(bp, d, vload(xf, base))
+                            vstore(bp, d + 8, vload(xf, base + 8))
+                            vstore(bp, d + 16, vload(xf, base + 16))
+                            continue
+                    v0 = vzero()
+                    v1 = vzero()
+                    v2 = vzero()
+                    for i in range(nseg[g]):
+                        j0 = seg[g, i, 0]
+                        j1 = seg[g, i, 1]
+                        iy = seg[g, i, 2] - pt + ky
+                        if iy < 0 or iy >= h:
+                            continue
+                        off = seg[g, i, 3] - pl + kx - j0  # lane j reads input column j + off
+                        lo = max(j0, -off)
+                        hi = min(j1, w - off)
+                        if hi <= lo:
+                            continue
+                        base = c * hw + iy * w + off  # flat index of lane 0
+                        if lo < 8:
+                            v0 = vmaskload(v0, xf, base, lo, min(hi, 8))
+                        if lo < 16 and hi > 8:
+                            v1 = vmaskload(v1, xf, base + 8, max(lo - 8, 0), min(hi - 8, 8))
+                        if hi > 16:
+                            v2 = vmaskload(v2, xf, base + 16, max(lo - 16, 0), hi - 16)
+                    vstore(bp, d, v0)
+                    vstore(bp, d + 8, v1)
+                    vstore(bp, d + 16, v2)
+                else:
+                    for j in range(NR):
+                        bp[d + j] = 0.0
+                    for i in range(nseg[g]):
+                        iy = seg[g, i, 2] * s - pt + ky
+                        if iy < 0 or iy >= h:
+                            continue
+                        row = c * hw + iy * w
+                        for j in range(seg[g, i, 0], seg[g, i, 1]):
+                            ix = (seg[g, i, 3] + j - seg[g, i, 0]) * s - pl + kx
+                            if 0 <= ix < w:
+                                bp[d + j] = xf[row + ix]
+            kx += 1
+            if kx == k:
+                kx = 0
+                ky += 1
+                if ky == k:
+                    ky = 0
+                    c += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**JIT_OPTS)
+def _conv2d_exact(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2, kc_blk, nc_blk, mc_blk, order):
+    """Blocked exact GEMM driver. ``x`` (C, H, W), ``w2`` (Co, K), ``out2`` (Co, N), all C order.
+
+    ``kc_blk``, ``nc_blk`` (multiple of NR), ``mc_blk`` (multiple of MR) are the cache blocking
+    sizes (arguments rather than constants so tests can force many small blocks). They change
+    the order in which *different* output elements are computed, never the order of the terms
+    of one element's sum.
+    """
+    c_n, h, w = x.shape
+    co_n, k_n = w2.shape
+    n_n = out_h * out_w
+    xf = x.reshape(c_n * h * w)
+    cf = out2.reshape(co_n * n_n)
+    mp = (co_n + MR - 1) // MR * MR
+    wf = w2.reshape(co_n * k_n)
+    # The last row block, if Co is not a multiple of MR, reads a zero-padded copy of its rows
+    # (the micro-kernel always computes MR rows; the extra ones are discarded).
+    wedge = np.zeros(MR * k_n, np.float32)
+    r0 = co_n // MR * MR
+    for r in range(co_n - r0):
+        for kk in range(k_n):
+            wedge[r * k_n + kk] = w2[r0 + r, kk]
+    biasp = np.zeros(mp, np.float32)
+    biasp[:co_n] = bias
+    # micro-kernel epilogue codes: 1 linear, 2 leaky, 3 relu (logistic: linear, then a scalar
+    # pass in _tile over the tile just written, while it is in L1)
+    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
+    kcb = min(kc_blk, k_n)
+    ncb = min(nc_blk, (n_n + NR - 1) // NR * NR)
+    bp = np.empty(kcb * ncb, np.float32)
+    scratch = np.empty(MR * NR, np.float32)
+    seg = np.empty((PACK_GROUP, NR, 4), np.int64)
+    nseg = np.empty(PACK_GROUP, np.int64)
+    # Balanced K blocks: ceil(K / kc_blk) blocks of near-equal size (a short last block would
+    # pay the C-tile reload and store for little work).
+    nkb = (k_n + kc_blk - 1) // kc_blk
+    kc_size = (k_n + nkb - 1) // nkb
+    for jc in range(0, n_n, nc_blk):
+        nc = min(nc_blk, n_n - jc)
+        npan = (nc + NR - 1) // NR
+        for pc in range(0, k_n, kc_size):
+            kc = min(kc_size, k_n - pc)
+            _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, jc, nc, pc, kc, bp, seg, nseg)
+            init = pc > 0
+            last = pc + kc == k_n
+            e = epi if last else 0
+            for ic in range(0, mp, mc_blk):
+                i_end = min(ic + mc_blk, mp)
+                if order == 0:
+                    # BLIS order: a B sliver (kc x NR) stays in L1 while W slivers stream from L2
+                    for jp in range(npan):
+                        for ir in range(ic, i_end, MR):
+                            _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, k_n,
+                                  init, e, act, last)
+                else:
+                    # One W sliver against all B panels: few output rows written at a time,
+                    # which matters when K is small and the output rows alias in cache.
+                    for ir in range(ic, i_end, MR):
+                        for jp in range(npan):
+                            _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, k_n,
+                                  init, e, act, last)
+
+
+@njit(inline="always", **JIT_OPTS)
+def _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, k_n, init, e, act, last):
+    """One MR x NR output tile for the current K block: row block ``ir``, panel ``jp``."""
+    j0 = jp * NR
+    nv = min(NR, nc - j0)
+    bo = jp * kc * NR
+    mv = min(MR, co_n - ir)
+    if mv == MR:
+        a = wf
+        ao = ir * k_n + pc
+    else:
+        a = wedge
+        ao = pc
+    if mv == MR and nv == NR:
+        _mk_4x24(kc, a, ao, k_n, bp, bo, cf, ir * n_n + jc + j0, n_n, init, e, biasp, ir)
+    else:
+        # Edge tile: run the same micro-kernel on a scratch tile so edge pixels and channels
+        # get exactly the same arithmetic as interior ones.
+        if init:
+            for r in range(mv):
+                for j in range(nv):
+                    scratch[r * NR + j] = cf[(ir + r) * n_n + jc + j0 + j]
+        _mk_4x24(kc, a, ao, k_n, bp, bo, scratch, 0, NR, init, e, biasp, ir)
+        for r in range(mv):
+            for j in range(nv):
+                cf[(ir + r) * n_n + jc + j0 + j] = scratch[r * NR + j]
+    if last and act == ACT_LOGISTIC:
+        for r in range(mv):
+            o = (ir + r) * n_n + jc + j0
+            for j in range(nv):
+                cf[o + j] = _logistic32(cf[o + j])
+
+
+@njit(**JIT_OPTS)
+def _im2col(x, k, s, pt, pl, out_h, out_w, col):
+    """Plain im2col: ``col[kk, oy*out_w + ox] = X(c, oy*s - pt + ky, ox*s - pl + kx)``."""
+    c_n, h, w = x.shape
+    kk2 = k * k
+    for c in range(c_n):
+        for ky in range(k):
+            for kx in range(k):
+                row = c * kk2 + ky * k + kx
+                for oy in range(out_h):
+                    iy = oy * s - pt + ky
+                    base = oy * out_w
+                    if iy < 0 or iy >= h:
+                        for ox in range(out_w):
+                            col[row, base + ox] = 0.0
+                    else:
+                        for ox in range(out_w):
+                            ix = ox * s - pl + kx
+                            col[row, base + ox] = x[c, iy, ix] if 0 <= ix < w else 0.0
+
+
+@njit(**JIT_OPTS)
+def _epilogue(out2, bias, act):
+    """``out = act(out + bias)`` row by row (fast path only)."""
+    co_n, n_n = out2.shape
+    for co in range(co_n):
+        b = bias[co]
+        for j in range(n_n):
+            v = out2[co, j] + b
+            if act == ACT_LEAKY:
+                v = v if v > 0 else np.float32(np.float64(v) * 0.1)
+            elif act == ACT_RELU:
+                v = np.float32(0.0) if v <= 0 else v
+            elif act == ACT_LOGISTIC:
+                v = _logistic32(v)
+            out2[co, j] = v
+
+
+def _conv2d_blas(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2):
+    """im2col (Numba) + BLAS sgemm (numpy's ``np.dot``, which releases the GIL), then bias and
+    activation (Numba). Not tile-invariant.
+
+    The GEMM is called from Python rather than inside ``njit`` because Numba's ``np.dot`` needs
+    SciPy's BLAS bindings, which are not a dependency of this project (without them Numba aborts
+    the process); the Python-level call costs microseconds.
+    """
+    c_n = x.shape[0]
+    n_n = out_h * out_w
+    if k == 1 and s == 1 and pt == 0 and pl == 0 and out_h == x.shape[1] and out_w == x.shape[2]:
+        col = x.reshape(c_n, n_n)  # 1x1 conv: the input already is the GEMM operand
+    else:
+        col = np.empty((c_n * k * k, n_n), np.float32)
+        _im2col(x, k, s, pt, pl, out_h, out_w, col)
+    np.dot(w2, col, out=out2)
+    _epilogue(out2, bias, act)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_f32(name: str, a, ndim: int, what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name} must be float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {what}, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _check_int(name: str, v, lo: int | None = None) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    v = int(v)
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return v
+
+
+def conv2d(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    *,
+    stride: int = 1,
+    pad_top: int = 0,
+    pad_left: int = 0,
+    out_h: int | None = None,
+    out_w: int | None = None,
+    activation: str | int = "linear",
+    out: np.ndarray | None = None,
+    exact: bool = True,
+) -> np.ndarray:
+    """2-D convolution with bias and activation, darknet semantics, tile-invariant bits.
+
+    ``out[co, oy, ox] = act(bias[co] + sum_{c,ky,kx} weight[co, c, ky, kx] *
+    X(c, oy*stride - pad_top + ky, ox*stride - pad_left + kx))`` where ``X`` is ``x`` inside its
+    bounds and 0 outside.
+
+    Parameters
+    ----------
+    x : ndarray, float32, shape (C, H, W)
+        Input map. Made C-contiguous if it is not (a copy).
+    weight : ndarray, float32, shape (Co, C, k, k)
+        Filters; any square size k >= 1.
+    bias : ndarray, float32, shape (Co,)
+        Added after the full sum (batch norm is expected to be folded in by the caller).
+    stride : int, default 1
+    pad_top, pad_left : int, default 0
+        Offset of the first window, in input pixels. Only the top/left padding is given; the
+        bottom/right edges are padded with as many zeros as ``out_h``/``out_w`` require (so a
+        tile can be padded less than the frame, or not at all). Negative values start the
+        first window inside ``x``.
+    out_h, out_w : int, optional
+        Output size (>= 1). Default ``(H + 2*pad_top - k)//stride + 1`` (same for W).
+    activation : {"linear", "leaky", "logistic", "relu"} or int code
+        ``ACT_LINEAR``, ``ACT_LEAKY``, ``ACT_LOGISTIC``, ``ACT_RELU``. Darknet formulas in double
+        precision, rounded once to float32 (see :mod:`kernels.activations`).
+    out : ndarray, float32, shape (Co, out_h, out_w), C-contiguous, optional
+        Destination (for example a contiguous channel slice of a bigger buffer). Must not overlap
+        ``x``, ``weight`` or ``bias``.
+    exact : bool, default True
+        True: the exact, tile-invariant blocked GEMM (see module docstring). False: im2col +
+        BLAS sgemm (numpy's); usually a little different in the last bits and *not* tile-invariant.
+
+    Returns
+    -------
+    ndarray, float32, shape (Co, out_h, out_w)
+        ``out`` if it was given, else a new array.
+
+    Raises
+    ------
+    ValueError
+        Wrong type, dtype, number of dimensions or shape; non-positive stride or output size;
+        unknown activation; unusable ``out``.
+    """
+    x = _check_f32("x", x, 3, "(C, H, W)")
+    weight = _check_f32("weight", weight, 4, "(Co, C, k, k)")
+    bias = _check_f32("bias", bias, 1, "(Co,)")
+    c_n, h, w = x.shape
+    co_n, wc, k, k2 = weight.shape
+    if c_n < 1 or h < 1 or w < 1:
+        raise ValueError(f"x must be non-empty, got shape {x.shape}")
+    if co_n < 1 or k < 1:
+        raise ValueError(f"weight must be non-empty, got shape {weight.shape}")
+    if wc != c_n or k2 != k:
+        raise ValueError(
+            f"weight shape must be (Co, {c_n}, k, k) for x of shape {x.shape}, got {weight.shape}"
+        )
+    if bias.shape != (co_n,):
+        raise ValueError(f"bias shape must be ({co_n},) for weight of shape {weight.shape}, got {bias.shape}")
+    stride = _check_int("stride", stride, 1)
+    pad_top = _check_int("pad_top", pad_top)
+    pad_left = _check_int("pad_left", pad_left)
+    if out_h is None:
+        out_h = (h + 2 * pad_top - k) // stride + 1
+        if out_h < 1:
+            raise ValueError(f"default out_h = (H + 2*pad_top - k)//stride + 1 = {out_h} < 1 "
+                             f"(H={h}, pad_top={pad_top}, k={k}, stride={stride}); pass out_h")
+    if out_w is None:
+        out_w = (w + 2 * pad_left - k) // stride + 1
+        if out_w < 1:
+            raise ValueError(f"default out_w = (W + 2*pad_left - k)//stride + 1 = {out_w} < 1 "
+                             f"(W={w}, pad_left={pad_left}, k={k}, stride={stride}); pass out_w")
+    out_h = _check_int("out_h", out_h, 1)
+    out_w = _check_int("out_w", out_w, 1)
+    act = _act_code(activation)
+    shape = (co_n, out_h, out_w)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    else:
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+            got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"out must be a float32 ndarray, got {got}")
+        if out.shape != shape:
+            raise ValueError(f"out shape must be {shape}, got {out.shape}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be C-contiguous and writeable")
+        for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+            if np.may_share_memory(out, a):
+                raise ValueError(f"out must not overlap {name}")
+    w2 = weight.reshape(co_n, c_n * k * k)
+    out2 = out.reshape(co_n, out_h * out_w)  # a view: out is C-contiguous
+    if exact:
+        _conv2d_exact(x, w2, bias, k, stride, pad_top, pad_left, out_h, out_w, act, out2, KC, NC, MC, ORDER)
+    else:
+        _conv2d_blas(x, w2, bias, k, stride, pad_top, pad_left, out_h, out_w, act, out2)
+    return out

@@ -1,0 +1,156 @@
+"""Max pooling with darknet 2017 semantics, float32, CHW."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._config import JIT_OPTS
+from .conv import _check_f32, _check_int
+
+#: Darknet starts every window from ``-FLT_MAX``; a window entirely outside ``x`` yields it.
+NEG_FLT_MAX = np.float32(-np.finfo(np.float32).max)
+
+
+@njit(inline="always", **JIT_OPTS)
+def _window_max(x, c, iy0, ix0, ky_lo, ky_hi, size, w):
+    """Max over the in-bounds part of one window, darknet's update rule and order."""
+    m = NEG_FLT_MAX
+    kx_lo = max(0, -ix0)
+    kx_hi = min(size, w - ix0)
+    for ky in range(ky_lo, ky_hi):
+        for kx in range(kx_lo, kx_hi):
+            v = x[c, iy0 + ky, ix0 + kx]
+            if v > m:
+                m = v
+    return m
+
+
+@njit(**JIT_OPTS)
+def _maxpool2d(x, size, s, pt, pl, out):
+    """``out[c, oy, ox] = max`` over the in-bounds part of the window.
+
+    Darknet's update ``max = (val > max) ? val : max`` from ``-FLT_MAX``, ky-major, kx-minor:
+    order matters for bits (the first of +0.0/-0.0 wins, NaN never wins), so every path here
+    keeps it. Windows fully inside the map on a row take a straight-line path (size 2 stride 2
+    specialised: YOLO's pools), the rest a bounds-clipped loop.
+    """
+    c_n, h, w = x.shape
+    _, out_h, out_w = out.shape
+    # ox range whose whole window is inside [0, w) horizontally
+    ox_lo = min(out_w, max(0, (pl + s - 1) // s))
+    ox_hi = max(ox_lo, min(out_w, (w - size + pl) // s + 1)) if w - size + pl >= 0 else ox_lo
+    for c in range(c_n):
+        for oy in range(out_h):
+            iy0 = oy * s - pt
+            ky_lo = max(0, -iy0)
+            ky_hi = min(size, h - iy0)
+            if ky_hi <= ky_lo:
+                for ox in range(out_w):
+                    out[c, oy, ox] = NEG_FLT_MAX  # window entirely outside the map
+                continue
+            for ox in range(ox_lo):
+                out[c, oy, ox] = _window_max(x, c, iy0, ox * s - pl, ky_lo, ky_hi, size, w)
+            if size == 2 and s == 2 and ky_lo == 0 and ky_hi == 2:
+                for ox in range(ox_lo, ox_hi):
+                    ix = 2 * ox - pl
+                    m = NEG_FLT_MAX
+                    v = x[c, iy0, ix]
+                    m = v if v > m else m
+                    v = x[c, iy0, ix + 1]
+                    m = v if v > m else m
+                    v = x[c, iy0 + 1, ix]
+                    m = v if v > m else m
+                    v = x[c, iy0 + 1, ix + 1]
+                    m = v if v > m else m
+                    out[c, oy, ox] = m
+            else:
+                for ox in range(ox_lo, ox_hi):
+                    ix0 = ox * s - pl
+                    m = NEG_FLT_MAX
+                    for ky in range(ky_lo, ky_hi):
+                        for kx in range(size):
+                            v = x[c, iy0 + ky, ix0 + kx]
+                            m = v if v > m else m
+                    out[c, oy, ox] = m
+            for ox in range(ox_hi, out_w):
+                out[c, oy, ox] = _window_max(x, c, iy0, ox * s - pl, ky_lo, ky_hi, size, w)
+
+
+def maxpool2d(
+    x: np.ndarray,
+    *,
+    size: int,
+    stride: int,
+    pad_top: int = 0,
+    pad_left: int = 0,
+    out_h: int | None = None,
+    out_w: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Darknet (2017) ``[maxpool]``.
+
+    ``out[c, oy, ox] = max_{ky, kx in [0, size)} x[c, oy*stride - pad_top + ky,
+    ox*stride - pad_left + kx]``; window positions outside ``x`` are skipped (the running max
+    starts from ``-FLT_MAX``, as in darknet), never treated as zeros.
+
+    Parameters
+    ----------
+    x : ndarray, float32, shape (C, H, W)
+        Made C-contiguous if needed.
+    size, stride : int
+        Window size and stride (>= 1). Size 2 stride 1 (yolov2-tiny's last pool, whose last
+        window reads past the map) and any odd size work.
+    pad_top, pad_left : int, default 0
+        The first window starts at ``(-pad_top, -pad_left)``. For a darknet 2017 layer pass its
+        ``padding`` (default ``(size - 1)//2``): its forward pass offsets windows by ``-l.pad``.
+    out_h, out_w : int, optional
+        Output size (>= 1). Default ``(H + 2*pad_top) // stride`` (same for W), darknet 2017's
+        ``(h + 2*padding)/stride`` with ``padding`` = the offset given here.
+    out : ndarray, float32, shape (C, out_h, out_w), C-contiguous, optional
+        Destination; must not overlap ``x``.
+
+    Returns
+    -------
+    ndarray, float32, shape (C, out_h, out_w)
+
+    Raises
+    ------
+    ValueError
+        Wrong type, dtype, dimensions, non-positive size/stride/output size, unusable ``out``.
+    """
+    x = _check_f32("x", x, 3, "(C, H, W)")
+    c_n, h, w = x.shape
+    if c_n < 1 or h < 1 or w < 1:
+        raise ValueError(f"x must be non-empty, got shape {x.shape}")
+    size = _check_int("size", size, 1)
+    stride = _check_int("stride", stride, 1)
+    pad_top = _check_int("pad_top", pad_top)
+    pad_left = _check_int("pad_left", pad_left)
+    if out_h is None:
+        out_h = (h + 2 * pad_top) // stride
+        if out_h < 1:
+            raise ValueError(f"default out_h = (H + 2*pad_top)//stride = {out_h} < 1 "
+                             f"(H={h}, pad_top={pad_top}, stride={stride}); pass out_h")
+    if out_w is None:
+        out_w = (w + 2 * pad_left) // stride
+        if out_w < 1:
+            raise ValueError(f"default out_w = (W + 2*pad_left)//stride = {out_w} < 1 "
+                             f"(W={w}, pad_left={pad_left}, stride={stride}); pass out_w")
+    out_h = _check_int("out_h", out_h, 1)
+    out_w = _check_int("out_w", out_w, 1)
+    shape = (c_n, out_h, out_w)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    else:
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+            got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"out must be a float32 ndarray, got {got}")
+        if out.shape != shape:
+            raise ValueError(f"out shape must be {shape}, got {out.shape}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be C-contiguous and writeable")
+        if np.may_share_memory(out, x):
+            raise ValueError("out must not overlap x")
+    _maxpool2d(x, size, stride, pad_top, pad_left, out)
+    return out

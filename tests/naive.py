@@ -1,0 +1,204 @@
+"""Slow, obviously-right references for the kernels in :mod:`kernels`.
+
+Plain Python loops and numpy, written straight from the definitions (and, where the kernels
+reproduce darknet, from darknet's C code), with no attempt at speed. Sums are accumulated in
+float64 where a rounding-free sum is the obviously-right thing; darknet's float32 steps (softmax)
+are kept in float32 because the kernel must reproduce them bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: darknet evaluates them in double (C double constants) and returns float.
+# ----------------------------------------------------------------------------------------------
+
+
+def _exp(v: float) -> float:
+    """libm exp in double; C returns +inf on overflow where Python raises."""
+    try:
+        return math.exp(v)
+    except OverflowError:
+        return math.inf
+
+
+def act_scalar(v: float, activation: str) -> np.float32:
+    """One activation on one float32 value, computed in float64 and rounded once to float32."""
+    v = float(np.float32(v))  # exact: every float32 is a float64
+    if activation == "linear":
+        r = v
+    elif activation == "leaky":
+        r = v if v > 0 else 0.1 * v  # darknet: (x>0) ? x : .1*x, .1 a double
+    elif activation == "logistic":
+        r = 1.0 / (1.0 + _exp(-v))  # darknet: 1./(1. + exp(-x))
+    elif activation == "relu":
+        r = 0.0 if v <= 0 else v  # kernels' documented rule (NaN passes through)
+    else:
+        raise ValueError(activation)
+    return np.float32(r)
+
+
+def activate(x: np.ndarray, activation: str) -> np.ndarray:
+    """Elementwise :func:`act_scalar` on a copy of ``x``."""
+    out = np.empty_like(x)
+    for i, v in np.ndenumerate(x):
+        out[i] = act_scalar(v, activation)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution
+# ----------------------------------------------------------------------------------------------
+
+
+def conv_default_out(h: int, k: int, stride: int, pad: int) -> int:
+    return (h + 2 * pad - k) // stride + 1
+
+
+def conv2d(x, weight, bias, stride, pad_top, pad_left, out_h, out_w):
+    """Pre-activation convolution in float64, and the bound ``sum |w * X| + |b|`` per output.
+
+    ``out[co, oy, ox] = bias[co] + sum_{c, ky, kx} weight[co, c, ky, kx] *
+    X(c, oy*stride - pad_top + ky, ox*stride - pad_left + kx)``, X = 0 outside x.
+    Returns (value, magnitude), both float64 arrays of shape (Co, out_h, out_w).
+    """
+    c_n, h, w = x.shape
+    co_n, _, k, _ = weight.shape
+    x64 = x.astype(np.float64)
+    w64 = weight.astype(np.float64)
+    val = np.zeros((co_n, out_h, out_w))
+    mag = np.zeros((co_n, out_h, out_w))
+    for oy in range(out_h):
+        for ox in range(out_w):
+            patch = np.zeros((c_n, k, k))
+            for ky in range(k):
+                for kx in range(k):
+                    iy = oy * stride - pad_top + ky
+                    ix = ox * stride - pad_left + kx
+                    if 0 <= iy < h and 0 <= ix < w:
+                        patch[:, ky, kx] = x64[:, iy, ix]
+            for co in range(co_n):
+                prod = w64[co] * patch
+                val[co, oy, ox] = prod.sum() + float(bias[co])
+                mag[co, oy, ox] = np.abs(prod).sum() + abs(float(bias[co]))
+    return val, mag
+
+
+# ----------------------------------------------------------------------------------------------
+# Max pooling (darknet 2017 forward_maxpool_layer)
+# ----------------------------------------------------------------------------------------------
+
+
+def maxpool2d(x, size, stride, pad_top, pad_left, out_h, out_w):
+    """Darknet's loop: start at -FLT_MAX, skip positions outside x, ``max = (val > max) ? val : max``."""
+    c_n, h, w = x.shape
+    out = np.empty((c_n, out_h, out_w), np.float32)
+    for c in range(c_n):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                m = np.float32(-FLT_MAX)
+                for ky in range(size):
+                    for kx in range(size):
+                        iy = oy * stride - pad_top + ky
+                        ix = ox * stride - pad_left + kx
+                        if 0 <= iy < h and 0 <= ix < w:
+                            v = x[c, iy, ix]
+                            m = v if v > m else m
+                out[c, oy, ox] = m
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reorg: a literal transcription of darknet's reorg_cpu, called as forward_reorg_layer calls it
+# ----------------------------------------------------------------------------------------------
+
+
+def reorg_cpu(x, w, h, c, batch, stride, forward, out):
+    """darknet/src/blas.c ``reorg_cpu``, loops and index expressions unchanged (flat buffers)."""
+    out_c = c // (stride * stride)
+    for b in range(batch):
+        for k in range(c):
+            for j in range(h):
+                for i in range(w):
+                    in_index = i + w * (j + h * (k + c * b))
+                    c2 = k % out_c
+                    offset = k // out_c
+                    w2 = i * stride + offset % stride
+                    h2 = j * stride + offset // stride
+                    out_index = w2 + w * stride * (h2 + h * stride * (c2 + out_c * b))
+                    if forward:
+                        out[out_index] = x[in_index]
+                    else:
+                        out[in_index] = x[out_index]
+
+
+def reorg(x, stride):
+    """``forward_reorg_layer`` (2017): ``reorg_cpu(input, l.w, l.h, l.c, batch, stride, 0, output)``
+    with the layer's *input* dims, output read as (c*stride², h/stride, w/stride)."""
+    c, h, w = x.shape
+    out = np.empty(c * h * w, np.float32)
+    reorg_cpu(x.reshape(-1), w, h, c, 1, stride, 0, out)
+    return out.reshape(c * stride * stride, h // stride, w // stride)
+
+
+def space_to_depth(x, stride):
+    """The textbook space-to-depth (TensorFlow's), which darknet's reorg is *not*."""
+    c, h, w = x.shape
+    s = stride
+    return x.reshape(c, h // s, s, w // s, s).transpose(2, 4, 0, 1, 3).reshape(c * s * s, h // s, w // s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Region layer (darknet 2017 forward_region_layer, CPU, batch 1)
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax(inp, n, temp, stride, out):
+    """darknet/src/blas.c ``softmax`` with float32 variables where C has ``float``."""
+    total = np.float32(0)
+    largest = np.float32(-FLT_MAX)
+    temp = np.float32(temp)
+    for i in range(n):
+        if inp[i * stride] > largest:
+            largest = inp[i * stride]
+    for i in range(n):
+        # float/float - float/float is float arithmetic; exp() is the double libm function
+        e = np.float32(_exp(float(inp[i * stride] / temp - largest / temp)))
+        total = np.float32(total + e)
+        out[i * stride] = e
+    for i in range(n):
+        out[i * stride] = np.float32(out[i * stride] / total)
+
+
+def region(x, num, coords, classes, softmax_on=True):
+    """Region activations: logistic on x, y, objectness; softmax (or logistic) on the classes."""
+    c, h, w = x.shape
+    hw = h * w
+    flat = x.reshape(-1).copy()
+    out = flat.copy()
+    ent = coords + 1 + classes
+    for n in range(num):
+        base = n * ent * hw
+        for i in range(2 * hw):  # activate_array(l.output + index, 2*l.w*l.h, LOGISTIC)
+            out[base + i] = act_scalar(flat[base + i], "logistic")
+        for i in range(hw):  # objectness
+            out[base + coords * hw + i] = act_scalar(flat[base + coords * hw + i], "logistic")
+        if not softmax_on:
+            for i in range(classes * hw):
+                j = base + (coords + 1) * hw + i
+                out[j] = act_scalar(flat[j], "logistic")
+    if softmax_on:
+        # softmax_cpu(input + index, classes, batch*n, inputs/n, w*h, 1, w*h, 1, output + index)
+        for n in range(num):
+            for p in range(hw):
+                o = n * ent * hw + (coords + 1) * hw + p
+                view_in = flat[o:]
+                view_out = out[o:]
+                softmax(view_in, classes, 1.0, hw, view_out)
+    return out.reshape(c, h, w)
