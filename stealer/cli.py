@@ -191,6 +191,12 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from ._signals import EARLY_STOP as early_stop, remember_stop_requests
+
+    # A stop request during start-up (model loading, kernel warm-up) must still end cleanly:
+    # note it now (python -m stealer node already did, before its imports), act on it once the
+    # event loop runs.
+    remember_stop_requests()
     from .node import Node, NodeConfig, default_memory, install_signal_handlers
     from .discovery import new_node_id
     from .sources import open_source
@@ -212,7 +218,11 @@ def cmd_node(args: argparse.Namespace) -> int:
 
         stop = asyncio.Event()
         install_signal_handlers(stop)
+        if early_stop:
+            stop.set()
         async with Node(net, cfg) as node:
+            if early_stop:
+                stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
                               "role": node.role, "model_hash": net.model_hash}), flush=True)
             waits = [asyncio.ensure_future(stop.wait())]
