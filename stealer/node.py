@@ -553,17 +553,46 @@ class Node:
         return weights + 4 * acts
 
     async def _compute_loop(self, slot: int) -> None:
-        while not self._stopping.is_set():
-            job = self._take_local()
-            if job is None and self.cfg.policy == "steal" and not self._draining:
-                job = await self._steal()
-            if job is None:
-                self._work.clear()
-                if self._take_possible():
+        prefetch: asyncio.Task[Job | None] | None = None
+        try:
+            while not self._stopping.is_set():
+                job = None
+                if prefetch is not None:
+                    job = await prefetch
+                    prefetch = None
+                if job is None:
+                    job = self._take_local()
+                if job is None and self._may_steal():
+                    job = await self._steal()
+                if job is None:
+                    self._work.clear()
+                    if self._take_possible():
+                        continue
+                    await self._work.wait()
                     continue
-                await self._work.wait()
-                continue
-            await self._run_job(job)
+                if self._should_prefetch():
+                    # overlap communication with compute: fetch the next task's data while this
+                    # one runs (on Wi-Fi a tile's input takes a good fraction of its compute time)
+                    prefetch = asyncio.get_running_loop().create_task(self._steal(), name="prefetch")
+                await self._run_job(job)
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    job = await prefetch
+                    if job is not None:  # stolen but never run: its lease brings it back
+                        log.info("dropping prefetched %s at stop", job.ref)
+
+    def _may_steal(self) -> bool:
+        return self.cfg.policy == "steal" and not self._draining
+
+    def _should_prefetch(self) -> bool:
+        """Prefetch only from a queue deep enough that taking one more task early leaves work for
+        every other idle node, and never when this node has its own queue."""
+        if not self._may_steal() or len(self.queue) or self._assigned:
+            return False
+        queued = sum(p.load.queued_tiles for p in self.peers.values())
+        return queued > len(self.peers)
 
     def _take_possible(self) -> bool:
         if self._assigned or len(self.queue):
