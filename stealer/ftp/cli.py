@@ -1,0 +1,179 @@
+"""``python -m stealer plan``: print the fused tile partition of one frame and what it costs.
+
+Per task: its tile, phase, input region, executed FLOPs (as a share of the full frame), working
+set and the overlap data it borrows and publishes; in total: executed FLOPs relative to the full
+frame (with and without reuse), the largest per-task working set against the unpartitioned one,
+and the bytes moved per frame (input tiles, overlap strips, output tiles). ``--json`` prints the
+same figures plus the whole plan (:meth:`stealer.ftp.plan.Plan.to_dict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any, Sequence
+
+from ..errors import PlanError
+from .geometry import Rect, is_empty
+from .plan import (BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, SCHEMES, Plan, Task, make_plan, parse_grid,
+                   simulate)
+
+MIB = 1 << 20
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``plan`` subcommand to an ``argparse`` subparsers object (sets ``func=run``)."""
+    p = subparsers.add_parser("plan", help="fused tile partition of a frame: regions, FLOPs, memory, bytes",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
+    p.add_argument("--grid", default="5x5", help="tiles of the last fused layer's output, ROWSxCOLS [5x5]")
+    p.add_argument("--layers", type=int, default=None,
+                   help="number of fused layers from layer 0 [16, or the conv/maxpool prefix if shorter]")
+    p.add_argument("--reuse", action="store_true", help="order tasks for data reuse between neighbouring tiles")
+    p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "none"], default=DEFAULT_SCHEME,
+                   help=f"reuse order with --reuse [{DEFAULT_SCHEME}]")
+    p.add_argument("--borrow", choices=BORROW_MODES, default=DEFAULT_BORROW,
+                   help=f"what a producer lends: anything it computed, or its own share only [{DEFAULT_BORROW}]")
+    p.add_argument("--size", metavar="WxH", default=None, help="override the cfg's input width x height")
+    p.add_argument("--regions", action="store_true", help="also print every task's regions at every fused layer")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run)
+    return p
+
+
+def _load_spec(cfg: str, size: str | None) -> Any:
+    from ..darknet import parse_cfg, parse_cfg_text
+    from ..network import resolve_cfg
+
+    path = resolve_cfg(cfg)
+    if size is None:
+        return parse_cfg(path)
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+    if not m:
+        raise PlanError(f"--size must look like 608x608 (width x height), got {size!r}")
+    text = path.read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^\s*width\s*=.*$", f"width={m.group(1)}", text)
+    text = re.sub(r"(?m)^\s*height\s*=.*$", f"height={m.group(2)}", text)
+    return parse_cfg_text(text, str(path))
+
+
+def _fmt_rect(r: Rect) -> str:
+    return "-" if is_empty(r) else f"{r[0]}:{r[1]},{r[2]}:{r[3]}"
+
+
+def summary(plan: Plan, reuse: bool) -> dict[str, Any]:
+    """The figures ``plan`` prints, as plain data (also the top of ``--json``)."""
+    t = plan.totals(reuse)
+    plain = plan.totals(False)
+    tasks = []
+    for task in plan.tasks:
+        v = task.variant(reuse)
+        tasks.append({
+            "id": task.id, "tile": list(task.tile), "phase": task.phase, "variant": v.kind,
+            "output": list(task.output), "input_region": list(v.input_region),
+            "flops": v.flops, "flops_share": v.flops / plan.frame_flops,
+            "full_flops": task.full.flops, "full_input_region": list(task.full.input_region),
+            "working_set": v.working_set, "full_working_set": task.full.working_set,
+            "input_bytes": v.input_bytes, "full_input_bytes": task.full.input_bytes,
+            "borrowed_bytes": v.borrowed_bytes if reuse else 0,
+            "published_bytes": v.published_bytes if reuse else 0,
+            "producers": list(task.producers) if reuse else [],
+            "output_bytes": plan.windows[-1].out_bytes(task.output),
+        })
+    return {
+        "source": plan.source, "input_shape": list(plan.input_shape),
+        "layers": [plan.windows[0].index, plan.windows[-1].index], "output_shape": list(plan.output_shape),
+        "grid": list(plan.grid), "reuse": reuse, "scheme": plan.scheme if reuse else "none",
+        "borrow": plan.borrow, "phases": len({t.phase for t in plan.tasks}) if reuse else 1,
+        "frame_flops": plan.frame_flops, "flops": t.flops, "flops_ratio": t.flops_ratio,
+        "flops_ratio_without_reuse": plain.flops_ratio,
+        "max_working_set": t.max_working_set, "weight_bytes": t.weight_bytes,
+        "frame_working_set": plan.frame_working_set,
+        "input_bytes": t.input_bytes, "fallback_input_bytes": t.fallback_input_bytes, "overlap_bytes": t.overlap_bytes, "output_bytes": t.output_bytes,
+        "bytes_per_frame": t.bytes_per_frame, "strips": len(plan.strips) if reuse else 0,
+        "makespan_4_devices": simulate(plan, 4, reuse, frames=4),
+        "tasks": tasks,
+    }
+
+
+def format_plan(plan: Plan, reuse: bool, regions: bool = False) -> str:
+    """Human-readable tables of :func:`summary`."""
+    s = summary(plan, reuse)
+    c, h, w = plan.input_shape
+    n_conv = sum(1 for x in plan.windows if x.kind == "conv")
+    lines = [
+        f"{plan.source}: input {c}x{h}x{w}, fused layers {s['layers'][0]}-{s['layers'][1]} "
+        f"({n_conv} conv, {plan.n_layers - n_conv} maxpool, {plan.frame_flops / 1e9:.2f} GFLOP), "
+        f"output {'x'.join(map(str, plan.output_shape))}, grid {plan.grid[0]}x{plan.grid[1]}, "
+        + (f"reuse {plan.scheme}/{plan.borrow} ({s['phases']} phases, {s['strips']} strips)" if reuse else "no reuse"),
+        f"{'task':>4} {'tile':>5} {'ph':>2} {'var':<5} {'output':<13} {'input region':<17} {'GFLOP':>6} "
+        f"{'%frame':>6} {'full%':>6} {'WS MiB':>6} {'in KB':>7} {'borrow KB':>9} {'pub KB':>7}  producers",
+    ]
+    for task, d in zip(plan.tasks, s["tasks"]):
+        lines.append(
+            f"{task.id:>4} {task.tile[0]:>2},{task.tile[1]:<2} {task.phase:>2} {d['variant']:<5} "
+            f"{_fmt_rect(task.output):<13} {_fmt_rect(tuple(d['input_region'])):<17} {d['flops'] / 1e9:>6.3f} "
+            f"{100 * d['flops_share']:>6.2f} {100 * d['full_flops'] / plan.frame_flops:>6.2f} "
+            f"{d['working_set'] / MIB:>6.2f} {d['input_bytes'] / 1e3:>7.1f} {d['borrowed_bytes'] / 1e3:>9.1f} "
+            f"{d['published_bytes'] / 1e3:>7.1f}  {','.join(map(str, d['producers'])) or '-'}")
+        if regions:
+            lines.extend(_task_regions(plan, task, reuse))
+    lines += [
+        f"executed FLOPs: {s['flops'] / 1e9:.2f} GFLOP = {s['flops_ratio']:.3f}x the full frame"
+        + (f" (without reuse {s['flops_ratio_without_reuse']:.3f}x)" if reuse else ""),
+        f"largest per-task working set: {s['max_working_set'] / MIB:.2f} MiB activations + "
+        f"{s['weight_bytes'] / MIB:.2f} MiB fused weights = {(s['max_working_set'] + s['weight_bytes']) / MIB:.2f} MiB "
+        f"(unpartitioned: {s['frame_working_set'] / MIB:.2f} + {s['weight_bytes'] / MIB:.2f} = "
+        f"{(s['frame_working_set'] + s['weight_bytes']) / MIB:.2f} MiB)",
+        f"bytes per frame: input tiles {s['input_bytes'] / 1e6:.2f} MB + overlap {s['overlap_bytes'] / 1e6:.2f} MB + "
+        f"output tiles {s['output_bytes'] / 1e6:.2f} MB = {s['bytes_per_frame'] / 1e6:.2f} MB"
+        + (f" (input {s['fallback_input_bytes'] / 1e6:.2f} MB if every task ships its full region "
+           "for the fallback)" if reuse else ""),
+        f"simulated makespan, 4 devices, 4 frames: {s['makespan_4_devices']:.2f}x the ideal (FLOPs only)",
+    ]
+    return "\n".join(lines)
+
+
+def _task_regions(plan: Plan, task: Task, reuse: bool) -> list[str]:
+    v = task.variant(reuse)
+    out = [f"{'':>9} input {_fmt_rect(v.input_region)}"]
+    for w, st in zip(plan.windows, v.steps):
+        comp = " ".join(_fmt_rect(r) for r in st.computed) or "-"
+        borrowed = " ".join(f"{plan.strips[i].producer}:{_fmt_rect(plan.strips[i].region)}" for i in st.borrowed)
+        band = f" band {st.band}" if st.band else ""
+        out.append(f"{'':>9} L{w.index:<2} {w.kind:<7} buffer {_fmt_rect(st.buffer):<17} compute {comp}"
+                   + (f"  borrow {borrowed}" if borrowed else "") + band)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``plan`` subcommand; :class:`PlanError` (exit 2 in the main CLI) for bad arguments."""
+    spec = _load_spec(args.cfg, args.size)
+    grid = parse_grid(args.grid)
+    plan = make_plan(spec, grid, args.layers, scheme=args.scheme if args.reuse else "none", borrow=args.borrow)
+    if args.json:
+        out = summary(plan, args.reuse)
+        out["plan"] = plan.to_dict()
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_plan(plan, args.reuse, args.regions))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m stealer.ftp.cli``), same arguments as ``stealer plan``."""
+    parser = argparse.ArgumentParser(prog="stealer-plan")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except PlanError as exc:
+        print(f"stealer plan: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

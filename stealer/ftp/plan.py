@@ -1,0 +1,640 @@
+"""The fused-tile planner: tasks of one frame, their order, reuse dependencies and costs. Pure.
+
+Model
+-----
+The output map of the last fused layer is cut into a ``rows x cols`` grid of tiles (sizes differ by
+at most one). Each tile is one :class:`Task`. Walking backwards from its tile, a task needs, at
+every fused layer, a region of that layer's output (its *needed* region) and, at the first layer,
+a region of the frame (its *input region*). Every task has a ``full`` :class:`Variant` that
+computes all of it from the frame alone.
+
+With a reuse *scheme* the tasks are put in phases (``checkerboard``: two colours; ``quad``: 2x2
+colours, three phases; ``wave``: anti-diagonals). A task of a later phase may take, at each fused
+layer, whatever part of its needed region an earlier-phase task has already computed (``borrow =
+"halo"``: anything the producer computed; ``"owned"``: only pixels of the producer's own share of
+the map). What it borrows it does not compute, so the regions it needs at the layers before shrink
+too; it computes only the remaining *gap* (a few disjoint rectangles, possibly none). This is its
+``reuse`` variant. Every borrowed piece is a :class:`Strip` with one producer and one consumer; a
+producer publishes each strip right after computing that layer. A task whose producers are not
+done runs its ``full`` variant instead (the runtime ships enough frame input for that), and it
+still publishes its strips: the full variant computes a superset of what the reuse variant does.
+
+Everything here is integer arithmetic on :mod:`stealer.ftp.geometry` regions; a :class:`Plan` is
+plain data with :meth:`Plan.to_dict` / :meth:`Plan.from_dict` (ints, strings, lists, dicts) so it
+can travel as msgpack and be inspected.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from ..darknet import ModelSpec
+from ..errors import PlanError
+from ..layers import ConvSpec, MaxPoolSpec
+from .geometry import (Rect, Window, area, bbox, decompose, grid_tiles, height, intersect, is_empty,
+                       owned_regions)
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+#: Layers fused by default: DeepThings' choice for YOLOv2 (12 conv + 4 maxpool, 41% of the FLOPs),
+#: cut to the conv/maxpool prefix for networks that have fewer.
+DEFAULT_FUSED_LAYERS = 16
+SCHEMES = ("none", "checkerboard", "quad", "wave")
+BORROW_MODES = ("halo", "owned")
+#: The reuse scheme used when the caller asks for reuse without naming one. Chosen by numbers
+#: (bench/ftp.py, YOLOv2-16 at 608, borrowing producers' halos): ``quad`` executes 1.000x the
+#: frame's FLOPs up to 5x5 (``checkerboard`` 1.276x at 5x5, DeepThings 1.49x) and 1.11x at 8x8
+#: (checkerboard 1.84x) in 3 phases, and has the best (6x6: tied) simulated 4-device makespan
+#: from 3x3 to 6x6. ``wave`` reaches 1.000x at every grid but chains N+M-1 phases, moves up to twice the
+#: overlap bytes and loses on 6 devices up to 6x6 (see :func:`simulate`); it is worth choosing
+#: explicitly at 7x7 and 8x8 on few devices. Borrowing only a producer's own share (``owned``)
+#: loses everywhere (1.67x at 5x5 quad).
+DEFAULT_SCHEME = "quad"
+DEFAULT_BORROW = "halo"
+#: Pool output rows per band when a layer streams into a non-overlapping maxpool. Small enough
+#: that the band of the (large) conv output is a fraction of the pool's output; large enough that
+#: each kernel call still has a few thousand pixels to amortize its weight packing.
+BAND_ROWS = 8
+
+
+# ------------------------------------------------------------------------------------ data model
+@dataclass(frozen=True, slots=True)
+class Strip:
+    """Overlap data one task computes and another takes instead of recomputing it.
+
+    ``region`` is in the coordinates of fused layer ``layer``'s output map.
+    """
+
+    id: int
+    producer: int
+    consumer: int
+    layer: int
+    region: Rect
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStep:
+    """What one task variant does at one fused layer.
+
+    ``needed`` is the union of regions of the layer's output the variant must hold (the later
+    layers read them); ``buffer`` is their bounding box, the array the executor allocates;
+    ``computed`` (disjoint rectangles) plus the regions of the ``borrowed`` strips cover ``needed``
+    exactly, without overlap. ``published`` strips are cut from the buffer once it is complete.
+
+    ``band > 0`` (only on a maxpool whose windows do not overlap) means the previous layer's
+    buffer is never whole: both layers run together, ``band`` pool output rows at a time, so only
+    a band of the previous layer's output is alive. This is what keeps the working set of
+    YOLOv2's first conv + maxpool (the largest maps) small.
+    """
+
+    layer: int
+    needed: tuple[Rect, ...]
+    buffer: Rect
+    computed: tuple[Rect, ...]
+    borrowed: tuple[int, ...]
+    published: tuple[int, ...]
+    flops: int
+    band: int = 0  # > 0: this maxpool runs fused with the layer before, this many output rows a band
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One way of running a task: ``full`` (frame input only) or ``reuse`` (plus borrowed strips).
+
+    ``working_set`` is the peak bytes of activations while this variant runs: the frame input and
+    all borrowed strips (the caller holds them throughout), the input and output buffers of the
+    layer being run, the scratch of a computed rectangle that is not the whole buffer, and the
+    strips published so far. Weights and the kernels' own scratch are not included.
+    """
+
+    kind: str
+    input_region: Rect
+    steps: tuple[LayerStep, ...]
+    flops: int
+    input_bytes: int
+    borrowed_bytes: int
+    published_bytes: int
+    working_set: int
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One tile of one frame. ``id`` is the row-major tile index; ``phase`` orders the tasks."""
+
+    id: int
+    tile: tuple[int, int]
+    output: Rect
+    phase: int
+    full: Variant
+    reuse: Variant | None  # None when nothing earlier overlaps this task (it always runs full)
+    producers: tuple[int, ...]
+    produces: tuple[int, ...]  # strip ids this task publishes
+    consumes: tuple[int, ...]  # strip ids its reuse variant borrows
+
+    def variant(self, reuse: bool) -> Variant:
+        """The reuse variant if asked for and there is one, else the full one."""
+        return self.reuse if reuse and self.reuse is not None else self.full
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Per-frame figures of a plan run with or without reuse (bytes are float32 activations)."""
+
+    flops: int
+    flops_ratio: float  # executed FLOPs / full-frame FLOPs of the fused layers
+    max_working_set: int  # largest per-task working set, activations only
+    weight_bytes: int  # fused weights every device holds
+    input_bytes: int  # frame input the executed variants read
+    fallback_input_bytes: int  # frame input if every task is shipped with its full region
+    overlap_bytes: int  # reuse strips, each moved once from producer to consumer
+    output_bytes: int  # output tiles
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """Input tiles + overlap strips + output tiles."""
+        return self.input_bytes + self.overlap_bytes + self.output_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The fused-tile partition of one frame: tasks in execution order plus their reuse strips."""
+
+    source: str
+    input_shape: tuple[int, int, int]
+    windows: tuple[Window, ...]
+    grid: tuple[int, int]
+    scheme: str
+    borrow: str
+    tasks: tuple[Task, ...]  # in execution order
+    strips: tuple[Strip, ...]  # indexed by id
+    version: int = PLAN_VERSION
+    _by_id: dict[int, Task] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_id.update({t.id: t for t in self.tasks})
+
+    # ------------------------------------------------------------ lookups
+    @property
+    def n_layers(self) -> int:
+        """Number of fused layers."""
+        return len(self.windows)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the last fused layer's output, which the tiles partition."""
+        return self.windows[-1].out_shape
+
+    @property
+    def order(self) -> list[int]:
+        """Task ids in execution order."""
+        return [t.id for t in self.tasks]
+
+    def task(self, task_id: int) -> Task:
+        """The task with this id (:class:`PlanError` if there is none)."""
+        try:
+            return self._by_id[task_id]
+        except KeyError:
+            raise PlanError(f"no task {task_id} in a {self.grid[0]}x{self.grid[1]} plan") from None
+
+    @property
+    def frame_flops(self) -> int:
+        """FLOPs of the fused layers over the whole frame on one device."""
+        return sum(w.flops(w.out_map()) for w in self.windows)
+
+    @property
+    def weight_bytes(self) -> int:
+        """float32 bytes of the fused layers' folded weights and biases."""
+        return sum(w.weight_bytes for w in self.windows)
+
+    @property
+    def frame_working_set(self) -> int:
+        """Peak activation bytes of the unpartitioned fused layers run layer by layer: the frame
+        (held by the caller throughout) plus the input and output of the largest layer."""
+        frame = self.windows[0].in_bytes(self.windows[0].in_map())
+        return frame + max(w.out_bytes(w.out_map()) + (w.in_bytes(w.in_map()) if i else 0)
+                           for i, w in enumerate(self.windows))
+
+    def totals(self, reuse: bool = True) -> Totals:
+        """Executed FLOPs, largest working set and bytes per frame with or without reuse."""
+        variants = [t.variant(reuse) for t in self.tasks]
+        flops = sum(v.flops for v in variants)
+        last = self.windows[-1]
+        return Totals(
+            flops=flops,
+            flops_ratio=flops / self.frame_flops if self.frame_flops else float("nan"),
+            max_working_set=max(v.working_set for v in variants),
+            weight_bytes=self.weight_bytes,
+            input_bytes=sum(v.input_bytes for v in variants),
+            fallback_input_bytes=sum(t.full.input_bytes for t in self.tasks),
+            overlap_bytes=sum(v.borrowed_bytes for v in variants),
+            output_bytes=sum(last.out_bytes(t.output) for t in self.tasks),
+        )
+
+    # ------------------------------------------------------------ wire form
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (ints, strings, lists, dicts only), for msgpack and JSON."""
+
+        def variant(v: Variant | None) -> dict[str, Any] | None:
+            if v is None:
+                return None
+            return {
+                "kind": v.kind, "input_region": list(v.input_region), "flops": v.flops,
+                "input_bytes": v.input_bytes, "borrowed_bytes": v.borrowed_bytes,
+                "published_bytes": v.published_bytes, "working_set": v.working_set,
+                "steps": [{"layer": s.layer, "needed": [list(r) for r in s.needed], "buffer": list(s.buffer),
+                           "computed": [list(r) for r in s.computed], "borrowed": list(s.borrowed),
+                           "published": list(s.published), "flops": s.flops, "band": s.band}
+                          for s in v.steps],
+            }
+
+        return {
+            "version": self.version, "source": self.source, "input_shape": list(self.input_shape),
+            "grid": list(self.grid), "scheme": self.scheme, "borrow": self.borrow,
+            "layers": [{"index": w.index, "kind": w.kind, "size": w.size, "stride": w.stride, "pad": w.pad,
+                        "in_shape": list(w.in_shape), "out_shape": list(w.out_shape)} for w in self.windows],
+            "tasks": [{"id": t.id, "tile": list(t.tile), "output": list(t.output), "phase": t.phase,
+                       "producers": list(t.producers), "produces": list(t.produces),
+                       "consumes": list(t.consumes), "full": variant(t.full), "reuse": variant(t.reuse)}
+                      for t in self.tasks],
+            "strips": [{"id": s.id, "producer": s.producer, "consumer": s.consumer, "layer": s.layer,
+                        "region": list(s.region), "nbytes": s.nbytes} for s in self.strips],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """Rebuild a plan from :meth:`to_dict` output (:class:`PlanError` if it does not fit)."""
+        try:
+            if d["version"] != PLAN_VERSION:
+                raise PlanError(f"plan version {d['version']!r}, this build reads {PLAN_VERSION}")
+
+            def rect(v: Sequence[int]) -> Rect:
+                y0, y1, x0, x1 = (int(a) for a in v)
+                return (y0, y1, x0, x1)
+
+            def ints(v: Sequence[int]) -> tuple[int, ...]:
+                return tuple(int(a) for a in v)
+
+            def variant(v: dict[str, Any] | None) -> Variant | None:
+                if v is None:
+                    return None
+                steps = tuple(LayerStep(int(s["layer"]), tuple(rect(r) for r in s["needed"]), rect(s["buffer"]),
+                                        tuple(rect(r) for r in s["computed"]), ints(s["borrowed"]),
+                                        ints(s["published"]), int(s["flops"]), int(s["band"]))
+                              for s in v["steps"])
+                return Variant(str(v["kind"]), rect(v["input_region"]), steps, int(v["flops"]),
+                               int(v["input_bytes"]), int(v["borrowed_bytes"]), int(v["published_bytes"]),
+                               int(v["working_set"]))
+
+            windows = tuple(Window(int(l["index"]), str(l["kind"]), int(l["size"]), int(l["stride"]),
+                                   int(l["pad"]), ints(l["in_shape"]), ints(l["out_shape"]))  # type: ignore[arg-type]
+                            for l in d["layers"])
+            tasks = []
+            for t in d["tasks"]:
+                full = variant(t["full"])
+                assert full is not None
+                r, c = ints(t["tile"])
+                tasks.append(Task(int(t["id"]), (r, c), rect(t["output"]), int(t["phase"]), full, variant(t["reuse"]),
+                                  ints(t["producers"]), ints(t["produces"]), ints(t["consumes"])))
+            strips = tuple(Strip(int(s["id"]), int(s["producer"]), int(s["consumer"]), int(s["layer"]),
+                                 rect(s["region"]), int(s["nbytes"])) for s in d["strips"])
+            gr, gc = ints(d["grid"])
+            ch, h, w = ints(d["input_shape"])
+            return cls(str(d["source"]), (ch, h, w), windows, (gr, gc), str(d["scheme"]), str(d["borrow"]),
+                       tuple(tasks), strips)
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise PlanError(f"malformed plan: {exc!r}") from exc
+
+
+# ------------------------------------------------------------------------------------ building
+def fusable_prefix(spec: ModelSpec) -> int:
+    """Number of leading layers that are conv or maxpool (the most that can be fused)."""
+    n = 0
+    for layer in spec.layers:
+        if not isinstance(layer, (ConvSpec, MaxPoolSpec)):
+            break
+        n += 1
+    return n
+
+
+def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, ...]:
+    """Windows of the first ``layers`` layers (default: 16 or the conv/maxpool prefix if shorter).
+
+    Raises
+    ------
+    PlanError
+        If the range is empty, reaches past the conv/maxpool prefix, or holds a layer with output
+        positions whose window reads no input pixel.
+    """
+    prefix = fusable_prefix(spec)
+    if layers is None:
+        layers = min(DEFAULT_FUSED_LAYERS, prefix)
+    if layers < 1:
+        if prefix == 0:
+            raise PlanError(f"{spec.source}: layer 0 is a {spec.layers[0].kind}; nothing can be fused")
+        raise PlanError(f"fused range must hold at least one layer, got {layers}")
+    if layers > prefix:
+        if prefix == len(spec.layers):
+            raise PlanError(f"{spec.source} has only {prefix} layers, cannot fuse {layers}")
+        bad = spec.layers[prefix]
+        raise PlanError(f"cannot fuse {layers} layers of {spec.source}: layer {bad.index} is a {bad.kind}; "
+                        f"only conv and maxpool layers can be fused (at most {prefix} here)")
+    windows = tuple(Window.of(l) for l in spec.layers[:layers])
+    for w in windows:
+        w.check_windows()
+    return windows
+
+
+def phases(scheme: str, rows: int, cols: int) -> list[int]:
+    """Phase of every tile (row-major) under a reuse scheme; a task borrows only from lower phases."""
+    if scheme == "none":
+        return [0] * (rows * cols)
+    if scheme == "checkerboard":
+        return [(r + c) % 2 for r in range(rows) for c in range(cols)]
+    if scheme == "quad":
+        return [r % 2 + c % 2 for r in range(rows) for c in range(cols)]
+    if scheme == "wave":
+        return [r + c for r in range(rows) for c in range(cols)]
+    raise PlanError(f"unknown reuse scheme {scheme!r} (have: {', '.join(SCHEMES)})")
+
+
+@dataclass
+class _Built:
+    steps: list[LayerStep]
+    input_region: Rect
+    borrowed: list[tuple[int, int, Rect]]  # (producer, layer, region) in step order
+
+
+def _walk(windows: Sequence[Window], tile: Rect,
+          lenders: Sequence[list[tuple[int, Rect]]] | None) -> _Built:
+    """Walk one tile back through the fused layers, borrowing from ``lenders[l]`` if given.
+
+    ``lenders[l]`` lists (task id, region of layer ``l``'s output that task computes and may
+    lend). Each needed pixel is taken from the first lender (largest overlap first) that has it,
+    otherwise computed; only the computed part is carried back to the layer before.
+    """
+    steps: list[LayerStep] = []
+    borrowed: list[tuple[int, int, Rect]] = []
+    need: list[Rect] = [tile]
+    for l in range(len(windows) - 1, -1, -1):
+        w = windows[l]
+        need = [r for r in need if not is_empty(r)]
+        box = bbox(need)
+        cands: list[tuple[int, Rect]] = []
+        if lenders is not None and need:
+            cands = [(tid, r) for tid, r in lenders[l] if not is_empty(intersect(r, box))]
+            cands.sort(key=lambda c: (-area(intersect(c[1], box)), c[0]))
+        pieces = decompose(need, [r for _, r in cands])
+        computed = tuple(p for p, lab in pieces if lab < 0)
+        mine = [(cands[lab][0], l, p) for p, lab in pieces if lab >= 0]
+        borrowed.extend(mine)
+        steps.append(LayerStep(l, tuple(need), box, computed, (), (), sum(w.flops(g) for g in computed)))
+        need = [w.back(g) for g in computed]
+    steps.reverse()
+    return _Built(steps, bbox(need), borrowed)
+
+
+def _can_band(windows: Sequence[Window], steps: Sequence[LayerStep], l: int) -> bool:
+    """Whether step ``l`` (a maxpool) can run fused with step ``l - 1`` in row bands."""
+    if l == 0 or steps[l - 1].band or is_empty(steps[l].buffer) or is_empty(steps[l - 1].buffer):
+        return False
+    w = windows[l]
+    # Non-overlapping windows (size == stride, no padding): every input row feeds exactly one
+    # output row, so bands of input rows aligned to the stride are independent of each other.
+    return w.kind == "maxpool" and w.size == w.stride and w.pad == 0 and height(steps[l].buffer) > BAND_ROWS
+
+
+def band_rects(windows: Sequence[Window], prev: LayerStep, pool: LayerStep, l: int) -> list[tuple[Rect, Rect]]:
+    """The bands of a fused (layer ``l - 1``, maxpool ``l``) pair: (pool rows, previous-layer rows).
+
+    Each pair is (a band of the pool's buffer, the part of the previous layer's buffer its windows
+    read); a band whose previous-layer part is empty is fully borrowed.
+    """
+    s = windows[l].stride
+    py0, py1, px0, px1 = pool.buffer
+    ax0, ax1 = prev.buffer[2], prev.buffer[3]
+    out = []
+    for q in range(py0, py1, pool.band):
+        q1 = min(py1, q + pool.band)
+        prev_rows = intersect((q * s, q1 * s, ax0, ax1), prev.buffer)
+        out.append(((q, q1, px0, px1), prev_rows))
+    return out
+
+
+def _working_set(windows: Sequence[Window], v: Variant, strip_bytes: Sequence[int]) -> int:
+    """Peak activation bytes the executor holds while running variant ``v`` (see :class:`Variant`).
+
+    An upper bound by construction: at each step it adds the largest of each kind of scratch
+    buffer, though the executor never holds two of them at once.
+    """
+    # The frame input and the borrowed strips belong to the caller, who holds them for the
+    # whole task; the first layer's input is therefore counted once, in ``held``.
+    held = windows[0].in_bytes(v.input_region) + sum(strip_bytes[s] for st in v.steps for s in st.borrowed)
+    in_bytes = 0
+    published = 0
+    peak = 0
+    steps = v.steps
+    l = 0
+    while l < len(steps):
+        w, st = windows[l], steps[l]
+        if l + 1 < len(steps) and steps[l + 1].band:
+            wp, pool = windows[l + 1], steps[l + 1]
+            band = prev_scratch = pool_scratch = 0
+            for pool_rows, prev_rows in band_rects(windows, st, pool, l + 1):
+                band = max(band, w.out_bytes(prev_rows))
+                prev_scratch = max([prev_scratch] + [w.out_bytes(intersect(g, prev_rows)) for g in st.computed
+                                                     if intersect(g, prev_rows) != prev_rows])
+                pool_scratch = max([pool_scratch] + [wp.out_bytes(intersect(g, pool_rows)) for g in pool.computed])
+            published += sum(strip_bytes[s] for s in st.published + pool.published)
+            out_bytes = wp.out_bytes(pool.buffer)
+            peak = max(peak, in_bytes + out_bytes + band + prev_scratch + pool_scratch + published)
+            in_bytes = out_bytes
+            l += 2
+            continue
+        out_bytes = w.out_bytes(st.buffer)
+        # a computed rectangle smaller than the buffer is written to scratch, then copied in
+        scratch = max((w.out_bytes(g) for g in st.computed if g != st.buffer), default=0)
+        published += sum(strip_bytes[s] for s in st.published)
+        peak = max(peak, in_bytes + out_bytes + scratch + published)
+        in_bytes = out_bytes
+        l += 1
+    return peak + held
+
+
+def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | None = None, *,
+              scheme: str = "none", borrow: str = DEFAULT_BORROW, band: bool = True) -> Plan:
+    """Partition one frame of ``model``'s fused layers into tasks.
+
+    Parameters
+    ----------
+    model : Network or ModelSpec
+        Only the layer geometry is used (a ``Network``'s ``spec``).
+    grid : (rows, cols) or "RxC"
+        Tiles of the last fused layer's output; each tile must hold at least one pixel.
+    layers : int, optional
+        Number of fused layers from layer 0; default 16, or the conv/maxpool prefix if shorter.
+    scheme : {"none", "checkerboard", "quad", "wave"}
+        Task phases for data reuse; "none" gives independent full tasks only.
+    borrow : {"halo", "owned"}
+        What a producer lends: anything it computed, or only its own share of each map.
+    band : bool
+        Run a layer and a following non-overlapping maxpool together in row bands (smaller
+        working set, same FLOPs and bits).
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    PlanError
+        Bad grid, a fused range with a layer that cannot be fused, an unknown scheme or mode.
+    """
+    spec: ModelSpec = model if isinstance(model, ModelSpec) else model.spec
+    rows, cols = parse_grid(grid) if isinstance(grid, str) else (int(grid[0]), int(grid[1]))
+    if scheme not in SCHEMES:
+        raise PlanError(f"unknown reuse scheme {scheme!r} (have: {', '.join(SCHEMES)})")
+    if borrow not in BORROW_MODES:
+        raise PlanError(f"unknown borrow mode {borrow!r} (have: {', '.join(BORROW_MODES)})")
+    windows = fused_windows(spec, layers)
+    _, oh, ow = windows[-1].out_shape
+    if rows < 1 or cols < 1 or rows > oh or cols > ow:
+        raise PlanError(f"grid {rows}x{cols} does not fit the {oh}x{ow} output of layer {windows[-1].index} "
+                        f"(each tile needs at least one pixel)")
+    tiles = grid_tiles(oh, ow, rows, cols)
+    phase = phases(scheme, rows, cols)
+    order = sorted(range(len(tiles)), key=lambda t: (phase[t], t))
+    n_layers = len(windows)
+
+    lenders: list[list[tuple[int, Rect]]] = [[] for _ in range(n_layers)]
+    pending: list[tuple[int, int, Rect]] = []  # lenders of the current phase, added when it ends
+    built_full: dict[int, _Built] = {}
+    built_reuse: dict[int, _Built] = {}
+    current_phase = None
+    for t in order:
+        if phase[t] != current_phase:
+            for tid, l, r in pending:
+                lenders[l].append((tid, r))
+            pending.clear()
+            current_phase = phase[t]
+        full = _walk(windows, tiles[t], None)
+        built_full[t] = full
+        chosen = full
+        if scheme != "none" and any(lenders):
+            reuse = _walk(windows, tiles[t], lenders)
+            if reuse.borrowed:
+                built_reuse[t] = chosen = reuse
+        owned = owned_regions(windows, tiles[t]) if borrow == "owned" else None
+        for st in chosen.steps:
+            for g in st.computed:
+                lend = g if owned is None else intersect(g, owned[st.layer])
+                if not is_empty(lend):
+                    pending.append((t, st.layer, lend))
+
+    # Strips, numbered in execution order of their consumers.
+    strips: list[Strip] = []
+    consumes: dict[int, list[int]] = {t: [] for t in order}
+    produces: dict[int, list[int]] = {t: [] for t in order}
+    borrowed_at: dict[tuple[int, int], list[int]] = {}
+    published_at: dict[tuple[int, int], list[int]] = {}
+    for t in order:
+        if t not in built_reuse:
+            continue
+        for producer, l, region in built_reuse[t].borrowed:
+            s = Strip(len(strips), producer, t, l, region, windows[l].out_bytes(region))
+            strips.append(s)
+            consumes[t].append(s.id)
+            produces[producer].append(s.id)
+            borrowed_at.setdefault((t, l), []).append(s.id)
+            published_at.setdefault((producer, l), []).append(s.id)
+    strip_bytes = [s.nbytes for s in strips]
+
+    def finish(t: int, b: _Built, kind: str) -> Variant:
+        steps: list[LayerStep] = []
+        for st in b.steps:
+            steps.append(LayerStep(st.layer, st.needed, st.buffer, st.computed,
+                                   tuple(borrowed_at.get((t, st.layer), ())) if kind == "reuse" else (),
+                                   tuple(published_at.get((t, st.layer), ())), st.flops))
+            if band and _can_band(windows, steps, st.layer):
+                steps[-1] = replace(steps[-1], band=BAND_ROWS)
+        v = Variant(kind, b.input_region, tuple(steps), sum(st.flops for st in steps),
+                    windows[0].in_bytes(b.input_region),
+                    sum(strip_bytes[s] for st in steps for s in st.borrowed),
+                    sum(strip_bytes[s] for st in steps for s in st.published), 0)
+        return Variant(v.kind, v.input_region, v.steps, v.flops, v.input_bytes, v.borrowed_bytes,
+                       v.published_bytes, _working_set(windows, v, strip_bytes))
+
+    tasks = []
+    for t in order:
+        reuse_v = finish(t, built_reuse[t], "reuse") if t in built_reuse else None
+        tasks.append(Task(t, (t // cols, t % cols), tiles[t], phase[t], finish(t, built_full[t], "full"), reuse_v,
+                          tuple(sorted({strips[s].producer for s in consumes[t]})),
+                          tuple(produces[t]), tuple(consumes[t])))
+    plan = Plan(spec.source, tuple(spec.input_shape), windows, (rows, cols), scheme, borrow,  # type: ignore[arg-type]
+                tuple(tasks), tuple(strips))
+    log.debug("plan %dx%d, %d layers, scheme %s/%s: %d tasks, %d strips", rows, cols, n_layers, scheme, borrow,
+              len(tasks), len(strips))
+    return plan
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """``"5x5"`` or ``"4x6"`` (rows x cols) to a tuple; :class:`PlanError` otherwise."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        rows, cols = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise PlanError(f"grid must look like 5x5 (rows x cols), got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise PlanError(f"grid must be at least 1x1, got {text!r}")
+    return rows, cols
+
+
+# ------------------------------------------------------------------------------------ analysis
+def simulate(plan: Plan, devices: int, reuse: bool = True, frames: int = 1) -> float:
+    """Makespan of ``frames`` frames on ``devices`` equal devices, relative to the ideal
+    ``frames * frame / devices`` (time counted in FLOPs, transfers free).
+
+    The policy is the runtime's: a free device takes the first task, in plan order and frame after
+    frame, whose producers are all done and runs its reuse variant; if no task is ready it either
+    waits for the producers of the first waiting task or runs that task's full variant at once,
+    whichever finishes it sooner. This is what tells a scheme that saves FLOPs by chaining phases
+    from one that keeps devices busy.
+    """
+    if devices < 1 or frames < 1:
+        raise PlanError(f"need at least one device and one frame, got {devices} and {frames}")
+    pending = [(f, t) for f in range(frames) for t in plan.tasks]
+    finish: dict[tuple[int, int], float] = {}
+    free = [0.0] * devices
+    inf = float("inf")
+
+    def done_at(f: int, t: Task) -> float:
+        return max((finish.get((f, p), inf) for p in t.producers), default=0.0)
+
+    while pending:
+        d = min(range(devices), key=free.__getitem__)
+        now = free[d]
+        pick = None
+        for i, (f, t) in enumerate(pending):
+            if not reuse or t.reuse is None or done_at(f, t) <= now:
+                pick = i
+                break
+        if pick is not None:
+            f, t = pending.pop(pick)
+            cost = t.reuse.flops if reuse and t.reuse is not None else t.full.flops
+        else:
+            f, t = pending[0]
+            assert t.reuse is not None
+            later = [x for x in finish.values() if x > now]
+            if later and done_at(f, t) + t.reuse.flops < now + t.full.flops:
+                free[d] = min(later)  # wait for the next task to finish, then look again
+                continue
+            pending.pop(0)
+            cost = t.full.flops
+        finish[(f, t.id)] = now + cost
+        free[d] = now + cost
+    return max(finish.values()) / (frames * plan.frame_flops / devices)
