@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -131,12 +132,15 @@ class ResultOrder:
         self._ready: dict[tuple[str, int], Any] = {}
 
     def expect(self, source: str, frame: int) -> None:
+        """Announce a frame. Announcements may arrive out of order (after a gateway takeover a
+        source restarts its older frames while a new one may already be on its way); frames are
+        kept sorted by number, and a frame announced after later ones were released is simply
+        released as soon as it finishes."""
         frames = self._expected.setdefault(source, [])
-        if frames and frame <= frames[-1]:
-            if frame in frames:
-                return
-            raise ValueError(f"source {source} announced frame {frame} after {frames[-1]}")
-        frames.append(frame)
+        i = bisect.bisect_left(frames, frame)
+        if i < len(frames) and frames[i] == frame:
+            return
+        frames.insert(i, frame)
 
     def finish(self, source: str, frame: int, result: Any) -> list[tuple[int, Any]]:
         """Record a frame's result; returns the (frame, result) pairs now releasable, in order."""

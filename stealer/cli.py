@@ -156,6 +156,8 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     """Options of ``stealer node`` (``stealer run`` passes them through)."""
     _add_model_args(p)
     p.add_argument("--gateway", action="store_true", help="this node is the gateway")
+    p.add_argument("--gateway-standby", action="store_true",
+                   help="take over as gateway if the gateway dies (give it --out too)")
     p.add_argument("--source", action="append", default=[], metavar="FEED",
                    help="a frame feed: synthetic[:SEED], images:DIR, video:PATH, camera:N (repeatable)")
     p.add_argument("--grid", type=_parse_grid_arg, default=(5, 5), help="tile grid RxC [5x5]")
@@ -173,7 +175,7 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=_parse_size, default=None,
                    help="memory offered for tasks, e.g. 512M [what the device has]")
     p.add_argument("--policy", choices=["steal", "share"], default="steal")
-    p.add_argument("--out", help="gateway: append results as JSON lines to this file")
+    p.add_argument("--out", help="gateway (or standby): append results as JSON lines to this file")
     p.add_argument("--host", default="0.0.0.0", help="listen address [0.0.0.0]")
     p.add_argument("--port", type=int, default=0, help="listen port [any free]")
     p.add_argument("--interface", action="append", default=None, help="mDNS on this interface/IP only")
@@ -205,7 +207,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     net = _load_network(args)
     sources = [open_source(s) for s in args.source]
     cfg = NodeConfig(
-        node_id=new_node_id(), host=args.host, port=args.port, gateway=args.gateway, sources=sources,
+        node_id=new_node_id(), host=args.host, port=args.port, gateway=args.gateway,
+        standby=args.gateway_standby, sources=sources,
         grid=args.grid, layers=args.layers, scheme=args.scheme, frames=args.frames, fps=args.fps,
         max_inflight=args.max_inflight, slots=args.slots,
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
@@ -228,7 +231,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             waits = [asyncio.ensure_future(stop.wait())]
             if args.exit_when_done and sources:
                 waits.append(asyncio.ensure_future(node.wait_sources_done()))
-            if args.gateway and args.expect is not None:
+            if (args.gateway or args.gateway_standby) and args.expect is not None:
                 async def enough() -> None:
                     while node.stats.frames_done < args.expect:
                         await node.results.get()

@@ -50,6 +50,7 @@ from .wire.messages import (
     PROTOCOL_VERSION,
     FrameDone,
     FrameStart,
+    GatewayClaim,
     Goodbye,
     Message,
     StealReply,
@@ -88,6 +89,7 @@ class NodeConfig:
     host: str = "0.0.0.0"
     port: int = 0
     gateway: bool = False
+    standby: bool = False  # may take over as gateway when the gateway dies
     sources: list[FrameSource] = field(default_factory=list)
     grid: tuple[int, int] = (5, 5)
     layers: int | None = None
@@ -120,7 +122,7 @@ class Peer:
 
     @property
     def is_gateway(self) -> bool:
-        return "gateway" in self.role
+        return self.role == "gateway"
 
 
 @dataclass
@@ -152,6 +154,8 @@ class Stats:
     duplicates_dropped: int = 0
     frames_done: int = 0
     requeued: int = 0
+    takeovers: int = 0
+    frames_resent: int = 0
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
@@ -216,7 +220,11 @@ class Node:
         self.id = config.node_id
         self.on_result = on_result
         self.layers = config.layers or min(16, _fusable(net))
-        self.role = "gateway" if config.gateway else "worker"
+        self.role = "gateway" if config.gateway else ("standby" if config.standby else "worker")
+        # The gateway this node follows, and the epoch of its claim: a standby that takes over
+        # claims a higher epoch, so every node converges on the same gateway.
+        self.gateway_id: str | None = self.id if config.gateway else None
+        self.epoch = 0
         self.peers: dict[str, Peer] = {}
         self.queue = WorkQueue(self.id, config.runtime.lease)
         self.stats = Stats()
@@ -275,7 +283,7 @@ class Node:
         await self._server.start()
         log.info("node %s (%s) listening on port %d, model %s, plan %s", self.id[:8], self.role,
                  self.port, self.net.model_hash, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
-        if self.cfg.gateway:
+        if self.is_gateway:
             self._gateway_seen.set()
         if self.cfg.discovery:
             from .discovery import Discovery
@@ -395,14 +403,19 @@ class Node:
             return
         peer = Peer(ident.node_id, comm, ident.role, ident.max_memory)
         self.peers[peer.node_id] = peer
-        if peer.is_gateway:
-            self._gateway_seen.set()
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
         try:
             await comm.send(Status(*self._queued()))
+            if self.is_gateway:
+                await comm.send(GatewayClaim(self.epoch))
             while True:
                 msg = await comm.recv()
-                await self._dispatch(peer, msg)
+                try:
+                    await self._dispatch(peer, msg)
+                except (CommClosedError, ProtocolError, asyncio.CancelledError):
+                    raise
+                except Exception:  # noqa: BLE001 - a bug in handling one message must not drop the peer
+                    log.exception("handling %s from %s failed; the connection stays up", msg.op, peer.node_id[:8])
         except CommClosedError as exc:
             log.info("peer %s gone: %s", peer.node_id[:8], exc)
         except ProtocolError as exc:
@@ -412,6 +425,19 @@ class Node:
             if self.peers.get(peer.node_id) is peer:
                 del self.peers[peer.node_id]
                 self._peer_lost(peer)
+                self._maybe_redial(peer, comm)
+
+    def _maybe_redial(self, peer: Peer, comm: Comm) -> None:
+        """A connection dropped but the peer may be alive (a transient error, a bad message):
+        the node with the smaller id dials it again once. A dead peer's connect simply fails."""
+        if self._closed or self._stopping.is_set() or self.id > peer.node_id:
+            return
+        if "goodbye" in (comm.close_reason or "").lower():
+            return  # it left on purpose
+        host = comm.peer_address[0] if comm.peer_address else None
+        port = getattr(comm.peer, "port", 0)
+        if host and port:
+            self._spawn(self._connect(host, port, peer.node_id), f"redial {peer.node_id[:8]}")
 
     def _peer_lost(self, peer: Peer) -> None:
         requeued = self.queue.peer_lost(peer.node_id)
@@ -419,18 +445,91 @@ class Node:
             self.stats.requeued += len(requeued)
             log.warning("peer %s left holding %d task(s); queued them again", peer.node_id[:8], len(requeued))
             self._work_changed()
-        if peer.is_gateway and not any(p.is_gateway for p in self.peers.values()) and not self.cfg.gateway:
+        if peer.node_id == self.gateway_id:
+            self.gateway_id = None
             self._gateway_seen.clear()
-            log.error("lost the gateway %s", peer.node_id[:8])
+            self._elect(lost=peer.node_id)
+
+    # ------------------------------------------------------------------ gateway takeover
+    @property
+    def is_gateway(self) -> bool:
+        return self.gateway_id == self.id
+
+    def _elect(self, lost: str) -> None:
+        """The gateway is gone: the standby with the smallest node id takes over. Every node
+        computes the same choice from the same membership; the others wait for its claim."""
+        candidates = [p.node_id for p in self.peers.values() if p.role == "standby"]
+        if self.role == "standby":
+            candidates.append(self.id)
+        if not candidates:
+            log.error("lost the gateway %s and no standby is connected; sources keep their frames "
+                      "until a gateway appears", lost[:8])
+            return
+        winner = min(candidates)
+        log.warning("lost the gateway %s; standby %s takes over", lost[:8], winner[:8])
+        if winner == self.id:
+            self._promote()
+
+    def _promote(self) -> None:
+        self.role = "gateway"
+        self.epoch += 1
+        self.gateway_id = self.id
+        self.stats.takeovers += 1
+        if self.cfg.out and self._out_file is None:
+            self._out_file = open(self.cfg.out, "a", buffering=1)
+        self._gateway_seen.set()
+        for peer in list(self.peers.values()):
+            self._spawn(self._send_quietly(peer, GatewayClaim(self.epoch)), "gateway claim")
+        log.warning("this node is the gateway now (epoch %d)", self.epoch)
+        self._spawn(self._resend_unacknowledged(), "resend frames")
+
+    def _follow_gateway(self, node_id: str, epoch: int) -> None:
+        if epoch < self.epoch or (epoch == self.epoch and self.gateway_id == node_id):
+            return
+        if self.is_gateway and node_id != self.id:
+            log.warning("node %s claims the gateway at epoch %d; this node steps down", node_id[:8], epoch)
+            self.role = "standby"
+        self.epoch = epoch
+        changed = self.gateway_id != node_id
+        self.gateway_id = node_id
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.role = "gateway"
+        self._gateway_seen.set()
+        if changed and self._frames:
+            self._spawn(self._resend_unacknowledged(), "resend frames")
+
+    async def _resend_unacknowledged(self) -> None:
+        """Sources keep every frame until the gateway's FrameDone: on a new gateway, start each
+        unfinished frame again (the new gateway knows nothing of them). Results already on their
+        way are not lost either: the gateway keeps the first result of each task."""
+        for key in sorted(self._frames, key=lambda k: (k[0], k[1])):
+            sf = self._frames.get(key)
+            if sf is None:
+                continue
+            source, frame = key
+            pk = plan_key(self.cfg.grid, self.layers, self.cfg.scheme)
+            self.queue.drop_frame(source, frame)
+            try:
+                await self._to_gateway(FrameStart(source, frame, pk, sf.frame.img_w, sf.frame.img_h))
+            except (CommClosedError, asyncio.TimeoutError) as exc:
+                log.warning("cannot restart frame %d of %s: %s", frame, source, exc)
+                continue
+            self.queue.add(TaskRef(source, frame, t.id) for t in self._plan(pk).tasks)
+            self.stats.frames_resent += 1
+        self._work_changed()
 
     def _gateway(self) -> Peer | None:
-        return next((p for p in self.peers.values() if p.is_gateway), None)
+        return self.peers.get(self.gateway_id) if self.gateway_id else None
 
     async def _to_gateway(self, msg: Message) -> None:
-        if self.cfg.gateway:
+        if self.is_gateway:
             await self._dispatch(None, msg)
             return
         await asyncio.wait_for(self._gateway_seen.wait(), self.cfg.runtime.gateway_wait)
+        if self.is_gateway:  # this node took over while waiting
+            await self._dispatch(None, msg)
+            return
         gw = self._gateway()
         if gw is None:
             raise CommClosedError("no gateway")
@@ -493,6 +592,9 @@ class Node:
             self._leases_changed()
         elif isinstance(msg, FrameDone):
             self._source_frame_done(msg)
+        elif isinstance(msg, GatewayClaim):
+            if peer is not None:
+                self._follow_gateway(peer.node_id, msg.epoch)
         elif isinstance(msg, Goodbye):
             raise CommClosedError(f"peer said goodbye: {msg.reason}")
         else:
@@ -740,7 +842,7 @@ class Node:
         if task.reuse is None or not task.consumes:
             return None
         key = (job.ref.source, job.ref.frame)
-        if self.cfg.gateway:
+        if self.is_gateway:
             got = self._strips.get(key, task.consumes)
         else:
             gw = self._gateway()
@@ -817,7 +919,13 @@ class Node:
                 key = (source_id, frame.number)
                 self._frames[key] = SourceFrame(frame, time.monotonic())
                 self._inflight[source_id] += 1
-                await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h))
+                await self._wait_for_gateway()
+                try:
+                    await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h))
+                except (CommClosedError, asyncio.TimeoutError) as exc:
+                    # the gateway went away just now: the frame is kept and restarted on the next one
+                    log.warning("frame %d of %s: no gateway (%s); it starts again on the next", frame.number,
+                                source_id, exc)
                 refs = [TaskRef(source_id, frame.number, t.id) for t in plan.tasks]
                 self.queue.add(refs)
                 self._work_changed()
@@ -831,6 +939,14 @@ class Node:
                 await self._frame_freed.wait()
         finally:
             src.close()
+
+    async def _wait_for_gateway(self) -> None:
+        """Sources wait for a gateway as long as it takes, saying so now and then."""
+        while not self._gateway_seen.is_set():
+            try:
+                await asyncio.wait_for(self._gateway_seen.wait(), self.cfg.runtime.gateway_wait)
+            except asyncio.TimeoutError:
+                log.warning("no gateway for %.0f s; frames wait", self.cfg.runtime.gateway_wait)
 
     def _source_frame_done(self, msg: FrameDone) -> None:
         key = (msg.source, msg.frame)

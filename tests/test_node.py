@@ -212,3 +212,43 @@ async def test_unknown_message_type_drops_only_that_peer(tiny_net):
     finally:
         await gw.close()
     assert results[0]["output_sha256"] == expected_digest(tiny_net, 10, 0)
+
+
+async def test_standby_takes_over_when_the_gateway_dies(tiny_net, tmp_path):
+    """The gateway dies after two frames: the standby with the smallest id claims the gateway,
+    the source restarts every unacknowledged frame there, and every frame still comes out
+    exactly once per gateway, bit-identical to single-device inference."""
+    gw = Node(tiny_net, config(gateway=True))
+    await gw.start()
+    standbys: list[Node] = []
+    for i in range(2):  # a full mesh, as discovery would make it
+        c = config(peers=[("127.0.0.1", gw.port)] + [("127.0.0.1", n.port) for n in standbys])
+        c.standby = True
+        c.out = str(tmp_path / f"standby{i}.jsonl")
+        standbys.append(Node(tiny_net, c))
+        await standbys[-1].start()
+    src = Node(tiny_net, config(sources=[12], frames=6, max_inflight=2,
+                                peers=[("127.0.0.1", gw.port)] + [("127.0.0.1", n.port) for n in standbys]))
+    await src.start()
+    try:
+        first = await collect(gw, 2)
+        async with asyncio.timeout(30):
+            while not gw._frame_info:  # a frame the gateway has started but not finished
+                await asyncio.sleep(0.001)
+        await gw.close()  # the gateway goes away mid-stream, with that frame unfinished
+        winner = min(standbys, key=lambda n: n.id)
+        async with asyncio.timeout(60):
+            while winner.stats.frames_done + 2 < 6 or not src._sources_done.is_set():
+                await asyncio.sleep(0.05)
+        later = []
+        while not winner.results.empty():
+            later.append(winner.results.get_nowait())
+        takeovers = [n.stats.takeovers for n in standbys]
+    finally:
+        for n in (src, *standbys):
+            await n.close()
+    assert sorted(takeovers) == [0, 1] and winner.stats.takeovers == 1
+    frames = {r["frame"]: r["output_sha256"] for r in first + later}
+    assert sorted(frames) == list(range(6))
+    assert all(frames[f] == expected_digest(tiny_net, 12, f) for f in frames)
+    assert src.stats.frames_resent >= 1

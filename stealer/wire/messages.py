@@ -849,3 +849,13 @@ class FrameDone(Message):
     op: ClassVar[str] = "frame-done"
     source: str
     frame: int
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class GatewayClaim(Message):
+    """The sender is the gateway from ``epoch`` on. A node follows the claim with the highest
+    epoch; a standby that takes over after the gateway died claims the old epoch + 1."""
+
+    op: ClassVar[str] = "gateway-claim"
+    epoch: int
