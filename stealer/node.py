@@ -78,7 +78,10 @@ class RuntimeLimits:
     strips_timeout: float = 2.0
     """Wait this long for reuse strips before running the tile's full variant instead."""
     gateway_wait: float = 60.0
-    """A source waits this long for a gateway before giving up on a frame start."""
+    """A source waiting for a gateway says so this often (it waits as long as it takes)."""
+    straggler_min: float = 1.0
+    """An idle node copies a task only once its lease is this old (and twice the typical task
+    time): below that, a copy would mostly duplicate work that is about to arrive."""
 
 
 @dataclass
@@ -101,6 +104,7 @@ class NodeConfig:
     null_compute: bool = False  # benchmarks only: tasks "run" without kernels (runtime overhead)
     max_memory: int = 0  # bytes offered for tasks; 0 = unlimited
     policy: str = "steal"
+    speculate: bool = True  # idle nodes run copies of stragglers (first result wins)
     out: str | None = None
     discovery: bool = True
     loopback: bool = False
@@ -151,6 +155,7 @@ class Stats:
     steal_failures: int = 0
     busy_seconds: float = 0.0
     reuse_fallbacks: int = 0
+    speculative: int = 0
     duplicates_dropped: int = 0
     frames_done: int = 0
     requeued: int = 0
@@ -559,8 +564,8 @@ class Node:
         if isinstance(msg, Status):
             if peer is not None:
                 peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0,
-                                     True)
-                if msg.queued_tiles or msg.queued_tails:
+                                     True, msg.leased)
+                if msg.queued_tiles or msg.queued_tails or msg.leased:
                     self._work.set()
         elif isinstance(msg, StealRequest):
             assert peer is not None
@@ -588,8 +593,8 @@ class Node:
         elif isinstance(msg, TailDone):
             await self._gw_tail(msg)
         elif isinstance(msg, TileAck):
-            self.queue.done(TaskRef(msg.source, msg.frame, msg.task))
-            self._leases_changed()
+            self.queue.done(TaskRef(msg.source, msg.frame, msg.task), time.monotonic())
+            self._work_changed()
         elif isinstance(msg, FrameDone):
             self._source_frame_done(msg)
         elif isinstance(msg, GatewayClaim):
@@ -601,9 +606,9 @@ class Node:
             raise ProtocolError(f"unexpected message {msg.op!r}")
 
     # ------------------------------------------------------------------ queue status
-    def _queued(self) -> tuple[int, int]:
+    def _queued(self) -> tuple[int, int, int]:
         tails = sum(1 for r in self.queue.queue if r.is_tail)
-        return len(self.queue) - tails, tails
+        return len(self.queue) - tails, tails, self.queue.outstanding(self.id)
 
     def _work_changed(self) -> None:
         if len(self.queue):
@@ -696,6 +701,13 @@ class Node:
         queued = sum(p.load.queued_tiles for p in self.peers.values())
         return queued > len(self.peers)
 
+    def _straggler_victim(self, tried: set[str]) -> str | None:
+        """With nothing queued anywhere, the peer with the most tasks out (it may hold a straggler)."""
+        if not self.cfg.speculate:
+            return None
+        cands = [(p.load.leased, pid) for pid, p in self.peers.items() if pid not in tried and p.load.leased > 0]
+        return max(cands)[1] if cands else None
+
     def _take_possible(self) -> bool:
         if self._assigned or len(self.queue):
             return True
@@ -706,7 +718,16 @@ class Node:
     def _take_local(self) -> Job | None:
         if self._assigned:
             return self._assigned.pop(0)
-        ref = self.queue.take(self.id, time.monotonic(), accept_tail=self._accepts_tails())
+        now = time.monotonic()
+        ref = self.queue.take(self.id, now, accept_tail=self._accepts_tails())
+        if ref is None and self.cfg.speculate and not self._draining and self.queue.outstanding(self.id):
+            # own queue empty but tasks are out with others: copy a straggler, if one is late
+            ref = self.queue.speculate(self.id, now, min_age=self.cfg.runtime.straggler_min,
+                                       accept_tail=self._accepts_tails())
+            if ref is None:
+                asyncio.get_running_loop().call_later(self.cfg.runtime.straggler_min, self._work.set)
+                return None
+            self.stats.speculative += 1
         if ref is None:
             return None
         self._work_changed()
@@ -727,6 +748,10 @@ class Node:
             loads = {pid: p.load for pid, p in self.peers.items()}
             victim = choose_victim(loads, want_tails=self._accepts_tails(), tile_seconds=1.0,
                                    tail_seconds=12.0, exclude=tried)
+            speculative = False
+            if victim is None:
+                victim = self._straggler_victim(tried)
+                speculative = victim is not None
             if victim is None:
                 return None
             tried.add(victim)
@@ -737,7 +762,7 @@ class Node:
             fut: asyncio.Future[StealReply] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
             try:
-                await peer.comm.send(StealRequest(rid, self._accepts_tails()))
+                await peer.comm.send(StealRequest(rid, self._accepts_tails(), speculative))
                 reply = await asyncio.wait_for(fut, self.cfg.runtime.steal_timeout)
             except (CommClosedError, asyncio.TimeoutError):
                 self._pending.pop(rid, None)
@@ -745,9 +770,13 @@ class Node:
                 continue
             if reply.granted:
                 self.stats.stolen += 1
+                self.stats.speculative += int(speculative)
                 return self._job_from_grant(reply, victim)
             self.stats.steal_failures += 1
-            peer.load = PeerLoad(0, 0, peer.load.rtt)
+            peer.load = PeerLoad(0, 0, peer.load.rtt, True, 0 if speculative else peer.load.leased)
+            if speculative:
+                # nothing old enough yet: look again once a lease could have become a straggler
+                asyncio.get_running_loop().call_later(self.cfg.runtime.straggler_min, self._work.set)
         return None
 
     def _job_from_grant(self, reply: StealReply, victim: str) -> Job:
@@ -760,7 +789,11 @@ class Node:
             await peer.comm.send(StealReply(req.request_id, False))
             return
         accept_tail = req.accept_tail
-        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=accept_tail)
+        now = time.monotonic()
+        ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail)
+        if ref is None and req.speculative and self.cfg.speculate:
+            ref = self.queue.speculate(peer.node_id, now, min_age=self.cfg.runtime.straggler_min,
+                                       accept_tail=accept_tail)
         if ref is None:
             await peer.comm.send(StealReply(req.request_id, False))
             return

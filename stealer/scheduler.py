@@ -45,6 +45,8 @@ class TaskRef:
 class Lease:
     holder: str
     deadline: float
+    started: float = 0.0
+    speculated: bool = False  # a speculative copy is out already (at most one per task)
 
 
 @dataclass
@@ -68,6 +70,9 @@ class WorkQueue:
     queue: deque[TaskRef] = field(default_factory=deque)
     leases: dict[TaskRef, Lease] = field(default_factory=dict)
     requeued: int = 0
+    # smoothed seconds from lease to acknowledgement, per kind (tile, tail): how old a lease
+    # must be before a straggler is suspected
+    typical: dict[bool, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -91,7 +96,7 @@ class WorkQueue:
             if ref is None:
                 return None
             self.queue.remove(ref)
-        self.leases[ref] = Lease(holder, now + self.lease_seconds)
+        self.leases[ref] = Lease(holder, now + self.lease_seconds, now)
         return ref
 
     def take_ref(self, ref: TaskRef, holder: str, now: float) -> bool:
@@ -101,17 +106,22 @@ class WorkQueue:
             self.queue.remove(ref)
         except ValueError:
             return False
-        self.leases[ref] = Lease(holder, now + self.lease_seconds)
+        self.leases[ref] = Lease(holder, now + self.lease_seconds, now)
         return True
 
     def holder(self, ref: TaskRef) -> str | None:
         lease = self.leases.get(ref)
         return lease.holder if lease else None
 
-    def done(self, ref: TaskRef) -> bool:
+    def done(self, ref: TaskRef, now: float | None = None) -> bool:
         """The gateway has the task's result: end its lease (or drop it from the queue if a
         requeued copy is waiting). Returns False if the task was not known (a late duplicate)."""
-        if self.leases.pop(ref, None) is not None:
+        lease = self.leases.pop(ref, None)
+        if lease is not None:
+            if now is not None:
+                took = max(0.0, now - lease.started)
+                old = self.typical.get(ref.is_tail)
+                self.typical[ref.is_tail] = took if old is None else 0.8 * old + 0.2 * took
             return True
         try:
             self.queue.remove(ref)
@@ -128,6 +138,29 @@ class WorkQueue:
         """Requeue every task whose lease ran out."""
         late = sorted(ref for ref, lease in self.leases.items() if lease.deadline <= now)
         return self._requeue(late)
+
+    def speculate(self, thief: str, now: float, *, min_age: float, factor: float = 2.0,
+                  accept_tail: bool = True) -> TaskRef | None:
+        """A straggler for an idle ``thief`` to run a speculative copy of: the oldest lease held by
+        another node that is older than ``factor`` times the typical task time (and ``min_age``),
+        each task at most once. The original lease stays; the first result wins."""
+        best: tuple[float, TaskRef] | None = None
+        for ref, lease in self.leases.items():
+            if lease.holder == thief or lease.speculated or (ref.is_tail and not accept_tail):
+                continue
+            age = now - lease.started
+            if age < max(min_age, factor * self.typical.get(ref.is_tail, 0.0)):
+                continue
+            if best is None or lease.started < best[0]:
+                best = (lease.started, ref)
+        if best is None:
+            return None
+        self.leases[best[1]].speculated = True
+        return best[1]
+
+    def outstanding(self, holder_not: str) -> int:
+        """Leases held by other nodes (what an idle node might speculate on)."""
+        return sum(1 for lease in self.leases.values() if lease.holder != holder_not and not lease.speculated)
 
     def next_deadline(self) -> float | None:
         return min((lease.deadline for lease in self.leases.values()), default=None)
@@ -157,6 +190,7 @@ class PeerLoad:
     queued_tails: int
     rtt: float = 0.0  # seconds, smoothed round trip of the peer connection
     can_take_tails: bool = True
+    leased: int = 0  # tasks the peer has out with other nodes
 
 
 def choose_victim(loads: Mapping[str, PeerLoad], *, want_tails: bool, tile_seconds: float,

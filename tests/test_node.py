@@ -40,7 +40,7 @@ def config(gateway=False, sources=(), frames=None, peers=(), **kw) -> NodeConfig
     return NodeConfig(node_id=new_node_id(), host="127.0.0.1", gateway=gateway,
                       sources=[SyntheticSource(s) for s in sources], frames=frames,
                       peers=list(peers), discovery=False, grid=kw.pop("grid", (3, 3)),
-                      layers=kw.pop("layers", 9), limits=FAST, runtime=FAST_RT, **kw)
+                      layers=kw.pop("layers", 9), limits=FAST, runtime=kw.pop("runtime", FAST_RT), **kw)
 
 
 async def collect(node: Node, n: int, timeout: float = 60) -> list[dict]:
@@ -252,3 +252,28 @@ async def test_standby_takes_over_when_the_gateway_dies(tiny_net, tmp_path):
     assert sorted(frames) == list(range(6))
     assert all(frames[f] == expected_digest(tiny_net, 12, f) for f in frames)
     assert src.stats.frames_resent >= 1
+
+
+async def test_idle_node_copies_a_straggler_and_first_result_wins(tiny_net):
+    """A thief steals a tile and sits on it (a straggler that never answers but stays connected):
+    an idle node runs a speculative copy, so the frame finishes long before the lease runs out."""
+    from stealer.wire.messages import StealReply, StealRequest
+
+    rt = RuntimeLimits(lease=120.0, steal_timeout=1.0, strips_timeout=1.0, gateway_wait=10.0, straggler_min=0.3)
+    gw = Node(tiny_net, config(gateway=True, sources=[13], frames=1, runtime=rt))
+    await gw.start()
+    try:
+        rogue = await _rogue(gw.port, tiny_net)
+        reply = None
+        async with asyncio.timeout(30):
+            while reply is None or not reply.granted:
+                await rogue.send(StealRequest(1))
+                while not isinstance(msg := await rogue.recv(), StealReply):
+                    pass
+                reply = msg
+        results = await collect(gw, 1, timeout=30)  # the lease alone would take 120 s
+        await rogue.close()
+    finally:
+        await gw.close()
+    assert gw.stats.speculative >= 1
+    assert results[0]["output_sha256"] == expected_digest(tiny_net, 13, 0)

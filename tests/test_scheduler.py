@@ -126,3 +126,18 @@ def test_take_ref_leases_a_named_task():
     assert q.take_ref(TaskRef("src", 0, 1), "w", 0.0)
     assert not q.take_ref(TaskRef("src", 0, 1), "w", 0.0)
     assert list(q.queue) == [TaskRef("src", 0, 0), TaskRef("src", 0, 2)] and q.holder(TaskRef("src", 0, 1)) == "w"
+
+
+def test_speculation_picks_the_oldest_straggler_once():
+    q = WorkQueue("me", lease_seconds=60)
+    q.add(refs(0, 4))
+    a = q.take("fast", 0.0)
+    q.done(a, now=1.0)  # typical tile time: 1 s
+    b = q.take("slow", 1.0)
+    c = q.take("slow", 2.0)
+    assert q.speculate("idle", 2.5, min_age=0.5) is None  # nothing older than 2x typical yet
+    assert q.speculate("idle", 4.0, min_age=0.5) == b
+    assert q.speculate("idle", 4.5, min_age=0.5) == c  # b is already speculated
+    assert q.speculate("slow", 9.0, min_age=0.5) is None  # never your own task
+    assert q.holder(b) == "slow"  # the original lease stays
+    assert q.done(b, now=5.0) and not q.done(b)  # first result wins, the copy is a duplicate

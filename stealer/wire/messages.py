@@ -713,6 +713,7 @@ class Status(Message):
     op: ClassVar[str] = "status"
     queued_tiles: int
     queued_tails: int
+    leased: int = 0  # tasks out with other nodes (candidates for speculative copies)
 
 
 @register
@@ -723,6 +724,7 @@ class StealRequest(Message):
     op: ClassVar[str] = "steal"
     request_id: int
     accept_tail: bool = True
+    speculative: bool = False  # nothing is queued anywhere: a copy of a straggler will do
 
 
 @register
