@@ -53,6 +53,21 @@ class FrameAssembly:
     def missing(self) -> list[int]:
         return [t for t in range(len(self.tiles)) if t not in self.received]
 
+    def fill_missing(self) -> list[int]:
+        """Deadline passed: zero every tile that has not arrived, mark the frame complete, and
+        return the missing task ids (late tiles are then dropped as duplicates)."""
+        missing = self.missing
+        for t in missing:
+            y0, y1, x0, x1 = self.tiles[t]
+            self.output[:, y0:y1, x0:x1] = 0
+            self.received.add(t)
+        return missing
+
+    def missing_fraction(self, missing: list[int]) -> float:
+        total = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.tiles)
+        gone = sum((self.tiles[t][1] - self.tiles[t][0]) * (self.tiles[t][3] - self.tiles[t][2]) for t in missing)
+        return gone / total if total else 0.0
+
     def add(self, task: int, tile: np.ndarray) -> bool:
         """Place one task's output tile. Returns False for a duplicate (dropped).
 
@@ -156,3 +171,27 @@ class ResultOrder:
 
     def pending(self, source: str) -> list[int]:
         return list(self._expected.get(source, ()))
+
+
+class RecentKeys:
+    """The most recent ``cap`` keys, for telling late duplicates of finished frames apart.
+
+    Bounded so that a node streaming frames for months does not remember every frame it ever
+    finished; a duplicate older than the last ``cap`` frames is vanishingly unlikely.
+    """
+
+    def __init__(self, cap: int = 65536) -> None:
+        self.cap = cap
+        self._keys: OrderedDict[Any, None] = OrderedDict()
+
+    def add(self, key: Any) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.cap:
+            self._keys.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -171,6 +171,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=None, help="frames per source [unbounded]")
     p.add_argument("--fps", type=float, default=None, help="frame rate per source [as fast as the cluster goes]")
     p.add_argument("--max-inflight", type=int, default=4, help="frames per source in flight [4]")
+    p.add_argument("--deadline", type=float, default=None, metavar="MS",
+                   help="real-time mode: finish each frame's tiles within MS milliseconds (missing tiles are "
+                        "marked); under overload drop the oldest unstarted frames. Without it nothing is dropped")
     p.add_argument("--slots", type=int, default=1, help="tasks computed at once [1]")
     p.add_argument("--max-memory", type=_parse_size, default=None,
                    help="memory offered for tasks, e.g. 512M [what the device has]")
@@ -211,6 +214,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         standby=args.gateway_standby, sources=sources,
         grid=args.grid, layers=args.layers, scheme=args.scheme, frames=args.frames, fps=args.fps,
         max_inflight=args.max_inflight, slots=args.slots,
+        deadline=args.deadline / 1000.0 if args.deadline else None,
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
         policy=args.policy, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,

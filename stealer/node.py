@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -35,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .assembly import FrameAssembly, ResultOrder, StripCache
+from .assembly import FrameAssembly, RecentKeys, ResultOrder, StripCache
 from .config import DEFAULT_LIMITS, Limits
 from .errors import CommClosedError, PlanError, ProtocolError, StealerError
 from .ftp.execute import run_task
@@ -49,6 +50,7 @@ from .wire import Comm, Hello, connect, serve
 from .wire.messages import (
     PROTOCOL_VERSION,
     FrameDone,
+    FrameDrop,
     FrameStart,
     GatewayClaim,
     Goodbye,
@@ -100,6 +102,7 @@ class NodeConfig:
     frames: int | None = None  # per source; None = unbounded
     fps: float | None = None
     max_inflight: int = 4  # frames per source in flight (back-pressure)
+    deadline: float | None = None  # seconds per frame; None: never drop anything
     slots: int = 1  # tasks computed at once; 0: this node computes nothing (a camera-only source)
     null_compute: bool = False  # benchmarks only: tasks "run" without kernels (runtime overhead)
     max_memory: int = 0  # bytes offered for tasks; 0 = unlimited
@@ -122,6 +125,7 @@ class Peer:
     comm: Comm
     role: str
     max_memory: int
+    dialer: str = ""  # node id of the side that opened the connection
     load: PeerLoad = field(default_factory=lambda: PeerLoad(0, 0))
 
     @property
@@ -161,6 +165,8 @@ class Stats:
     requeued: int = 0
     takeovers: int = 0
     frames_resent: int = 0
+    frames_dropped: int = 0
+    frames_partial: int = 0
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
@@ -258,10 +264,12 @@ class Node:
         self._assembly: dict[tuple[str, int], FrameAssembly] = {}
         self._frame_info: dict[tuple[str, int], tuple[str, int, int, float]] = {}
         self._tail_inputs: dict[tuple[str, int], np.ndarray] = {}
-        self._finished: set[tuple[str, int]] = set()
+        self._finished = RecentKeys()
         self._strips = StripCache(max_bytes=256 * 1024 * 1024)
         self._order = ResultOrder()
         self._parked: dict[tuple[str, int], dict[str, Any]] = {}
+        self._deadline_timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        self._partial: dict[tuple[str, int], dict[str, Any]] = {}
         self._out_file = open(config.out, "a", buffering=1) if (config.out and config.gateway) else None
         self._closed = False
         self._draining = False
@@ -380,8 +388,9 @@ class Node:
             log.warning("ignoring node %s at %s:%d: it runs model %s, this node runs %s",
                         info.node_id[:8], info.host, info.port, info.model_hash, self.net.model_hash)
             return
-        # one connection per pair: the smaller node id dials
-        if self.id < info.node_id and info.node_id not in self._connecting:
+        # both sides may dial at once (a new node need not wait to be found): _serve_peer keeps
+        # the connection opened by the smaller node id and closes the other, on both sides alike
+        if info.node_id not in self._connecting:
             self._spawn(self._connect(info.host, info.port, info.node_id), f"connect {info.node_id[:8]}")
 
     async def _connect(self, host: str, port: int, node_id: str | None) -> None:
@@ -395,18 +404,27 @@ class Node:
         finally:
             if node_id is not None:
                 self._connecting.discard(node_id)
-        await self._serve_peer(comm)
+        await self._serve_peer(comm, dialed=True)
 
     async def _on_comm(self, comm: Comm) -> None:
-        await self._serve_peer(comm)
+        await self._serve_peer(comm, dialed=False)
 
-    async def _serve_peer(self, comm: Comm) -> None:
+    async def _serve_peer(self, comm: Comm, *, dialed: bool) -> None:
         ident = comm.peer
-        if ident.node_id in self.peers:
-            log.info("already connected to %s; closing the second connection", ident.node_id[:8])
-            await comm.close("duplicate connection")
-            return
-        peer = Peer(ident.node_id, comm, ident.role, ident.max_memory)
+        dialer = self.id if dialed else ident.node_id
+        old = self.peers.get(ident.node_id)
+        if old is not None:
+            keeper = min(self.id, ident.node_id)
+            if old.dialer == keeper or dialer != keeper:
+                log.debug("already connected to %s; closing the second connection", ident.node_id[:8])
+                await comm.close("duplicate connection")
+                return
+            # the new connection is the one both sides keep: move over to it
+            del self.peers[ident.node_id]
+            old.comm.abort("replaced by the connection both sides keep")
+        peer = Peer(ident.node_id, comm, ident.role, ident.max_memory, dialer)
+        if old is not None:
+            peer.load = old.load
         self.peers[peer.node_id] = peer
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
         try:
@@ -597,6 +615,8 @@ class Node:
             self._work_changed()
         elif isinstance(msg, FrameDone):
             self._source_frame_done(msg)
+        elif isinstance(msg, FrameDrop):
+            self._gw_frame_drop(msg)
         elif isinstance(msg, GatewayClaim):
             if peer is not None:
                 self._follow_gateway(peer.node_id, msg.epoch)
@@ -942,7 +962,7 @@ class Node:
         count = 0
         try:
             while (self.cfg.frames is None or count < self.cfg.frames) and not self._draining:
-                while self._inflight[source_id] >= self.cfg.max_inflight:
+                while self.cfg.deadline is None and self._inflight[source_id] >= self.cfg.max_inflight:
                     self._frame_freed.clear()
                     await self._frame_freed.wait()
                 frame = await loop.run_in_executor(None, next, frames, None)
@@ -950,11 +970,18 @@ class Node:
                     break
                 count += 1
                 key = (source_id, frame.number)
+                if self.cfg.deadline is not None and self._inflight[source_id] >= self.cfg.max_inflight:
+                    # overload in deadline mode: drop the oldest frame nothing has started on (or
+                    # this new one), rather than queueing without bound
+                    if not await self._drop_oldest_unstarted(source_id, len(plan.tasks)):
+                        await self._drop(source_id, frame.number)
+                        continue
                 self._frames[key] = SourceFrame(frame, time.monotonic())
                 self._inflight[source_id] += 1
                 await self._wait_for_gateway()
                 try:
-                    await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h))
+                    await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h,
+                                                      self.cfg.deadline or 0.0))
                 except (CommClosedError, asyncio.TimeoutError) as exc:
                     # the gateway went away just now: the frame is kept and restarted on the next one
                     log.warning("frame %d of %s: no gateway (%s); it starts again on the next", frame.number,
@@ -972,6 +999,25 @@ class Node:
                 await self._frame_freed.wait()
         finally:
             src.close()
+
+    async def _drop_oldest_unstarted(self, source_id: str, n_tasks: int) -> bool:
+        for src, number in sorted(k for k in self._frames if k[0] == source_id):
+            if self.queue.untouched(src, number, n_tasks):
+                self.queue.drop_frame(src, number)
+                del self._frames[(src, number)]
+                self._inflight[source_id] -= 1
+                self._work_changed()
+                await self._drop(src, number)
+                return True
+        return False
+
+    async def _drop(self, source_id: str, number: int) -> None:
+        self.stats.frames_dropped += 1
+        log.info("deadline mode: dropped frame %d of %s (overload)", number, source_id)
+        try:
+            await self._to_gateway(FrameDrop(source_id, number))
+        except (CommClosedError, asyncio.TimeoutError):
+            pass
 
     async def _wait_for_gateway(self) -> None:
         """Sources wait for a gateway as long as it takes, saying so now and then."""
@@ -998,6 +1044,9 @@ class Node:
             return
         self._frame_info[key] = (msg.plan, msg.img_w, msg.img_h, time.monotonic())
         self._order.expect(msg.source, msg.frame)
+        if msg.deadline > 0:
+            self._deadline_timers[key] = asyncio.get_running_loop().call_later(
+                msg.deadline, self._deadline_passed, key)
         parked = self._parked.pop(key, None)
         if parked is not None:
             self._release(msg.source, msg.frame, parked)
@@ -1043,13 +1092,52 @@ class Node:
             self.stats.duplicates_dropped += 1
         await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
         if asm.complete:
-            del self._assembly[key]
-            self._strips.drop(key)
-            self._tail_inputs[key] = asm.output
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
-            self.queue.add([TaskRef(msg.source, msg.frame, TAIL)], front=True)
-            self._work_changed()
+            self._gw_tiles_done(key, asm)
+
+    def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
+        """All tiles are in (or the deadline passed): the frame's tail becomes a task."""
+        del self._assembly[key]
+        timer = self._deadline_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._strips.drop(key)
+        self._tail_inputs[key] = asm.output
+        self.queue.add([TaskRef(key[0], key[1], TAIL)], front=True)
+        self._work_changed()
+
+    def _deadline_passed(self, key: tuple[str, int]) -> None:
+        self._deadline_timers.pop(key, None)
+        if key in self._tail_inputs or key in self._finished or key not in self._frame_info:
+            return
+        asm = self._gw_assembly(key[0], key[1], self._frame_info[key][0])
+        missing = asm.fill_missing()
+        fraction = asm.missing_fraction(missing)
+        # Without the missing tiles' true values the distance to the exact output can only be
+        # estimated: assume they carry the frame's average energy (SNR = 10 log10(1 / fraction)).
+        snr = float("inf") if fraction == 0 else 10 * math.log10(1 / fraction)
+        self._partial[key] = {"missing_tiles": missing, "missing_fraction": round(fraction, 4),
+                              "snr_db_estimate": round(snr, 2)}
+        self.stats.frames_partial += 1
+        log.warning("frame %d of %s missed its deadline: finishing without %d tile(s)", key[1], key[0][:8],
+                    len(missing))
+        self._gw_tiles_done(key, asm)
+
+    def _gw_frame_drop(self, msg: FrameDrop) -> None:
+        key = (msg.source, msg.frame)
+        if key in self._finished:
+            return
+        self._finished.add(key)
+        for table in (self._assembly, self._tail_inputs, self._partial):
+            table.pop(key, None)
+        timer = self._deadline_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._strips.drop(key)
+        self.queue.drop_frame(msg.source, msg.frame)
+        self._order.expect(msg.source, msg.frame)
+        self._release(msg.source, msg.frame, {"source": msg.source, "frame": msg.frame, "dropped": True})
 
     async def _gw_tail(self, msg: TailDone) -> None:
         key = (msg.source, msg.frame)
@@ -1066,6 +1154,7 @@ class Node:
         result = {"source": msg.source, "frame": msg.frame, "latency": round(latency, 4),
                   "output_sha256": msg.output_sha256, "detections": msg.detections,
                   "tail_seconds": round(msg.seconds, 4)}
+        result.update(self._partial.pop(key, {}))
         if msg.frame in self._order.pending(msg.source):
             self._release(msg.source, msg.frame, result)
         else:

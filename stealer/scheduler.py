@@ -165,6 +165,12 @@ class WorkQueue:
     def next_deadline(self) -> float | None:
         return min((lease.deadline for lease in self.leases.values()), default=None)
 
+    def untouched(self, source: str, frame: int, n_tasks: int) -> bool:
+        """True if all ``n_tasks`` of the frame are still queued (nothing started, nothing done)."""
+        if any((r.source, r.frame) == (source, frame) for r in self.leases):
+            return False
+        return sum(1 for r in self.queue if (r.source, r.frame) == (source, frame)) == n_tasks
+
     def drop_frame(self, source: str, frame: int) -> int:
         """Forget every queued and leased task of a frame (it completed, or was dropped)."""
         before = len(self.queue) + len(self.leases)

@@ -277,3 +277,46 @@ async def test_idle_node_copies_a_straggler_and_first_result_wins(tiny_net):
         await gw.close()
     assert gw.stats.speculative >= 1
     assert results[0]["output_sha256"] == expected_digest(tiny_net, 13, 0)
+
+
+async def test_deadline_overload_drops_unstarted_frames_in_order(tiny_net):
+    """A source producing frames faster than the cluster computes them, with a deadline: frames
+    nothing started on are dropped (and reported, in order); everything computed is exact."""
+    cfg = config(gateway=True, sources=[14], frames=24, max_inflight=1)
+    cfg.deadline = 5.0
+    async with Node(tiny_net, cfg) as gw:
+        results = await collect(gw, 24)
+    assert [r["frame"] for r in results] == list(range(24))
+    dropped = [r for r in results if r.get("dropped")]
+    done = [r for r in results if not r.get("dropped")]
+    assert dropped and done and gw.stats.frames_dropped == len(dropped)
+    for r in done:
+        assert "missing_tiles" not in r
+        assert r["output_sha256"] == expected_digest(tiny_net, 14, r["frame"])
+
+
+async def test_deadline_finishes_a_frame_with_missing_tiles_marked(tiny_net):
+    """A tile is stolen by a peer that never answers: at the deadline the gateway finishes the
+    frame without it and says which tile is missing."""
+    from stealer.wire.messages import StealReply, StealRequest
+
+    cfg = config(gateway=True, sources=[15], frames=1, speculate=False)
+    cfg.deadline = 1.0
+    gw = Node(tiny_net, cfg)
+    await gw.start()
+    try:
+        rogue = await _rogue(gw.port, tiny_net)
+        reply = None
+        async with asyncio.timeout(30):
+            while reply is None or not reply.granted:
+                await rogue.send(StealRequest(1))
+                while not isinstance(msg := await rogue.recv(), StealReply):
+                    pass
+                reply = msg
+        (result,) = await collect(gw, 1, timeout=30)
+        await rogue.close()
+    finally:
+        await gw.close()
+    assert result["missing_tiles"] == [reply.task]
+    assert 0 < result["missing_fraction"] < 1 and result["snr_db_estimate"] > 0
+    assert result["output_sha256"] != expected_digest(tiny_net, 15, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stealer.assembly import FrameAssembly, ResultOrder, StripCache
+from stealer.assembly import FrameAssembly, RecentKeys, ResultOrder, StripCache
 from stealer.scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
 
 
@@ -141,3 +141,18 @@ def test_speculation_picks_the_oldest_straggler_once():
     assert q.speculate("slow", 9.0, min_age=0.5) is None  # never your own task
     assert q.holder(b) == "slow"  # the original lease stays
     assert q.done(b, now=5.0) and not q.done(b)  # first result wins, the copy is a duplicate
+
+
+def test_recent_keys_are_bounded():
+    keys = RecentKeys(cap=3)
+    for k in range(5):
+        keys.add(k)
+    assert len(keys) == 3 and 4 in keys and 1 not in keys
+
+
+def test_fill_missing_zeroes_and_reports():
+    fa = FrameAssembly((1, 2, 4), [(0, 2, 0, 2), (0, 2, 2, 4)])
+    fa.add(0, np.ones((1, 2, 2), np.float32))
+    assert fa.fill_missing() == [1] and fa.complete
+    assert fa.output[:, :, 2:].sum() == 0 and fa.missing_fraction([1]) == 0.5
+    assert not fa.add(1, np.ones((1, 2, 2), np.float32))  # a late tile is a duplicate now

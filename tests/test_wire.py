@@ -37,6 +37,7 @@ from stealer.wire import (
 )
 from stealer.wire.messages import (
     FrameDone,
+    FrameDrop,
     GatewayClaim,
     FrameStart,
     StealReply,
@@ -141,6 +142,7 @@ SAMPLES = [
     pytest.param(TailDone("n1/0", 3, "ab" * 32, [{"cls": 1, "prob": 0.5}], 1.5), id="tail-done"),
     pytest.param(FrameDone("n1/0", 3), id="frame-done"),
     pytest.param(GatewayClaim(2), id="gateway-claim"),
+    pytest.param(FrameDrop("n1/0", 9), id="frame-drop"),
 ]
 
 

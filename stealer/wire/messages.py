@@ -765,6 +765,7 @@ class FrameStart(Message):
     plan: str
     img_w: int
     img_h: int
+    deadline: float = 0.0  # seconds from now to finish the frame's tiles; 0: no deadline
 
     def __post_init__(self) -> None:
         _check_task_name(self.source, self.frame, 0)
@@ -861,3 +862,14 @@ class GatewayClaim(Message):
 
     op: ClassVar[str] = "gateway-claim"
     epoch: int
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class FrameDrop(Message):
+    """Deadline mode: a source gave up on a frame before any of its tasks started (overload);
+    the gateway releases it as dropped, in order, instead of waiting for it."""
+
+    op: ClassVar[str] = "frame-drop"
+    source: str
+    frame: int
