@@ -227,7 +227,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         install_signal_handlers(stop)
         if early_stop:
             stop.set()
-        async with Node(net, cfg) as node:
+        def emit(event: dict) -> None:
+            print(json.dumps(event), flush=True)
+
+        async with Node(net, cfg, on_event=emit) as node:
             if early_stop:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,

@@ -454,11 +454,13 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
         n, c, k = layer.filters, layer.in_shape[0], layer.size
         fan_in = c * k * k
         std = math.sqrt(2.0 / fan_in)
-        weights = (rng.standard_normal((n, c, k, k)) * std).astype(np.float32)
-        biases = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        # float32 draws directly: half the time of float64 draws for YOLOv2's 51 M parameters,
+        # which is most of a node's start-up when it runs on random weights
+        weights = rng.standard_normal((n, c, k, k), dtype=np.float32) * np.float32(std)
+        biases = rng.standard_normal(n, dtype=np.float32) * np.float32(0.1)
         if layer.batch_normalize:
             scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
-            mean = (rng.standard_normal(n) * 0.1).astype(np.float32)
+            mean = rng.standard_normal(n, dtype=np.float32) * np.float32(0.1)
             var = rng.uniform(0.5, 1.5, n).astype(np.float32)
             params[layer.index] = ConvParams(biases, weights, scales, mean, var)
         else:

@@ -225,11 +225,14 @@ class Node:
     """
 
     def __init__(self, net: Network, config: NodeConfig,
-                 on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_result: Callable[[dict[str, Any]], None] | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.net = net
         self.cfg = config
         self.id = config.node_id
         self.on_result = on_result
+        self.on_event = on_event  # milestones for operators and benchmarks (first task, takeover)
+        self.first_task_at: float | None = None
         self.layers = config.layers or min(16, _fusable(net))
         self.role = "gateway" if config.gateway else ("standby" if config.standby else "worker")
         # The gateway this node follows, and the epoch of its claim: a standby that takes over
@@ -294,10 +297,21 @@ class Node:
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits)
         await self._server.start()
+        self._event({"event": "starting", "time": time.time(), "node_id": self.id, "port": self.port})
         log.info("node %s (%s) listening on port %d, model %s, plan %s", self.id[:8], self.role,
                  self.port, self.net.model_hash, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
         if self.is_gateway:
             self._gateway_seen.set()
+        # compute and sources first: peers found while our own mDNS announcement is still being
+        # probed (about 1.5 s) can already be dialled and stolen from
+        for slot in range(self.cfg.slots):
+            self._spawn(self._compute_loop(slot), f"compute {slot}")
+        if self.cfg.sources:
+            self._spawn(self._run_sources(), "sources")
+        else:
+            self._sources_done.set()
+        for host, port in self.cfg.peers:
+            self._spawn(self._connect(host, port, None), f"connect {host}:{port}")
         if self.cfg.discovery:
             from .discovery import Discovery
 
@@ -306,14 +320,6 @@ class Node:
                                         interfaces=self.cfg.interfaces, loopback=self.cfg.loopback,
                                         limits=self.cfg.limits)
             await self._discovery.start()
-        for host, port in self.cfg.peers:
-            self._spawn(self._connect(host, port, None), f"connect {host}:{port}")
-        for slot in range(self.cfg.slots):
-            self._spawn(self._compute_loop(slot), f"compute {slot}")
-        if self.cfg.sources:
-            self._spawn(self._run_sources(), "sources")
-        else:
-            self._sources_done.set()
         return self
 
     async def close(self) -> None:
@@ -427,6 +433,7 @@ class Node:
             peer.load = old.load
         self.peers[peer.node_id] = peer
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
+        self._event({"event": "peer-joined", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         try:
             await comm.send(Status(*self._queued()))
             if self.is_gateway:
@@ -462,7 +469,12 @@ class Node:
         if host and port:
             self._spawn(self._connect(host, port, peer.node_id), f"redial {peer.node_id[:8]}")
 
+    def _event(self, event: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
     def _peer_lost(self, peer: Peer) -> None:
+        self._event({"event": "peer-lost", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         requeued = self.queue.peer_lost(peer.node_id)
         if requeued:
             self.stats.requeued += len(requeued)
@@ -504,6 +516,7 @@ class Node:
         for peer in list(self.peers.values()):
             self._spawn(self._send_quietly(peer, GatewayClaim(self.epoch)), "gateway claim")
         log.warning("this node is the gateway now (epoch %d)", self.epoch)
+        self._event({"event": "takeover", "time": time.time(), "epoch": self.epoch})
         self._spawn(self._resend_unacknowledged(), "resend frames")
 
     def _follow_gateway(self, node_id: str, epoch: int) -> None:
@@ -861,6 +874,9 @@ class Node:
         return plan
 
     async def _run_job(self, job: Job) -> None:
+        if self.first_task_at is None:
+            self.first_task_at = time.time()
+            self._event({"event": "first-task", "time": self.first_task_at, "stolen": job.victim != self.id})
         self._running += 1
         try:
             await self._run_job_inner(job)
