@@ -220,6 +220,21 @@ def cmd_node(args: argparse.Namespace) -> int:
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
     )
 
+    if cfg.max_memory:
+        from .ftp.plan import make_plan
+        from .node import memory_needs
+
+        plan = make_plan(net, cfg.grid, cfg.layers, scheme=cfg.scheme)
+        tile, tail = memory_needs(net, plan)
+        if cfg.max_memory < tile:
+            log.warning("--max-memory %d B is below what one tile needs (%d B): this node computes nothing",
+                        cfg.max_memory, tile)
+            cfg.slots = 0
+        elif cfg.max_memory < tile + tail and not (args.gateway or args.gateway_standby):
+            freed = net.drop_weights(plan.n_layers)
+            log.warning("--max-memory %d B fits tiles (%d B) but not the tail layers (%d B more): serving "
+                        "tiles only, %d B of tail weights released", cfg.max_memory, tile, tail, freed)
+
     async def main() -> int:
         import asyncio
 

@@ -169,6 +169,17 @@ class Network:
     def table(self) -> list[LayerRow]:
         return layer_table(self.spec)
 
+    def drop_weights(self, start: int) -> int:
+        """Free the parameters of layers ``start`` and later (a node that only runs fused tiles
+        does not need the tail's 190 MB of YOLOv2 weights). Returns the bytes released; running
+        those layers afterwards raises a clear error."""
+        freed = 0
+        for i in [i for i in self.conv if i >= start]:
+            w, b = self.conv.pop(i)
+            freed += w.nbytes + b.nbytes
+        self._dropped_from = min(getattr(self, "_dropped_from", start), start)
+        return freed
+
     def warm_up(self) -> None:
         """Run every kernel variant this network uses once on tiny inputs.
 
@@ -258,6 +269,9 @@ class Network:
         """Run one non-route layer on its full input map."""
         layer = self.layers[i]
         if isinstance(layer, ConvSpec):
+            if i not in self.conv:
+                raise ValueError(f"layer {i}'s weights were dropped on this node (--max-memory); "
+                                 "it runs fused tiles only")
             w, b = self.conv[i]
             co, ho, wo = layer.out_shape
             out = np.empty((co, ho, wo), np.float32)

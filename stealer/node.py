@@ -685,12 +685,8 @@ class Node:
 
     # ------------------------------------------------------------------ compute
     def _accepts_tails(self) -> bool:
-        return self.cfg.max_memory == 0 or self.cfg.max_memory >= self._tail_bytes()
-
-    def _tail_bytes(self) -> int:
-        weights = sum(w.nbytes + b.nbytes for i, (w, b) in self.net.conv.items() if i >= self.layers)
-        acts = max((4 * int(np.prod(l.out_shape)) for l in self.net.layers[self.layers:]), default=0)
-        return weights + 4 * acts
+        tile, tail = memory_needs(self.net, self._plan(plan_key(self.cfg.grid, self.layers, self.cfg.scheme)))
+        return self.cfg.max_memory == 0 or self.cfg.max_memory >= tile + tail
 
     async def _compute_loop(self, slot: int) -> None:
         prefetch: asyncio.Task[Job | None] | None = None
@@ -1187,6 +1183,18 @@ class Node:
             self.results.put_nowait(res)
             if self.on_result is not None:
                 self.on_result(res)
+
+
+def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
+    """Bytes a node needs to run tiles (fused weights + the largest task's working set) and, on
+    top of that, to run tails too (the remaining layers' weights + a generous activation bound:
+    a layer's input and output, a routed map, and the fused map the tail starts from)."""
+    tile = plan.weight_bytes + plan.totals(reuse=True).max_working_set
+    rest = net.layers[plan.n_layers:]
+    weights = 4 * sum(l.n_params for l in rest)
+    acts = [4 * int(np.prod(l.out_shape)) for l in rest] or [0]
+    fused_out = 4 * int(np.prod(plan.output_shape))
+    return tile, weights + 3 * max(acts) + fused_out
 
 
 def _fusable(net: Network) -> int:

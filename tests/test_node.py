@@ -320,3 +320,34 @@ async def test_deadline_finishes_a_frame_with_missing_tiles_marked(tiny_net):
     assert result["missing_tiles"] == [reply.task]
     assert 0 < result["missing_fraction"] < 1 and result["snr_db_estimate"] > 0
     assert result["output_sha256"] != expected_digest(tiny_net, 15, 0)
+
+
+async def test_small_node_serves_tiles_only(tiny_net):
+    """A node whose --max-memory fits a tile but not the tail layers never takes a tail."""
+    from stealer.ftp.plan import make_plan
+    from stealer.node import memory_needs
+
+    tile, tail = memory_needs(tiny_net, make_plan(tiny_net, (3, 3), 9, scheme="quad"))
+    assert 0 < tile and 0 < tail
+    gw = Node(tiny_net, config(gateway=True, sources=[16], frames=4))
+    await gw.start()
+    small = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)], max_memory=tile + tail // 2))
+    await small.start()
+    try:
+        results = await collect(gw, 4)
+    finally:
+        await small.close()
+        await gw.close()
+    assert small.stats.tails_run == 0 and gw.stats.tails_run == 4
+    assert [r["output_sha256"] for r in results] == [expected_digest(tiny_net, 16, f) for f in range(4)]
+
+
+def test_dropped_weights_give_a_clear_error(tiny_net):
+    from stealer.darknet import random_weights
+
+    net = Network(tiny_net.spec, random_weights(tiny_net.spec, 1), "x")
+    x = np.zeros(net.input_shape, np.float32)
+    assert net.drop_weights(9) > 0
+    net.forward(x, 0, 9)  # the fused layers still run
+    with pytest.raises(ValueError, match="weights were dropped"):
+        net.forward(x)
