@@ -152,20 +152,19 @@ def run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, st
     wrong = [f for f, r in first.items() if r["output_sha256"] != expected[f]]
     lat = [r["latency"] for r in first.values()]
     # failure detection: from each kill to the first peer-lost event naming that process's node
-    node_ids: dict[str, list[tuple[float, str]]] = {}
     events = []
     for p in (gateway, standby, source, *workers):
         for log, ev in p.events():
             events.append((p.name, ev))
-            if ev.get("event") == "starting":
-                node_ids.setdefault(p.name, []).append((0.0, ev["node_id"]))
     detections = []
     for k in kills:
-        ids = {nid for _, nid in node_ids.get(k["who"], [])}
         victim = next(p for p in (gateway, standby, source, *workers) if p.name == k["who"])
-        joined = [ev for _, ev in victim.events() if ev.get("event") == "peer-joined" and ev["time"] < k["time"]]
-        if not joined:
-            continue  # killed before it had connected to anyone: nobody could miss it
+        # the generation of the process that was running when the fault was injected
+        gen = sum(1 for t in victim.spawn_times if t <= k["time"]) - 1
+        evs = [json.loads(l) for l in victim.logs[gen].read_text(errors="replace").splitlines() if l.startswith("{")]
+        ids = {e["node_id"] for e in evs if e.get("event") == "starting"}
+        if not any(e.get("event") == "peer-joined" and e["time"] < k["time"] for e in evs):
+            continue  # faulted before it had connected to anyone: nobody could miss it
         seen = [ev["time"] - k["time"] for _, ev in events
                 if ev.get("event") == "peer-lost" and ev.get("peer") in ids and ev["time"] >= k["time"]]
         if seen:
