@@ -380,7 +380,10 @@ class ConvParams:
         if np.any(var < 0):
             raise WeightsError("batch-norm variance is negative")
         k = self.scales.astype(np.float64) / (np.sqrt(var) + 1e-6)
-        w = (self.weights.astype(np.float64) * k[:, None, None, None]).astype(np.float32)
+        # The per-channel factor is computed in double, as darknet does; the weights are scaled
+        # in float32 (one rounding of a float32 product) rather than through a float64 copy of
+        # all 51 M YOLOv2 weights, which would cost 400 MB and a second of a Pi's start-up.
+        w = self.weights.astype(np.float32) * k.astype(np.float32)[:, None, None, None]
         b = (self.biases.astype(np.float64) - self.rolling_mean.astype(np.float64) * k).astype(np.float32)
         return w, b
 
@@ -444,7 +447,7 @@ def read_weights(path: str | os.PathLike[str], spec: ModelSpec) -> dict[int, Con
 def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
     """Deterministic random parameters for ``spec`` (real weights cannot be downloaded here).
 
-    He-scaled weights and batch-norm statistics near identity keep activations O(1) through
+    He-scaled (uniform) weights and batch-norm statistics near identity keep activations O(1) through
     deep stacks, so tiled-vs-full comparisons exercise realistic magnitudes rather than
     overflowing or collapsing to zero.
     """
@@ -453,10 +456,12 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
     for layer in spec.conv_layers():
         n, c, k = layer.filters, layer.in_shape[0], layer.size
         fan_in = c * k * k
-        std = math.sqrt(2.0 / fan_in)
-        # float32 draws directly: half the time of float64 draws for YOLOv2's 51 M parameters,
+        # He-uniform weights, U(-a, a) with a = sqrt(6 / fan_in) (the variance of He-normal),
+        # drawn as float32 in place: 4x faster than normal draws for YOLOv2's 51 M parameters,
         # which is most of a node's start-up when it runs on random weights
-        weights = rng.standard_normal((n, c, k, k), dtype=np.float32) * np.float32(std)
+        weights = rng.random((n, c, k, k), dtype=np.float32)
+        weights -= np.float32(0.5)
+        weights *= np.float32(2.0 * math.sqrt(6.0 / fan_in))
         biases = rng.standard_normal(n, dtype=np.float32) * np.float32(0.1)
         if layer.batch_normalize:
             scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
