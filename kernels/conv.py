@@ -55,6 +55,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
+from ._validate import output_array
 from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskload, vrelu, vstore, vzero
 from .activations import ACT_LEAKY, ACT_LOGISTIC, ACT_RELU, _act_code, _logistic32
 
@@ -591,20 +592,7 @@ def conv2d(
     out_h = _check_int("out_h", out_h, 1)
     out_w = _check_int("out_w", out_w, 1)
     act = _act_code(activation)
-    shape = (co_n, out_h, out_w)
-    if out is None:
-        out = np.empty(shape, np.float32)
-    else:
-        if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-            got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
-            raise ValueError(f"out must be a float32 ndarray, got {got}")
-        if out.shape != shape:
-            raise ValueError(f"out shape must be {shape}, got {out.shape}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be C-contiguous and writeable")
-        for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-            if np.may_share_memory(out, a):
-                raise ValueError(f"out must not overlap {name}")
+    out = output_array(out, (co_n, out_h, out_w), x=x, weight=weight, bias=bias)
     w2 = weight.reshape(co_n, c_n * k * k)
     out2 = out.reshape(co_n, out_h * out_w)  # a view: out is C-contiguous
     if exact:

@@ -6,6 +6,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
+from ._validate import output_array
 from .conv import _check_f32, _check_int
 
 #: Darknet starts every window from ``-FLT_MAX``; a window entirely outside ``x`` yields it.
@@ -139,18 +140,6 @@ def maxpool2d(
                              f"(W={w}, pad_left={pad_left}, stride={stride}); pass out_w")
     out_h = _check_int("out_h", out_h, 1)
     out_w = _check_int("out_w", out_w, 1)
-    shape = (c_n, out_h, out_w)
-    if out is None:
-        out = np.empty(shape, np.float32)
-    else:
-        if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-            got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
-            raise ValueError(f"out must be a float32 ndarray, got {got}")
-        if out.shape != shape:
-            raise ValueError(f"out shape must be {shape}, got {out.shape}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be C-contiguous and writeable")
-        if np.may_share_memory(out, x):
-            raise ValueError("out must not overlap x")
+    out = output_array(out, (c_n, out_h, out_w), x=x)
     _maxpool2d(x, size, stride, pad_top, pad_left, out)
     return out

@@ -147,26 +147,29 @@ async def _rogue(port: int, net: Network):
     return await connect("127.0.0.1", port, hello, limits=FAST)
 
 
+async def steal_one(rogue):
+    """Ask until a task is granted (the queue may still be empty for a moment)."""
+    from stealer.wire.messages import StealReply, StealRequest
+
+    async with asyncio.timeout(30):
+        while True:
+            await rogue.send(StealRequest(1))
+            while not isinstance(msg := await rogue.recv(), StealReply):
+                pass
+            if msg.granted:
+                return msg
+
+
 async def test_thief_that_dies_holding_a_task_loses_nothing(tiny_net):
     """A peer steals a tile, then its connection drops without a result: the tile is queued again
     and the frame still completes with the exact result."""
-    from stealer.wire.messages import StealReply, StealRequest
-
     src_cfg = config(gateway=True, sources=[8], frames=2, max_inflight=1)
     src_cfg.slots = 1
     gw = Node(tiny_net, src_cfg)
     await gw.start()
     try:
         rogue = await _rogue(gw.port, tiny_net)
-        reply = None
-        async with asyncio.timeout(30):
-            while reply is None or not reply.granted:
-                await rogue.send(StealRequest(1))
-                while True:
-                    msg = await rogue.recv()
-                    if isinstance(msg, StealReply):
-                        reply = msg
-                        break
+        reply = await steal_one(rogue)
         stolen = (reply.source, reply.frame, reply.task)
         rogue.abort("simulated crash")
         results = await collect(gw, 2)
@@ -257,20 +260,13 @@ async def test_standby_takes_over_when_the_gateway_dies(tiny_net, tmp_path):
 async def test_idle_node_copies_a_straggler_and_first_result_wins(tiny_net):
     """A thief steals a tile and sits on it (a straggler that never answers but stays connected):
     an idle node runs a speculative copy, so the frame finishes long before the lease runs out."""
-    from stealer.wire.messages import StealReply, StealRequest
 
     rt = RuntimeLimits(lease=120.0, steal_timeout=1.0, strips_timeout=1.0, gateway_wait=10.0, straggler_min=0.3)
     gw = Node(tiny_net, config(gateway=True, sources=[13], frames=1, runtime=rt))
     await gw.start()
     try:
         rogue = await _rogue(gw.port, tiny_net)
-        reply = None
-        async with asyncio.timeout(30):
-            while reply is None or not reply.granted:
-                await rogue.send(StealRequest(1))
-                while not isinstance(msg := await rogue.recv(), StealReply):
-                    pass
-                reply = msg
+        await steal_one(rogue)  # and never answer
         results = await collect(gw, 1, timeout=30)  # the lease alone would take 120 s
         await rogue.close()
     finally:
@@ -298,7 +294,6 @@ async def test_deadline_overload_drops_unstarted_frames_in_order(tiny_net):
 async def test_deadline_finishes_a_frame_with_missing_tiles_marked(tiny_net):
     """A tile is stolen by a peer that never answers: at the deadline the gateway finishes the
     frame without it and says which tile is missing."""
-    from stealer.wire.messages import StealReply, StealRequest
 
     cfg = config(gateway=True, sources=[15], frames=1, speculate=False)
     cfg.deadline = 1.0
@@ -306,13 +301,7 @@ async def test_deadline_finishes_a_frame_with_missing_tiles_marked(tiny_net):
     await gw.start()
     try:
         rogue = await _rogue(gw.port, tiny_net)
-        reply = None
-        async with asyncio.timeout(30):
-            while reply is None or not reply.granted:
-                await rogue.send(StealRequest(1))
-                while not isinstance(msg := await rogue.recv(), StealReply):
-                    pass
-                reply = msg
+        reply = await steal_one(rogue)
         (result,) = await collect(gw, 1, timeout=30)
         await rogue.close()
     finally:
