@@ -275,6 +275,7 @@ class Node:
         self._partial: dict[tuple[str, int], dict[str, Any]] = {}
         self._out_file = open(config.out, "a", buffering=1) if (config.out and config.gateway) else None
         self._closed = False
+        self._tail_ok: bool | None = None
         self._draining = False
         self._running = 0
         self._idle_changed = asyncio.Event()
@@ -640,7 +641,7 @@ class Node:
 
     # ------------------------------------------------------------------ queue status
     def _queued(self) -> tuple[int, int, int]:
-        tails = sum(1 for r in self.queue.queue if r.is_tail)
+        tails = self.queue.queued_tails
         return len(self.queue) - tails, tails, self.queue.outstanding(self.id)
 
     def _work_changed(self) -> None:
@@ -654,7 +655,7 @@ class Node:
     def _send_status(self) -> None:
         self._status_dirty = False
         status = self._queued()
-        if status == self._last_status:
+        if not _status_worth_sending(self._last_status, status):
             return
         self._last_status = status
         for peer in list(self.peers.values()):
@@ -685,8 +686,10 @@ class Node:
 
     # ------------------------------------------------------------------ compute
     def _accepts_tails(self) -> bool:
-        tile, tail = memory_needs(self.net, self._plan(plan_key(self.cfg.grid, self.layers, self.cfg.scheme)))
-        return self.cfg.max_memory == 0 or self.cfg.max_memory >= tile + tail
+        if self._tail_ok is None:  # computed once: the plan's accounting is not free
+            tile, tail = memory_needs(self.net, self._plan(plan_key(self.cfg.grid, self.layers, self.cfg.scheme)))
+            self._tail_ok = self.cfg.max_memory == 0 or self.cfg.max_memory >= tile + tail
+        return self._tail_ok
 
     async def _compute_loop(self, slot: int) -> None:
         prefetch: asyncio.Task[Job | None] | None = None
@@ -1183,6 +1186,20 @@ class Node:
             self.results.put_nowait(res)
             if self.on_result is not None:
                 self.on_result(res)
+
+
+def _status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:
+    """Thieves only need a rough picture of who has work: tell peers when a count goes between
+    zero and non-zero, or moves by a quarter (at least 2) since last told. Every take would
+    otherwise cost a message to every peer."""
+    if last is None:
+        return True
+    for a, b in zip(last, now):
+        if (a == 0) != (b == 0):
+            return True
+        if abs(a - b) >= max(2, a // 4):
+            return True
+    return False
 
 
 def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:

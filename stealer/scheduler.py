@@ -73,15 +73,23 @@ class WorkQueue:
     # smoothed seconds from lease to acknowledgement, per kind (tile, tail): how old a lease
     # must be before a straggler is suspected
     typical: dict[bool, float] = field(default_factory=dict)
+    _tails: int = 0  # tail tasks in ``queue``
 
     def __len__(self) -> int:
         return len(self.queue)
 
+    @property
+    def queued_tails(self) -> int:
+        """Tail tasks in the queue (kept as a count: status is reported on every change)."""
+        return self._tails
+
     def add(self, tasks: Iterable[TaskRef], *, front: bool = False) -> None:
         """Queue tasks in the given order, at the back (or at the front: a frame's tail goes
         first, so the frame's latency does not include later frames' tiles)."""
+        tasks = list(tasks)
+        self._tails += sum(1 for r in tasks if r.is_tail)
         if front:
-            self.queue.extendleft(reversed(list(tasks)))
+            self.queue.extendleft(reversed(tasks))
         else:
             self.queue.extend(tasks)
 
@@ -96,6 +104,7 @@ class WorkQueue:
             if ref is None:
                 return None
             self.queue.remove(ref)
+        self._tails -= ref.is_tail
         self.leases[ref] = Lease(holder, now + self.lease_seconds, now)
         return ref
 
@@ -106,6 +115,7 @@ class WorkQueue:
             self.queue.remove(ref)
         except ValueError:
             return False
+        self._tails -= ref.is_tail
         self.leases[ref] = Lease(holder, now + self.lease_seconds, now)
         return True
 
@@ -125,9 +135,10 @@ class WorkQueue:
             return True
         try:
             self.queue.remove(ref)
-            return True
         except ValueError:
             return False
+        self._tails -= ref.is_tail
+        return True
 
     def peer_lost(self, holder: str) -> list[TaskRef]:
         """Requeue, at the front and in their original order, every task ``holder`` held."""
@@ -175,6 +186,7 @@ class WorkQueue:
         """Forget every queued and leased task of a frame (it completed, or was dropped)."""
         before = len(self.queue) + len(self.leases)
         self.queue = deque(r for r in self.queue if (r.source, r.frame) != (source, frame))
+        self._tails = sum(1 for r in self.queue if r.is_tail)
         self.leases = {r: l for r, l in self.leases.items() if (r.source, r.frame) != (source, frame)}
         return before - len(self.queue) - len(self.leases)
 
@@ -182,6 +194,7 @@ class WorkQueue:
         for ref in reversed(refs):
             del self.leases[ref]
             self.queue.appendleft(ref)
+            self._tails += ref.is_tail
         if refs:
             self.requeued += len(refs)
             log.info("requeued %d task(s): %s", len(refs), ", ".join(map(str, refs[:5])))

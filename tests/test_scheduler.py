@@ -21,7 +21,11 @@ def test_queue_is_fifo_and_leases_every_task():
     assert q.holder(TaskRef("src", 0, 1)) == "thief" and len(q) == 2
     assert q.take("pi", 0.0, accept_tail=False) == TaskRef("src", 0, 2)
     assert q.take("pi", 0.0, accept_tail=False) is None  # only a tail is left
+    assert q.queued_tails == 1
     assert q.take("big", 0.0) == TaskRef("src", 0, TAIL)
+    assert q.queued_tails == 0
+    q.peer_lost("big")
+    assert q.queued_tails == 1 and q.done(TaskRef("src", 0, TAIL)) and q.queued_tails == 0
 
 
 def test_lost_holder_requeues_in_order_at_front_and_done_drops_duplicates():
