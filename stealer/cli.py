@@ -178,6 +178,8 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=_parse_size, default=None,
                    help="memory offered for tasks, e.g. 512M [what the device has]")
     p.add_argument("--policy", choices=["steal", "share"], default="steal")
+    p.add_argument("--no-speculate", dest="speculate", action="store_false",
+                   help="never run copies of straggling tasks")
     p.add_argument("--out", help="gateway (or standby): append results as JSON lines to this file")
     p.add_argument("--host", default="0.0.0.0", help="listen address [0.0.0.0]")
     p.add_argument("--port", type=int, default=0, help="listen port [any free]")
@@ -216,7 +218,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight, slots=args.slots,
         deadline=args.deadline / 1000.0 if args.deadline else None,
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
-        policy=args.policy, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
+        policy=args.policy, speculate=args.speculate, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
     )
 

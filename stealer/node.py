@@ -81,7 +81,7 @@ class RuntimeLimits:
     """Wait this long for reuse strips before running the tile's full variant instead."""
     gateway_wait: float = 60.0
     """A source waiting for a gateway says so this often (it waits as long as it takes)."""
-    straggler_min: float = 1.0
+    straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""
 
