@@ -706,6 +706,9 @@ class Node:
                 if job is None:
                     self._work.clear()
                     if self._take_possible():
+                        # try again, but let the loop run first: a stale peer status must never
+                        # turn this into a busy loop that starves the connections
+                        await asyncio.sleep(0)
                         continue
                     await self._work.wait()
                     continue
@@ -741,11 +744,14 @@ class Node:
         return max(cands)[1] if cands else None
 
     def _take_possible(self) -> bool:
-        if self._assigned or len(self.queue):
+        """Whether a task this node may run is queued here or (by the last word) at a peer. Must
+        agree with what _take_local and _steal accept, or the compute loop would spin."""
+        tails = self._accepts_tails()
+        if self._assigned or len(self.queue) - (0 if tails else self.queue.queued_tails) > 0:
             return True
-        if self.cfg.policy != "steal":
+        if not self._may_steal():
             return False
-        return any(p.load.queued_tiles or p.load.queued_tails for p in self.peers.values())
+        return any(p.load.queued_tiles or (tails and p.load.queued_tails) for p in self.peers.values())
 
     def _take_local(self) -> Job | None:
         if self._assigned:
