@@ -41,8 +41,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], work: Path) -> None:
+    def __init__(self, name: str, argv: list[str], work: Path, cluster=None, host: int = 0) -> None:
         self.name, self.argv, self.work = name, argv, work
+        self.cluster, self.host = cluster, host  # emulator host, or None for 127.0.0.1
         self.generation = 0
         self.popen: subprocess.Popen[bytes] | None = None
         self.spawn_times: list[float] = []
@@ -52,8 +53,13 @@ class Proc:
         log = self.work / f"{self.name}.{self.generation}.log"
         self.logs.append(log)
         self.spawn_times.append(time.time())
-        self.popen = subprocess.Popen(self.argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-                                      start_new_session=True)
+        if self.cluster is not None:
+            self.popen = self.cluster.spawn(self.host, self.argv, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                            substitute=False)
+        else:
+            self.popen = subprocess.Popen(self.argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                          start_new_session=True)
         self.generation += 1
 
     def events(self) -> list[tuple[Path, dict]]:
@@ -93,15 +99,27 @@ def read_results(*paths: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, str]) -> dict:
+    if args.emulate:
+        sys.path.insert(0, str(ROOT))
+        from tools.emulate import Cluster
+
+        with Cluster(nodes=3 + args.workers, cpu=args.cpu, rate=args.rate) as cluster:
+            return _run(args, cfg, chaos, expected, cluster)
+    return _run(args, cfg, chaos, expected, None)
+
+
+def _run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, str], cluster) -> dict:
     work = Path(tempfile.mkdtemp(prefix="stealer-chaos-"))
     base = [sys.executable, "-m", "stealer", "node", "--cfg", str(cfg), "--random-weights", "3",
-            "--grid", args.grid, "--layers", str(args.layers), "--loopback", "--host", "127.0.0.1"]
+            "--grid", args.grid, "--layers", str(args.layers)]
+    if cluster is None:
+        base += ["--loopback", "--host", "127.0.0.1"]
     gw_out, sb_out = work / "gateway.jsonl", work / "standby.jsonl"
-    gateway = Proc("gateway", base + ["--gateway", "--out", str(gw_out)], work)
-    standby = Proc("standby", base + ["--gateway-standby", "--out", str(sb_out)], work)
+    gateway = Proc("gateway", base + ["--gateway", "--out", str(gw_out)], work, cluster, 0)
+    standby = Proc("standby", base + ["--gateway-standby", "--out", str(sb_out)], work, cluster, 1)
     source = Proc("source", base + ["--source", "synthetic:21", "--frames", str(args.frames), "--fps",
-                                    str(args.fps), "--max-inflight", "6"], work)
-    workers = [Proc(f"worker{i}", base, work) for i in range(args.workers)]
+                                    str(args.fps), "--max-inflight", "6"], work, cluster, 2)
+    workers = [Proc(f"worker{i}", base, work, cluster, 3 + i) for i in range(args.workers)]
     everyone = [gateway, standby, *workers]
     kills: list[dict] = []
     rng = random.Random(args.seed)
@@ -204,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true", help="skip the run without faults")
+    ap.add_argument("--emulate", action="store_true", help="run in the emulator (root): hosts in network "
+                    "namespaces with CPU quotas and rate-limited links, found by mDNS across the bridge")
+    ap.add_argument("--cpu", type=float, default=0.25, help="with --emulate: CPU share per host [0.25]")
+    ap.add_argument("--rate", default="20mbit", help="with --emulate: link rate per host [20mbit]")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "chaos.json"))
     args = ap.parse_args(argv)
     cfg = Path(tempfile.mkdtemp(prefix="stealer-cfg-")) / "tiny.cfg"
