@@ -9,18 +9,33 @@ explicitly (``limits=``) to everything that waits or allocates, so:
 * tests build a small copy with :meth:`Limits.replace` (for example a 0.2 s handshake
   timeout) without touching any global state, so one test's patched values cannot leak
   into another test or into a concurrently running node;
-* the CLI can raise values (slow Wi-Fi, big models) the same way.
+* the CLI can raise values (slow Wi-Fi, big models) the same way: :func:`add_limit_args`
+  adds ``--limit NAME=VALUE`` (repeatable) and :func:`limits_from_args` applies it.
+  :func:`add_security_args` adds ``--secret-file`` and ``--authenticate-frames``.
 
 Other modules add their own fields here, each with a default and a comment.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_LIMITS", "Limits"]
+from stealer.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Limits",
+    "add_limit_args",
+    "add_security_args",
+    "limits_from_args",
+    "parse_limit",
+]
 
 _MiB = 1024 * 1024
 
@@ -73,12 +88,24 @@ class Limits:
     """Cap of one connect retry delay, so a peer that comes back is found quickly."""
 
     handshake_timeout: float = 3.0
-    """Time a fresh connection has to complete the Hello/Welcome exchange; stops a
-    slow-loris client that connects and sends nothing from holding a connection slot."""
+    """Time a fresh connection has to complete its whole handshake (secret challenge, then
+    Hello/Welcome); stops a slow-loris client that connects and sends nothing (or a byte
+    at a time) from holding a connection slot."""
+
+    max_handshake_frame_bytes: int = 64 * 1024
+    """Largest frame accepted before the handshake is complete (a Hello is ~200 B). A peer
+    that is not yet authenticated or checked cannot make us allocate or buffer more than
+    this by announcing a huge frame and then stalling."""
 
     max_connections: int = 64
     """Most simultaneous connections (handshaking or live) a server accepts; stops fd and
     memory exhaustion by a connection flood. A cluster of Pis has a handful of peers."""
+
+    max_connections_per_ip: int = 32
+    """Most simultaneous connections from one remote IP address; stops a single host from
+    taking every ``max_connections`` slot (a flood, or slow-loris handshakes) and locking
+    the honest cluster out. A real peer holds one or two; several nodes emulated on one
+    host (127.0.0.1) need about two per other node."""
 
     close_timeout: float = 1.0
     """How long a graceful close waits to flush its Goodbye and for the socket to close
@@ -112,12 +139,34 @@ class Limits:
     """Capacity of each :meth:`Discovery.events` subscriber queue; a consumer that stops
     reading loses events (logged) instead of growing memory without bound."""
 
+    # ---- runtime (used by the node; bounds what peers can make us hold) ------------------
+    max_inflight_per_peer: int = 64
+    """Most unanswered requests (steals, strip requests, leased tasks) one peer may have
+    with us at a time; further requests are refused or wait. Stops a single peer from
+    queueing unbounded work or replies on this node."""
+
+    reuse_cache_bytes: int = 256 * _MiB
+    """Byte cap of the gateway's reuse-strip cache; whole frames are evicted oldest-first
+    past it and entries are freed when their frame completes. Stops a slow tail or a flood
+    of frames from a misbehaving source from filling memory with strips."""
+
+    result_buffer_bytes: int = 128 * _MiB
+    """Byte cap of results held for in-order release (tail inputs and finished outputs
+    waiting for an earlier frame); entries are freed when their frame completes. Past it
+    new work waits (back-pressure) instead of growing memory."""
+
+    max_queued_frames: int = 64
+    """Most frames queued at the gateway (announced, not yet finished) across all sources;
+    past it sources wait (back-pressure) instead of growing queues without bound."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"Limits.{f.name} must be a number, got {value!r}")
-            if value <= 0:
+            if f.type == "int" and not isinstance(value, int):
+                raise TypeError(f"Limits.{f.name} must be an int (bytes or a count), got {value!r}")
+            if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"Limits.{f.name} must be > 0, got {value!r}")
         if self.peer_dead_after <= self.heartbeat_interval:
             raise ValueError(
@@ -145,3 +194,126 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 """The limits a node uses unless told otherwise."""
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(?i)\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(?:i?b)?\s*")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(Limits)}
+
+
+def parse_limit(text: str) -> tuple[str, int | float]:
+    """Parse one ``NAME=VALUE`` setting of a :class:`Limits` field.
+
+    Integer fields (bytes, counts) take an integer with an optional binary unit (``64K``,
+    ``512M``, ``1GiB``); float fields (seconds) take a decimal number.
+
+    Parameters
+    ----------
+    text
+        For example ``max_frame_bytes=512M`` or ``handshake_timeout=10``.
+
+    Returns
+    -------
+    name : str
+    value : int or float
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Unknown name (with a suggestion) or a value of the wrong type.
+    """
+    name, sep, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    types = _field_types()
+    if not sep or name not in types:
+        near = difflib.get_close_matches(name, types, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else f"; known: {', '.join(sorted(types))}"
+        raise argparse.ArgumentTypeError(f"--limit {text!r}: expected NAME=VALUE with a known NAME{hint}")
+    if types[name] == "int":
+        m = _SIZE.fullmatch(raw)
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else math.nan
+        if not m or value != int(value):
+            raise argparse.ArgumentTypeError(
+                f"--limit {name}: {raw!r} is not a whole number (bytes/count, e.g. 64, 512K, 1G)"
+            )
+        return name, int(value)
+    try:
+        return name, float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit {name}: {raw!r} is not a number of seconds") from None
+
+
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--limit NAME=VALUE`` (repeatable) to a parser; see :func:`limits_from_args`.
+
+    Parameters
+    ----------
+    parser
+        The (sub)parser of a command that runs a node.
+    """
+    parser.add_argument(
+        "--limit", action="append", type=parse_limit, default=[], metavar="NAME=VALUE",
+        dest="limits",
+        help="raise (or lower) one transport/runtime limit of stealer.config.Limits, e.g. "
+        "--limit max_frame_bytes=512M --limit handshake_timeout=10 (seconds); repeatable",
+    )
+
+
+def limits_from_args(args: argparse.Namespace, base: Limits = DEFAULT_LIMITS) -> Limits:
+    """Apply the ``--limit`` settings parsed by :func:`add_limit_args` to ``base``.
+
+    Parameters
+    ----------
+    args
+        Parsed arguments (``args.limits`` is a list of ``(name, value)``; missing = none).
+    base
+        Limits to start from.
+
+    Returns
+    -------
+    Limits
+        ``base`` with the settings applied (the last one wins for a repeated name).
+
+    Raises
+    ------
+    ConfigError
+        If the combination is invalid (e.g. ``peer_dead_after`` not above
+        ``heartbeat_interval``), with the reason.
+    """
+    changes = dict(getattr(args, "limits", None) or [])
+    if not changes:
+        return base
+    try:
+        return base.replace(**changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--limit: {e}") from None
+
+
+def add_security_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--secret-file PATH`` and ``--authenticate-frames`` to a parser.
+
+    Load the secret with :func:`stealer.wire.auth.load_secret` (``args.secret_file``; the
+    ``STEALER_SECRET`` environment variable is used when the option is absent).
+
+    Parameters
+    ----------
+    parser
+        The (sub)parser of a command that runs a node.
+    """
+    parser.add_argument(
+        "--secret-file", metavar="PATH", default=None,
+        help="file holding the cluster secret (>= 16 bytes; make one with "
+        "`python -c 'import secrets; print(secrets.token_hex(32))'`); default: the "
+        "STEALER_SECRET environment variable; without either the cluster is open",
+    )
+    parser.add_argument(
+        "--authenticate-frames", action="store_true",
+        help="also put a MAC on every frame (needs a secret; every node must agree)",
+    )

@@ -47,6 +47,27 @@ class HandshakeRejected(ProtocolError):
     """
 
 
+class AuthError(HandshakeRejected):
+    """A peer failed the cluster-secret challenge (or its proof did not verify for us).
+
+    Raised before any other message of that peer is read. The message never contains the
+    secret, a key or a MAC.
+    """
+
+
+class FrameAuthError(ProtocolError):
+    """A frame's MAC did not verify (tampered, replayed, reordered or from another key);
+    the connection is aborted."""
+
+
+class ConfigError(StealerError):
+    """A command-line setting is invalid (unknown ``--limit`` name, bad value, ...)."""
+
+
+class SecretError(ConfigError):
+    """The cluster secret cannot be loaded (missing file, too short); never shows the secret."""
+
+
 class PeerDeadError(CommClosedError):
     """A peer sent nothing for ``Limits.peer_dead_after`` seconds; its connection was aborted."""
 

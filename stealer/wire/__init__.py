@@ -5,17 +5,31 @@ Public API (the submodules are implementation, import from here):
 * messages: :class:`Message`, :func:`register`, :func:`encode`, :func:`decode`,
   :data:`PROTOCOL_VERSION`, :data:`DTYPES` and the message classes;
 * framing: :func:`read_frame`, :func:`write_frame` (used by :class:`Comm`);
-* comms: :class:`Comm`, :func:`connect`, :func:`serve`, :class:`Server`, and the event
-  loop helpers :func:`run` / :func:`install_event_loop_policy` (uvloop when installed).
+* comms: :class:`Comm`, :func:`connect`, :func:`serve`, :class:`Server`,
+  :class:`ServerStats`, and the event loop helpers :func:`run` /
+  :func:`install_event_loop_policy` (uvloop when installed);
+* cluster secret: :func:`load_secret`, :class:`ClusterKey` (see :mod:`stealer.wire.auth`).
 """
 
 from __future__ import annotations
 
-from stealer.wire.comm import Comm, Server, connect, install_event_loop_policy, run, serve
+from stealer.wire.auth import ClusterKey, load_secret
+from stealer.wire.comm import (
+    Comm,
+    Server,
+    ServerStats,
+    connect,
+    install_event_loop_policy,
+    run,
+    serve,
+)
 from stealer.wire.framing import read_frame, write_frame
 from stealer.wire.messages import (
     DTYPES,
     PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthInit,
+    AuthProof,
     Goodbye,
     Header,
     Hello,
@@ -35,6 +49,10 @@ from stealer.wire.messages import (
 __all__ = [
     "DTYPES",
     "PROTOCOL_VERSION",
+    "AuthChallenge",
+    "AuthInit",
+    "AuthProof",
+    "ClusterKey",
     "Comm",
     "Goodbye",
     "Header",
@@ -44,12 +62,14 @@ __all__ = [
     "Pong",
     "Reject",
     "Server",
+    "ServerStats",
     "TensorMsg",
     "Welcome",
     "connect",
     "decode",
     "encode",
     "install_event_loop_policy",
+    "load_secret",
     "message_types",
     "read_frame",
     "register",

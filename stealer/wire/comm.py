@@ -10,9 +10,21 @@ This is the edge where the outside world's failures become ours, exactly once:
 * a ``recv`` cancelled in the middle of a frame aborts the connection for the same
   reason (cancelled while waiting for the *next* frame is harmless).
 
-A connection starts with a handshake: the client sends :class:`Hello`; the server checks
-the protocol version and model hash and answers :class:`Welcome` or :class:`Reject` (with
-a reason, also logged) within ``Limits.handshake_timeout``. Liveness comes from TCP
+A connection starts with a handshake, all of it within ``Limits.handshake_timeout`` and
+with frames capped at ``Limits.max_handshake_frame_bytes``: with a cluster secret, first
+the mutual challenge-response of :mod:`stealer.wire.auth` (a peer that fails it is dropped
+before any other message of it is read, and logged once); then the client sends
+:class:`Hello`, the server checks the protocol version and model hash and answers
+:class:`Welcome` or :class:`Reject` (with a reason, also logged). Without a secret the
+first step is skipped and a warning that the cluster is open is logged once per process.
+With ``authenticate_frames`` every later frame carries a MAC, checked before it is parsed.
+
+The server bounds what strangers can make it hold: ``max_connections`` in total and
+``max_connections_per_ip`` per remote address (refused with a Reject), the handshake
+deadline (slow-loris), the handshake frame cap (an unauthenticated 200 MB length prefix
+is refused without reading), and big bodies grow only as their bytes arrive. Repeated
+events from one address are logged at WARNING once, then at DEBUG; every one is counted
+in :attr:`Server.stats`. Liveness comes from TCP
 traffic: :meth:`Comm.start_heartbeat` pings an idle link every
 ``Limits.heartbeat_interval`` and aborts it when nothing has arrived for
 ``Limits.peer_dead_after`` while we were reading. ``Ping``/``Pong`` are answered and
@@ -28,14 +40,27 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 from stealer.config import DEFAULT_LIMITS, Limits
-from stealer.errors import CommClosedError, HandshakeRejected, PeerDeadError, ProtocolError
+from stealer.errors import (
+    AuthError,
+    CommClosedError,
+    FrameAuthError,
+    HandshakeRejected,
+    PeerDeadError,
+    ProtocolError,
+)
 from stealer.wire import framing
+from stealer.wire.auth import TAG_BYTES, ClusterKey, FrameMac, Transcript, new_nonce, warn_if_open
 from stealer.wire.messages import (
+    AuthChallenge,
+    AuthInit,
+    AuthProof,
     Goodbye,
     Hello,
     Message,
@@ -47,7 +72,7 @@ from stealer.wire.messages import (
     encode,
 )
 
-__all__ = ["Comm", "Server", "connect", "install_event_loop_policy", "run", "serve"]
+__all__ = ["Comm", "Server", "ServerStats", "connect", "install_event_loop_policy", "run", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +81,26 @@ T = TypeVar("T")
 OnComm = Callable[["Comm"], Awaitable[None]]
 HelloFactory = Callable[[], Hello]
 CheckPeer = Callable[[Hello], "str | None"]
+
+_U32 = struct.Struct(">I")
+
+MAC_OFFLOAD_BYTES: Final = 1 << 20
+"""Frames at least this big get their send-side MAC computed in a worker thread (hashlib
+releases the GIL), so a 5 MB tile does not stall the event loop (and every peer's
+heartbeat) for the ~10 ms a Pi needs to hash it. Received frames are hashed chunk by
+chunk as they arrive instead."""
+
+_MAX_REASON_CHARS: Final = 200
+"""A peer's Reject reason is cut to this length before it is logged or raised: it is
+untrusted text."""
+
+_MAX_LOG_KEYS: Final = 4096
+"""Most (event, address) pairs remembered to log each only once; past it the memory is
+cleared (so a flood from many addresses cannot grow it) and they may be logged again."""
+
+
+def _reason(text: str) -> str:
+    return repr(text[:_MAX_REASON_CHARS])
 
 
 class Comm:
@@ -72,6 +117,10 @@ class Comm:
         Timeouts and sizes; see :class:`~stealer.config.Limits`.
     name
         Label for logs (defaults to the peer address).
+    established
+        False (the default) while a handshake is still to be done: frames are then capped
+        at ``limits.max_handshake_frame_bytes``. :func:`connect` and :func:`serve` lift
+        the cap once the handshake succeeded.
 
     Attributes
     ----------
@@ -79,6 +128,8 @@ class Comm:
         The identity we sent in the handshake (client side).
     peer : Hello or Welcome or None
         The identity the peer sent in the handshake.
+    authenticated : bool
+        The peer proved that it knows the cluster secret.
     rtt : float or None
         Last measured Ping round trip, in seconds.
     """
@@ -90,6 +141,7 @@ class Comm:
         *,
         limits: Limits = DEFAULT_LIMITS,
         name: str | None = None,
+        established: bool = False,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -105,6 +157,11 @@ class Comm:
         self.local: Hello | None = None
         self.peer: Hello | Welcome | None = None
         self.rtt: float | None = None
+        self.authenticated = False
+        self._max_frame = limits.max_frame_bytes if established else limits.max_handshake_frame_bytes
+        self._send_mac: FrameMac | None = None
+        self._recv_mac: FrameMac | None = None
+        self._pong_task: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -141,6 +198,19 @@ class Comm:
     def close_reason(self) -> str:
         """Why the comm closed ("" while open)."""
         return self._close_reason
+
+    @property
+    def frame_mac(self) -> bool:
+        """True when every frame of this comm carries a MAC (``authenticate_frames``)."""
+        return self._send_mac is not None
+
+    def _set_established(self) -> None:
+        """The handshake succeeded: lift the handshake frame cap."""
+        self._max_frame = self.limits.max_frame_bytes
+
+    def _set_frame_macs(self, send: FrameMac, recv: FrameMac) -> None:
+        """From the next frame on, MAC every frame sent and check every frame received."""
+        self._send_mac, self._recv_mac = send, recv
 
     def silent_for(self, now: float | None = None) -> float:
         """Seconds the peer has been silent while we were waiting in :meth:`recv`.
@@ -241,6 +311,15 @@ class Comm:
         header, buffers = encode(msg, self.limits)
         pieces = framing.frame_pieces(header, buffers, self.limits)
         async with self._send_lock:
+            mac = self._send_mac
+            if mac is not None and not self._closed:
+                # The tag covers the frame number, so it is made under the send lock, and
+                # the number only advances once the frame is queued (cancel-safe).
+                if sum(memoryview(p).nbytes for p in pieces) >= MAC_OFFLOAD_BYTES:
+                    tag = await asyncio.to_thread(mac.tag, pieces)
+                else:
+                    tag = mac.tag(pieces)
+                pieces.append(tag)
             if self._closed:
                 raise self._closed_error()
             if self._writer.transport.is_closing():
@@ -250,6 +329,8 @@ class Comm:
                 # writelines is synchronous: the whole frame is queued before any await,
                 # so cancelling the drain below cannot leave half a frame behind.
                 self._writer.writelines(pieces)
+                if mac is not None:
+                    mac.advance()
                 await self._writer.drain()
             except OSError as e:  # ConnectionResetError, BrokenPipeError, ...
                 self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
@@ -266,10 +347,22 @@ class Comm:
             self._reading_since = self._loop.time()
             mid_frame = False
             try:
-                n = await framing.read_length(self._reader, self.limits)
+                n = await framing.read_length(self._reader, self.limits, self._max_frame)
                 mid_frame = True
                 self._touch()
-                body = await framing.read_body(self._reader, n, self.limits, self._touch)
+                mac = self._recv_mac
+                h = mac.hasher() if mac is not None else None
+                if h is not None:
+                    h.update(_U32.pack(n))
+                body = await framing.read_body(self._reader, n, self.limits, self._touch, h)
+                if mac is not None and h is not None:
+                    seq = mac.seq
+                    if not mac.check(h, await self._reader.readexactly(TAG_BYTES)):
+                        # Checked before parsing: forged bytes never reach msgpack.
+                        raise FrameAuthError(
+                            f"frame {seq} failed its MAC check (tampered, replayed, "
+                            f"reordered or sent with another key)"
+                        )
                 mid_frame = False
                 self._touch()
                 header, buffers = framing.parse_body(body, self.limits)
@@ -316,7 +409,10 @@ class Comm:
         while True:
             msg = await self._recv_frame()
             if type(msg) is Ping:
-                self._spawn(self._send_quietly(Pong(msg.seq)), "pong")
+                # At most one Pong in flight: a peer that floods Pings without reading
+                # cannot make us pile up tasks (its heartbeat only needs some answer).
+                if self._pong_task is None or self._pong_task.done():
+                    self._pong_task = self._spawn(self._send_quietly(Pong(msg.seq)), "pong")
             elif type(msg) is Pong:
                 if self._ping_sent is not None and self._ping_sent[0] == msg.seq:
                     self.rtt = self._loop.time() - self._ping_sent[1]
@@ -440,6 +536,8 @@ async def connect(
     *,
     limits: Limits = DEFAULT_LIMITS,
     heartbeat: bool = True,
+    secret: bytes | ClusterKey | None = None,
+    authenticate_frames: bool = False,
 ) -> Comm:
     """Open a connection to a peer and perform the handshake.
 
@@ -457,6 +555,11 @@ async def connect(
         Timeouts and sizes.
     heartbeat
         Start :meth:`Comm.start_heartbeat` once connected.
+    secret
+        The cluster secret (or a :class:`~stealer.wire.auth.ClusterKey` made from it, to
+        derive the key once); None for an open cluster. Must match the server's.
+    authenticate_frames
+        Put a MAC on every frame; needs ``secret``; must match the server's setting.
 
     Returns
     -------
@@ -470,9 +573,16 @@ async def connect(
         the connection dropped or timed out during the handshake.
     HandshakeRejected
         The peer answered :class:`Reject`, or its Welcome does not match us.
+        :class:`~stealer.errors.AuthError` if the peer could not prove the secret.
     ProtocolError
         The peer answered something that is not a handshake message.
+    ValueError
+        ``authenticate_frames`` without a secret, or a secret that is too short.
     """
+    key = ClusterKey.of(secret)
+    if authenticate_frames and key is None:
+        raise ValueError("authenticate_frames needs a cluster secret")
+    warn_if_open(key)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limits.connect_timeout
     attempt = 0
@@ -499,6 +609,9 @@ async def connect(
     comm = Comm(*streams, limits=limits, name=f"{host}:{port}")
     try:
         async with asyncio.timeout(limits.handshake_timeout):
+            server_id = None
+            if key is not None:
+                server_id = await _client_auth(comm, key, hello.node_id, authenticate_frames)
             await comm.send(hello)
             comm.local = hello
             reply = await comm.recv()
@@ -509,10 +622,15 @@ async def connect(
                         f"{host}:{port} is incompatible: version {reply.version} / model "
                         f"{reply.model_hash!r}, we have {hello.version} / {hello.model_hash!r}"
                     )
+                if server_id is not None and reply.node_id != server_id:
+                    raise AuthError(
+                        f"{host}:{port} authenticated as node {server_id!r} but welcomed us "
+                        f"as node {reply.node_id!r}"
+                    )
                 comm.peer = reply
             case Reject(reason=reason):
-                logger.warning("%s:%s rejected us: %s", host, port, reason)
-                raise HandshakeRejected(f"{host}:{port} rejected us: {reason}")
+                logger.warning("%s:%s rejected us: %s", host, port, _reason(reason))
+                raise HandshakeRejected(f"{host}:{port} rejected us: {_reason(reason)}")
             case _:
                 raise ProtocolError(f"{host}:{port} answered {reply.op!r} to hello")
     except TimeoutError as e:
@@ -523,15 +641,90 @@ async def connect(
     except BaseException:
         comm.abort("handshake failed")
         raise
+    comm._set_established()
     logger.debug("connected to %s (node %s)", comm.name, reply.node_id)
     if heartbeat:
         comm.start_heartbeat()
     return comm
 
 
+async def _client_auth(comm: Comm, key: ClusterKey, node_id: str, frame_mac: bool) -> str:
+    """Client side of the secret challenge (see :mod:`stealer.wire.auth`).
+
+    Returns the server's authenticated node id. After it returns, the AuthProof is on its
+    way and (with ``frame_mac``) every later frame is MAC'd both ways.
+    """
+    nonce = new_nonce()
+    await comm.send(AuthInit(node_id, nonce, frame_mac))
+    reply = await comm.recv()
+    match reply:
+        case AuthChallenge():
+            pass
+        case Reject(reason=reason):
+            logger.warning("%s rejected us: %s", comm.name, _reason(reason))
+            raise HandshakeRejected(f"{comm.name} rejected us: {_reason(reason)}")
+        case Hello() | Welcome():
+            raise AuthError(f"{comm.name} answered without a challenge: it has no cluster secret")
+        case _:
+            raise ProtocolError(f"{comm.name} answered {reply.op!r} to auth-init")
+    t = Transcript(nonce, reply.nonce, node_id, reply.node_id, frame_mac, reply.frame_mac)
+    if not key.check_server_proof(t, reply.proof):
+        # Dropped before anything else of this peer is read; the caller aborts and logs.
+        raise AuthError(f"{comm.name} failed to prove the cluster secret (another secret?)")
+    if reply.frame_mac != frame_mac:
+        raise HandshakeRejected(
+            f"{comm.name}: frame authentication mismatch (we {'use' if frame_mac else 'do not use'}"
+            f" --authenticate-frames, the peer {'does' if reply.frame_mac else 'does not'})"
+        )
+    await comm.send(AuthProof(key.client_proof(t)))
+    if frame_mac:
+        comm._set_frame_macs(*key.frame_macs(t, server=False))
+    comm.authenticated = True
+    return reply.node_id
+
+
 # ---------------------------------------------------------------------------------------
 # server
 # ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """What a :class:`Server` has turned away (and let in) since it started."""
+
+    accepted: int = 0
+    """Connections that passed the handshake."""
+    refused_full: int = 0
+    """Refused at ``max_connections``."""
+    refused_per_ip: int = 0
+    """Refused at ``max_connections_per_ip``."""
+    handshake_timeouts: int = 0
+    """Dropped at ``handshake_timeout`` (slow-loris, silent clients)."""
+    handshake_errors: int = 0
+    """Garbage, oversized or truncated handshake frames, or closed mid-handshake."""
+    auth_failures: int = 0
+    """Failed the secret challenge (dropped before any other message was read)."""
+    rejected: int = 0
+    """Refused on purpose: version, model hash, secret/frame-MAC settings, ``check_peer``."""
+    protocol_errors: int = 0
+    """Connections closed after the handshake because of an undecodable frame."""
+
+
+class _LogOnce:
+    """Log an event at WARNING the first time per (kind, address), later at DEBUG."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def __call__(self, kind: str, address: str, msg: str, *args: object) -> None:
+        k = (kind, address)
+        if k not in self._seen and len(self._seen) >= _MAX_LOG_KEYS:
+            self._seen.clear()
+        n = self._seen[k] = self._seen.get(k, 0) + 1
+        if n == 1:
+            logger.warning(msg, *args)
+        else:
+            logger.debug(msg + " (%d times from %s)", *args, n, address)
 
 
 class Server:
@@ -547,6 +740,8 @@ class Server:
     host : str
     port : int
         The bound port (useful with port 0), valid after start.
+    stats : ServerStats
+        Counters of accepted and turned-away connections.
     """
 
     def __init__(
@@ -559,6 +754,8 @@ class Server:
         limits: Limits = DEFAULT_LIMITS,
         heartbeat: bool = True,
         check_peer: CheckPeer | None = None,
+        secret: bytes | ClusterKey | None = None,
+        authenticate_frames: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -567,10 +764,17 @@ class Server:
         self._hello_factory = hello_factory
         self._heartbeat = heartbeat
         self._check_peer = check_peer
+        self._key = ClusterKey.of(secret)
+        if authenticate_frames and self._key is None:
+            raise ValueError("authenticate_frames needs a cluster secret")
+        self._frame_mac = authenticate_frames
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._conns: set[Comm] = set()
         self._live: set[Comm] = set()
+        self._per_ip: dict[str, int] = {}
+        self._log_once = _LogOnce()
+        self.stats = ServerStats()
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -582,6 +786,11 @@ class Server:
         """Connections that passed the handshake and are being handled now."""
         return frozenset(self._live)
 
+    @property
+    def connections(self) -> int:
+        """Connections held now, handshaking or live."""
+        return len(self._conns)
+
     async def start(self) -> Self:
         """Bind and start accepting.
 
@@ -592,9 +801,14 @@ class Server:
         """
         if self._server is not None:
             return self
+        warn_if_open(self._key)
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("listening on %s:%s", self.host, self.port)
+        logger.info(
+            "listening on %s:%s (%s)", self.host, self.port,
+            "open cluster" if self._key is None else
+            "cluster secret, frame MACs" if self._frame_mac else "cluster secret",
+        )
         return self
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -611,35 +825,54 @@ class Server:
         if not task.cancelled() and task.exception() is not None:
             logger.error("%s: connection task failed", self, exc_info=task.exception())
 
+    async def _refuse(self, comm: Comm, reason: str) -> None:
+        with contextlib.suppress(CommClosedError, TimeoutError):
+            async with asyncio.timeout(self.limits.close_timeout):
+                await comm.send(Reject(reason))
+        await comm.close(reason)
+
     async def _handle(self, comm: Comm) -> None:
         if self._closing:
             comm.abort("server closing")
             return
+        ip = comm.peer_address[0] if comm.peer_address else "?"
         if len(self._conns) >= self.limits.max_connections:
-            logger.warning(
-                "refusing %s: %d connections (max_connections)", comm.name, len(self._conns)
+            self.stats.refused_full += 1
+            self._log_once(
+                "full", ip, "refusing %s: %d connections (max_connections)", comm.name,
+                len(self._conns),
             )
-            with contextlib.suppress(CommClosedError, TimeoutError):
-                async with asyncio.timeout(self.limits.close_timeout):
-                    await comm.send(Reject(f"server full ({len(self._conns)} connections)"))
-            await comm.close("server full")
+            await self._refuse(comm, f"server full ({len(self._conns)} connections)")
+            return
+        if self._per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+            self.stats.refused_per_ip += 1
+            self._log_once(
+                "per-ip", ip, "refusing %s: %d connections from %s (max_connections_per_ip)",
+                comm.name, self._per_ip[ip], ip,
+            )
+            await self._refuse(comm, f"too many connections from {ip}")
             return
         self._conns.add(comm)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
             try:
                 async with asyncio.timeout(self.limits.handshake_timeout):
-                    accepted = await self._handshake(comm)
+                    accepted = await self._handshake(comm, ip)
             except TimeoutError:
-                logger.warning(
-                    "%s: no handshake within %.2f s, dropping", comm.name,
+                self.stats.handshake_timeouts += 1
+                self._log_once(
+                    "timeout", ip, "%s: no handshake within %.2f s, dropping", comm.name,
                     self.limits.handshake_timeout,
                 )
                 return
             except (CommClosedError, ProtocolError) as e:
-                logger.info("%s: handshake failed: %s", comm.name, e)
+                self.stats.handshake_errors += 1
+                self._log_once("handshake", ip, "%s: handshake failed: %s", comm.name, e)
                 return
             if not accepted:
                 return
+            comm._set_established()
+            self.stats.accepted += 1
             if self._heartbeat:
                 comm.start_heartbeat()
             self._live.add(comm)
@@ -648,6 +881,7 @@ class Server:
             except CommClosedError as e:
                 logger.info("%s: connection closed: %s", comm, e)
             except ProtocolError as e:
+                self.stats.protocol_errors += 1
                 logger.warning("%s: protocol error: %s", comm, e)
             except Exception:
                 # Task boundary: a bug in one handler must not stop the server.
@@ -655,15 +889,47 @@ class Server:
         finally:
             self._live.discard(comm)
             self._conns.discard(comm)
+            left = self._per_ip.get(ip, 1) - 1
+            if left > 0:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
             await comm.close("server done with connection")
 
-    async def _handshake(self, comm: Comm) -> bool:
+    async def _reject(self, comm: Comm, ip: str, reason: str, who: str = "") -> bool:
+        self.stats.rejected += 1
+        self._log_once("reject", ip, "rejecting %s%s: %s", comm.name, who, reason)
+        await comm.send(Reject(reason))
+        return False
+
+    async def _handshake(self, comm: Comm, ip: str) -> bool:
+        ours = self._hello_factory()
         first = await comm.recv()
+        auth_id: str | None = None
+        if self._key is not None:
+            if type(first) is AuthInit:
+                auth_id = await self._server_auth(comm, ip, first, ours)
+                if auth_id is None:
+                    return False
+                first = await comm.recv()
+            elif type(first) is Hello:
+                return await self._reject(
+                    comm, ip, "this cluster needs a secret (--secret-file or STEALER_SECRET), "
+                    "the peer has none",
+                )
+            else:
+                raise ProtocolError(f"expected auth-init, got {first.op!r}")
+        elif type(first) is AuthInit:
+            return await self._reject(
+                comm, ip, "this node has no cluster secret, the peer has one "
+                "(give every node the same --secret-file)",
+            )
         if type(first) is not Hello:
             raise ProtocolError(f"expected hello, got {first.op!r}")
-        ours = self._hello_factory()
         reason: str | None = None
-        if first.version != ours.version:
+        if auth_id is not None and first.node_id != auth_id:
+            reason = f"hello names node {first.node_id!r}, the secret was proven by {auth_id!r}"
+        elif first.version != ours.version:
             reason = (
                 f"protocol version mismatch: peer speaks {first.version}, "
                 f"this node speaks {ours.version}"
@@ -678,16 +944,53 @@ class Server:
         elif self._check_peer is not None:
             reason = self._check_peer(first)
         if reason is not None:
-            logger.warning(
-                "rejecting %s (node %s, role %s): %s", comm.name, first.node_id, first.role, reason
+            return await self._reject(
+                comm, ip, reason, f" (node {first.node_id}, role {first.role})"
             )
-            await comm.send(Reject(reason))
-            return False
         comm.local = ours
         comm.peer = first
         await comm.send(Welcome.of(ours))
-        logger.info("accepted %s (node %s, role %s)", comm.name, first.node_id, first.role)
+        logger.info(
+            "accepted %s (node %s, role %s%s)", comm.name, first.node_id, first.role,
+            ", authenticated" if comm.authenticated else "",
+        )
         return True
+
+    async def _server_auth(self, comm: Comm, ip: str, init: AuthInit, ours: Hello) -> str | None:
+        """Server side of the secret challenge; the client's node id, or None if dropped."""
+        assert self._key is not None
+        if init.frame_mac != self._frame_mac:
+            await self._reject(
+                comm, ip, f"frame authentication mismatch: this node "
+                f"{'uses' if self._frame_mac else 'does not use'} --authenticate-frames, "
+                f"the peer {'does' if init.frame_mac else 'does not'}",
+            )
+            return None
+        nonce = new_nonce()
+        t = Transcript(init.nonce, nonce, init.node_id, ours.node_id, init.frame_mac, self._frame_mac)
+        await comm.send(AuthChallenge(ours.node_id, nonce, self._key.server_proof(t), self._frame_mac))
+        why = "sent a wrong proof (another secret?)"
+        try:
+            proof = await comm.recv()
+        except CommClosedError:
+            proof, why = None, "closed the connection instead of proving the secret (another secret?)"
+        except ProtocolError as e:
+            proof, why = None, f"sent an undecodable proof ({e})"
+        if self._frame_mac and not comm.closed:
+            # Every frame after the AuthProof is MAC'd, the Reject below included.
+            comm._set_frame_macs(*self._key.frame_macs(t, server=True))
+        if type(proof) is AuthProof and self._key.check_client_proof(t, proof.proof):
+            comm.authenticated = True
+            return init.node_id
+        if proof is not None and type(proof) is not AuthProof:
+            why = f"sent {proof.op!r} instead of a proof"
+        # Dropped here: nothing after the proof (its Hello, ...) is read.
+        self.stats.auth_failures += 1
+        self._log_once("auth", ip, "%s: authentication failed: %s", comm.name, why)
+        if not comm.closed:
+            with contextlib.suppress(CommClosedError):
+                await comm.send(Reject("authentication failed (wrong cluster secret?)"))
+        return None
 
     async def close(self) -> None:
         """Stop listening, close every connection, wait for handlers; safe twice."""
@@ -734,6 +1037,8 @@ def serve(
     limits: Limits = DEFAULT_LIMITS,
     heartbeat: bool = True,
     check_peer: CheckPeer | None = None,
+    secret: bytes | ClusterKey | None = None,
+    authenticate_frames: bool = False,
 ) -> Server:
     """Create a server; start it with ``async with`` (or ``await server.start()``).
 
@@ -748,20 +1053,31 @@ def serve(
         Returns this node's identity; called per connection (so it may read
         ``server.port``). Its ``version`` and ``model_hash`` are what peers must match.
     limits
-        Timeouts and sizes (handshake timeout, max connections, ...).
+        Timeouts and sizes (handshake timeout, max connections, per-IP connections, ...).
     heartbeat
         Start :meth:`Comm.start_heartbeat` on each accepted comm.
     check_peer
         Optional extra check of a peer's Hello; returns a rejection reason or None.
+        Called only for peers that proved the secret (when there is one).
+    secret
+        The cluster secret (or a :class:`~stealer.wire.auth.ClusterKey`); None for an open
+        cluster (a warning is logged once per process).
+    authenticate_frames
+        Put a MAC on every frame; needs ``secret``; peers must use the same setting.
 
     Returns
     -------
     Server
         Not yet listening.
+
+    Raises
+    ------
+    ValueError
+        ``authenticate_frames`` without a secret, or a secret that is too short.
     """
     return Server(
         host, port, on_comm, hello_factory, limits=limits, heartbeat=heartbeat,
-        check_peer=check_peer,
+        check_peer=check_peer, secret=secret, authenticate_frames=authenticate_frames,
     )
 
 

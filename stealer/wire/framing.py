@@ -11,10 +11,16 @@ reader knows where each buffer starts. Every length read from the peer is checke
 :class:`~stealer.config.Limits` *before* anything of that size is allocated, and the body
 length must equal exactly what the header implies.
 
+When frame authentication is on (:mod:`stealer.wire.auth`), a 32-byte MAC follows each
+frame, outside ``body_len``; :mod:`stealer.wire.comm` writes and checks it, feeding the
+MAC as the body arrives (the ``mac`` argument of :func:`read_body`).
+
 Writing uses ``writer.writelines`` of the pieces (memoryviews of the caller's arrays,
 never concatenated). Reading reads the body into one buffer (``readexactly``; big bodies
-chunk by chunk into one preallocated ``bytearray`` so liveness can see progress) and
-returns memoryview slices of it, so each array costs at most one copy out of the stream.
+chunk by chunk into one growing ``bytearray`` so liveness can see progress) and returns
+memoryview slices of it, so each array costs at most one copy out of the stream. The
+buffer grows with the bytes that actually arrived, never to the announced length up
+front: a peer that announces 200 MB and then stalls costs what it sent, not 200 MB.
 
 This module raises :class:`~stealer.errors.ProtocolError` for bad bytes and lets socket
 errors (``IncompleteReadError``, ``OSError``) through: :mod:`stealer.wire.comm` converts
@@ -26,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from stealer.config import DEFAULT_LIMITS, Limits
 from stealer.errors import ProtocolError
@@ -128,7 +134,9 @@ def write_frame(
     writer.writelines(frame_pieces(header, buffers, limits))
 
 
-async def read_length(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIMITS) -> int:
+async def read_length(
+    reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIMITS, max_bytes: int | None = None
+) -> int:
     """Read and check a frame's 4-byte length prefix.
 
     ``readexactly`` consumes nothing until all 4 bytes are there, so cancelling this call
@@ -140,11 +148,14 @@ async def read_length(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIM
         The stream to read from.
     limits
         ``max_frame_bytes`` bounds the length.
+    max_bytes
+        A tighter bound for this frame (e.g. ``max_handshake_frame_bytes`` before the
+        handshake is complete).
 
     Returns
     -------
     int
-        The body length, at most ``limits.max_frame_bytes``.
+        The body length, at most ``limits.max_frame_bytes`` (and ``max_bytes``).
 
     Raises
     ------
@@ -153,9 +164,10 @@ async def read_length(reader: asyncio.StreamReader, limits: Limits = DEFAULT_LIM
     asyncio.IncompleteReadError
         If the stream ends first.
     """
+    cap = limits.max_frame_bytes if max_bytes is None else min(max_bytes, limits.max_frame_bytes)
     n: int = _U32.unpack(await reader.readexactly(4))[0]
-    if n < 4 or n > limits.max_frame_bytes:
-        raise ProtocolError(f"frame length {n} outside [4, {limits.max_frame_bytes}]")
+    if n < 4 or n > cap:
+        raise ProtocolError(f"frame length {n} outside [4, {cap}]")
     return n
 
 
@@ -164,12 +176,14 @@ async def read_body(
     n: int,
     limits: Limits = DEFAULT_LIMITS,
     progress: Callable[[], None] | None = None,
+    mac: Any = None,
 ) -> bytes | bytearray:
     """Read a frame body of ``n`` bytes (already checked by :func:`read_length`).
 
     Bodies up to ``limits.read_chunk_bytes`` are read in one ``readexactly``; bigger ones
-    chunk by chunk into one preallocated ``bytearray``, calling ``progress()`` after each
-    chunk so a heartbeat can tell a slow big frame from a dead peer.
+    chunk by chunk into one ``bytearray`` that grows as the bytes arrive (never allocated
+    to ``n`` up front, which the peer may be lying about), calling ``progress()`` after
+    each chunk so a heartbeat can tell a slow big frame from a dead peer.
 
     Parameters
     ----------
@@ -181,6 +195,8 @@ async def read_body(
         ``read_chunk_bytes`` sets the chunk size.
     progress
         Called after each chunk of a big body.
+    mac
+        A hash object (``update(bytes)``), fed each chunk as it arrives (frame MACs).
 
     Returns
     -------
@@ -189,14 +205,16 @@ async def read_body(
     """
     chunk = limits.read_chunk_bytes
     if n <= chunk:
-        return await reader.readexactly(n)
-    body = bytearray(n)
-    view = memoryview(body)
-    pos = 0
-    while pos < n:
-        part = await reader.readexactly(min(chunk, n - pos))
-        view[pos : pos + len(part)] = part
-        pos += len(part)
+        data = await reader.readexactly(n)
+        if mac is not None:
+            mac.update(data)
+        return data
+    body = bytearray()
+    while len(body) < n:
+        part = await reader.readexactly(min(chunk, n - len(body)))
+        if mac is not None:
+            mac.update(part)
+        body += part  # realloc grows in place or by mremap: cheaper than a zeroed prealloc
         if progress is not None:
             progress()
     return body

@@ -37,6 +37,9 @@ Schema evolution
 * An unknown ``op`` is a :class:`~stealer.errors.ProtocolError`. Never reuse an ``op``.
 * :class:`Hello`, :class:`Welcome` and :class:`Reject` must stay decodable by every
   version, since they carry the version check itself: only add defaulted fields to them.
+  The same holds for the cluster-secret messages :class:`AuthInit`,
+  :class:`AuthChallenge` and :class:`AuthProof`, which come before Hello (see
+  :mod:`stealer.wire.auth`).
 
 Arrays received are read-only views into the frame buffer (copy them to mutate); arrays
 sent must not be mutated until :meth:`Comm.send` has returned.
@@ -69,8 +72,13 @@ from stealer.config import DEFAULT_LIMITS, Limits
 from stealer.errors import ProtocolError
 
 __all__ = [
+    "AUTH_NONCE_BYTES",
+    "AUTH_PROOF_BYTES",
     "DTYPES",
     "PROTOCOL_VERSION",
+    "AuthChallenge",
+    "AuthInit",
+    "AuthProof",
     "Goodbye",
     "Header",
     "Hello",
@@ -388,6 +396,69 @@ class Reject(Message):
 
     op: ClassVar[str] = "reject"
     reason: str
+
+
+AUTH_NONCE_BYTES: Final = 32
+"""Length of each side's fresh random challenge nonce (256 bits: never repeats)."""
+
+AUTH_PROOF_BYTES: Final = 32
+"""Length of a handshake proof (keyed BLAKE2b-256 over the transcript)."""
+
+
+def _check_node_id(node_id: str) -> None:
+    if not 1 <= len(node_id) <= 64:
+        raise ValueError("node_id must have 1..64 characters")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class AuthInit(Message):
+    """Cluster-secret handshake, client to server, first message: who I claim to be and
+    my fresh nonce. Nothing in it is trusted until the exchange completes."""
+
+    op: ClassVar[str] = "auth-init"
+    node_id: str
+    nonce: bytes
+    frame_mac: bool = False  # the client wants a MAC on every later frame
+
+    def __post_init__(self) -> None:
+        _check_node_id(self.node_id)
+        if len(self.nonce) != AUTH_NONCE_BYTES:
+            raise ValueError(f"nonce must have {AUTH_NONCE_BYTES} bytes")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class AuthChallenge(Message):
+    """Server's answer to :class:`AuthInit`: its identity, its fresh nonce and its proof
+    that it knows the secret (the server proves first, so a client never reveals a proof
+    to a server that cannot make one)."""
+
+    op: ClassVar[str] = "auth-challenge"
+    node_id: str
+    nonce: bytes
+    proof: bytes
+    frame_mac: bool = False
+
+    def __post_init__(self) -> None:
+        _check_node_id(self.node_id)
+        if len(self.nonce) != AUTH_NONCE_BYTES:
+            raise ValueError(f"nonce must have {AUTH_NONCE_BYTES} bytes")
+        if len(self.proof) != AUTH_PROOF_BYTES:
+            raise ValueError(f"proof must have {AUTH_PROOF_BYTES} bytes")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class AuthProof(Message):
+    """Client's proof that it knows the secret; the client's Hello follows it at once."""
+
+    op: ClassVar[str] = "auth-proof"
+    proof: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.proof) != AUTH_PROOF_BYTES:
+            raise ValueError(f"proof must have {AUTH_PROOF_BYTES} bytes")
 
 
 @register
