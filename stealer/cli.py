@@ -195,6 +195,10 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expect", type=int, default=None, help="gateway: exit after this many results")
     p.add_argument("--stats", help="write this node's statistics as JSON here at exit")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish work at SIGTERM [30]")
+    from .config import add_limit_args, add_security_args
+
+    add_security_args(p)
+    add_limit_args(p)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -209,6 +213,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .sources import open_source
     from .wire import run
 
+    from .config import limits_from_args
+    from .errors import ConfigError
+    from .wire import load_secret
+
+    secret = load_secret(args.secret_file)  # SecretError -> one clear line, exit 2
+    if args.authenticate_frames and secret is None:
+        raise ConfigError("--authenticate-frames needs a cluster secret (--secret-file or STEALER_SECRET)")
+    limits = limits_from_args(args)
     net = _load_network(args)
     sources = [open_source(s) for s in args.source]
     cfg = NodeConfig(
@@ -220,6 +232,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
         policy=args.policy, speculate=args.speculate, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
+        limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
     )
 
     if cfg.max_memory:

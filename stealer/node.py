@@ -46,7 +46,7 @@ from .network import Network
 from .region import detect
 from .scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
 from .sources import Frame, FrameSource
-from .wire import Comm, Hello, connect, serve
+from .wire import ClusterKey, Comm, Hello, connect, serve
 from .wire.messages import (
     PROTOCOL_VERSION,
     FrameDone,
@@ -117,6 +117,8 @@ class NodeConfig:
     nms: float = 0.45
     limits: Limits = DEFAULT_LIMITS
     runtime: RuntimeLimits = field(default_factory=RuntimeLimits)
+    secret: bytes | None = field(default=None, repr=False)  # never in repr or logs
+    authenticate_frames: bool = False
 
 
 @dataclass
@@ -268,7 +270,8 @@ class Node:
         self._frame_info: dict[tuple[str, int], tuple[str, int, int, float]] = {}
         self._tail_inputs: dict[tuple[str, int], np.ndarray] = {}
         self._finished = RecentKeys()
-        self._strips = StripCache(max_bytes=256 * 1024 * 1024)
+        self._strips = StripCache(max_bytes=config.limits.reuse_cache_bytes)
+        self._key = ClusterKey.of(config.secret)  # derived once (scrypt), not per connection
         self._order = ResultOrder()
         self._parked: dict[tuple[str, int], dict[str, Any]] = {}
         self._deadline_timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
@@ -296,7 +299,8 @@ class Node:
         await loop.run_in_executor(self._pool, self.net.warm_up)
         await loop.run_in_executor(self._pool, self._plan, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
-                             limits=self.cfg.limits)
+                             limits=self.cfg.limits, secret=self._key,
+                             authenticate_frames=self.cfg.authenticate_frames)
         await self._server.start()
         self._event({"event": "starting", "time": time.time(), "node_id": self.id, "port": self.port})
         log.info("node %s (%s) listening on port %d, model %s, plan %s", self.id[:8], self.role,
@@ -404,7 +408,8 @@ class Node:
         if node_id is not None:
             self._connecting.add(node_id)
         try:
-            comm = await connect(host, port, self.hello(), limits=self.cfg.limits)
+            comm = await connect(host, port, self.hello(), limits=self.cfg.limits, secret=self._key,
+                                 authenticate_frames=self.cfg.authenticate_frames)
         except (CommClosedError, ProtocolError) as exc:
             log.warning("cannot connect to %s:%d: %s", host, port, exc)
             return
