@@ -131,6 +131,7 @@ def _run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, s
         source.start()
         gateway_killed = False
         worker_faults = 0
+        restart: tuple[Proc, float] | None = None  # (worker, when): restarts never block the loop
         next_kill = time.time() + args.kill_every
         while True:
             res = {r["frame"] for r in read_results(gw_out, sb_out) if r.get("source")}
@@ -139,22 +140,26 @@ def _run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, s
             if time.time() - t0 > args.timeout:
                 print(f"timed out with {len(res)}/{args.frames} frames", file=sys.stderr)
                 break
-            if chaos and not gateway_killed and len(res) >= args.frames // 2:
+            now = time.time()
+            if chaos and not gateway_killed and len(res) >= args.frames // 3:
                 gateway.signal(signal.SIGKILL)
-                kills.append({"who": "gateway", "how": "SIGKILL", "time": time.time()})
+                kills.append({"who": "gateway", "how": "SIGKILL", "time": now})
                 gateway_killed = True
-            if chaos and time.time() >= next_kill:
+            if restart is not None and now >= restart[1]:
+                victim = restart[0]
+                victim.signal(signal.SIGKILL)
+                victim.popen.wait()
+                victim.start()
+                restart = None
+                next_kill = time.time() + args.kill_every
+            if chaos and restart is None and now >= next_kill:
                 victim = rng.choice(workers)
                 worker_faults += 1
                 how = signal.SIGSTOP if worker_faults % 3 == 2 else signal.SIGKILL
                 victim.signal(how)
-                kills.append({"who": victim.name, "how": how.name, "time": time.time()})
-                time.sleep(1.0)
-                victim.signal(signal.SIGKILL)
-                victim.popen.wait()
-                victim.start()
-                next_kill = time.time() + args.kill_every
-            time.sleep(0.1)
+                kills.append({"who": victim.name, "how": how.name, "time": now})
+                restart = (victim, now + 1.0)
+            time.sleep(0.05)
     finally:
         for p in (source, *everyone):
             p.stop()

@@ -11,17 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("warm_kernels")]
 
 
 def test_chaos_loses_no_frame(tmp_path):
     import chaos
 
-    report = chaos.main(["--frames", "48", "--fps", "8", "--kill-every", "1.2", "--workers", "3",
+    report = chaos.main(["--frames", "60", "--fps", "8", "--kill-every", "1.2", "--workers", "3",
                          "--no-baseline", "--out", str(tmp_path / "chaos.json")])
     c = report["chaos"]
     assert c["lost"] == [] and c["wrong"] == []
-    assert c["completed"] == 48
+    assert c["completed"] == 60
     assert c["takeover_seconds"] is not None, "the gateway was killed but nobody took over"
     kinds = {k["how"] for k in c["kills_detail"]}
     assert {"SIGKILL", "SIGSTOP"} <= kinds

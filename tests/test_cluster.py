@@ -17,7 +17,7 @@ import pytest
 from stealer.images import synthetic_frame
 from stealer.network import Network, builtin_cfg
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("warm_kernels")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
