@@ -49,7 +49,6 @@ from stealer.errors import (
     SecretError,
 )
 from stealer.wire import (
-    PROTOCOL_VERSION,
     AuthChallenge,
     AuthInit,
     AuthProof,
@@ -86,18 +85,9 @@ FAST = DEFAULT_LIMITS.replace(
 )
 
 
-def hello(node: str, **changes: object) -> Hello:
-    fields: dict[str, object] = dict(
-        version=PROTOCOL_VERSION, node_id=node * 32 if len(node) == 1 else node, role="worker",
-        port=0, cores=2, model_hash=MODEL, max_memory=2**28,
-    )
-    fields.update(changes)
-    return Hello(**fields)  # type: ignore[arg-type]
+from .test_comm import MODEL as _COMM_MODEL, echo, hello  # noqa: E402  (shared helpers)
 
-
-async def echo(comm: Comm) -> None:
-    while True:
-        await comm.send(await comm.recv())
+assert _COMM_MODEL == MODEL
 
 
 @asynccontextmanager
