@@ -169,6 +169,7 @@ class Stats:
     frames_resent: int = 0
     frames_dropped: int = 0
     frames_partial: int = 0
+    task_errors: int = 0
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
@@ -907,6 +908,10 @@ class Node:
                 self.stats.tiles_run += 1
         except StealerError as exc:
             log.error("task %s failed: %s", job.ref, exc)
+            return
+        except Exception:  # noqa: BLE001 - a task boundary: one bad task must not stop this slot
+            log.exception("task %s failed; its lease brings it back to its owner", job.ref)
+            self.stats.task_errors += 1
             return
         finally:
             self.stats.busy_seconds += time.perf_counter() - t0

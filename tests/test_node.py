@@ -340,3 +340,24 @@ def test_dropped_weights_give_a_clear_error(tiny_net):
     net.forward(x, 0, 9)  # the fused layers still run
     with pytest.raises(ValueError, match="weights were dropped"):
         net.forward(x)
+
+
+async def test_a_failing_task_does_not_stop_the_node(tiny_net, monkeypatch):
+    """The first tile computation raises (a bug, not a StealerError): the slot survives, the
+    task comes back when its lease runs out, and the frame completes exactly."""
+    rt = RuntimeLimits(lease=1.0, steal_timeout=1.0, strips_timeout=1.0, gateway_wait=10.0)
+    gw = Node(tiny_net, config(gateway=True, sources=[17], frames=1, runtime=rt, speculate=False))
+    original = gw._compute_tile
+    calls = []
+
+    def flaky(job, borrowed):
+        calls.append(job.ref)
+        if len(calls) == 1:
+            raise ValueError("simulated kernel bug")
+        return original(job, borrowed)
+
+    monkeypatch.setattr(gw, "_compute_tile", flaky)
+    async with gw:
+        (result,) = await collect(gw, 1)
+    assert gw.stats.task_errors == 1 and gw.stats.requeued >= 1
+    assert result["output_sha256"] == expected_digest(tiny_net, 17, 0)
