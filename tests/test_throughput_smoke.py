@@ -40,11 +40,12 @@ def test_throughput_smallest_scenario_matches_single_device(tmp_path):
     report = json.loads(out.read_text())
     (run,) = report["runs"]
     assert run["status"] == "ok", run
-    assert run["frames_ok"] == run["frames_expected"] == 4
+    frames = run["frames_expected"]  # the scenario's count scaled by --frames-scale
+    assert frames >= 3 and run["frames_ok"] == frames
     assert run["mismatches"] == [] and run["unverified"] == 0  # every frame checked, bit for bit
     assert run["fps"] and run["fps"] > 0
     assert all(n["stats_ok"] for n in run["nodes"]), run["nodes"]
-    assert sum(n["tiles_run"] for n in run["nodes"]) >= 4 * 25
+    assert sum(n["tiles_run"] for n in run["nodes"]) >= frames * 25
     assert run["window"]["mb_per_frame"] > 0
     assert code == 0
     assert "| scaling | 3 nodes |" in (tmp_path / "RESULTS.md").read_text()
