@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from stealer.errors import PlanError
@@ -123,6 +123,12 @@ def windows(draw):
 @settings(max_examples=200)
 @given(windows(), st.data())
 def test_back_is_the_clipped_receptive_field(win, data):
+    # only layers the planner accepts: a window wholly in the padding reads nothing, and
+    # check_windows refuses such layers (tested in test_windows_wholly_in_padding_are_refused)
+    try:
+        win.check_windows()
+    except PlanError:
+        assume(False)
     _, oh, ow = win.out_shape
     _, h, w = win.in_shape
     r = data.draw(rects(oh, ow, allow_empty=False).filter(lambda r: r[1] <= oh and r[3] <= ow))
@@ -181,3 +187,11 @@ def test_owned_regions_partition_every_map(rows, cols):
     for l, win in enumerate(wins):
         _, h, w = win.out_shape
         assert (mask_of([o[l] for o in owned], h, w) == 1).all()
+
+
+def test_windows_wholly_in_padding_are_refused():
+    """The case hypothesis found: size 2, stride 3, pad 2 on a 1x1 map, whose first output's
+    window reads only padding. No input region can stand for it, so the planner refuses it."""
+    spec = ConvSpec(0, (2, 1, 1), (3, 2, 2), 3, 2, 3, 2, "leaky", False)
+    with pytest.raises(PlanError, match="wholly in the padding"):
+        Window.of(spec).check_windows()
