@@ -130,6 +130,7 @@ def _run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, s
         time.sleep(args.settle)  # let discovery join everyone before the camera starts
         source.start()
         gateway_killed = False
+        streaming_since: float | None = None  # when the camera started its first frame
         worker_faults = 0
         restart: tuple[Proc, float] | None = None  # (worker, when): restarts never block the loop
         next_kill = time.time() + args.kill_every
@@ -141,9 +142,14 @@ def _run(args: argparse.Namespace, cfg: Path, chaos: bool, expected: dict[int, s
                 print(f"timed out with {len(res)}/{args.frames} frames", file=sys.stderr)
                 break
             now = time.time()
-            # a third of the way through the stream (by time: results are released in frame
-            # order, so they can arrive in one burst after a straggler and a count could be skipped)
-            if chaos and not gateway_killed and res and now - source.spawn_times[0] >= args.frames / args.fps / 3:
+            # A third of the way through the stream, by time since the camera's first frame:
+            # results are released in frame order, so after a straggler they can all arrive in
+            # one burst at the end, and a trigger waiting for a result could never fire.
+            if streaming_since is None:
+                streaming_since = next((ev["time"] for _, ev in source.events()
+                                        if ev.get("event") == "first-task"), None)
+            if (chaos and not gateway_killed and streaming_since is not None
+                    and now - streaming_since >= args.frames / args.fps / 3):
                 gateway.signal(signal.SIGKILL)
                 kills.append({"who": "gateway", "how": "SIGKILL", "time": now})
                 gateway_killed = True
