@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,23 @@ class WorkQueue:
         else:
             self.queue.extend(tasks)
 
-    def take(self, holder: str, now: float, *, accept_tail: bool = True) -> TaskRef | None:
-        """Hand the first task ``holder`` may run to it under a lease, or None if there is none."""
-        if not self.queue:
+    def take(self, holder: str, now: float, *, accept_tail: bool = True,
+             ready: Callable[[TaskRef], bool] | None = None) -> TaskRef | None:
+        """Hand the first task ``holder`` may run to it under a lease, or None if there is none.
+
+        With ``ready``, the first task for which it is true goes first, and only if there is
+        none the first task at all: a reuse tile whose producers are still running would have
+        to run its full variant (several times the work and the input bytes), while the next
+        frame's producers can start at once and the tile becomes cheap a moment later.
+        """
+        candidates = (r for r in self.queue if accept_tail or not r.is_tail)
+        first = next(candidates, None)
+        if first is None:
             return None
-        if accept_tail or not self.queue[0].is_tail:
-            ref = self.queue.popleft()
-        else:
-            ref = next((r for r in self.queue if not r.is_tail), None)
-            if ref is None:
-                return None
-            self.queue.remove(ref)
+        ref = first
+        if ready is not None and not ready(first):
+            ref = next((r for r in candidates if ready(r)), first)
+        self.queue.remove(ref)  # the first equal entry: refs are unique in the queue
         self._tails -= ref.is_tail
         self.leases[ref] = Lease(holder, now + self.lease_seconds, now)
         return ref

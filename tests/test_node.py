@@ -91,6 +91,51 @@ async def test_three_nodes_steal_and_match_single_device(tiny_net, scheme, polic
         assert sum(n.stats.reuse_fallbacks for n in (gw, src, thief)) < total_tiles
 
 
+async def _camera_only_cluster(tiny_net, frames: int):
+    """A source that computes nothing (every tile is stolen), a gateway and a thief; no
+    speculative copies, so every grant is run exactly once."""
+    gw = Node(tiny_net, config(gateway=True, speculate=False))
+    await gw.start()
+    src = Node(tiny_net, config(sources=[6], frames=frames, slots=0, max_inflight=3,
+                                peers=[("127.0.0.1", gw.port)], speculate=False))
+    thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)], speculate=False))
+    return gw, src, thief
+
+
+async def test_reuse_tiles_are_granted_with_their_small_region(tiny_net):
+    gw, src, thief = await _camera_only_cluster(tiny_net, 6)
+    try:
+        await thief.start()
+        await src.start()
+        results = await collect(gw, 6)
+    finally:
+        for n in (thief, src, gw):
+            await n.close()
+    for r in results:
+        assert r["output_sha256"] == expected_digest(tiny_net, 6, r["frame"]), r
+    # the camera ran nothing itself; once a tile's producers were in, it shipped the small region
+    assert src.stats.tiles_run == 0 and src.stats.small_grants > 0
+    assert sum(n.stats.region_refetches for n in (gw, thief)) == 0
+
+
+async def test_gone_strips_bring_the_full_region_from_the_owner(tiny_net):
+    gw, src, thief = await _camera_only_cluster(tiny_net, 6)
+    # the gateway keeps no strip at all (as after a takeover, or with its reuse cache evicted):
+    # every tile shipped with only its small region must fetch its full region from the camera
+    gw._strips.put = lambda *args: None
+    try:
+        await thief.start()
+        await src.start()
+        results = await collect(gw, 6)
+    finally:
+        for n in (thief, src, gw):
+            await n.close()
+    for r in results:
+        assert r["output_sha256"] == expected_digest(tiny_net, 6, r["frame"]), r
+    assert src.stats.small_grants > 0
+    assert sum(n.stats.region_refetches for n in (gw, thief)) == src.stats.small_grants
+
+
 async def test_gateway_is_source_and_two_sources_in_flight(tiny_net):
     gw = Node(tiny_net, config(gateway=True, sources=[1, 2], frames=3, max_inflight=2))
     await gw.start()

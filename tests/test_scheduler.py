@@ -28,6 +28,27 @@ def test_queue_is_fifo_and_leases_every_task():
     assert q.queued_tails == 1 and q.done(TaskRef("src", 0, TAIL)) and q.queued_tails == 0
 
 
+def test_ready_tasks_go_first_and_the_first_task_when_none_is_ready():
+    q = WorkQueue("me", lease_seconds=5)
+    q.add(refs(0, 3) + refs(1, 3) + [TaskRef("src", 1, TAIL)])
+    done: set[TaskRef] = set()
+    producers = {1: 0, 2: 0}  # tasks 1 and 2 of a frame wait for task 0 of the same frame
+
+    def ready(r: TaskRef) -> bool:
+        return r.task not in producers or TaskRef(r.source, r.frame, producers[r.task]) in done
+
+    assert q.take("a", 0.0, ready=ready) == TaskRef("src", 0, 0)
+    # frame 0's task 0 is running: the next frame's producer goes before its waiting dependants
+    assert q.take("b", 0.0, ready=ready) == TaskRef("src", 1, 0)
+    assert q.take("c", 0.0, ready=ready, accept_tail=False) == TaskRef("src", 0, 1)  # none ready: first
+    assert q.take("d", 0.0, ready=ready) == TaskRef("src", 1, TAIL)  # a tail is always ready
+    assert q.queued_tails == 0
+    done.add(TaskRef("src", 1, 0))
+    assert q.take("e", 0.0, ready=ready) == TaskRef("src", 1, 1)  # ready now, ahead of frame 0's
+    assert list(q.queue) == [TaskRef("src", 0, 2), TaskRef("src", 1, 2)]
+    assert q.take("f", 0.0, ready=lambda r: False, accept_tail=False) == TaskRef("src", 0, 2)
+
+
 def test_lost_holder_requeues_in_order_at_front_and_done_drops_duplicates():
     q = WorkQueue("me", lease_seconds=5)
     q.add(refs(0, 4))

@@ -46,6 +46,8 @@ from stealer.wire.messages import (
     StealReply,
     StealRequest,
     Status,
+    RegionReply,
+    RegionRequest,
     StripsReply,
     StripsRequest,
     TailDone,
@@ -139,6 +141,8 @@ SAMPLES = [
     pytest.param(FrameStart("n1/0", 2**40, "2x3:16:none", 608, 608), id="frame-start"),
     pytest.param(StripsRequest(1, "n1/0", 3, 5, "5x5:16:quad"), id="strips-request"),
     pytest.param(StripsReply(1, True, [[4, 2, 1, 3]], np.arange(6, dtype=np.float32)), id="strips-reply"),
+    pytest.param(RegionRequest(2, "n1/0", 3, 5), id="region-request"),
+    pytest.param(RegionReply(2, True, [0, 4, 8, 12], np.ones((3, 4, 4), np.float32)), id="region-reply"),
     pytest.param(
         TileDone("n1/0", 3, 5, "5x5:16:quad", "reuse", np.zeros((4, 2, 2), np.float32),
                  [[1, 4, 1, 2]], np.ones(8, np.float32), 0.25),

@@ -86,6 +86,8 @@ def seed_messages() -> list[Message]:
         TensorMsg("e", np.zeros((0, 3), np.int64)),
         m.StealReply(8, True, "n1/0", 12, 4, "5x5:16:quad", [0, 5, 1, 6], 64, 48, np.ones((3, 5, 5), np.float32)),
         m.StripsReply(1, True, [[4, 2, 1, 3]], np.arange(6, dtype=np.float32)),
+        m.RegionRequest(2, "n1/0", 3, 5),
+        m.RegionReply(2, True, [0, 4, 8, 12], np.ones((3, 4, 4), np.float32)),
         m.TileDone("n1/0", 3, 5, "5x5:16:quad", "reuse", np.zeros((4, 2, 2), np.float32),
                    [[1, 4, 1, 2]], np.ones(8, np.float32), 0.25),
         m.TailDone("n1/0", 3, "ab" * 32, [{"cls": 1, "prob": 0.5}], 1.5),

@@ -97,7 +97,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
 older peer cannot handle by ignoring unknown fields."""
 
@@ -803,8 +803,10 @@ class StealRequest(Message):
 class StealReply(Message):
     """The victim's answer: a task with its input data (``granted``), or nothing.
 
-    For a tile, ``data`` is the frame region ``region`` (y0, y1, x0, x1) that the task's full
-    variant needs (so the thief can fall back to it); for a tail, the fused block's output."""
+    For a tile, ``data`` is the frame region ``region`` (y0, y1, x0, x1): the one the task's
+    full variant needs, or, when the victim knows every producer of a reuse task is done, the
+    reuse variant's smaller one (the thief asks for the rest with :class:`RegionRequest` if
+    the strips turn out to be gone); for a tail, the fused block's output."""
 
     op: ClassVar[str] = "steal-reply"
     request_id: int
@@ -865,6 +867,35 @@ class StripsReply(Message):
     request_id: int
     found: bool
     meta: list[list[int]] = field(default_factory=list)
+    data: np.ndarray | None = None
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class RegionRequest(Message):
+    """A thief holding a reuse task's small input region, whose strips are gone (a new gateway,
+    an evicted cache), asks the task's owner for the full variant's region instead."""
+
+    op: ClassVar[str] = "region-request"
+    request_id: int
+    source: str
+    frame: int
+    task: int
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, self.task)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class RegionReply(Message):
+    """The full variant's input region of the task (``region`` y0, y1, x0, x1), or ``found``
+    false if the owner no longer holds the frame (it finished, or was dropped)."""
+
+    op: ClassVar[str] = "region-reply"
+    request_id: int
+    found: bool
+    region: list[int] = field(default_factory=list)
     data: np.ndarray | None = None
 
 
