@@ -83,6 +83,11 @@ class RuntimeLimits:
     """Wait this long for reuse strips before running the tile's full variant instead."""
     gateway_wait: float = 60.0
     """A source waiting for a gateway says so this often (it waits as long as it takes)."""
+    pending_results: int = 2
+    """Results a node may have computed but not yet delivered to the gateway. The compute slot
+    goes on with its next task while a result uploads (over Wi-Fi a tile's output and strips
+    take about as long to send as to compute), and this bounds the memory that can pile up
+    behind a slow link."""
     straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""
@@ -287,8 +292,9 @@ class Node:
         self._closed = False
         self._tail_ok: bool | None = None
         self._draining = False
-        self._running = 0
+        self._running = 0  # tasks in hand: computing, or computed and not yet delivered
         self._idle_changed = asyncio.Event()
+        self._delivery_slots = asyncio.Semaphore(config.runtime.pending_results)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -967,10 +973,21 @@ class Node:
             return
         finally:
             self.stats.busy_seconds += time.perf_counter() - t0
+        # deliver in the background so that this slot computes its next task meanwhile; the
+        # slot waits only when pending_results are already on their way
+        await self._delivery_slots.acquire()
+        self._running += 1
+        self._spawn(self._deliver(job.ref, msg), "deliver")
+
+    async def _deliver(self, ref: TaskRef, msg: Message) -> None:
         try:
             await self._to_gateway(msg)
         except (CommClosedError, asyncio.TimeoutError) as exc:
-            log.warning("result of %s not delivered (%s); its lease will bring it back", job.ref, exc)
+            log.warning("result of %s not delivered (%s); its lease will bring it back", ref, exc)
+        finally:
+            self._delivery_slots.release()
+            self._running -= 1
+            self._idle_changed.set()
 
     async def _fetch_strips(self, job: Job) -> dict[int, np.ndarray] | None:
         plan = self._plan(job.plan_key)
