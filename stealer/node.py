@@ -248,6 +248,8 @@ class Node:
         self.on_event = on_event  # milestones for operators and benchmarks (first task, takeover)
         self.first_task_at: float | None = None
         self.layers = config.layers or min(16, _fusable(net))
+        self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)  # this node's frames' plan
+        self._reuse_producers: dict[int, frozenset[int]] | None = None  # reuse task -> its producers
         self.role = "gateway" if config.gateway else ("standby" if config.standby else "worker")
         # The gateway this node follows, and the epoch of its claim: a standby that takes over
         # claims a higher epoch, so every node converges on the same gateway.
@@ -310,14 +312,14 @@ class Node:
         # compile or load every kernel and build this node's own plan before joining: both hold
         # the GIL for a while, which would otherwise stall heartbeats once peers are connected
         await loop.run_in_executor(self._pool, self.net.warm_up)
-        await loop.run_in_executor(self._pool, self._plan, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
+        await loop.run_in_executor(self._pool, self._plan, self._own_plan_key)
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
         await self._server.start()
         self._event({"event": "starting", "time": time.time(), "node_id": self.id, "port": self.port})
         log.info("node %s (%s) listening on port %d, model %s, plan %s", self.id[:8], self.role,
-                 self.port, self.net.model_hash, plan_key(self.cfg.grid, self.layers, self.cfg.scheme))
+                 self.port, self.net.model_hash, self._own_plan_key)
         if self.is_gateway:
             self._gateway_seen.set()
         # compute and sources first: peers found while our own mDNS announcement is still being
@@ -563,7 +565,7 @@ class Node:
             if sf is None:
                 continue
             source, frame = key
-            pk = plan_key(self.cfg.grid, self.layers, self.cfg.scheme)
+            pk = self._own_plan_key
             self.queue.drop_frame(source, frame)
             sf.acked.clear()  # the new gateway holds none of the frame's tiles or strips
             try:
@@ -712,7 +714,7 @@ class Node:
     # ------------------------------------------------------------------ compute
     def _accepts_tails(self) -> bool:
         if self._tail_ok is None:  # computed once: the plan's accounting is not free
-            tile, tail = memory_needs(self.net, self._plan(plan_key(self.cfg.grid, self.layers, self.cfg.scheme)))
+            tile, tail = memory_needs(self.net, self._plan(self._own_plan_key))
             self._tail_ok = self.cfg.max_memory == 0 or self.cfg.max_memory >= tile + tail
         return self._tail_ok
 
@@ -802,8 +804,11 @@ class Node:
         sf = self._frames.get((ref.source, ref.frame))
         if ref.is_tail or sf is None:
             return True
-        task = self._plan(plan_key(self.cfg.grid, self.layers, self.cfg.scheme)).task(ref.task)
-        return task.reuse is None or not task.consumes or sf.acked.issuperset(task.producers)
+        if self._reuse_producers is None:  # queues are scanned with this: look the plan up once
+            self._reuse_producers = {t.id: frozenset(t.producers) for t in self._plan(self._own_plan_key).tasks
+                                     if t.reuse is not None and t.consumes}
+        producers = self._reuse_producers.get(ref.task)
+        return producers is None or sf.acked.issuperset(producers)
 
     def _local_job(self, ref: TaskRef) -> Job:
         key = (ref.source, ref.frame)
@@ -811,7 +816,7 @@ class Node:
             _, img_w, img_h, _ = self._frame_info[key]
             return Job(ref, self._frame_info[key][0], self._tail_inputs[key], img_w, img_h, self.id)
         sf = self._frames[key]
-        pk = plan_key(self.cfg.grid, self.layers, self.cfg.scheme)
+        pk = self._own_plan_key
         return Job(ref, pk, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id)
 
     async def _steal(self) -> Job | None:
@@ -895,9 +900,10 @@ class Node:
             data, region = job.data, []
         else:
             task = self._plan(job.plan_key).task(ref.task)
-            small = task.reuse is not None and task.consumes and self._ready(ref)
-            y0, y1, x0, x1 = task.reuse.input_region if small and task.reuse is not None else task.full.input_region
-            self.stats.small_grants += bool(small)
+            ready = task.reuse is not None and task.consumes and self._ready(ref)
+            variant = task.reuse if ready and task.reuse is not None else task.full
+            self.stats.small_grants += variant is not task.full
+            y0, y1, x0, x1 = variant.input_region
             data, region = np.ascontiguousarray(job.data[:, y0:y1, x0:x1]), [y0, y1, x0, x1]
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, region,
                           job.img_w, job.img_h, data)
@@ -909,7 +915,7 @@ class Node:
             await peer.comm.send(RegionReply(req.request_id, False))
             return
         try:
-            task = self._plan(plan_key(self.cfg.grid, self.layers, self.cfg.scheme)).task(req.task)
+            task = self._plan(self._own_plan_key).task(req.task)
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"region of unknown task {req.task}") from None
         y0, y1, x0, x1 = task.full.input_region
@@ -1076,7 +1082,7 @@ class Node:
         source_id = f"{self.id}/{index}"
         loop = asyncio.get_running_loop()
         frames = src.frames(self.net.input_shape)
-        pk = plan_key(self.cfg.grid, self.layers, self.cfg.scheme)
+        pk = self._own_plan_key
         plan = self._plan(pk)
         self._inflight[source_id] = 0
         period = 1.0 / self.cfg.fps if self.cfg.fps else 0.0
