@@ -105,8 +105,10 @@ def cluster_fps(nodes: int, frames: int, cpu: float | None, grid: str, timeout: 
 
     work = Path(tempfile.mkdtemp(prefix="stealer-bench-"))
     results = work / "results.jsonl"
+    # frames in flight: enough that every node has a tile or a tail to run (Little's law, as in
+    # bench/throughput.py: the tail alone is about 3/5 of a frame's work)
     base = [sys.executable, "-m", "stealer", "node", "--cfg", "yolov2", "--random-weights", "0",
-            "--grid", grid, "--scheme", "quad", "--max-inflight", "3"]
+            "--grid", grid, "--scheme", "quad", "--max-inflight", str(nodes + 2)]
     argvs = []
     for i in range(nodes):
         argv = base + ["--stats", str(work / f"node{i}.json")]
@@ -183,7 +185,7 @@ def main() -> None:
     print(f"\nruntime overhead (null compute, 3 nodes in one process): {o['tasks']} tasks "
           f"({o['stolen']} stolen) in {o['seconds']:.2f} s = {o['per_task_ms']:.3f} ms per task")
     if not args.skip_cluster:
-        frames = 4 if args.quick else 8
+        frames = 4 if args.quick else 12
         runs = [cluster_fps(k, frames, args.cpu, "5x5", 900) for k in (1, 2, 3)]
         report["cluster"] = runs
         base = runs[0]["fps"]
