@@ -60,6 +60,8 @@ from .wire.messages import (
     StealReply,
     StealRequest,
     Status,
+    StripsFetch,
+    StripsRelease,
     StripsReply,
     StripsRequest,
     TailDone,
@@ -172,6 +174,7 @@ class Stats:
     reuse_fallbacks: int = 0
     small_grants: int = 0  # reuse tiles granted with only their reuse variant's frame region
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
+    strips_served: int = 0  # strip fetches this node answered from the strips it produced
     speculative: int = 0
     duplicates_dropped: int = 0
     frames_done: int = 0
@@ -255,6 +258,10 @@ class Node:
         # claims a higher epoch, so every node converges on the same gateway.
         self.gateway_id: str | None = self.id if config.gateway else None
         self.epoch = 0
+        # the gateway whose connection was lost last: if that same process claims again (a
+        # connection swap or a Wi-Fi blip, not a new gateway), it still holds every frame's
+        # state and nothing needs to start again
+        self._lost_gateway: str | None = None
         self.peers: dict[str, Peer] = {}
         self.queue = WorkQueue(self.id, config.runtime.lease)
         self.stats = Stats()
@@ -284,7 +291,10 @@ class Node:
         self._frame_info: dict[tuple[str, int], tuple[str, int, int, float]] = {}
         self._tail_inputs: dict[tuple[str, int], np.ndarray] = {}
         self._finished = RecentKeys()
-        self._strips = StripCache(max_bytes=config.limits.reuse_cache_bytes)
+        # reuse strips this node produced, served to dependent tiles peer to peer; the gateway
+        # keeps only where each frame's strips are
+        self._held = StripCache(max_bytes=config.limits.reuse_cache_bytes)
+        self._strip_holders: dict[tuple[str, int], dict[int, str]] = {}
         self._key = ClusterKey.of(config.secret)  # derived once (scrypt), not per connection
         self._order = ResultOrder()
         self._parked: dict[tuple[str, int], dict[str, Any]] = {}
@@ -502,6 +512,7 @@ class Node:
             log.warning("peer %s left holding %d task(s); queued them again", peer.node_id[:8], len(requeued))
             self._work_changed()
         if peer.node_id == self.gateway_id:
+            self._lost_gateway = peer.node_id
             self.gateway_id = None
             self._gateway_seen.clear()
             self._elect(lost=peer.node_id)
@@ -547,8 +558,13 @@ class Node:
             log.warning("node %s claims the gateway at epoch %d; this node steps down", node_id[:8], epoch)
             self.role = "standby"
         self.epoch = epoch
-        changed = self.gateway_id != node_id
+        # frames start again only on a gateway other than the one they were announced to: at
+        # the first claim, frames made while waiting for a gateway are announced by their source
+        # loop (starting them here too queued their tasks twice)
+        previous = self.gateway_id if self.gateway_id is not None else self._lost_gateway
+        changed = previous is not None and previous != node_id
         self.gateway_id = node_id
+        self._lost_gateway = None
         peer = self.peers.get(node_id)
         if peer is not None:
             peer.role = "gateway"
@@ -641,8 +657,13 @@ class Node:
         elif isinstance(msg, StripsRequest):
             assert peer is not None
             await self._gw_strips(peer, msg)
+        elif isinstance(msg, StripsFetch):
+            assert peer is not None
+            await self._serve_strips(peer, msg)
+        elif isinstance(msg, StripsRelease):
+            self._held.drop((msg.source, msg.frame))
         elif isinstance(msg, TileDone):
-            await self._gw_tile(msg)
+            await self._gw_tile(msg, peer.node_id if peer is not None else self.id)
         elif isinstance(msg, TailDone):
             await self._gw_tail(msg)
         elif isinstance(msg, TileAck):
@@ -968,7 +989,10 @@ class Node:
                 borrowed = await self._fetch_strips(job)
                 if borrowed is None and job.partial and not await self._fetch_full_region(job):
                     return
-                msg = await loop.run_in_executor(self._pool, self._compute_tile, job, borrowed)
+                msg, published = await loop.run_in_executor(self._pool, self._compute_tile, job, borrowed)
+                for sid, arr in published.items():  # kept here, on the loop: the cache is not thread-safe
+                    # a copy if it is a view, so a held strip never pins a whole layer buffer
+                    self._held.put((job.ref.source, job.ref.frame), sid, arr if arr.base is None else arr.copy())
                 self.stats.tiles_run += 1
         except StealerError as exc:
             log.error("task %s failed: %s", job.ref, exc)
@@ -1001,59 +1025,96 @@ class Node:
         if task.reuse is None or not task.consumes:
             return None
         key = (job.ref.source, job.ref.frame)
+        holders: dict[str, list[int]] | None = None
         if self.is_gateway:
-            got = self._strips.get(key, task.consumes)
+            holders = self._strip_locations(key, task.consumes)
         else:
             gw = self._gateway()
-            if gw is None:
-                return None
-            rid = next(self._request_ids)
-            fut: asyncio.Future[StripsReply] = asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
-            try:
-                await gw.comm.send(StripsRequest(rid, job.ref.source, job.ref.frame, job.ref.task, job.plan_key))
-                reply = await asyncio.wait_for(fut, self.cfg.runtime.strips_timeout)
-            except (CommClosedError, asyncio.TimeoutError):
-                self._pending.pop(rid, None)
-                reply = None
-            got = unpack_strips(reply.meta, reply.data) if reply is not None and reply.found else None
+            if gw is not None:
+                reply = await self._request(gw, lambda rid: StripsRequest(rid, job.ref.source, job.ref.frame,
+                                                                          job.ref.task, job.plan_key))
+                if isinstance(reply, StripsReply) and reply.found:
+                    holders = reply.holders
+        got = await self._collect_strips(key, task.consumes, holders) if holders is not None else None
         if got is None:
             self.stats.reuse_fallbacks += 1
         return got
+
+    async def _request(self, peer: Peer, make: Any, timeout: float | None = None) -> Message | None:
+        """Send ``make(request_id)`` to ``peer`` and wait for the reply with that id (None if the
+        peer is gone or slower than ``timeout``, by default ``strips_timeout``)."""
+        rid = next(self._request_ids)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await peer.comm.send(make(rid))
+            return await asyncio.wait_for(fut, self.cfg.runtime.strips_timeout if timeout is None else timeout)
+        except (CommClosedError, asyncio.TimeoutError):
+            self._pending.pop(rid, None)
+            return None
+
+    async def _collect_strips(self, key: tuple[str, int], wanted: tuple[int, ...],
+                              holders: dict[str, list[int]]) -> dict[int, np.ndarray] | None:
+        """Fetch a dependent tile's strips from the nodes that produced them, all at once; None
+        if any is missing (a holder left, or evicted them), and the tile runs its full variant."""
+        async def from_node(node_id: str, ids: list[int]) -> dict[int, np.ndarray] | None:
+            if node_id == self.id:
+                return self._held.get(key, ids)
+            peer = self.peers.get(node_id)
+            if peer is None:
+                return None
+            reply = await self._request(peer, lambda rid: StripsFetch(rid, key[0], key[1], ids))
+            if not isinstance(reply, StripsReply) or not reply.found:
+                log.info("strips %s of frame %d of %s: %s", ids, key[1], key[0][:8],
+                         "not held by " + node_id[:8] if reply is not None else "no answer from " + node_id[:8])
+                return None
+            return unpack_strips(reply.meta, reply.data)
+
+        parts = await asyncio.gather(*(from_node(n, ids) for n, ids in holders.items()))
+        got: dict[int, np.ndarray] = {}
+        for part in parts:
+            if part is None:
+                return None
+            got.update(part)
+        return got if all(s in got for s in wanted) else None
+
+    async def _serve_strips(self, peer: Peer, msg: StripsFetch) -> None:
+        got = self._held.get((msg.source, msg.frame), msg.strips)
+        if got is None:
+            await peer.comm.send(StripsReply(msg.request_id, False))
+            return
+        meta, data = pack_strips(got)
+        self.stats.strips_served += 1
+        await peer.comm.send(StripsReply(msg.request_id, True, meta, data))
 
     async def _fetch_full_region(self, job: Job) -> bool:
         """The strips of a task shipped with only its reuse region are gone: ask its owner for
         the full region. False if that fails (the owner left, or finished the frame: either way
         nothing waits for this task any more, or its lease brings it back)."""
         peer = self.peers.get(job.victim)
-        reply: RegionReply | None = None
+        reply = None
         if peer is not None:
-            rid = next(self._request_ids)
-            fut: asyncio.Future[RegionReply] = asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
-            try:
-                await peer.comm.send(RegionRequest(rid, job.ref.source, job.ref.frame, job.ref.task))
-                reply = await asyncio.wait_for(fut, self.cfg.runtime.steal_timeout)
-            except (CommClosedError, asyncio.TimeoutError):
-                self._pending.pop(rid, None)
-        if reply is None or not reply.found or reply.data is None:
+            reply = await self._request(peer, lambda rid: RegionRequest(rid, job.ref.source, job.ref.frame,
+                                                                        job.ref.task), self.cfg.runtime.steal_timeout)
+        if not isinstance(reply, RegionReply) or not reply.found or reply.data is None:
             log.warning("%s: reuse strips gone and no full region from its owner; dropped here", job.ref)
             return False
         job.data, job.partial = reply.data, False
         self.stats.region_refetches += 1
         return True
 
-    def _compute_tile(self, job: Job, borrowed: dict[int, np.ndarray] | None) -> TileDone:
+    def _compute_tile(self, job: Job, borrowed: dict[int, np.ndarray] | None
+                      ) -> tuple[TileDone, dict[int, np.ndarray]]:
+        """The tile's result for the gateway, and the strips it published (kept by this node)."""
         plan = self._plan(job.plan_key)
         t0 = time.perf_counter()
         if self.cfg.null_compute:
             y0, y1, x0, x1 = plan.task(job.ref.task).output
             zeros = np.zeros((plan.output_shape[0], y1 - y0, x1 - x0), np.float32)
-            return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros)
+            return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros), {}
         res = run_task(self.net, plan, job.ref.task, job.data, borrowed, check=False)
-        meta, data = pack_strips(res.published)
-        return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, res.variant,
-                        res.output, meta, data, time.perf_counter() - t0)
+        return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, res.variant, res.output,
+                        sorted(res.published), time.perf_counter() - t0), res.published
 
     def _compute_tail(self, job: Job) -> TailDone:
         t0 = time.perf_counter()
@@ -1194,14 +1255,30 @@ class Node:
             task = plan.task(msg.task)
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"strips for unknown task {msg.task}") from None
-        got = self._strips.get((msg.source, msg.frame), task.consumes)
-        if got is None:
-            await peer.comm.send(StripsReply(msg.request_id, False))
-            return
-        meta, data = pack_strips(got)
-        await peer.comm.send(StripsReply(msg.request_id, True, meta, data))
+        holders = self._strip_locations((msg.source, msg.frame), task.consumes)
+        await peer.comm.send(StripsReply(msg.request_id, holders is not None, holders=holders or {}))
 
-    async def _gw_tile(self, msg: TileDone) -> None:
+    def _strip_locations(self, key: tuple[str, int], wanted: tuple[int, ...]) -> dict[str, list[int]] | None:
+        """Which node holds each wanted strip of a frame (node id -> strip ids), or None if the
+        producer of any of them has not delivered its tile yet."""
+        known = self._strip_holders.get(key)
+        if known is None or any(s not in known for s in wanted):
+            return None
+        by_node: dict[str, list[int]] = {}
+        for s in wanted:
+            by_node.setdefault(known[s], []).append(s)
+        return by_node
+
+    def _release_strips(self, key: tuple[str, int]) -> None:
+        """The frame needs its strips no more: tell every node that holds some."""
+        holders = self._strip_holders.pop(key, None)
+        for node_id in set(holders.values()) if holders else ():
+            if node_id == self.id:
+                self._held.drop(key)
+            elif node_id in self.peers:
+                self._spawn(self._send_quietly(self.peers[node_id], StripsRelease(*key)), "strips release")
+
+    async def _gw_tile(self, msg: TileDone, sender: str) -> None:
         key = (msg.source, msg.frame)
         source_node = msg.source.split("/")[0]
         if key in self._finished or key in self._tail_inputs:
@@ -1214,8 +1291,10 @@ class Node:
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
         if fresh:
-            for sid, arr in unpack_strips(msg.strip_meta, msg.strips).items():
-                self._strips.put(key, sid, arr)
+            if msg.strips_held:
+                held = self._strip_holders.setdefault(key, {})
+                for sid in msg.strips_held:
+                    held.setdefault(sid, sender)
         else:
             self.stats.duplicates_dropped += 1
         await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
@@ -1230,7 +1309,7 @@ class Node:
         timer = self._deadline_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        self._strips.drop(key)
+        self._release_strips(key)
         self._tail_inputs[key] = asm.output
         self.queue.add([TaskRef(key[0], key[1], TAIL)], front=True)
         self._work_changed()
@@ -1262,7 +1341,7 @@ class Node:
         timer = self._deadline_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        self._strips.drop(key)
+        self._release_strips(key)
         self.queue.drop_frame(msg.source, msg.frame)
         self._order.expect(msg.source, msg.frame)
         self._release(msg.source, msg.frame, {"source": msg.source, "frame": msg.frame, "dropped": True})

@@ -96,16 +96,16 @@ async def _camera_only_cluster(tiny_net, frames: int):
     speculative copies, so every grant is run exactly once."""
     gw = Node(tiny_net, config(gateway=True, speculate=False))
     await gw.start()
-    src = Node(tiny_net, config(sources=[6], frames=frames, slots=0, max_inflight=3,
-                                peers=[("127.0.0.1", gw.port)], speculate=False))
     thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)], speculate=False))
+    await thief.start()
+    src = Node(tiny_net, config(sources=[6], frames=frames, slots=0, max_inflight=3,
+                                peers=[("127.0.0.1", gw.port), ("127.0.0.1", thief.port)], speculate=False))
     return gw, src, thief
 
 
 async def test_reuse_tiles_are_granted_with_their_small_region(tiny_net):
     gw, src, thief = await _camera_only_cluster(tiny_net, 6)
     try:
-        await thief.start()
         await src.start()
         results = await collect(gw, 6)
     finally:
@@ -116,15 +116,19 @@ async def test_reuse_tiles_are_granted_with_their_small_region(tiny_net):
     # the camera ran nothing itself; once a tile's producers were in, it shipped the small region
     assert src.stats.tiles_run == 0 and src.stats.small_grants > 0
     assert sum(n.stats.region_refetches for n in (gw, thief)) == 0
+    # both computing nodes stole tiles, and strips went from producer to consumer directly
+    assert gw.stats.tiles_run > 0 and thief.stats.tiles_run > 0
+    assert gw.stats.strips_served + thief.stats.strips_served > 0
+    assert sum(n.stats.reuse_fallbacks for n in (gw, thief)) < sum(n.stats.tiles_run for n in (gw, thief)) / 2
 
 
 async def test_gone_strips_bring_the_full_region_from_the_owner(tiny_net):
     gw, src, thief = await _camera_only_cluster(tiny_net, 6)
-    # the gateway keeps no strip at all (as after a takeover, or with its reuse cache evicted):
-    # every tile shipped with only its small region must fetch its full region from the camera
-    gw._strips.put = lambda *args: None
+    # no node keeps the strips it produces (as if every holder had evicted them): every tile
+    # shipped with only its small region must fetch its full region from the camera
+    for node in (gw, src, thief):
+        node._held.put = lambda *args: None
     try:
-        await thief.start()
         await src.start()
         results = await collect(gw, 6)
     finally:
@@ -134,6 +138,26 @@ async def test_gone_strips_bring_the_full_region_from_the_owner(tiny_net):
         assert r["output_sha256"] == expected_digest(tiny_net, 6, r["frame"]), r
     assert src.stats.small_grants > 0
     assert sum(n.stats.region_refetches for n in (gw, thief)) == src.stats.small_grants
+
+
+async def test_frames_made_before_the_gateway_appears_are_queued_once(tiny_net):
+    src = Node(tiny_net, config(sources=[8], frames=3))
+    await src.start()
+    try:
+        async with asyncio.timeout(30):
+            while not src._frames:  # the camera has a frame and waits for a gateway
+                await asyncio.sleep(0.01)
+        gw = Node(tiny_net, config(gateway=True, peers=[("127.0.0.1", src.port)]))
+        await gw.start()
+        try:
+            results = await collect(gw, 3)
+        finally:
+            await gw.close()
+    finally:
+        await src.close()
+    assert [r["output_sha256"] for r in results] == [expected_digest(tiny_net, 8, f) for f in range(3)]
+    # the gateway's first claim is not a takeover: nothing starts again, no tile runs twice
+    assert src.stats.frames_resent == 0 and gw.stats.duplicates_dropped == 0
 
 
 async def test_gateway_is_source_and_two_sources_in_flight(tiny_net):

@@ -34,14 +34,16 @@ def test_throughput_smallest_scenario_matches_single_device(tmp_path):
                    .replace("height=416", "height=96"))
     out = tmp_path / "throughput.json"
     code = tp.main(["--scenarios", "scaling", "--nodes", "3", "--cpu", "0.4", "--rate", "50mbit",
-                    "--model", str(cfg), "--weights-seed", "3", "--layers", "9", "--frames-scale", "0.34",
+                    "--model", str(cfg), "--weights-seed", "3", "--layers", "9",
                     "--quiet-wait", "0", "--out", str(out), "--digests", str(tmp_path / "digests.json"),
                     "--md", str(tmp_path / "RESULTS.md"), "--plots", str(tmp_path / "plots")])
     report = json.loads(out.read_text())
     (run,) = report["runs"]
     assert run["status"] == "ok", run
-    frames = run["frames_expected"]  # the scenario's count scaled by --frames-scale
-    assert frames >= 3 and run["frames_ok"] == frames
+    # the scenario's own count (10 at 3 nodes): more than are in flight at once, so results are
+    # spread over a steady-state window (with all frames in flight they can finish together)
+    frames = run["frames_expected"]
+    assert frames >= 10 and run["frames_ok"] == frames
     assert run["mismatches"] == [] and run["unverified"] == 0  # every frame checked, bit for bit
     assert run["fps"] and run["fps"] > 0
     assert all(n["stats_ok"] for n in run["nodes"]), run["nodes"]

@@ -847,7 +847,7 @@ class FrameStart(Message):
 @register
 @dataclass(frozen=True, slots=True)
 class StripsRequest(Message):
-    """A dependent tile asks the gateway for the reuse strips it consumes."""
+    """A dependent tile asks the gateway where the reuse strips it consumes are."""
 
     op: ClassVar[str] = "strips-request"
     request_id: int
@@ -860,14 +860,40 @@ class StripsRequest(Message):
 @register
 @dataclass(frozen=True, slots=True)
 class StripsReply(Message):
-    """The strips, concatenated in ``data`` (float32, flat) as listed in ``meta``
-    ([strip id, C, H, W] each), or ``found`` false if any is missing (the tile then runs full)."""
+    """``found`` false if any asked-for strip is missing (the tile then runs full). Else, from
+    the gateway to a :class:`StripsRequest`: ``holders``, the node that holds each strip (node
+    id -> strip ids); from a holder to a :class:`StripsFetch`: the strips, concatenated in
+    ``data`` (float32, flat) as listed in ``meta`` ([strip id, C, H, W] each)."""
 
     op: ClassVar[str] = "strips-reply"
     request_id: int
     found: bool
     meta: list[list[int]] = field(default_factory=list)
     data: np.ndarray | None = None
+    holders: dict[str, list[int]] = field(default_factory=dict)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class StripsFetch(Message):
+    """A dependent tile asks the node that produced them for reuse strips (peer to peer: strips
+    never pass through the gateway, whose link every frame's tiles and tails already cross)."""
+
+    op: ClassVar[str] = "strips-fetch"
+    request_id: int
+    source: str
+    frame: int
+    strips: list[int]
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class StripsRelease(Message):
+    """Gateway to the holders of a frame's strips: every tile is in, the strips can go."""
+
+    op: ClassVar[str] = "strips-release"
+    source: str
+    frame: int
 
 
 @register
@@ -902,7 +928,8 @@ class RegionReply(Message):
 @register
 @dataclass(frozen=True, slots=True)
 class TileDone(Message):
-    """A tile's output (and the strips it publishes, packed like :class:`StripsReply`)."""
+    """A tile's output, and the ids of the reuse strips it published: the sender keeps those
+    and serves them to dependent tiles (:class:`StripsFetch`)."""
 
     op: ClassVar[str] = "tile-done"
     source: str
@@ -911,8 +938,7 @@ class TileDone(Message):
     plan: str
     variant: str
     output: np.ndarray
-    strip_meta: list[list[int]] = field(default_factory=list)
-    strips: np.ndarray | None = None
+    strips_held: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
