@@ -237,6 +237,13 @@ def network(model: str, seed: int) -> Any:
     return _NETS[key]
 
 
+def digest_key(net: Any) -> str:
+    """Cache key of a model's reference digests: its hash and the synthetic frames' version."""
+    from stealer.images import SYNTHETIC_VERSION
+
+    return f"{net.model_hash}/synthetic-v{SYNTHETIC_VERSION}"
+
+
 def expected_digests(runs: list[Run], cache: Path = OUT / "digests.json") -> dict[str, dict[str, str]]:
     """SHA-256 of single-device inference of every (model, seed, frame) the runs need."""
     from stealer.images import synthetic_frame
@@ -252,7 +259,7 @@ def expected_digests(runs: list[Run], cache: Path = OUT / "digests.json") -> dic
     with ThreadPoolExecutor(threads) as pool:
         for (model, wseed), items in need.items():
             net = network(model, wseed)
-            have = store.setdefault(net.model_hash, {})
+            have = store.setdefault(digest_key(net), {})
             todo = sorted(i for i in items if f"{i[0]}:{i[1]}" not in have)
             if todo:
                 log(f"computing {len(todo)} reference digest(s) of {model} on this machine")
@@ -592,7 +599,7 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
         seeds = _seed_of(run, host_ids)
     else:
         seeds = {f"dask/{j}": j for j in range(len(run.sources))}
-    have = digests.get(network(run.model, run.weights_seed).model_hash, {})
+    have = digests.get(digest_key(network(run.model, run.weights_seed)), {})
     mismatches, unknown = [], 0
     for r in results:
         seed = seeds.get(r["source"])

@@ -146,9 +146,10 @@ class Limits:
     queueing unbounded work or replies on this node."""
 
     reuse_cache_bytes: int = 256 * _MiB
-    """Byte cap of the gateway's reuse-strip cache; whole frames are evicted oldest-first
-    past it and entries are freed when their frame completes. Stops a slow tail or a flood
-    of frames from a misbehaving source from filling memory with strips."""
+    """Byte cap of a node's cache of the reuse strips it produced (it serves them to the
+    dependent tiles); whole frames are evicted oldest-first past it and entries are freed
+    when the gateway has every tile of their frame. Stops a slow tail, a lost release or a
+    flood of frames from a misbehaving source from filling memory with strips."""
 
     result_buffer_bytes: int = 128 * _MiB
     """Byte cap of results held for in-order release (tail inputs and finished outputs

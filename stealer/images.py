@@ -1,6 +1,11 @@
 """Frames: image loading, darknet's letterbox, and deterministic synthetic frames.
 
-Images are float32 (3, H, W) RGB in [0, 1], as darknet's ``load_image_color`` makes them.
+Images are float32 (3, H, W) RGB in [0, 1], as darknet's ``load_image_color`` makes them from
+uint8 pixels (``x / 255``). A camera's frame can also travel as its uint8 pixels: any rectangle
+of the letterboxed network input is recomputed from the pixels it depends on
+(:func:`pixel_rect`, :func:`letterbox_region`) with the very arithmetic of :func:`letterbox`,
+element for element, so it is bit-identical to the same rectangle of the whole letterboxed frame
+at a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -13,8 +18,18 @@ import numpy as np
 from .errors import ShapeError, StealerError
 
 
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (C, H, W) pixels as darknet's input values: float32 ``x / 255``."""
+    return np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(255.0)
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Load an image file as float32 (3, H, W) RGB in [0, 1]."""
+    return to_float(load_pixels(path))
+
+
+def load_pixels(path: str | os.PathLike[str]) -> np.ndarray:
+    """Load an image file as uint8 (3, H, W) RGB pixels."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as exc:  # pragma: no cover - pillow is a dependency
@@ -24,7 +39,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
         raise StealerError(f"{path}: cannot read image: {exc}") from None
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
 def resize_image(im: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -33,29 +48,64 @@ def resize_image(im: np.ndarray, w: int, h: int) -> np.ndarray:
     The scale maps the first and last pixel centres onto each other:
     ``w_scale = (im.w - 1) / (w - 1)``.
     """
-    c, ih, iw = im.shape
+    _, ih, iw = im.shape
+    return _resize_part(im, 0, 0, iw, ih, w, h, 0, h, 0, w)
+
+
+def _scale(n_in: int, n_out: int) -> np.float32:
+    return np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+
+
+def _col_taps(col: int, iw: int, w: int, scale: np.float32) -> tuple[int, int, np.float32] | int:
+    """Source columns of one output column: (ix, ix + 1, dx), or one column copied as it is."""
+    if col == w - 1 or iw == 1:
+        return iw - 1
+    sx = np.float32(col) * scale
+    ix = int(sx)
+    return ix, ix + 1, np.float32(sx - np.float32(ix))
+
+
+def _row_taps(row: int, ih: int, h: int, scale: np.float32) -> tuple[int, int | None, np.float32]:
+    """Source rows of one output row: (iy, iy + 1 or None for the last row, dy)."""
+    sy = np.float32(row) * scale
+    iy = int(sy)
+    return iy, (None if row == h - 1 or ih == 1 else iy + 1), np.float32(sy - np.float32(iy))
+
+
+def _resize_part(src: np.ndarray, sy0: int, sx0: int, iw: int, ih: int, w: int, h: int,
+                 r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Rows r0:r1, columns c0:c1 of darknet's ``resize_image`` of an (ih, iw) image to (h, w),
+    from ``src``: the image's float32 pixels from row sy0 and column sx0 on (at least the ones
+    those outputs read). Every output element is computed by the same float32 operations
+    whatever the rectangle, so any part equals the same part of the whole resize, bit for bit.
+    """
     f32 = np.float32
-    part = np.empty((c, ih, w), np.float32)
-    w_scale = f32(iw - 1) / f32(w - 1) if w > 1 else f32(0)
-    for col in range(w):
-        if col == w - 1 or iw == 1:
-            part[:, :, col] = im[:, :, iw - 1]
+    c = src.shape[0]
+    w_scale, h_scale = _scale(iw, w), _scale(ih, h)
+    part = np.empty((c, src.shape[1], c1 - c0), np.float32)  # first along x, on every source row
+    for j, col in enumerate(range(c0, c1)):
+        taps = _col_taps(col, iw, w, w_scale)
+        if isinstance(taps, int):
+            part[:, :, j] = src[:, :, taps - sx0]
         else:
-            sx = f32(col) * w_scale
-            ix = int(sx)
-            dx = f32(sx - f32(ix))
-            part[:, :, col] = (f32(1) - dx) * im[:, :, ix] + dx * im[:, :, ix + 1]
-    out = np.empty((c, h, w), np.float32)
-    h_scale = f32(ih - 1) / f32(h - 1) if h > 1 else f32(0)
-    for row in range(h):
-        sy = f32(row) * h_scale
-        iy = int(sy)
-        dy = f32(sy - f32(iy))
-        out[:, row, :] = (f32(1) - dy) * part[:, iy, :]
-        if row == h - 1 or ih == 1:
-            continue
-        out[:, row, :] += dy * part[:, iy + 1, :]
+            ix, ix1, dx = taps
+            part[:, :, j] = (f32(1) - dx) * src[:, :, ix - sx0] + dx * src[:, :, ix1 - sx0]
+    out = np.empty((c, r1 - r0, c1 - c0), np.float32)  # then along y
+    for i, row in enumerate(range(r0, r1)):
+        iy, iy1, dy = _row_taps(row, ih, h, h_scale)
+        out[:, i, :] = (f32(1) - dy) * part[:, iy - sy0, :]
+        if iy1 is not None:
+            out[:, i, :] += dy * part[:, iy1 - sy0, :]
     return out
+
+
+def letterbox_box(iw: int, ih: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """Where darknet's letterbox puts an (ih, iw) image in an (h, w) input: (dy, dx, new_h, new_w)."""
+    if w / iw < h / ih:
+        new_w, new_h = w, (ih * w) // iw
+    else:
+        new_h, new_w = h, (iw * h) // ih
+    return (h - new_h) // 2, (w - new_w) // 2, new_h, new_w
 
 
 def letterbox(im: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -63,23 +113,71 @@ def letterbox(im: np.ndarray, w: int, h: int) -> np.ndarray:
     if im.ndim != 3 or im.shape[0] != 3:
         raise ShapeError(f"expected a (3, H, W) image, got shape {im.shape}")
     _, ih, iw = im.shape
-    if w / iw < h / ih:
-        new_w, new_h = w, (ih * w) // iw
-    else:
-        new_h, new_w = h, (iw * h) // ih
+    dy, dx, new_h, new_w = letterbox_box(iw, ih, w, h)
     resized = im if (new_w, new_h) == (iw, ih) else resize_image(im, new_w, new_h)
     boxed = np.full((3, h, w), 0.5, np.float32)
-    dx, dy = (w - new_w) // 2, (h - new_h) // 2
     boxed[:, dy:dy + new_h, dx:dx + new_w] = resized
     return boxed
 
 
+def pixel_rect(rect: tuple[int, int, int, int], iw: int, ih: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """The rectangle (y0, y1, x0, x1) of an (ih, iw) image's pixels that the rectangle ``rect``
+    of its (h, w) letterboxed input is made from (empty, all zeros, if ``rect`` is padding)."""
+    dy, dx, new_h, new_w = letterbox_box(iw, ih, w, h)
+    y0, y1 = max(rect[0], dy) - dy, min(rect[1], dy + new_h) - dy  # in the resized image
+    x0, x1 = max(rect[2], dx) - dx, min(rect[3], dx + new_w) - dx
+    if y0 >= y1 or x0 >= x1:
+        return 0, 0, 0, 0
+    if (new_w, new_h) == (iw, ih):
+        return y0, y1, x0, x1
+    hs, ws = _scale(ih, new_h), _scale(iw, new_w)
+    rows = [r for row in range(y0, y1) for r in _row_taps(row, ih, new_h, hs)[:2] if r is not None]
+    cols: list[int] = []
+    for col in range(x0, x1):
+        taps = _col_taps(col, iw, new_w, ws)
+        cols += [taps] if isinstance(taps, int) else [taps[0], taps[1]]
+    return min(rows), max(rows) + 1, min(cols), max(cols) + 1
+
+
+def letterbox_region(pixels: np.ndarray, origin: tuple[int, int], iw: int, ih: int, w: int, h: int,
+                     rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The rectangle ``rect`` of ``letterbox(to_float(image), w, h)`` from only the image's pixels
+    in ``pixel_rect(rect, ...)`` (``pixels``, uint8 (C, y1 - y0, x1 - x0), whose top-left pixel
+    is ``origin`` = (y0, x0) of the image): the same float32 values, bit for bit."""
+    y0, y1, x0, x1 = rect
+    out = np.full((pixels.shape[0], y1 - y0, x1 - x0), 0.5, np.float32)
+    dy, dx, new_h, new_w = letterbox_box(iw, ih, w, h)
+    r0, r1 = max(y0, dy) - dy, min(y1, dy + new_h) - dy
+    c0, c1 = max(x0, dx) - dx, min(x1, dx + new_w) - dx
+    if r0 >= r1 or c0 >= c1:
+        return out
+    src = to_float(pixels)
+    oy, ox = origin
+    if (new_w, new_h) == (iw, ih):
+        part = src[:, r0 - oy:r1 - oy, c0 - ox:c1 - ox]
+    else:
+        part = _resize_part(src, oy, ox, iw, ih, new_w, new_h, r0, r1, c0, c1)
+    out[:, r0 + dy - y0:r1 + dy - y0, c0 + dx - x0:c1 + dx - x0] = part
+    return out
+
+
+SYNTHETIC_VERSION = 2
+"""Bumped whenever synthetic frames change (2: quantised to uint8 pixels, as a camera gives
+them), so that caches of reference results keyed by it are never used for other frames."""
+
+
 def synthetic_frame(seed: int, index: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """A deterministic, image-like frame (smooth gradients, a few bright rectangles, light noise).
+    """A deterministic, image-like network input: :func:`synthetic_pixels` as float32 / 255.
 
     The same ``(seed, index, shape)`` always gives the same bits, on every node, so a
     distributed result can be checked against single-device inference of the same frame.
     """
+    return to_float(synthetic_pixels(seed, index, shape))
+
+
+def synthetic_pixels(seed: int, index: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """A deterministic, camera-like uint8 (C, H, W) frame: smooth gradients, a few bright
+    rectangles, light noise, quantised to 8 bits as a camera delivers it."""
     c, h, w = shape
     rng = np.random.default_rng([seed & 0xFFFFFFFF, index & 0xFFFFFFFF, 0x5EA1E7])
     yy = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
@@ -94,7 +192,7 @@ def synthetic_frame(seed: int, index: int, shape: tuple[int, int, int]) -> np.nd
         frame[:, y0:y0 + hh, x0:x0 + ww] = rng.uniform(0, 1, (c, 1, 1)).astype(np.float32)
     frame += rng.normal(0, 0.02, frame.shape).astype(np.float32)
     np.clip(frame, 0.0, 1.0, out=frame)
-    return frame
+    return np.rint(frame * np.float32(255.0)).astype(np.uint8)
 
 
 def load_input(source: str | os.PathLike[str], shape: tuple[int, int, int]) -> tuple[np.ndarray, int, int]:

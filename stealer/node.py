@@ -43,6 +43,7 @@ from .ftp.execute import run_task
 from .ftp.plan import Plan, make_plan
 from .layers import RegionSpec
 from .network import Network
+from .images import letterbox_region, pixel_rect
 from .region import detect
 from .scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
 from .sources import Frame, FrameSource
@@ -70,6 +71,10 @@ from .wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_IMAGE_SIDE = 1 << 14
+"""Largest camera image side a peer may name for a tile's pixels (16384 px, past any camera):
+the pixel rectangle is computed from it before the pixels are checked."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +155,16 @@ class Job:
 
     ref: TaskRef
     plan_key: str
-    data: np.ndarray  # frame (or frame region) for a tile, fused output for a tail
+    data: np.ndarray | None  # frame (or frame region) for a tile, fused output for a tail
     img_w: int
     img_h: int
     victim: str  # node id whose queue leased it (ourselves for local work)
-    partial: bool = False  # ``data`` is only the reuse variant's region: no full fallback in hand
+    partial: bool = False  # the input is only the reuse variant's region: no full fallback in hand
+    # or, instead of ``data``, the camera pixels that network-input rectangle ``region`` is
+    # letterboxed from, their top-left pixel at ``pixel_origin`` (y, x) of the image
+    pixels: np.ndarray | None = None
+    pixel_origin: tuple[int, int] = (0, 0)
+    region: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 @dataclass
@@ -173,6 +183,7 @@ class Stats:
     busy_seconds: float = 0.0
     reuse_fallbacks: int = 0
     small_grants: int = 0  # reuse tiles granted with only their reuse variant's frame region
+    pixel_grants: int = 0  # tiles granted as camera pixels (uint8) rather than float32 input
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
     strips_served: int = 0  # strip fetches this node answered from the strips it produced
     speculative: int = 0
@@ -878,15 +889,48 @@ class Node:
         return None
 
     def _job_from_grant(self, reply: StealReply, victim: str) -> Job:
-        partial = False
+        job = Job(TaskRef(reply.source, reply.frame, reply.task), reply.plan, reply.data,
+                  reply.img_w, reply.img_h, victim)
         if reply.task != TAIL:
             try:
                 full = self._plan(reply.plan).task(reply.task).full.input_region
             except (KeyError, IndexError, PlanError):
                 raise ProtocolError(f"grant of unknown task {reply.task} of plan {reply.plan!r}") from None
-            partial = list(reply.region) != list(full)
-        return Job(TaskRef(reply.source, reply.frame, reply.task), reply.plan, reply.data,
-                   reply.img_w, reply.img_h, victim, partial)
+            self._take_tile_input(job, reply)
+            job.partial = job.region != tuple(full)
+        return job
+
+    def _take_tile_input(self, job: Job, msg: StealReply | RegionReply) -> None:
+        """Put a tile's input from a grant (or region reply) into the job, checking that pixels
+        are exactly the rectangle the network-input region is made from before any use."""
+        _, h, w = self.net.input_shape
+        if len(msg.region) != 4 or not (0 <= msg.region[0] <= msg.region[1] <= h
+                                        and 0 <= msg.region[2] <= msg.region[3] <= w):
+            raise ProtocolError(f"tile region {msg.region!r} outside the {h}x{w} input")
+        y0, y1, x0, x1 = region = (msg.region[0], msg.region[1], msg.region[2], msg.region[3])
+        job.region, job.data, job.pixels = region, msg.data, None
+        if msg.pixels is None:
+            return
+        if not (0 < job.img_w <= MAX_IMAGE_SIDE and 0 < job.img_h <= MAX_IMAGE_SIDE):
+            raise ProtocolError(f"image size {job.img_w}x{job.img_h} out of range")
+        py0, py1, px0, px1 = pixel_rect(region, job.img_w, job.img_h, w, h)
+        want = (self.net.input_shape[0], py1 - py0, px1 - px0)
+        if (msg.pixels.dtype != np.uint8 or msg.pixels.shape != want
+                or list(msg.pixel_origin) != [py0, px0]):
+            raise ProtocolError(f"pixels {msg.pixels.dtype} {msg.pixels.shape} at {msg.pixel_origin} "
+                                f"are not the {want} uint8 at {[py0, px0]} that region {list(region)} needs")
+        job.pixels, job.pixel_origin = msg.pixels, (py0, px0)
+
+    def _input_payload(self, frame: Frame, rect: tuple[int, int, int, int]
+                       ) -> tuple[np.ndarray | None, np.ndarray | None, list[int]]:
+        """A network-input rectangle of one of this node's frames as it travels: the camera
+        pixels it is made from when the frame has them (a quarter of the bytes), else float32."""
+        if frame.pixels is None:
+            y0, y1, x0, x1 = rect
+            return np.ascontiguousarray(frame.data[:, y0:y1, x0:x1]), None, []
+        _, h, w = self.net.input_shape
+        py0, py1, px0, px1 = pixel_rect(rect, frame.img_w, frame.img_h, w, h)
+        return None, np.ascontiguousarray(frame.pixels[:, py0:py1, px0:px1]), [py0, px0]
 
     async def _grant(self, peer: Peer, req: StealRequest) -> None:
         """A thief asks: lease it the first task it can run, with that task's input data."""
@@ -918,16 +962,16 @@ class Node:
         is what a Wi-Fi link is short of."""
         job = self._local_job(ref)
         if ref.is_tail:
-            data, region = job.data, []
-        else:
-            task = self._plan(job.plan_key).task(ref.task)
-            ready = task.reuse is not None and task.consumes and self._ready(ref)
-            variant = task.reuse if ready and task.reuse is not None else task.full
-            self.stats.small_grants += variant is not task.full
-            y0, y1, x0, x1 = variant.input_region
-            data, region = np.ascontiguousarray(job.data[:, y0:y1, x0:x1]), [y0, y1, x0, x1]
-        return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, region,
-                          job.img_w, job.img_h, data)
+            return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
+                              job.img_w, job.img_h, job.data)
+        task = self._plan(job.plan_key).task(ref.task)
+        ready = task.reuse is not None and task.consumes and self._ready(ref)
+        variant = task.reuse if ready and task.reuse is not None else task.full
+        self.stats.small_grants += variant is not task.full
+        data, pixels, origin = self._input_payload(self._frames[(ref.source, ref.frame)].frame, variant.input_region)
+        self.stats.pixel_grants += pixels is not None
+        return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
+                          list(variant.input_region), job.img_w, job.img_h, data, pixels, origin)
 
     async def _grant_region(self, peer: Peer, req: RegionRequest) -> None:
         """A thief's reuse strips are gone: send it the task's full region after all."""
@@ -939,9 +983,8 @@ class Node:
             task = self._plan(self._own_plan_key).task(req.task)
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"region of unknown task {req.task}") from None
-        y0, y1, x0, x1 = task.full.input_region
-        await peer.comm.send(RegionReply(req.request_id, True, [y0, y1, x0, x1],
-                                         np.ascontiguousarray(sf.frame.data[:, y0:y1, x0:x1])))
+        data, pixels, origin = self._input_payload(sf.frame, task.full.input_region)
+        await peer.comm.send(RegionReply(req.request_id, True, list(task.full.input_region), data, pixels, origin))
 
     async def _share(self, refs: list[TaskRef]) -> None:
         """Policy "share" (the baseline of MoDNN and DeepThings' comparison): hand a frame's tiles
@@ -1096,10 +1139,11 @@ class Node:
         if peer is not None:
             reply = await self._request(peer, lambda rid: RegionRequest(rid, job.ref.source, job.ref.frame,
                                                                         job.ref.task), self.cfg.runtime.steal_timeout)
-        if not isinstance(reply, RegionReply) or not reply.found or reply.data is None:
+        if not isinstance(reply, RegionReply) or not reply.found or (reply.data is None and reply.pixels is None):
             log.warning("%s: reuse strips gone and no full region from its owner; dropped here", job.ref)
             return False
-        job.data, job.partial = reply.data, False
+        self._take_tile_input(job, reply)
+        job.partial = False
         self.stats.region_refetches += 1
         return True
 
@@ -1112,7 +1156,11 @@ class Node:
             y0, y1, x0, x1 = plan.task(job.ref.task).output
             zeros = np.zeros((plan.output_shape[0], y1 - y0, x1 - x0), np.float32)
             return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros), {}
-        res = run_task(self.net, plan, job.ref.task, job.data, borrowed, check=False)
+        data = job.data
+        if job.pixels is not None:  # back to the network input, bit for bit (in this worker thread)
+            _, h, w = self.net.input_shape
+            data = letterbox_region(job.pixels, job.pixel_origin, job.img_w, job.img_h, w, h, job.region)
+        res = run_task(self.net, plan, job.ref.task, data, borrowed, check=False)
         return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, res.variant, res.output,
                         sorted(res.published), time.perf_counter() - t0), res.published
 

@@ -1,7 +1,9 @@
 """Frame feeds of a data source: ``synthetic[:seed]``, ``images:DIR``, ``video:PATH``, ``camera:N``.
 
-Each feed yields (frame number, original width, original height, float32 (3, H, W) network input)
-and is read in a worker thread (decoding and letterboxing must not block the event loop).
+Each feed yields (frame number, original width, original height, float32 (3, H, W) network input,
+and the frame's uint8 pixels) and is read in a worker thread (decoding and letterboxing must not
+block the event loop). A tile's input travels as the pixels it is made from, a quarter of the
+bytes of its float32 input (see :func:`stealer.images.letterbox_region`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import StealerError
-from .images import letterbox, load_image, synthetic_frame
+from .images import letterbox, load_pixels, synthetic_pixels, to_float
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,8 @@ class Frame:
     number: int
     img_w: int
     img_h: int
-    data: np.ndarray
+    data: np.ndarray  # float32 network input
+    pixels: np.ndarray | None = None  # uint8 (C, img_h, img_w) that ``data`` is letterboxed from
 
 
 class FrameSource:
@@ -51,7 +54,8 @@ class SyntheticSource(FrameSource):
     def frames(self, shape: tuple[int, int, int]) -> Iterator[Frame]:
         n = 0
         while True:
-            yield Frame(n, shape[2], shape[1], synthetic_frame(self.seed, n, shape))
+            pixels = synthetic_pixels(self.seed, n, shape)
+            yield Frame(n, shape[2], shape[1], to_float(pixels), pixels)
             n += 1
 
 
@@ -71,11 +75,11 @@ class ImageDirSource(FrameSource):
         n = 0
         for path in files:
             try:
-                im = load_image(path)
+                pixels = load_pixels(path)
             except StealerError as exc:
                 log.warning("skipping %s", exc)
                 continue
-            yield Frame(n, im.shape[2], im.shape[1], letterbox(im, shape[2], shape[1]))
+            yield Frame(n, pixels.shape[2], pixels.shape[1], letterbox(to_float(pixels), shape[2], shape[1]), pixels)
             n += 1
 
 
@@ -101,9 +105,8 @@ class OpenCVSource(FrameSource):
             ok, bgr = self._cap.read()
             if not ok:
                 return
-            rgb = bgr[:, :, ::-1].transpose(2, 0, 1)
-            im = np.ascontiguousarray(rgb, dtype=np.float32) / np.float32(255.0)
-            yield Frame(n, im.shape[2], im.shape[1], letterbox(im, shape[2], shape[1]))
+            pixels = np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
+            yield Frame(n, pixels.shape[2], pixels.shape[1], letterbox(to_float(pixels), shape[2], shape[1]), pixels)
             n += 1
 
     def close(self) -> None:

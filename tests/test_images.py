@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stealer.errors import ShapeError, StealerError
-from stealer.images import letterbox, load_input, resize_image, synthetic_frame
+from stealer.images import (
+    letterbox,
+    letterbox_region,
+    load_input,
+    pixel_rect,
+    resize_image,
+    synthetic_frame,
+    to_float,
+)
 
 from . import darknet_ref as ref
 
@@ -54,3 +64,29 @@ def test_load_input_npy_and_image(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(StealerError, match="cannot read image"):
         load_input(tmp_path / "bad.jpg", (3, 16, 16))
+
+
+@settings(max_examples=300, deadline=None)
+@given(iw=st.integers(1, 90), ih=st.integers(1, 90), w=st.integers(2, 70), h=st.integers(2, 70),
+       data=st.data())
+def test_any_rectangle_of_the_letterbox_comes_from_its_pixels_alone(iw, ih, w, h, data):
+    rng = np.random.default_rng(iw * 1000 + ih)
+    pixels = rng.integers(0, 256, (3, ih, iw), dtype=np.uint8)
+    whole = letterbox(to_float(pixels), w, h)
+    y0 = data.draw(st.integers(0, h - 1))
+    y1 = data.draw(st.integers(y0 + 1, h))
+    x0 = data.draw(st.integers(0, w - 1))
+    x1 = data.draw(st.integers(x0 + 1, w))
+    py0, py1, px0, px1 = pixel_rect((y0, y1, x0, x1), iw, ih, w, h)
+    assert 0 <= py0 <= py1 <= ih and 0 <= px0 <= px1 <= iw
+    part = letterbox_region(pixels[:, py0:py1, px0:px1].copy(), (py0, px0), iw, ih, w, h, (y0, y1, x0, x1))
+    # bit for bit: compare the float32 patterns, not the values
+    assert part.dtype == np.float32
+    assert np.array_equal(part.view(np.uint32), whole[:, y0:y1, x0:x1].view(np.uint32))
+
+
+def test_pixel_rect_of_padding_is_empty_and_of_everything_is_the_image():
+    # a 40x20 (w x h) image in a 32x32 input: resized to 32x16, padded 8 rows above and below
+    assert pixel_rect((0, 8, 0, 32), 40, 20, 32, 32) == (0, 0, 0, 0)
+    assert pixel_rect((0, 32, 0, 32), 40, 20, 32, 32) == (0, 20, 0, 40)
+    assert pixel_rect((8, 24, 0, 32), 32, 16, 32, 32) == (0, 16, 0, 32)  # no resize: a crop

@@ -140,6 +140,33 @@ async def test_gone_strips_bring_the_full_region_from_the_owner(tiny_net):
     assert sum(n.stats.region_refetches for n in (gw, thief)) == src.stats.small_grants
 
 
+async def test_camera_pixels_travel_and_give_the_letterboxed_result(tiny_net, tmp_path):
+    """Frames of another size and aspect than the network's (a camera's): tiles travel as the
+    uint8 pixels they are letterboxed from, and the result is still bit-identical."""
+    from PIL import Image
+
+    from stealer.images import load_input
+    from stealer.sources import ImageDirSource
+
+    rng = np.random.default_rng(4)
+    sizes = [(130, 70), (61, 97), (96, 96)]  # (w, h): wider, taller, the network's own
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    gw, src, thief = await _camera_only_cluster(tiny_net, len(sizes))
+    src.cfg.sources = [ImageDirSource(str(tmp_path))]
+    try:
+        await src.start()
+        results = await collect(gw, len(sizes))
+    finally:
+        for n in (thief, src, gw):
+            await n.close()
+    for r in results:
+        x, _, _ = load_input(tmp_path / f"{r['frame']}.png", tiny_net.input_shape)
+        assert r["output_sha256"] == hashlib.sha256(tiny_net.forward(x).tobytes()).hexdigest(), r
+    # the camera computed nothing: every tile went out as pixels and came back computed
+    assert src.stats.tiles_run == 0 and src.stats.pixel_grants >= len(sizes) * 9
+
+
 async def test_frames_made_before_the_gateway_appears_are_queued_once(tiny_net):
     src = Node(tiny_net, config(sources=[8], frames=3))
     await src.start()

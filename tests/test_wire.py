@@ -140,6 +140,11 @@ SAMPLES = [
                    np.ones((3, 50, 50), np.float32)),
         id="steal-reply",
     ),
+    pytest.param(
+        StealReply(8, True, "n1/0", 12, 4, "5x5:16:quad", [0, 50, 10, 60], 640, 480,
+                   pixels=np.ones((3, 40, 42), np.uint8), pixel_origin=[0, 8]),
+        id="steal-reply-pixels",
+    ),
     pytest.param(FrameStart("n1/0", 2**40, "2x3:16:none", 608, 608), id="frame-start"),
     pytest.param(StripsRequest(1, "n1/0", 3, 5, "5x5:16:quad"), id="strips-request"),
     pytest.param(StripsReply(1, True, [[4, 2, 1, 3]], np.arange(6, dtype=np.float32)), id="strips-reply"),

@@ -803,10 +803,13 @@ class StealRequest(Message):
 class StealReply(Message):
     """The victim's answer: a task with its input data (``granted``), or nothing.
 
-    For a tile, ``data`` is the frame region ``region`` (y0, y1, x0, x1): the one the task's
-    full variant needs, or, when the victim knows every producer of a reuse task is done, the
-    reuse variant's smaller one (the thief asks for the rest with :class:`RegionRequest` if
-    the strips turn out to be gone); for a tail, the fused block's output."""
+    For a tile, ``region`` (y0, y1, x0, x1) is the part of the network input it gets: the one
+    the task's full variant needs, or, when the victim knows every producer of a reuse task is
+    done, the reuse variant's smaller one (the thief asks for the rest with
+    :class:`RegionRequest` if the strips turn out to be gone). It comes as ``data`` (float32),
+    or as ``pixels``: the camera's uint8 pixels it is letterboxed from, whose top-left pixel is
+    ``pixel_origin`` (y, x) of the ``img_w`` x ``img_h`` image (a quarter of the bytes; see
+    :func:`stealer.images.letterbox_region`). For a tail, ``data`` is the fused block's output."""
 
     op: ClassVar[str] = "steal-reply"
     request_id: int
@@ -819,12 +822,14 @@ class StealReply(Message):
     img_w: int = 0
     img_h: int = 0
     data: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    pixel_origin: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.granted:
             _check_task_name(self.source, self.frame, self.task)
-            if self.data is None:
-                raise ValueError("a granted steal carries data")
+            if self.data is None and self.pixels is None:
+                raise ValueError("a granted steal carries data or pixels")
 
 
 @register
@@ -915,14 +920,17 @@ class RegionRequest(Message):
 @register
 @dataclass(frozen=True, slots=True)
 class RegionReply(Message):
-    """The full variant's input region of the task (``region`` y0, y1, x0, x1), or ``found``
-    false if the owner no longer holds the frame (it finished, or was dropped)."""
+    """The full variant's input region of the task (``region`` y0, y1, x0, x1, as ``data`` or
+    ``pixels`` like a :class:`StealReply`), or ``found`` false if the owner no longer holds the
+    frame (it finished, or was dropped)."""
 
     op: ClassVar[str] = "region-reply"
     request_id: int
     found: bool
     region: list[int] = field(default_factory=list)
     data: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    pixel_origin: list[int] = field(default_factory=list)
 
 
 @register
