@@ -40,6 +40,7 @@ from .assembly import FrameAssembly, RecentKeys, ResultOrder, StripCache
 from .config import DEFAULT_LIMITS, Limits
 from .errors import CommClosedError, PlanError, ProtocolError, StealerError
 from .ftp.execute import run_task
+from .ftp.geometry import height, width
 from .ftp.plan import Plan, make_plan
 from .layers import RegionSpec
 from .network import Network
@@ -1152,10 +1153,15 @@ class Node:
         """The tile's result for the gateway, and the strips it published (kept by this node)."""
         plan = self._plan(job.plan_key)
         t0 = time.perf_counter()
-        if self.cfg.null_compute:
-            y0, y1, x0, x1 = plan.task(job.ref.task).output
+        if self.cfg.null_compute:  # zeros of the right shapes, so that data moves as in a real run
+            task = plan.task(job.ref.task)
+            y0, y1, x0, x1 = task.output
             zeros = np.zeros((plan.output_shape[0], y1 - y0, x1 - x0), np.float32)
-            return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros), {}
+            published = {sid: np.zeros((plan.windows[plan.strips[sid].layer].out_shape[0],
+                                        height(plan.strips[sid].region), width(plan.strips[sid].region)), np.float32)
+                         for sid in task.produces}
+            return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros,
+                            sorted(published)), published
         data = job.data
         if job.pixels is not None:  # back to the network input, bit for bit (in this worker thread)
             _, h, w = self.net.input_shape

@@ -167,6 +167,24 @@ async def test_camera_pixels_travel_and_give_the_letterboxed_result(tiny_net, tm
     assert src.stats.tiles_run == 0 and src.stats.pixel_grants >= len(sizes) * 9
 
 
+async def test_null_compute_moves_data_as_a_real_run(tiny_net):
+    """Null compute (runtime benchmarks) skips the kernels, not the protocol: reuse tiles still
+    find their producers' strips (zeros of the right shapes) instead of falling back."""
+    gw, src, thief = await _camera_only_cluster(tiny_net, 4)
+    for node in (gw, src, thief):
+        node.cfg.null_compute = True
+    try:
+        await src.start()
+        results = await collect(gw, 4)
+    finally:
+        for n in (thief, src, gw):
+            await n.close()
+    assert [r["frame"] for r in results] == [0, 1, 2, 3]
+    # no tile shipped small found its strips missing (without strips every one of them would)
+    assert src.stats.small_grants > 0 and sum(n.stats.region_refetches for n in (gw, thief)) == 0
+    assert gw.stats.strips_served + thief.stats.strips_served > 0
+
+
 async def test_frames_made_before_the_gateway_appears_are_queued_once(tiny_net):
     src = Node(tiny_net, config(sources=[8], frames=3))
     await src.start()
