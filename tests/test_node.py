@@ -103,14 +103,23 @@ async def _camera_only_cluster(tiny_net, frames: int):
     return gw, src, thief
 
 
-async def test_reuse_tiles_are_granted_with_their_small_region(tiny_net):
-    gw, src, thief = await _camera_only_cluster(tiny_net, 6)
+async def _camera_only_run(tiny_net, frames: int, setup=None):
+    """Run :func:`_camera_only_cluster` until the gateway has ``frames`` results; ``setup`` may
+    change the nodes first. Returns the results and the three nodes (closed)."""
+    gw, src, thief = await _camera_only_cluster(tiny_net, frames)
+    if setup is not None:
+        setup(gw, src, thief)
     try:
         await src.start()
-        results = await collect(gw, 6)
+        results = await collect(gw, frames)
     finally:
         for n in (thief, src, gw):
             await n.close()
+    return results, gw, src, thief
+
+
+async def test_reuse_tiles_are_granted_with_their_small_region(tiny_net):
+    results, gw, src, thief = await _camera_only_run(tiny_net, 6)
     for r in results:
         assert r["output_sha256"] == expected_digest(tiny_net, 6, r["frame"]), r
     # the camera ran nothing itself; once a tile's producers were in, it shipped the small region
@@ -123,17 +132,13 @@ async def test_reuse_tiles_are_granted_with_their_small_region(tiny_net):
 
 
 async def test_gone_strips_bring_the_full_region_from_the_owner(tiny_net):
-    gw, src, thief = await _camera_only_cluster(tiny_net, 6)
-    # no node keeps the strips it produces (as if every holder had evicted them): every tile
-    # shipped with only its small region must fetch its full region from the camera
-    for node in (gw, src, thief):
-        node._held.put = lambda *args: None
-    try:
-        await src.start()
-        results = await collect(gw, 6)
-    finally:
-        for n in (thief, src, gw):
-            await n.close()
+    def forget_strips(*nodes):
+        # no node keeps the strips it produces (as if every holder had evicted them): every
+        # tile shipped with only its small region must fetch its full region from the camera
+        for node in nodes:
+            node._held.put = lambda *args: None
+
+    results, gw, src, thief = await _camera_only_run(tiny_net, 6, forget_strips)
     for r in results:
         assert r["output_sha256"] == expected_digest(tiny_net, 6, r["frame"]), r
     assert src.stats.small_grants > 0
@@ -152,14 +157,10 @@ async def test_camera_pixels_travel_and_give_the_letterboxed_result(tiny_net, tm
     sizes = [(130, 70), (61, 97), (96, 96)]  # (w, h): wider, taller, the network's own
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    gw, src, thief = await _camera_only_cluster(tiny_net, len(sizes))
-    src.cfg.sources = [ImageDirSource(str(tmp_path))]
-    try:
-        await src.start()
-        results = await collect(gw, len(sizes))
-    finally:
-        for n in (thief, src, gw):
-            await n.close()
+    def images(gw, src, thief):
+        src.cfg.sources = [ImageDirSource(str(tmp_path))]
+
+    results, gw, src, thief = await _camera_only_run(tiny_net, len(sizes), images)
     for r in results:
         x, _, _ = load_input(tmp_path / f"{r['frame']}.png", tiny_net.input_shape)
         assert r["output_sha256"] == hashlib.sha256(tiny_net.forward(x).tobytes()).hexdigest(), r
@@ -170,15 +171,11 @@ async def test_camera_pixels_travel_and_give_the_letterboxed_result(tiny_net, tm
 async def test_null_compute_moves_data_as_a_real_run(tiny_net):
     """Null compute (runtime benchmarks) skips the kernels, not the protocol: reuse tiles still
     find their producers' strips (zeros of the right shapes) instead of falling back."""
-    gw, src, thief = await _camera_only_cluster(tiny_net, 4)
-    for node in (gw, src, thief):
-        node.cfg.null_compute = True
-    try:
-        await src.start()
-        results = await collect(gw, 4)
-    finally:
-        for n in (thief, src, gw):
-            await n.close()
+    def null(*nodes):
+        for node in nodes:
+            node.cfg.null_compute = True
+
+    results, gw, src, thief = await _camera_only_run(tiny_net, 4, null)
     assert [r["frame"] for r in results] == [0, 1, 2, 3]
     # no tile shipped small found its strips missing (without strips every one of them would)
     assert src.stats.small_grants > 0 and sum(n.stats.region_refetches for n in (gw, thief)) == 0
