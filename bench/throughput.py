@@ -668,6 +668,11 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
     }
     if out["speedup"]:
         out["efficiency"] = out["speedup"] / ideal
+        if out["speedup"] > 1.05 * ideal:
+            # Results leave in frame order: a frame that straggles at start-up holds back every
+            # later one, they all come out in one burst, and first-to-last result is no steady
+            # state. Not ok, so that --resume runs it again.
+            out["status"] = "burst: the frames came out at once behind a start-up straggler; no steady state"
     if run.kind == "dask":
         out["dask_steals"] = (dstats.get("scheduler") or {}).get("steals")
     if win and t1_cpu and fps:
