@@ -1376,11 +1376,13 @@ class Node:
                     held.setdefault(sid, sender)
         else:
             self.stats.duplicates_dropped += 1
-        await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
-        if asm.complete:
+        # completed by this tile: decided before the ack is awaited, so that of two tiles of a
+        # frame arriving on two connections meanwhile exactly one finishes the frame
+        if fresh and asm.complete:
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
             self._gw_tiles_done(key, asm)
+        await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
 
     def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
         """All tiles are in (or the deadline passed): the frame's tail becomes a task."""
