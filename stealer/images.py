@@ -130,10 +130,12 @@ def pixel_rect(rect: tuple[int, int, int, int], iw: int, ih: int, w: int, h: int
         return 0, 0, 0, 0
     if (new_w, new_h) == (iw, ih):
         return y0, y1, x0, x1
+    # Taps only grow with the output index, so the first output and the last two (the very
+    # last row or column reads a single tap) bound them all: O(1) per rectangle, not O(side).
     hs, ws = _scale(ih, new_h), _scale(iw, new_w)
-    rows = [r for row in range(y0, y1) for r in _row_taps(row, ih, new_h, hs)[:2] if r is not None]
+    rows = [r for row in {y0, max(y0, y1 - 2), y1 - 1} for r in _row_taps(row, ih, new_h, hs)[:2] if r is not None]
     cols: list[int] = []
-    for col in range(x0, x1):
+    for col in {x0, max(x0, x1 - 2), x1 - 1}:
         taps = _col_taps(col, iw, new_w, ws)
         cols += [taps] if isinstance(taps, int) else [taps[0], taps[1]]
     return min(rows), max(rows) + 1, min(cols), max(cols) + 1

@@ -933,7 +933,7 @@ class Node:
         if len(msg.region) != 4 or not (0 <= msg.region[0] <= msg.region[1] <= h
                                         and 0 <= msg.region[2] <= msg.region[3] <= w):
             raise ProtocolError(f"tile region {msg.region!r} outside the {h}x{w} input")
-        y0, y1, x0, x1 = region = (msg.region[0], msg.region[1], msg.region[2], msg.region[3])
+        region = (msg.region[0], msg.region[1], msg.region[2], msg.region[3])
         job.region, job.data, job.pixels = region, msg.data, None
         if msg.pixels is None:
             return
