@@ -668,7 +668,7 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
     }
     if out["speedup"]:
         out["efficiency"] = out["speedup"] / ideal
-        if out["speedup"] > 1.05 * ideal:
+        if out["speedup"] > 1.05 * ideal and cap_units > 1:  # (one node is its own baseline)
             # Results leave in frame order: a frame that straggles at start-up holds back every
             # later one, they all come out in one burst, and first-to-last result is no steady
             # state. Not ok, so that --resume runs it again.
