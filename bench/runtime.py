@@ -69,7 +69,7 @@ async def steal_rtt(net: Network, grid: tuple[int, int], n: int) -> dict:
                         break
                 times.append(time.perf_counter() - t0)
                 assert msg.granted
-                nbytes = msg.data.nbytes
+                nbytes = (msg.data if msg.data is not None else msg.pixels).nbytes  # float32 or camera pixels
         finally:
             await comm.close()
     return {"tile_bytes": nbytes, "p50_ms": 1e3 * pct(times, 50), "p99_ms": 1e3 * pct(times, 99),
