@@ -960,6 +960,8 @@ class Node:
 
     async def _grant(self, peer: Peer, req: StealRequest) -> None:
         """A thief asks: lease it the first task it can run, with that task's input data."""
+        if self.peers.get(peer.node_id) is not peer:
+            return  # it left while the request waited (answers run in the background): no lease
         if self.cfg.policy != "steal":
             await peer.comm.send(StealReply(req.request_id, False))
             return
