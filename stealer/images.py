@@ -120,14 +120,23 @@ def letterbox(im: np.ndarray, w: int, h: int) -> np.ndarray:
     return boxed
 
 
+def _in_resized(rect: tuple[int, int, int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """The part of a letterboxed-input rectangle that shows the resized image, in the resized
+    image's coordinates, or None if ``rect`` is all padding; ``box`` from :func:`letterbox_box`."""
+    dy, dx, new_h, new_w = box
+    y0, y1 = max(rect[0], dy) - dy, min(rect[1], dy + new_h) - dy
+    x0, x1 = max(rect[2], dx) - dx, min(rect[3], dx + new_w) - dx
+    return None if y0 >= y1 or x0 >= x1 else (y0, y1, x0, x1)
+
+
 def pixel_rect(rect: tuple[int, int, int, int], iw: int, ih: int, w: int, h: int) -> tuple[int, int, int, int]:
     """The rectangle (y0, y1, x0, x1) of an (ih, iw) image's pixels that the rectangle ``rect``
     of its (h, w) letterboxed input is made from (empty, all zeros, if ``rect`` is padding)."""
-    dy, dx, new_h, new_w = letterbox_box(iw, ih, w, h)
-    y0, y1 = max(rect[0], dy) - dy, min(rect[1], dy + new_h) - dy  # in the resized image
-    x0, x1 = max(rect[2], dx) - dx, min(rect[3], dx + new_w) - dx
-    if y0 >= y1 or x0 >= x1:
+    _, _, new_h, new_w = box = letterbox_box(iw, ih, w, h)
+    inner = _in_resized(rect, box)
+    if inner is None:
         return 0, 0, 0, 0
+    y0, y1, x0, x1 = inner
     if (new_w, new_h) == (iw, ih):
         return y0, y1, x0, x1
     # Taps only grow with the output index, so the first output and the last two (the very
@@ -148,11 +157,11 @@ def letterbox_region(pixels: np.ndarray, origin: tuple[int, int], iw: int, ih: i
     is ``origin`` = (y0, x0) of the image): the same float32 values, bit for bit."""
     y0, y1, x0, x1 = rect
     out = np.full((pixels.shape[0], y1 - y0, x1 - x0), 0.5, np.float32)
-    dy, dx, new_h, new_w = letterbox_box(iw, ih, w, h)
-    r0, r1 = max(y0, dy) - dy, min(y1, dy + new_h) - dy
-    c0, c1 = max(x0, dx) - dx, min(x1, dx + new_w) - dx
-    if r0 >= r1 or c0 >= c1:
+    dy, dx, new_h, new_w = box = letterbox_box(iw, ih, w, h)
+    inner = _in_resized(rect, box)
+    if inner is None:
         return out
+    r0, r1, c0, c1 = inner
     src = to_float(pixels)
     oy, ox = origin
     if (new_w, new_h) == (iw, ih):
