@@ -1449,7 +1449,6 @@ class Node:
             self._release(msg.source, msg.frame, result)
         else:
             self._parked[key] = result
-        await self._to_node(msg.source.split("/")[0], FrameDone(msg.source, msg.frame))
 
     def _release(self, source: str, frame: int, result: dict[str, Any]) -> None:
         for f, res in self._order.finish(source, frame, result):
@@ -1461,6 +1460,10 @@ class Node:
             self.results.put_nowait(res)
             if self.on_result is not None:
                 self.on_result(res)
+            # Only now may the source forget the frame: a result waiting in order behind an
+            # earlier frame dies with this gateway, and the source must still hold the frame
+            # to start it again on the next one (frames were lost that way in a chaos run).
+            self._spawn(self._to_node(source.split("/")[0], FrameDone(source, f)), "frame done")
 
 
 def _status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:
