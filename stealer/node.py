@@ -32,7 +32,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -72,6 +72,7 @@ from .wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_IMAGE_SIDE = 1 << 14
 """Largest camera image side a peer may name for a tile's pixels (16384 px, past any camera):
@@ -167,6 +168,7 @@ class Job:
     pixels: np.ndarray | None = None
     pixel_origin: tuple[int, int] = (0, 0)
     region: tuple[int, int, int, int] = (0, 0, 0, 0)
+    holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
 
 
 @dataclass
@@ -174,6 +176,7 @@ class SourceFrame:
     frame: Frame
     started: float
     acked: set[int] = field(default_factory=set)  # tiles the gateway has (their strips with it)
+    strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node that keeps it
 
 
 @dataclass
@@ -597,6 +600,7 @@ class Node:
             pk = self._own_plan_key
             self.queue.drop_frame(source, frame)
             sf.acked.clear()  # the new gateway holds none of the frame's tiles or strips
+            sf.strip_holders.clear()
             try:
                 await self._to_gateway(FrameStart(source, frame, pk, sf.frame.img_w, sf.frame.img_h))
             except (CommClosedError, asyncio.TimeoutError) as exc:
@@ -613,7 +617,8 @@ class Node:
         if self.is_gateway:
             await self._dispatch(None, msg)
             return
-        await asyncio.wait_for(self._gateway_seen.wait(), self.cfg.runtime.gateway_wait)
+        if not self._gateway_seen.is_set():
+            await asyncio.wait_for(self._gateway_seen.wait(), self.cfg.runtime.gateway_wait)
         if self.is_gateway:  # this node took over while waiting
             await self._dispatch(None, msg)
             return
@@ -684,6 +689,9 @@ class Node:
             sf = self._frames.get((msg.source, msg.frame))
             if sf is not None:
                 sf.acked.add(msg.task)
+                if msg.holder:
+                    for sid in msg.strips:
+                        sf.strip_holders.setdefault(sid, msg.holder)
             self._work_changed()
         elif isinstance(msg, RegionRequest):
             assert peer is not None
@@ -751,10 +759,11 @@ class Node:
             await peer.comm.send(msg)
 
     def _leases_changed(self) -> None:
-        """Arm one timer for the earliest lease deadline (no periodic polling)."""
+        """Arm one timer for the earliest lease deadline (no periodic polling). An armed timer
+        stays: every lease runs for the same ``lease_seconds`` from when it was given, so a new
+        lease never ends before the earliest one did, and an early firing only re-arms."""
         if self._lease_timer is not None:
-            self._lease_timer.cancel()
-            self._lease_timer = None
+            return
         deadline = self.queue.next_deadline()
         if deadline is not None and not self._closed:
             loop = asyncio.get_running_loop()
@@ -875,7 +884,22 @@ class Node:
             return Job(ref, self._frame_info[key][0], self._tail_inputs[key], img_w, img_h, self.id)
         sf = self._frames[key]
         pk = self._own_plan_key
-        return Job(ref, pk, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id)
+        return Job(ref, pk, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
+                   holders=self._holders_of(sf, ref.task))
+
+    def _holders_of(self, sf: SourceFrame, task_id: int) -> dict[str, list[int]] | None:
+        """Where the strips a reuse tile of this node's frame consumes are (node id -> strip
+        ids), as the gateway's acks said; None if any is unknown (then the gateway is asked)."""
+        task = self._plan(self._own_plan_key).task(task_id)
+        if task.reuse is None or not task.consumes:
+            return None
+        by_node: dict[str, list[int]] = {}
+        for sid in task.consumes:
+            node = sf.strip_holders.get(sid)
+            if node is None:
+                return None
+            by_node.setdefault(node, []).append(sid)
+        return by_node
 
     async def _steal(self) -> Job | None:
         tried: set[str] = set()
@@ -898,7 +922,7 @@ class Node:
             self._pending[rid] = fut
             try:
                 await peer.comm.send(StealRequest(rid, self._accepts_tails(), speculative))
-                reply = await asyncio.wait_for(fut, self.cfg.runtime.steal_timeout)
+                reply = await _reply_within(fut, self.cfg.runtime.steal_timeout)
             except (CommClosedError, asyncio.TimeoutError):
                 self._pending.pop(rid, None)
                 self.stats.steal_failures += 1
@@ -924,6 +948,7 @@ class Node:
                 raise ProtocolError(f"grant of unknown task {reply.task} of plan {reply.plan!r}") from None
             self._take_tile_input(job, reply)
             job.partial = job.region != tuple(full)
+            job.holders = reply.holders or None
         return job
 
     def _take_tile_input(self, job: Job, msg: StealReply | RegionReply) -> None:
@@ -998,8 +1023,9 @@ class Node:
         self.stats.small_grants += variant is not task.full
         data, pixels, origin = self._input_payload(self._frames[(ref.source, ref.frame)].frame, variant.input_region)
         self.stats.pixel_grants += pixels is not None
+        holders = job.holders if ready and job.holders is not None else {}
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
-                          list(variant.input_region), job.img_w, job.img_h, data, pixels, origin)
+                          list(variant.input_region), job.img_w, job.img_h, data, pixels, origin, holders)
 
     async def _grant_region(self, peer: Peer, req: RegionRequest) -> None:
         """A thief's reuse strips are gone: send it the task's full region after all."""
@@ -1096,8 +1122,13 @@ class Node:
         if task.reuse is None or not task.consumes:
             return None
         key = (job.ref.source, job.ref.frame)
-        holders: dict[str, list[int]] | None = None
-        if self.is_gateway:
+        holders: dict[str, list[int]] | None = job.holders
+        if holders is not None:
+            # from the source's acks; checked, since they came over the wire: asking a node
+            # for strips the tile does not consume would fill the tile with wrong data
+            if sorted(s for ids in holders.values() for s in ids) != sorted(task.consumes):
+                raise ProtocolError(f"{job.ref}: holders {holders} do not list strips {list(task.consumes)}")
+        elif self.is_gateway:
             holders = self._strip_locations(key, task.consumes)
         else:
             gw = self._gateway()
@@ -1119,7 +1150,7 @@ class Node:
         self._pending[rid] = fut
         try:
             await peer.comm.send(make(rid))
-            return await asyncio.wait_for(fut, self.cfg.runtime.strips_timeout if timeout is None else timeout)
+            return await _reply_within(fut, self.cfg.runtime.strips_timeout if timeout is None else timeout)
         except (CommClosedError, asyncio.TimeoutError):
             self._pending.pop(rid, None)
             return None
@@ -1371,11 +1402,13 @@ class Node:
             fresh = asm.add(msg.task, np.asarray(msg.output))
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
+        holder, strips = "", []
         if fresh:
             if msg.strips_held:
                 held = self._strip_holders.setdefault(key, {})
                 for sid in msg.strips_held:
                     held.setdefault(sid, sender)
+                holder, strips = sender, [s for s in msg.strips_held if held[s] == sender]
         else:
             self.stats.duplicates_dropped += 1
         # completed by this tile: decided before the ack is awaited, so that of two tiles of a
@@ -1384,7 +1417,7 @@ class Node:
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
             self._gw_tiles_done(key, asm)
-        await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
+        await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task, holder, strips))
 
     def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
         """All tiles are in (or the deadline passed): the frame's tail becomes a task."""
@@ -1464,6 +1497,22 @@ class Node:
             # earlier frame dies with this gateway, and the source must still hold the frame
             # to start it again on the next one (frames were lost that way in a chaos run).
             self._spawn(self._to_node(source.split("/")[0], FrameDone(source, f)), "frame done")
+
+
+def _expire_reply(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
+async def _reply_within(fut: asyncio.Future[T], timeout: float) -> T:
+    """``await asyncio.wait_for(fut, timeout)`` for a reply future that only the receive loop
+    sets, without wait_for's extra future and callbacks (this runs for every steal and strip
+    fetch)."""
+    handle = asyncio.get_running_loop().call_later(timeout, _expire_reply, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
 
 
 def _status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:

@@ -824,6 +824,9 @@ class StealReply(Message):
     data: np.ndarray | None = None
     pixels: np.ndarray | None = None
     pixel_origin: list[int] = field(default_factory=list)
+    # a reuse tile granted small: who holds the strips it consumes (node id -> strip ids), as
+    # the victim learnt from the gateway's acks; empty when unknown (ask the gateway)
+    holders: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granted:
@@ -956,12 +959,16 @@ class TileDone(Message):
 @register
 @dataclass(frozen=True, slots=True)
 class TileAck(Message):
-    """Gateway to source: the tile's result is in; its lease ends."""
+    """Gateway to source: the tile's result is in; its lease ends. ``holder`` (node id, or
+    empty) keeps the reuse ``strips`` the tile published, so that the source can tell the
+    tiles that consume them where to fetch them without asking the gateway."""
 
     op: ClassVar[str] = "tile-ack"
     source: str
     frame: int
     task: int
+    holder: str = ""
+    strips: list[int] = field(default_factory=list)
 
 
 @register
