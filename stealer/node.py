@@ -30,13 +30,13 @@ import math
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from .assembly import FrameAssembly, RecentKeys, ResultOrder, StripCache
+from .compute import ComputePool
 from .config import DEFAULT_LIMITS, Limits
 from .errors import CommClosedError, PlanError, ProtocolError, StealerError
 from .ftp.execute import run_task
@@ -283,7 +283,7 @@ class Node:
         self.stats = Stats()
         self.results: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._plans: dict[str, Plan] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.slots), thread_name_prefix=f"compute-{self.id[:6]}")
+        self._pool = ComputePool(config.slots, name=f"compute-{self.id[:6]}")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work = asyncio.Event()
         self._gateway_seen = asyncio.Event()
@@ -334,11 +334,10 @@ class Node:
                      self.net.model_hash, self.cfg.max_memory)
 
     async def start(self) -> "Node":
-        loop = asyncio.get_running_loop()
         # compile or load every kernel and build this node's own plan before joining: both hold
         # the GIL for a while, which would otherwise stall heartbeats once peers are connected
-        await loop.run_in_executor(self._pool, self.net.warm_up)
-        await loop.run_in_executor(self._pool, self._plan, self._own_plan_key)
+        await self._pool.run(self.net.warm_up)
+        await self._pool.run(self._plan, self._own_plan_key)
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
@@ -387,7 +386,7 @@ class Node:
             await self._discovery.close()
         if self._server is not None:
             await self._server.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()
 
@@ -685,14 +684,7 @@ class Node:
         elif isinstance(msg, TailDone):
             await self._gw_tail(msg)
         elif isinstance(msg, TileAck):
-            self.queue.done(TaskRef(msg.source, msg.frame, msg.task), time.monotonic())
-            sf = self._frames.get((msg.source, msg.frame))
-            if sf is not None:
-                sf.acked.add(msg.task)
-                if msg.holder:
-                    for sid in msg.strips:
-                        sf.strip_holders.setdefault(sid, msg.holder)
-            self._work_changed()
+            self._on_tile_ack(msg)
         elif isinstance(msg, RegionRequest):
             assert peer is not None
             await self._answer(peer, self._grant_region(peer, msg), msg.op)
@@ -707,6 +699,16 @@ class Node:
             raise CommClosedError(f"peer said goodbye: {msg.reason}")
         else:
             raise ProtocolError(f"unexpected message {msg.op!r}")
+
+    def _on_tile_ack(self, msg: TileAck) -> None:
+        self.queue.done(TaskRef(msg.source, msg.frame, msg.task), time.monotonic())
+        sf = self._frames.get((msg.source, msg.frame))
+        if sf is not None:
+            sf.acked.add(msg.task)
+            if msg.holder:
+                for sid in msg.strips:
+                    sf.strip_holders.setdefault(sid, msg.holder)
+        self._work_changed()
 
     async def _answer(self, peer: Peer, reply: Any, what: str) -> None:
         """Answer a peer's request (often with megabytes) without holding up the loop that reads
@@ -1076,17 +1078,16 @@ class Node:
             self._idle_changed.set()
 
     async def _run_job_inner(self, job: Job) -> None:
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
             if job.ref.is_tail:
-                msg = await loop.run_in_executor(self._pool, self._compute_tail, job)
+                msg = await self._pool.run(self._compute_tail, job)
                 self.stats.tails_run += 1
             else:
                 borrowed = await self._fetch_strips(job)
                 if borrowed is None and job.partial and not await self._fetch_full_region(job):
                     return
-                msg, published = await loop.run_in_executor(self._pool, self._compute_tile, job, borrowed)
+                msg, published = await self._pool.run(self._compute_tile, job, borrowed)
                 for sid, arr in published.items():  # kept here, on the loop: the cache is not thread-safe
                     # a copy if it is a view, so a held strip never pins a whole layer buffer
                     self._held.put((job.ref.source, job.ref.frame), sid, arr if arr.base is None else arr.copy())
@@ -1392,10 +1393,9 @@ class Node:
 
     async def _gw_tile(self, msg: TileDone, sender: str) -> None:
         key = (msg.source, msg.frame)
-        source_node = msg.source.split("/")[0]
         if key in self._finished or key in self._tail_inputs:
             self.stats.duplicates_dropped += 1
-            await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task))
+            await self._to_node(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task))
             return
         asm = self._gw_assembly(msg.source, msg.frame, msg.plan)
         try:
@@ -1417,7 +1417,7 @@ class Node:
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
             self._gw_tiles_done(key, asm)
-        await self._to_node(source_node, TileAck(msg.source, msg.frame, msg.task, holder, strips))
+        await self._to_node(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task, holder, strips))
 
     def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
         """All tiles are in (or the deadline passed): the frame's tail becomes a task."""
