@@ -82,9 +82,11 @@ async def overhead(net: Network, frames: int) -> dict:
                                  null_compute=True, limits=limits, max_inflight=8, **kw)
     gw = Node(net, mk(gateway=True))
     await gw.start()
-    src = Node(net, mk(sources=[SyntheticSource(0)], frames=frames, peers=[("127.0.0.1", gw.port)]))
     thief = Node(net, mk(peers=[("127.0.0.1", gw.port)]))
     await thief.start()
+    # the source meets both, as mDNS would have it (the thief would otherwise only see tails)
+    src = Node(net, mk(sources=[SyntheticSource(0)], frames=frames,
+                       peers=[("127.0.0.1", gw.port), ("127.0.0.1", thief.port)]))
     await asyncio.sleep(0.2)
     t0 = time.perf_counter()
     await src.start()
@@ -96,7 +98,81 @@ async def overhead(net: Network, frames: int) -> dict:
     for n in (thief, src, gw):
         await n.close()
     return {"frames": frames, "tasks": tasks, "stolen": stolen, "seconds": elapsed,
-            "per_task_ms": 1e3 * elapsed / tasks}
+            "per_task_ms": 1e3 * elapsed / tasks,
+            "tasks_by_role": {r: n.stats.tiles_run + n.stats.tails_run for r, n in (("gateway", gw), ("source", src),
+                                                                                    ("thief", thief))}}
+
+
+async def _null_node(role: str, frames: int, peer_ports: list[int]) -> dict:
+    """One node of :func:`overhead_processes`, in its own process: prints ``ready`` (with the
+    port) once it can take work, and at the end the CPU seconds it spent from then on."""
+    net = small_net()
+    net.warm_up()  # kernels compiled before the CPU clock starts (Node.start only reloads them)
+    joined = asyncio.Event()
+    kw: dict = {"gateway": True} if role == "gateway" else {"peers": [("127.0.0.1", p) for p in peer_ports]}
+    if role == "source":
+        kw.update(sources=[SyntheticSource(0)], frames=frames)
+    cfg = NodeConfig(node_id=new_node_id(), host="127.0.0.1", discovery=False, grid=(5, 5), layers=9,
+                     null_compute=True, max_inflight=8, **kw)
+    node = Node(net, cfg, on_event=lambda e: joined.set() if e["event"] == "peer-joined" else None)
+    if role != "source":
+        await node.start()
+        if role == "thief":
+            await joined.wait()
+        print(json.dumps({"ready": True, "port": node.port}), flush=True)
+    t0, c0 = time.time(), time.process_time()
+    if role == "source":
+        await node.start()
+        await node.wait_sources_done()
+    elif role == "gateway":
+        for _ in range(frames):
+            await node.results.get()
+    else:  # thief: until the gateway leaves
+        gone = asyncio.Event()
+        node.on_event = lambda e: gone.set() if e["event"] == "peer-lost" else None
+        await gone.wait()
+    out = {"role": role, "t0": t0, "t1": time.time(), "cpu": time.process_time() - c0,
+           "tasks": node.stats.tiles_run + node.stats.tails_run, "stolen": node.stats.stolen}
+    if role == "gateway":  # stay until the source heard that its frames are done (stdin closes)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await node.close()
+    return out
+
+
+def overhead_processes(frames: int) -> dict:
+    """Runtime overhead as deployed: gateway, source and thief in three processes (each with
+    its own interpreter and GIL, as on three devices; here they share this machine's 2 cores).
+    Per task: wall time from the first frame to the last result, and CPU seconds summed over
+    the three nodes (the runtime's whole cost, wherever it is paid)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    me = [sys.executable, str(Path(__file__).resolve()), "--null-node"]
+
+    def spawn(role: str, *ports: int) -> subprocess.Popen:
+        return subprocess.Popen(me + [role, "--frames", str(frames), "--peer-ports", *map(str, ports)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    procs = [spawn("gateway")]
+    try:
+        port = json.loads(procs[0].stdout.readline())["port"]
+        procs.append(spawn("thief", port))
+        thief_port = json.loads(procs[1].stdout.readline())["port"]  # ready: connected to the gateway
+        procs.append(spawn("source", port, thief_port))  # it meets both, as mDNS would have it
+        outs = {}
+        for p in (procs[2], procs[0], procs[1]):  # the gateway leaves when its stdin closes
+            lines = [json.loads(line) for line in p.communicate(timeout=300)[0].splitlines() if line.strip()]
+            last = lines[-1]
+            outs[last["role"]] = last
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    tasks = sum(o["tasks"] for o in outs.values())
+    wall = outs["gateway"]["t1"] - outs["source"]["t0"]
+    cpu = sum(o["cpu"] for o in outs.values())
+    return {"frames": frames, "tasks": tasks, "stolen": sum(o["stolen"] for o in outs.values()),
+            "seconds": wall, "per_task_ms": 1e3 * wall / tasks, "cpu_per_task_ms": 1e3 * cpu / tasks,
+            "cpu_per_task_ms_by_role": {r: 1e3 * o["cpu"] / tasks for r, o in outs.items()},
+            "tasks_by_role": {r: o["tasks"] for r, o in outs.items()}}
 
 
 def cluster_fps(nodes: int, frames: int, cpu: float | None, grid: str, timeout: float) -> dict:
@@ -166,7 +242,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "runtime.json"))
     ap.add_argument("--cpu", type=float, default=0.5, help="CPU share per node for part 3 (root) [0.5]")
     ap.add_argument("--skip-cluster", action="store_true", help="skip part 3")
+    ap.add_argument("--null-node", choices=["gateway", "source", "thief"], help=argparse.SUPPRESS)
+    ap.add_argument("--frames", type=int, default=40, help=argparse.SUPPRESS)
+    ap.add_argument("--peer-ports", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.null_node:  # one process of overhead_processes
+        print(json.dumps(run(_null_node(args.null_node, args.frames, args.peer_ports))), flush=True)
+        return
     n = 100 if args.quick else 400
     report: dict = {}
 
