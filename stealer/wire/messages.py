@@ -110,6 +110,10 @@ DTYPES: Final[dict[str, np.dtype[Any]]] = {
 }
 """The only array dtypes that cross the wire, always little-endian, by wire name."""
 
+_WIRE_NAME: Final[dict[np.dtype[Any], str]] = {dt: name for name, dt in DTYPES.items()}
+"""Wire name of each native-order wire dtype (a dict lookup: ``dtype.name`` runs Python code
+in numpy and showed in the runtime's profile)."""
+
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1  # msgpack's integer range
 
@@ -260,12 +264,31 @@ def _compile(tp: Any) -> tuple[bool, bool, _Check | None]:
         if echk is None:
             raise TypeError(f"arrays inside containers are not supported: {tp!r}")
 
+        if echk is _check_int:
+            # lists of ints (regions, strip and task ids) are in most runtime messages: one
+            # pass of C-level checks instead of a call per element
+            def check_ints(v: Any, depth: int, container: type = container) -> Any:
+                if type(v) not in (list, tuple):
+                    raise _Bad(f"expected {container.__name__}, got {_tname(v)}")
+                if depth <= 0:
+                    raise _Bad("nesting too deep")
+                if v:
+                    if not all(type(x) is int for x in v):  # bool is an int subclass: rejected
+                        bad = next(x for x in v if type(x) is not int)
+                        raise _Bad(f"expected int, got {_tname(bad)}")
+                    if min(v) < _INT_MIN or max(v) > _INT_MAX:
+                        raise _Bad("integer outside the msgpack range")
+                return v if type(v) is container else container(v)
+
+            return False, False, check_ints
+
         def check_seq(v: Any, depth: int, echk: _Check = echk, container: type = container) -> Any:
             if type(v) not in (list, tuple):
                 raise _Bad(f"expected {container.__name__}, got {_tname(v)}")
             if depth <= 0:
                 raise _Bad("nesting too deep")
-            return container(echk(x, depth - 1) for x in v)
+            out = [echk(x, depth - 1) for x in v]
+            return out if container is list else container(out)
 
         return False, False, check_seq
     raise TypeError(f"unsupported field type {tp!r}")
@@ -540,6 +563,11 @@ def _array_out(
 ) -> tuple[str, list[int], memoryview]:
     if not isinstance(value, np.ndarray):
         raise ProtocolError(f"cannot encode {op}.{name}: expected ndarray, got {_tname(value)}")
+    wire_name = _WIRE_NAME.get(value.dtype)
+    if wire_name is not None and value.flags.c_contiguous and len(value.shape) <= limits.max_array_ndim:
+        # the common case (a native wire dtype, C-contiguous): a flat view, no conversion
+        _check_shape(value.shape, limits)
+        return wire_name, list(value.shape), value.reshape(-1).view(np.uint8).data
     wire_name = value.dtype.name
     dt = DTYPES.get(wire_name)
     if dt is None or value.dtype.fields is not None:
