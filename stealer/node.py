@@ -626,17 +626,6 @@ class Node:
             raise CommClosedError("no gateway")
         await gw.comm.send(msg)
 
-    async def _to_node(self, node_id: str, msg: Message) -> None:
-        if node_id == self.id:
-            await self._dispatch(None, msg)
-            return
-        peer = self.peers.get(node_id)
-        if peer is None:
-            log.info("cannot send %s to %s: not connected", msg.op, node_id[:8])
-            return
-        with contextlib.suppress(CommClosedError):
-            await peer.comm.send(msg)
-
     # ------------------------------------------------------------------ dispatch
     async def _dispatch(self, peer: Peer | None, msg: Message) -> None:
         """Handle one message; ``peer`` is None for messages a node sends itself."""
@@ -655,7 +644,7 @@ class Node:
                     self._work.set()
         elif isinstance(msg, StealRequest):
             assert peer is not None
-            await self._answer(peer, self._grant(peer, msg), msg.op)
+            await self._respond(peer, self._grant(peer, msg), msg.op)
         elif isinstance(msg, (StealReply, StripsReply, RegionReply)):
             if isinstance(msg, StealReply) and msg.request_id == 0 and msg.granted and peer is not None:
                 # policy "share": the source pushed this task to us without being asked
@@ -673,10 +662,10 @@ class Node:
             self._gw_frame_start(msg)
         elif isinstance(msg, StripsRequest):
             assert peer is not None
-            await self._answer(peer, self._gw_strips(peer, msg), msg.op)
+            await self._respond(peer, self._gw_strips(msg), msg.op)
         elif isinstance(msg, StripsFetch):
             assert peer is not None
-            await self._answer(peer, self._serve_strips(peer, msg), msg.op)
+            await self._respond(peer, self._serve_strips(msg), msg.op)
         elif isinstance(msg, StripsRelease):
             self._held.drop((msg.source, msg.frame))
         elif isinstance(msg, TileDone):
@@ -687,7 +676,7 @@ class Node:
             self._on_tile_ack(msg)
         elif isinstance(msg, RegionRequest):
             assert peer is not None
-            await self._answer(peer, self._grant_region(peer, msg), msg.op)
+            await self._respond(peer, self._grant_region(msg), msg.op)
         elif isinstance(msg, FrameDone):
             self._source_frame_done(msg)
         elif isinstance(msg, FrameDrop):
@@ -710,23 +699,27 @@ class Node:
                     sf.strip_holders.setdefault(sid, msg.holder)
         self._work_changed()
 
-    async def _answer(self, peer: Peer, reply: Any, what: str) -> None:
+    async def _respond(self, peer: Peer, reply: Message | None, what: str) -> None:
         """Answer a peer's request (often with megabytes) without holding up the loop that reads
         its connection. Answered inline, two nodes that ask each other for data at once would
         each wait in a send for the other to read, and neither would read again: a deadlock
         once both sockets' buffers fill, which a 20 Mbit/s link reaches in a fraction of a
-        second. Past ``max_inflight_per_peer`` answers in progress the loop waits (back-pressure)."""
+        second. So a small answer is posted (written at once, never waits) and a big one is
+        sent from a task; past ``max_inflight_per_peer`` of those in progress the loop waits
+        (back-pressure)."""
+        if reply is None:
+            return
+        if _array_bytes(reply) < _POST_DATA_BYTES:
+            peer.comm.post(reply)
+            return
         if peer.answering >= self.cfg.limits.max_inflight_per_peer:
-            await reply
+            await peer.comm.send(reply)
             return
         peer.answering += 1
 
         async def run() -> None:
             try:
-                await reply
-            except ProtocolError as exc:
-                log.warning("peer %s sent a bad %s, dropping it: %s", peer.node_id[:8], what, exc)
-                peer.comm.abort(str(exc))
+                await peer.comm.send(reply)
             except CommClosedError:
                 pass  # the connection's own loop notices and cleans up
             finally:
@@ -754,7 +747,26 @@ class Node:
             return
         self._last_status = status
         for peer in list(self.peers.values()):
-            self._spawn(self._send_quietly(peer, Status(*status)), "status")
+            self._post(peer, Status(*status))
+
+    def _post(self, peer: Peer, msg: Message) -> None:
+        """Post a small message; a closed connection is its read loop's business."""
+        with contextlib.suppress(CommClosedError):
+            peer.comm.post(msg)
+
+    def _notify(self, node_id: str, msg: TileAck | FrameDone) -> None:
+        """Tell a source (this node or a peer) that a tile or a frame is done, without waiting."""
+        if node_id == self.id:
+            if isinstance(msg, TileAck):
+                self._on_tile_ack(msg)
+            else:
+                self._source_frame_done(msg)
+            return
+        peer = self.peers.get(node_id)
+        if peer is None:
+            log.info("cannot send %s to %s: not connected", msg.op, node_id[:8])
+            return
+        self._post(peer, msg)
 
     async def _send_quietly(self, peer: Peer, msg: Message) -> None:
         with contextlib.suppress(CommClosedError):
@@ -923,7 +935,7 @@ class Node:
             fut: asyncio.Future[StealReply] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
             try:
-                await peer.comm.send(StealRequest(rid, self._accepts_tails(), speculative))
+                peer.comm.post(StealRequest(rid, self._accepts_tails(), speculative))
                 reply = await _reply_within(fut, self.cfg.runtime.steal_timeout)
             except (CommClosedError, asyncio.TimeoutError):
                 self._pending.pop(rid, None)
@@ -985,13 +997,12 @@ class Node:
         py0, py1, px0, px1 = pixel_rect(rect, frame.img_w, frame.img_h, w, h)
         return None, np.ascontiguousarray(frame.pixels[:, py0:py1, px0:px1]), [py0, px0]
 
-    async def _grant(self, peer: Peer, req: StealRequest) -> None:
+    def _grant(self, peer: Peer, req: StealRequest) -> StealReply | None:
         """A thief asks: lease it the first task it can run, with that task's input data."""
         if self.peers.get(peer.node_id) is not peer:
-            return  # it left while the request waited (answers run in the background): no lease
+            return None  # it left while the request waited: no lease
         if self.cfg.policy != "steal":
-            await peer.comm.send(StealReply(req.request_id, False))
-            return
+            return StealReply(req.request_id, False)
         accept_tail = req.accept_tail
         now = time.monotonic()
         ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail, ready=self._ready)
@@ -999,13 +1010,9 @@ class Node:
             ref = self.queue.speculate(peer.node_id, now, min_age=self.cfg.runtime.straggler_min,
                                        accept_tail=accept_tail)
         if ref is None:
-            await peer.comm.send(StealReply(req.request_id, False))
-            return
+            return StealReply(req.request_id, False)
         self._work_changed()
-        try:
-            await peer.comm.send(self._grant_for(ref, req.request_id))
-        except CommClosedError:
-            pass  # the lease comes back when the peer's connection is declared lost
+        return self._grant_for(ref, req.request_id)  # if it is not delivered, the lease brings it back
 
     def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply:
         """A task leased to a peer, with the data it needs: for a tile, the reuse variant's frame
@@ -1029,18 +1036,17 @@ class Node:
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
                           list(variant.input_region), job.img_w, job.img_h, data, pixels, origin, holders)
 
-    async def _grant_region(self, peer: Peer, req: RegionRequest) -> None:
+    def _grant_region(self, req: RegionRequest) -> RegionReply:
         """A thief's reuse strips are gone: send it the task's full region after all."""
         sf = self._frames.get((req.source, req.frame))
         if sf is None:
-            await peer.comm.send(RegionReply(req.request_id, False))
-            return
+            return RegionReply(req.request_id, False)
         try:
             task = self._plan(self._own_plan_key).task(req.task)
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"region of unknown task {req.task}") from None
         data, pixels, origin = self._input_payload(sf.frame, task.full.input_region)
-        await peer.comm.send(RegionReply(req.request_id, True, list(task.full.input_region), data, pixels, origin))
+        return RegionReply(req.request_id, True, list(task.full.input_region), data, pixels, origin)
 
     async def _share(self, refs: list[TaskRef]) -> None:
         """Policy "share" (the baseline of MoDNN and DeepThings' comparison): hand a frame's tiles
@@ -1150,7 +1156,7 @@ class Node:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await peer.comm.send(make(rid))
+            peer.comm.post(make(rid))
             return await _reply_within(fut, self.cfg.runtime.strips_timeout if timeout is None else timeout)
         except (CommClosedError, asyncio.TimeoutError):
             self._pending.pop(rid, None)
@@ -1181,14 +1187,13 @@ class Node:
             got.update(part)
         return got if all(s in got for s in wanted) else None
 
-    async def _serve_strips(self, peer: Peer, msg: StripsFetch) -> None:
+    def _serve_strips(self, msg: StripsFetch) -> StripsReply:
         got = self._held.get((msg.source, msg.frame), msg.strips)
         if got is None:
-            await peer.comm.send(StripsReply(msg.request_id, False))
-            return
+            return StripsReply(msg.request_id, False)
         meta, data = pack_strips(got)
         self.stats.strips_served += 1
-        await peer.comm.send(StripsReply(msg.request_id, True, meta, data))
+        return StripsReply(msg.request_id, True, meta, data)
 
     async def _fetch_full_region(self, job: Job) -> bool:
         """The strips of a task shipped with only its reuse region are gone: ask its owner for
@@ -1362,14 +1367,14 @@ class Node:
             self._assembly[key] = asm
         return asm
 
-    async def _gw_strips(self, peer: Peer, msg: StripsRequest) -> None:
+    def _gw_strips(self, msg: StripsRequest) -> StripsReply:
         plan = self._plan(msg.plan)
         try:
             task = plan.task(msg.task)
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"strips for unknown task {msg.task}") from None
         holders = self._strip_locations((msg.source, msg.frame), task.consumes)
-        await peer.comm.send(StripsReply(msg.request_id, holders is not None, holders=holders or {}))
+        return StripsReply(msg.request_id, holders is not None, holders=holders or {})
 
     def _strip_locations(self, key: tuple[str, int], wanted: tuple[int, ...]) -> dict[str, list[int]] | None:
         """Which node holds each wanted strip of a frame (node id -> strip ids), or None if the
@@ -1389,13 +1394,13 @@ class Node:
             if node_id == self.id:
                 self._held.drop(key)
             elif node_id in self.peers:
-                self._spawn(self._send_quietly(self.peers[node_id], StripsRelease(*key)), "strips release")
+                self._post(self.peers[node_id], StripsRelease(*key))
 
     async def _gw_tile(self, msg: TileDone, sender: str) -> None:
         key = (msg.source, msg.frame)
         if key in self._finished or key in self._tail_inputs:
             self.stats.duplicates_dropped += 1
-            await self._to_node(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task))
+            self._notify(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task))
             return
         asm = self._gw_assembly(msg.source, msg.frame, msg.plan)
         try:
@@ -1417,7 +1422,7 @@ class Node:
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
             self._gw_tiles_done(key, asm)
-        await self._to_node(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task, holder, strips))
+        self._notify(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task, holder, strips))
 
     def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
         """All tiles are in (or the deadline passed): the frame's tail becomes a task."""
@@ -1496,7 +1501,14 @@ class Node:
             # Only now may the source forget the frame: a result waiting in order behind an
             # earlier frame dies with this gateway, and the source must still hold the frame
             # to start it again on the next one (frames were lost that way in a chaos run).
-            self._spawn(self._to_node(source.split("/")[0], FrameDone(source, f)), "frame done")
+            self._notify(source.split("/")[0], FrameDone(source, f))
+
+
+_POST_DATA_BYTES = 48 << 10  # answers with less array data than this are posted (see Comm.post)
+
+
+def _array_bytes(msg: Message) -> int:
+    return sum(getattr(msg, f).nbytes for f in ("data", "pixels") if getattr(msg, f, None) is not None)
 
 
 def _expire_reply(fut: asyncio.Future[Any]) -> None:

@@ -171,6 +171,34 @@ async def test_concurrent_senders_do_not_interleave() -> None:
             assert np.array_equal(out.array, arrays[out.tag])
 
 
+async def test_post_keeps_order_with_sends_and_copies_arrays() -> None:
+    """Posted frames go out at once, in order with awaited sends; the sender may reuse a
+    posted array at once (a copy left); a frame over POST_MAX_BYTES goes from a task."""
+    from stealer.wire.comm import POST_MAX_BYTES
+
+    async with server() as srv, await connect("127.0.0.1", srv.port, hello("c"), limits=FAST) as comm:
+        reused = np.arange(100, dtype=np.int32)
+        sent = []
+        for i in range(30):
+            if i % 3 == 0:
+                await comm.send(TensorMsg(f"s{i}", np.full(5000, i, np.int32)))
+                sent.append((f"s{i}", np.full(5000, i, np.int32)))
+            else:
+                reused[:] = i
+                comm.post(TensorMsg(f"p{i}", reused))
+                sent.append((f"p{i}", np.full(100, i, np.int32)))
+        reused[:] = -1  # after the posts: must not change what they carry
+        for tag, want in sent:
+            out = await comm.recv()
+            assert isinstance(out, TensorMsg) and out.tag == tag and np.array_equal(out.array, want)
+        big = np.ones(POST_MAX_BYTES // 4 + 1000, np.float32)
+        comm.post(TensorMsg("big", big))
+        out = await comm.recv()
+        assert isinstance(out, TensorMsg) and out.tag == "big" and np.array_equal(out.array, big)
+    with pytest.raises(CommClosedError):
+        comm.post(TensorMsg("late", reused))
+
+
 async def test_unencodable_message_leaves_comm_usable() -> None:
     async with server() as srv, await connect("127.0.0.1", srv.port, hello("c"), limits=FAST) as comm:
         with pytest.raises(ProtocolError, match="dtype"):

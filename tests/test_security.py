@@ -356,6 +356,29 @@ async def test_frame_macs_roundtrip_big_arrays() -> None:
         assert isinstance(await c.recv(), TensorMsg)
 
 
+async def test_frames_posted_while_a_big_frame_is_tagged_follow_it() -> None:
+    """A big frame's MAC is computed in a thread with its frame number taken: frames posted
+    meanwhile must wait and go out after it, numbered after it, or the peer drops the link."""
+    from stealer.wire.comm import MAC_OFFLOAD_BYTES
+
+    big = np.ones(MAC_OFFLOAD_BYTES // 4 + 10, np.float32)
+    kw = dict(secret=SECRET, authenticate_frames=True)
+    async with server(**kw) as srv, await connect("127.0.0.1", srv.port, hello("c"), limits=FAST, **kw) as c:
+        sending = asyncio.ensure_future(c.send(TensorMsg("big", big)))
+        await asyncio.sleep(0)  # the big send is now in its MAC thread
+        assert c._tagging
+        for i in range(5):
+            c.post(TensorMsg(f"small{i}", np.full(4, i, np.int32)))
+        await sending
+        tags = []
+        for _ in range(6):
+            out = await c.recv()
+            assert isinstance(out, TensorMsg)
+            tags.append(out.tag)
+        assert tags == ["big"] + [f"small{i}" for i in range(5)]
+        assert not c.closed
+
+
 @asynccontextmanager
 async def proxy(port: int, mangle: Callable[[bytes], list[bytes]]) -> AsyncIterator[tuple[int, asyncio.Event]]:
     """A man in the middle: client->server chunks pass through ``mangle`` once armed."""

@@ -90,6 +90,10 @@ releases the GIL), so a 5 MB tile does not stall the event loop (and every peer'
 heartbeat) for the ~10 ms a Pi needs to hash it. Received frames are hashed chunk by
 chunk as they arrive instead."""
 
+POST_MAX_BYTES: Final = 64 << 10
+"""Frames up to this size are written at once by :meth:`Comm.post` (copied, so the caller
+may reuse its arrays); bigger posted frames go out from a background task."""
+
 _MAX_REASON_CHARS: Final = 200
 """A peer's Reject reason is cut to this length before it is logged or raised: it is
 untrusted text."""
@@ -163,6 +167,10 @@ class Comm:
         self._recv_mac: FrameMac | None = None
         self._pong_task: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
+        # a big frame's MAC is being computed in a thread: its frame number is taken, so posted
+        # frames wait in _held until it is written (they must go out after it, in order)
+        self._tagging = False
+        self._held: list[bytes] = []
         self._recv_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -316,13 +324,21 @@ class Comm:
                 # The tag covers the frame number, so it is made under the send lock, and
                 # the number only advances once the frame is queued (cancel-safe).
                 if sum(memoryview(p).nbytes for p in pieces) >= MAC_OFFLOAD_BYTES:
-                    tag = await asyncio.to_thread(mac.tag, pieces)
+                    self._tagging = True
+                    try:
+                        tag = await asyncio.to_thread(mac.tag, pieces)
+                    except BaseException:
+                        self._tagging = False
+                        self._write_held()  # cancelled: what was posted meanwhile still goes
+                        raise
                 else:
                     tag = mac.tag(pieces)
                 pieces.append(tag)
             if self._closed:
+                self._tagging = False
                 raise self._closed_error()
             if self._writer.transport.is_closing():
+                self._tagging = False
                 self._mark_closed("connection closed by peer", abort=True)
                 raise self._closed_error()
             try:
@@ -331,11 +347,67 @@ class Comm:
                 self._writer.writelines(pieces)
                 if mac is not None:
                     mac.advance()
+                if self._tagging:
+                    self._tagging = False
+                    self._write_held()
                 await self._writer.drain()
             except OSError as e:  # ConnectionResetError, BrokenPipeError, ...
                 self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
                 raise self._closed_error() from e
             self._last_send = self._loop.time()
+
+    def post(self, msg: Message) -> None:
+        """Send a small message now without waiting: for control messages (requests, acks,
+        status) from code that must not wait for the peer to read, such as a connection's
+        own read loop or a callback, and without the task and the drain of :meth:`send`.
+
+        A frame up to :data:`POST_MAX_BYTES` is copied and written at once, in order with
+        every other frame written on this comm; a bigger one goes out from a background task
+        (so it may leave after frames posted later; errors then reach :meth:`recv`).
+
+        Raises
+        ------
+        ProtocolError
+            If the message cannot be encoded.
+        CommClosedError
+            If the connection is closed.
+        """
+        header, buffers = encode(msg, self.limits)
+        pieces = framing.frame_pieces(header, buffers, self.limits)
+        if self._closed:
+            raise self._closed_error()
+        if self._writer.transport.is_closing():
+            self._mark_closed("connection closed by peer", abort=True)
+            raise self._closed_error()
+        if sum(memoryview(p).nbytes for p in pieces) > POST_MAX_BYTES:
+            self._spawn(self._send_quietly(msg), "post")
+            return
+        data = b"".join(pieces)
+        if self._tagging:
+            self._held.append(data)
+            return
+        self._write_posted(data)
+
+    def _write_posted(self, data: bytes) -> None:
+        mac = self._send_mac
+        try:
+            if mac is not None:
+                self._writer.writelines([data, mac.tag((data,))])
+                mac.advance()
+            else:
+                self._writer.write(data)
+        except OSError as e:
+            self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
+            raise self._closed_error() from e
+        self._last_send = self._loop.time()
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, []
+        for data in held:
+            if self._closed:
+                return
+            with contextlib.suppress(CommClosedError):
+                self._write_posted(data)
 
     def _touch(self) -> None:
         self._last_recv = self._loop.time()
