@@ -169,6 +169,7 @@ class Job:
     pixel_origin: tuple[int, int] = (0, 0)
     region: tuple[int, int, int, int] = (0, 0, 0, 0)
     holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
+    strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
 
 
 @dataclass
@@ -962,7 +963,9 @@ class Node:
                 raise ProtocolError(f"grant of unknown task {reply.task} of plan {reply.plan!r}") from None
             self._take_tile_input(job, reply)
             job.partial = job.region != tuple(full)
-            job.holders = reply.holders or None
+            if reply.holders or reply.strips_meta:
+                job.holders = reply.holders
+                job.strips = unpack_strips(reply.strips_meta, reply.strips) if reply.strips_meta else None
         return job
 
     def _take_tile_input(self, job: Job, msg: StealReply | RegionReply) -> None:
@@ -1033,8 +1036,17 @@ class Node:
         data, pixels, origin = self._input_payload(self._frames[(ref.source, ref.frame)].frame, variant.input_region)
         self.stats.pixel_grants += pixels is not None
         holders = job.holders if ready and job.holders is not None else {}
+        meta: list[list[int]] = []
+        packed = None
+        if holders.get(self.id):
+            # strips this node holds go with the grant: a StripsFetch round trip less
+            mine = self._held.get((ref.source, ref.frame), holders[self.id])
+            if mine is not None:
+                meta, packed = pack_strips(mine)
+                holders = {n: ids for n, ids in holders.items() if n != self.id}
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
-                          list(variant.input_region), job.img_w, job.img_h, data, pixels, origin, holders)
+                          list(variant.input_region), job.img_w, job.img_h, data, pixels, origin, holders,
+                          meta, packed)
 
     def _grant_region(self, req: RegionRequest) -> RegionReply:
         """A thief's reuse strips are gone: send it the task's full region after all."""
@@ -1133,8 +1145,10 @@ class Node:
         if holders is not None:
             # from the source's acks; checked, since they came over the wire: asking a node
             # for strips the tile does not consume would fill the tile with wrong data
-            if sorted(s for ids in holders.values() for s in ids) != sorted(task.consumes):
-                raise ProtocolError(f"{job.ref}: holders {holders} do not list strips {list(task.consumes)}")
+            listed = [s for ids in holders.values() for s in ids] + list(job.strips or ())
+            if sorted(listed) != sorted(task.consumes):
+                raise ProtocolError(f"{job.ref}: holders {holders} and strips {sorted(job.strips or ())} "
+                                    f"do not list strips {list(task.consumes)}")
         elif self.is_gateway:
             holders = self._strip_locations(key, task.consumes)
         else:
@@ -1144,7 +1158,7 @@ class Node:
                                                                           job.ref.task, job.plan_key))
                 if isinstance(reply, StripsReply) and reply.found:
                     holders = reply.holders
-        got = await self._collect_strips(key, task.consumes, holders) if holders is not None else None
+        got = await self._collect_strips(key, task.consumes, holders, job.strips) if holders is not None else None
         if got is None:
             self.stats.reuse_fallbacks += 1
         return got
@@ -1162,10 +1176,11 @@ class Node:
             self._pending.pop(rid, None)
             return None
 
-    async def _collect_strips(self, key: tuple[str, int], wanted: tuple[int, ...],
-                              holders: dict[str, list[int]]) -> dict[int, np.ndarray] | None:
-        """Fetch a dependent tile's strips from the nodes that produced them, all at once; None
-        if any is missing (a holder left, or evicted them), and the tile runs its full variant."""
+    async def _collect_strips(self, key: tuple[str, int], wanted: tuple[int, ...], holders: dict[str, list[int]],
+                              given: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray] | None:
+        """Fetch a dependent tile's strips from the nodes that produced them, all at once (those
+        ``given`` with its grant and those this node holds need no message); None if any is
+        missing (a holder left, or evicted them), and the tile runs its full variant."""
         async def from_node(node_id: str, ids: list[int]) -> dict[int, np.ndarray] | None:
             if node_id == self.id:
                 return self._held.get(key, ids)
@@ -1179,8 +1194,20 @@ class Node:
                 return None
             return unpack_strips(reply.meta, reply.data)
 
-        parts = await asyncio.gather(*(from_node(n, ids) for n, ids in holders.items()))
-        got: dict[int, np.ndarray] = {}
+        got: dict[int, np.ndarray] = dict(given or {})
+        remote = []
+        for node_id, ids in holders.items():
+            if node_id == self.id:
+                mine = self._held.get(key, ids)
+                if mine is None:
+                    return None
+                got.update(mine)
+            else:
+                remote.append(from_node(node_id, ids))
+        if len(remote) == 1:
+            parts = [await remote[0]]
+        else:
+            parts = await asyncio.gather(*remote)
         for part in parts:
             if part is None:
                 return None
@@ -1508,7 +1535,7 @@ _POST_DATA_BYTES = 48 << 10  # answers with less array data than this are posted
 
 
 def _array_bytes(msg: Message) -> int:
-    return sum(getattr(msg, f).nbytes for f in ("data", "pixels") if getattr(msg, f, None) is not None)
+    return sum(getattr(msg, f).nbytes for f in ("data", "pixels", "strips") if getattr(msg, f, None) is not None)
 
 
 def _expire_reply(fut: asyncio.Future[Any]) -> None:

@@ -853,8 +853,12 @@ class StealReply(Message):
     pixels: np.ndarray | None = None
     pixel_origin: list[int] = field(default_factory=list)
     # a reuse tile granted small: who holds the strips it consumes (node id -> strip ids), as
-    # the victim learnt from the gateway's acks; empty when unknown (ask the gateway)
+    # the victim learnt from the gateway's acks, and the strips the victim holds itself, packed
+    # like a StripsReply's (``strips_meta`` [strip id, C, H, W] each, ``strips`` flat float32);
+    # both empty when unknown (ask the gateway)
     holders: dict[str, list[int]] = field(default_factory=dict)
+    strips_meta: list[list[int]] = field(default_factory=list)
+    strips: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.granted:
