@@ -1119,6 +1119,13 @@ class Node:
             return
         finally:
             self.stats.busy_seconds += time.perf_counter() - t0
+        gw = None if self.is_gateway else self._gateway()
+        if gw is not None and _array_bytes(msg) < _POST_DATA_BYTES:
+            try:  # a small result is written at once: no task, no wait
+                gw.comm.post(msg)
+                return
+            except CommClosedError:
+                pass  # the slow path below waits for the next gateway
         # deliver in the background so that this slot computes its next task meanwhile; the
         # slot waits only when pending_results are already on their way
         await self._delivery_slots.acquire()
@@ -1203,11 +1210,11 @@ class Node:
                     return None
                 got.update(mine)
             else:
-                remote.append(from_node(node_id, ids))
+                remote.append((node_id, ids))
         if len(remote) == 1:
-            parts = [await remote[0]]
+            parts = [await from_node(*remote[0])]
         else:
-            parts = await asyncio.gather(*remote)
+            parts = await asyncio.gather(*(from_node(n, ids) for n, ids in remote))
         for part in parts:
             if part is None:
                 return None
@@ -1535,7 +1542,8 @@ _POST_DATA_BYTES = 48 << 10  # answers with less array data than this are posted
 
 
 def _array_bytes(msg: Message) -> int:
-    return sum(getattr(msg, f).nbytes for f in ("data", "pixels", "strips") if getattr(msg, f, None) is not None)
+    return sum(getattr(msg, f).nbytes for f in ("data", "pixels", "strips", "output")
+               if getattr(msg, f, None) is not None)
 
 
 def _expire_reply(fut: asyncio.Future[Any]) -> None:
