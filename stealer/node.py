@@ -192,6 +192,7 @@ class Stats:
     pixel_grants: int = 0  # tiles granted as camera pixels (uint8) rather than float32 input
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
     strips_served: int = 0  # strip fetches this node answered from the strips it produced
+    strips_granted: int = 0  # grants that carried reuse strips this node holds (no fetch needed)
     speculative: int = 0
     duplicates_dropped: int = 0
     frames_done: int = 0
@@ -1043,6 +1044,7 @@ class Node:
             mine = self._held.get((ref.source, ref.frame), holders[self.id])
             if mine is not None:
                 meta, packed = pack_strips(mine)
+                self.stats.strips_granted += 1
                 holders = {n: ids for n, ids in holders.items() if n != self.id}
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
                           list(variant.input_region), job.img_w, job.img_h, data, pixels, origin, holders,

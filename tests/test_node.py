@@ -91,6 +91,28 @@ async def test_three_nodes_steal_and_match_single_device(tiny_net, scheme, polic
         assert sum(n.stats.reuse_fallbacks for n in (gw, src, thief)) < total_tiles
 
 
+async def test_grants_carry_the_strips_their_victim_holds(tiny_net):
+    """A computing source holds the strips of the producer tiles it ran: when it grants a
+    reuse tile that consumes them, they go with the grant (no fetch), and every frame is
+    still bit-exact; the holders it names for the rest come from the gateway's acks."""
+    gw = Node(tiny_net, config(gateway=True, speculate=False))
+    await gw.start()
+    thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)], speculate=False))
+    await thief.start()
+    src = Node(tiny_net, config(sources=[7], frames=8, max_inflight=3, speculate=False,
+                                peers=[("127.0.0.1", gw.port), ("127.0.0.1", thief.port)]))
+    try:
+        await src.start()
+        results = await collect(gw, 8)
+    finally:
+        for n in (thief, src, gw):
+            await n.close()
+    for r in results:
+        assert r["output_sha256"] == expected_digest(tiny_net, 7, r["frame"]), r
+    assert src.stats.strips_granted > 0
+    assert sum(n.stats.region_refetches for n in (gw, src, thief)) == 0
+
+
 async def _camera_only_cluster(tiny_net, frames: int):
     """A source that computes nothing (every tile is stolen), a gateway and a thief; no
     speculative copies, so every grant is run exactly once."""
