@@ -68,6 +68,7 @@ from .wire.messages import (
     StripsRequest,
     TailDone,
     TileAck,
+    TilesIn,
     TileDone,
 )
 
@@ -97,6 +98,10 @@ class RuntimeLimits:
     goes on with its next task while a result uploads (over Wi-Fi a tile's output and strips
     take about as long to send as to compute), and this bounds the memory that can pile up
     behind a slow link."""
+    steal_batch: int = 2
+    """Tiles a thief gets for one steal request when the victim's queue is deep (at least this
+    many per node it knows): the extra ones follow the answer unasked, so a busy thief asks
+    half as often, while every other node still finds work to steal."""
     straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""
@@ -193,6 +198,7 @@ class Stats:
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
     strips_served: int = 0  # strip fetches this node answered from the strips it produced
     strips_granted: int = 0  # grants that carried reuse strips this node holds (no fetch needed)
+    batch_grants: int = 0  # tiles sent unasked after a steal's answer (a deep queue, steal_batch)
     speculative: int = 0
     duplicates_dropped: int = 0
     frames_done: int = 0
@@ -647,11 +653,17 @@ class Node:
                     self._work.set()
         elif isinstance(msg, StealRequest):
             assert peer is not None
-            await self._respond(peer, self._grant(peer, msg), msg.op)
+            reply = self._grant(peer, msg)
+            await self._respond(peer, reply, msg.op)
+            if reply is not None and reply.granted and not msg.speculative:
+                for _ in range(self.cfg.runtime.steal_batch - 1):
+                    await self._respond(peer, self._extra_grant(peer), msg.op)
         elif isinstance(msg, (StealReply, StripsReply, RegionReply)):
             if isinstance(msg, StealReply) and msg.request_id == 0 and msg.granted and peer is not None:
-                # policy "share": the source pushed this task to us without being asked
+                # a task sent without being asked: pushed by a source (policy "share"), or the
+                # extra tiles of a steal from a deep queue
                 self._assigned.append(self._job_from_grant(msg, peer.node_id))
+                self.stats.stolen += self.cfg.policy == "steal"
                 self._work.set()
                 return
             fut = self._pending.pop(msg.request_id, None)
@@ -677,6 +689,8 @@ class Node:
             await self._gw_tail(msg)
         elif isinstance(msg, TileAck):
             self._on_tile_ack(msg)
+        elif isinstance(msg, TilesIn):
+            self._on_tiles_in(msg)
         elif isinstance(msg, RegionRequest):
             assert peer is not None
             await self._respond(peer, self._grant_region(msg), msg.op)
@@ -691,6 +705,10 @@ class Node:
             raise CommClosedError(f"peer said goodbye: {msg.reason}")
         else:
             raise ProtocolError(f"unexpected message {msg.op!r}")
+
+    def _on_tiles_in(self, msg: TilesIn) -> None:
+        if self.queue.end_tiles(msg.source, msg.frame):
+            self._work_changed()
 
     def _on_tile_ack(self, msg: TileAck) -> None:
         self.queue.done(TaskRef(msg.source, msg.frame, msg.task), time.monotonic())
@@ -757,11 +775,13 @@ class Node:
         with contextlib.suppress(CommClosedError):
             peer.comm.post(msg)
 
-    def _notify(self, node_id: str, msg: TileAck | FrameDone) -> None:
+    def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone) -> None:
         """Tell a source (this node or a peer) that a tile or a frame is done, without waiting."""
         if node_id == self.id:
             if isinstance(msg, TileAck):
                 self._on_tile_ack(msg)
+            elif isinstance(msg, TilesIn):
+                self._on_tiles_in(msg)
             else:
                 self._source_frame_done(msg)
             return
@@ -1018,6 +1038,18 @@ class Node:
             return StealReply(req.request_id, False)
         self._work_changed()
         return self._grant_for(ref, req.request_id)  # if it is not delivered, the lease brings it back
+
+    def _extra_grant(self, peer: Peer) -> StealReply | None:
+        """Another tile for a thief that just got one, if the queue is deep enough that every
+        other node still finds work here (``steal_batch`` per node)."""
+        if self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
+            return None
+        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready)
+        if ref is None:
+            return None
+        self._work_changed()
+        self.stats.batch_grants += 1
+        return self._grant_for(ref, 0)
 
     def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply:
         """A task leased to a peer, with the data it needs: for a tile, the reuse variant's frame
@@ -1470,10 +1502,16 @@ class Node:
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
             self._gw_tiles_done(key, asm)
-        self._notify(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task, holder, strips))
+        elif fresh and self._plan(msg.plan).task(msg.task).produces:
+            # a reuse producer: its dependents become cheap now, and the source must know where
+            # its strips are. Every other lease (a tile nothing depends on, a second result)
+            # ends with the frame's TilesIn: one message per frame instead of one per tile.
+            self._notify(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task, holder, strips))
 
     def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
-        """All tiles are in (or the deadline passed): the frame's tail becomes a task."""
+        """All tiles are in (or the deadline passed): the frame's tail becomes a task, and the
+        source hears that the leases of its tiles end."""
+        self._notify(key[0].split("/")[0], TilesIn(*key))
         del self._assembly[key]
         timer = self._deadline_timers.pop(key, None)
         if timer is not None:
@@ -1582,7 +1620,10 @@ def _status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) ->
     otherwise cost a message to every peer."""
     if last is None:
         return True
-    for a, b in zip(last, now):
+    # the leased count only matters to a peer with nothing queued anywhere (it may then copy
+    # a straggler): while this node has work queued, changes in it are not worth a message
+    fields = 3 if now[0] == 0 and now[1] == 0 else 2
+    for a, b in zip(last[:fields], now[:fields]):
         if (a == 0) != (b == 0):
             return True
         if abs(a - b) >= max(2, a // 4):

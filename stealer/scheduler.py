@@ -2,7 +2,8 @@
 
 A data source (or the gateway, for tail tasks) owns a :class:`WorkQueue`. Its tasks leave the
 queue only under a *lease* naming the node that runs them (itself or a thief). A lease ends when
-the gateway acknowledges the task's result (:meth:`WorkQueue.done`), and the task goes back to the
+the gateway acknowledges the task's result (:meth:`WorkQueue.done`; for tiles nothing depends
+on, once for the whole frame: :meth:`WorkQueue.end_tiles`), and the task goes back to the
 *front* of the queue when its holder is lost or the lease runs out (:meth:`WorkQueue.peer_lost`,
 :meth:`WorkQueue.expire`). So a task is never lost, and a second run can only happen after a
 failure, where the gateway keeps the first result and drops the duplicate.
@@ -82,6 +83,10 @@ class WorkQueue:
     def queued_tails(self) -> int:
         """Tail tasks in the queue (kept as a count: status is reported on every change)."""
         return self._tails
+
+    @property
+    def queued_tiles(self) -> int:
+        return len(self.queue) - self._tails
 
     def add(self, tasks: Iterable[TaskRef], *, front: bool = False) -> None:
         """Queue tasks in the given order, at the back (or at the front: a frame's tail goes
@@ -187,6 +192,16 @@ class WorkQueue:
         if any((r.source, r.frame) == (source, frame) for r in self.leases):
             return False
         return sum(1 for r in self.queue if (r.source, r.frame) == (source, frame)) == n_tasks
+
+    def end_tiles(self, source: str, frame: int) -> int:
+        """The gateway has every tile of a frame: end their leases and forget queued copies
+        (a requeued tile whose first result was in after all). Its tail, if queued here, stays."""
+        before = len(self.queue) + len(self.leases)
+        mine = lambda r: r.source == source and r.frame == frame and not r.is_tail  # noqa: E731
+        if any(mine(r) for r in self.queue):
+            self.queue = deque(r for r in self.queue if not mine(r))
+        self.leases = {r: l for r, l in self.leases.items() if not mine(r)}
+        return before - len(self.queue) - len(self.leases)
 
     def drop_frame(self, source: str, frame: int) -> int:
         """Forget every queued and leased task of a frame (it completed, or was dropped)."""

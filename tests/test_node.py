@@ -4,6 +4,7 @@ single-device inference of the same frames."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 
 import numpy as np
@@ -14,7 +15,7 @@ from stealer.discovery import new_node_id
 from stealer.images import synthetic_frame
 from stealer.network import Network, builtin_cfg
 from stealer.node import Node, NodeConfig, RuntimeLimits, pack_strips, unpack_strips
-from stealer.errors import ProtocolError
+from stealer.errors import CommClosedError, ProtocolError
 from stealer.sources import SyntheticSource
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,6 +111,7 @@ async def test_grants_carry_the_strips_their_victim_holds(tiny_net):
     for r in results:
         assert r["output_sha256"] == expected_digest(tiny_net, 7, r["frame"]), r
     assert src.stats.strips_granted > 0
+    assert src.stats.batch_grants > 0  # thieves got a second tile unasked from the deep queue
     assert sum(n.stats.region_refetches for n in (gw, src, thief)) == 0
 
 
@@ -432,14 +434,28 @@ async def test_deadline_finishes_a_frame_with_missing_tiles_marked(tiny_net):
     cfg.deadline = 1.0
     gw = Node(tiny_net, cfg)
     await gw.start()
+    from stealer.wire.messages import StealReply
+
     try:
         rogue = await _rogue(gw.port, tiny_net)
         reply = await steal_one(rogue)
+        granted = [reply.task]
+
+        async def extra_grants():  # from a deep queue a steal brings more than one tile
+            with contextlib.suppress(CommClosedError):
+                while True:
+                    msg = await rogue.recv()
+                    if isinstance(msg, StealReply) and msg.granted:
+                        granted.append(msg.task)
+
+        listener = asyncio.ensure_future(extra_grants())
         (result,) = await collect(gw, 1, timeout=30)
+        listener.cancel()
         await rogue.close()
     finally:
         await gw.close()
-    assert result["missing_tiles"] == [reply.task]
+    assert 1 <= len(granted) <= gw.cfg.runtime.steal_batch
+    assert result["missing_tiles"] == sorted(granted)
     assert 0 < result["missing_fraction"] < 1 and result["snr_db_estimate"] > 0
     assert result["output_sha256"] != expected_digest(tiny_net, 15, 0)
 

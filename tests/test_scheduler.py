@@ -28,6 +28,23 @@ def test_queue_is_fifo_and_leases_every_task():
     assert q.queued_tails == 1 and q.done(TaskRef("src", 0, TAIL)) and q.queued_tails == 0
 
 
+def test_end_tiles_ends_leases_and_queued_copies_of_one_frame_only():
+    q = WorkQueue("me", lease_seconds=5)
+    q.add(refs(0, 4) + refs(1, 2))
+    assert q.take("thief", 0.0) == TaskRef("src", 0, 0)
+    assert q.take("me", 0.0) == TaskRef("src", 0, 1)
+    q.peer_lost("thief")  # tile 0 queued again (its first result may still arrive)
+    q.add([TaskRef("src", 0, TAIL)], front=True)  # this node is the gateway too
+    assert q.queued_tiles == 5 and q.queued_tails == 1
+    assert q.end_tiles("src", 0) == 4  # tiles 0, 2, 3 queued, tile 1 leased
+    assert list(q.queue) == [TaskRef("src", 0, TAIL)] + refs(1, 2)
+    assert not q.leases and q.queued_tiles == 2 and q.queued_tails == 1
+    assert q.end_tiles("src", 0) == 0
+    assert q.end_tiles("other", 1) == 0 and len(q) == 3
+    # nothing of the frame comes back: no lease is left to expire
+    assert q.expire(100.0) == []
+
+
 def test_ready_tasks_go_first_and_the_first_task_when_none_is_ready():
     q = WorkQueue("me", lease_seconds=5)
     q.add(refs(0, 3) + refs(1, 3) + [TaskRef("src", 1, TAIL)])

@@ -54,6 +54,7 @@ from stealer.wire.messages import (
     StripsRequest,
     TailDone,
     TileAck,
+    TilesIn,
     TileDone,
 )
 from stealer.wire.framing import frame_pieces, parse_body, read_frame, read_length
@@ -145,6 +146,12 @@ SAMPLES = [
                    pixels=np.ones((3, 40, 42), np.uint8), pixel_origin=[0, 8]),
         id="steal-reply-pixels",
     ),
+    pytest.param(
+        StealReply(8, True, "n1/0", 12, 6, "5x5:16:quad", [0, 10, 10, 20], 640, 480,
+                   pixels=np.ones((3, 8, 9), np.uint8), pixel_origin=[0, 8], holders={"n2": [3]},
+                   strips_meta=[[1, 2, 3, 4]], strips=np.ones(24, np.float32)),
+        id="steal-reply-with-strips",
+    ),
     pytest.param(FrameStart("n1/0", 2**40, "2x3:16:none", 608, 608), id="frame-start"),
     pytest.param(StripsRequest(1, "n1/0", 3, 5, "5x5:16:quad"), id="strips-request"),
     pytest.param(StripsReply(1, True, [[4, 2, 1, 3]], np.arange(6, dtype=np.float32)), id="strips-reply"),
@@ -159,6 +166,8 @@ SAMPLES = [
         id="tile-done",
     ),
     pytest.param(TileAck("n1/0", 3, 5), id="tile-ack"),
+    pytest.param(TileAck("n1/0", 3, 5, "n2", [1, 4]), id="tile-ack-holder"),
+    pytest.param(TilesIn("n1/0", 3), id="tiles-in"),
     pytest.param(TailDone("n1/0", 3, "ab" * 32, [{"cls": 1, "prob": 0.5}], 1.5), id="tail-done"),
     pytest.param(FrameDone("n1/0", 3), id="frame-done"),
     pytest.param(GatewayClaim(2), id="gateway-claim"),

@@ -97,7 +97,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
 older peer cannot handle by ignoring unknown fields."""
 
@@ -991,9 +991,10 @@ class TileDone(Message):
 @register
 @dataclass(frozen=True, slots=True)
 class TileAck(Message):
-    """Gateway to source: the tile's result is in; its lease ends. ``holder`` (node id, or
-    empty) keeps the reuse ``strips`` the tile published, so that the source can tell the
-    tiles that consume them where to fetch them without asking the gateway."""
+    """Gateway to source: a reuse producer's result is in (or a late copy of any tile); its
+    lease ends. ``holder`` (node id, or empty) keeps the reuse ``strips`` the tile published,
+    so that the source can tell the tiles that consume them where to fetch them without
+    asking the gateway. Other tiles end with their frame's :class:`TilesIn`."""
 
     op: ClassVar[str] = "tile-ack"
     source: str
@@ -1001,6 +1002,20 @@ class TileAck(Message):
     task: int
     holder: str = ""
     strips: list[int] = field(default_factory=list)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TilesIn(Message):
+    """Gateway to source: every tile of the frame is in (or its deadline passed); the leases
+    of its tiles end. One message instead of an ack per tile that nothing depends on."""
+
+    op: ClassVar[str] = "tiles-in"
+    source: str
+    frame: int
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, 0)
 
 
 @register
