@@ -277,6 +277,7 @@ class Node:
         self.layers = config.layers or min(16, _fusable(net))
         self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)  # this node's frames' plan
         self._reuse_producers: dict[int, frozenset[int]] | None = None  # reuse task -> its producers
+        self._reuse_consumes: dict[int, tuple[int, ...]] = {}  # reuse task -> the strips it consumes
         self.role = "gateway" if config.gateway else ("standby" if config.standby else "worker")
         # The gateway this node follows, and the epoch of its claim: a standby that takes over
         # claims a higher epoch, so every node converges on the same gateway.
@@ -888,7 +889,8 @@ class Node:
         if self._assigned:
             return self._assigned.pop(0)
         now = time.monotonic()
-        ref = self.queue.take(self.id, now, accept_tail=self._accepts_tails(), ready=self._ready)
+        ref = self.queue.take(self.id, now, accept_tail=self._accepts_tails(), ready=self._ready,
+                              prefer=self._near(self.id))
         if ref is None and self.cfg.speculate and not self._draining and self.queue.outstanding(self.id):
             # own queue empty but tasks are out with others: copy a straggler, if one is late
             ref = self.queue.speculate(self.id, now, min_age=self.cfg.runtime.straggler_min,
@@ -909,10 +911,23 @@ class Node:
         if ref.is_tail or sf is None:
             return True
         if self._reuse_producers is None:  # queues are scanned with this: look the plan up once
-            self._reuse_producers = {t.id: frozenset(t.producers) for t in self._plan(self._own_plan_key).tasks
-                                     if t.reuse is not None and t.consumes}
+            tasks = [t for t in self._plan(self._own_plan_key).tasks if t.reuse is not None and t.consumes]
+            self._reuse_producers = {t.id: frozenset(t.producers) for t in tasks}
+            self._reuse_consumes = {t.id: t.consumes for t in tasks}
         producers = self._reuse_producers.get(ref.task)
         return producers is None or sf.acked.issuperset(producers)
+
+    def _near(self, node_id: str) -> Callable[[TaskRef], bool]:
+        """Whether a task of this node's queue finds every reuse strip it consumes at ``node_id``
+        (which will run it) or here (they go with its grant): no strip fetch from a third node."""
+        def near(ref: TaskRef) -> bool:
+            sf = self._frames.get((ref.source, ref.frame))
+            if ref.is_tail or sf is None:
+                return True
+            self._ready(ref)  # fills the plan lookups
+            consumes = self._reuse_consumes.get(ref.task, ())
+            return all(sf.strip_holders.get(s) in (node_id, self.id) for s in consumes)
+        return near
 
     def _local_job(self, ref: TaskRef) -> Job:
         key = (ref.source, ref.frame)
@@ -1030,7 +1045,8 @@ class Node:
             return StealReply(req.request_id, False)
         accept_tail = req.accept_tail
         now = time.monotonic()
-        ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail, ready=self._ready)
+        ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail, ready=self._ready,
+                              prefer=self._near(peer.node_id))
         if ref is None and req.speculative and self.cfg.speculate:
             ref = self.queue.speculate(peer.node_id, now, min_age=self.cfg.runtime.straggler_min,
                                        accept_tail=accept_tail)
@@ -1044,7 +1060,8 @@ class Node:
         other node still finds work here (``steal_batch`` per node)."""
         if self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
             return None
-        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready)
+        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready,
+                              prefer=self._near(peer.node_id))
         if ref is None:
             return None
         self._work_changed()

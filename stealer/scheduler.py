@@ -15,6 +15,7 @@ tests drive these machines with plain numbers.
 from __future__ import annotations
 
 import logging
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -99,13 +100,18 @@ class WorkQueue:
             self.queue.extend(tasks)
 
     def take(self, holder: str, now: float, *, accept_tail: bool = True,
-             ready: Callable[[TaskRef], bool] | None = None) -> TaskRef | None:
+             ready: Callable[[TaskRef], bool] | None = None,
+             prefer: Callable[[TaskRef], bool] | None = None, window: int = 8) -> TaskRef | None:
         """Hand the first task ``holder`` may run to it under a lease, or None if there is none.
 
         With ``ready``, the first task for which it is true goes first, and only if there is
         none the first task at all: a reuse tile whose producers are still running would have
         to run its full variant (several times the work and the input bytes), while the next
         frame's producers can start at once and the tile becomes cheap a moment later.
+
+        With ``prefer``, a task it likes may go instead of that one if it is among the next
+        ``window`` tasks and ready too (the holder already has the reuse strips it needs, say):
+        a short look ahead, so that the queue's order still holds across frames.
         """
         candidates = (r for r in self.queue if accept_tail or not r.is_tail)
         first = next(candidates, None)
@@ -114,6 +120,9 @@ class WorkQueue:
         ref = first
         if ready is not None and not ready(first):
             ref = next((r for r in candidates if ready(r)), first)
+        if prefer is not None and (ready is None or ready(ref)) and not prefer(ref):
+            ref = next((r for r in itertools.islice(candidates, window)
+                        if (ready is None or ready(r)) and prefer(r)), ref)
         self.queue.remove(ref)  # the first equal entry: refs are unique in the queue
         self._tails -= ref.is_tail
         self.leases[ref] = Lease(holder, now + self.lease_seconds, now)

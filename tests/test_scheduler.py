@@ -28,6 +28,25 @@ def test_queue_is_fifo_and_leases_every_task():
     assert q.queued_tails == 1 and q.done(TaskRef("src", 0, TAIL)) and q.queued_tails == 0
 
 
+def test_preferred_ready_task_within_the_window_goes_first():
+    q = WorkQueue("me", lease_seconds=5)
+    q.add(refs(0, 12))
+    not_ready = {0, 1}
+    ready = lambda r: r.task not in not_ready  # noqa: E731
+    liked = {5, 11}
+    prefer = lambda r: r.task in liked  # noqa: E731
+    # task 2 is the first ready one; 5 is liked and ready and within 8 after it: it goes first
+    assert q.take("t", 0.0, ready=ready, prefer=prefer) == TaskRef("src", 0, 5)
+    # then 11 is liked but more than 3 tasks past the first ready one: the order holds
+    assert q.take("t", 0.0, ready=ready, prefer=prefer, window=3) == TaskRef("src", 0, 2)
+    # a liked task that is not ready never goes first
+    liked.add(0)
+    assert q.take("t", 0.0, ready=ready, prefer=prefer) == TaskRef("src", 0, 11)
+    # nothing ready: the first task, whatever prefer says
+    not_ready.update(range(12))
+    assert q.take("t", 0.0, ready=ready, prefer=prefer) == TaskRef("src", 0, 0)
+
+
 def test_end_tiles_ends_leases_and_queued_copies_of_one_frame_only():
     q = WorkQueue("me", lease_seconds=5)
     q.add(refs(0, 4) + refs(1, 2))
