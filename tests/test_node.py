@@ -112,6 +112,7 @@ async def test_grants_carry_the_strips_their_victim_holds(tiny_net):
         assert r["output_sha256"] == expected_digest(tiny_net, 7, r["frame"]), r
     assert src.stats.strips_granted > 0
     assert src.stats.batch_grants > 0  # thieves got a second tile unasked from the deep queue
+    assert src.stats.paired > 0 and thief.stats.paired > 0  # ... and nodes ran tiles back to back
     assert sum(n.stats.region_refetches for n in (gw, src, thief)) == 0
 
 
