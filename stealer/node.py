@@ -99,9 +99,16 @@ class RuntimeLimits:
     take about as long to send as to compute), and this bounds the memory that can pile up
     behind a slow link."""
     steal_batch: int = 2
-    """Tiles a thief gets for one steal request when the victim's queue is deep (at least this
-    many per node it knows): the extra ones follow the answer unasked, so a busy thief asks
-    half as often, while every other node still finds work to steal."""
+    """Tiles a thief gets for one steal request when tasks are short and the victim's queue is
+    deep (at least this many per node it knows): the extra ones follow the answer unasked, so
+    a busy thief asks half as often, while every other node still finds work to steal."""
+    short_task: float = 0.005
+    """Tasks that compute in less than this (seconds, on average) are short: for them the
+    hand-offs around a task (a steal round trip, the hand-over to the compute thread and back,
+    0.2-0.8 ms) are a visible share, so nodes take them two at a time (``steal_batch``, and a
+    second task queued behind the first). Longer tasks go one at a time: a second one would
+    only wait, its lease ageing into a straggler's, while another node could run it (measured
+    on 0.2-core emulated Pis: more speculative copies, fewer frames/s at 3 and 4 nodes)."""
     straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""
@@ -869,11 +876,22 @@ class Node:
         is ready and it waits in the compute thread's queue, so the thread goes on to it at once
         instead of waiting for the event loop to hand it over (each hand-over costs the loop a
         wake-up and the thread the GIL: 0.8 ms measured with three busy nodes in one process)."""
+        if not self._short_tasks():
+            return None
         if self._assigned:
             return self._assigned.pop(0)
         if self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
             return None
         return self._take_local()
+
+    def _short_tasks(self) -> bool:
+        """Whether tasks compute in less than ``short_task`` on average: by this node's own
+        compute time, or, on a node that computes nothing, by how soon its leases end."""
+        ran = self.stats.tiles_run + self.stats.tails_run
+        if ran:
+            return self.stats.busy_seconds / ran < self.cfg.runtime.short_task
+        typical = self.queue.typical.get(False)
+        return typical is not None and typical < 10 * self.cfg.runtime.short_task
 
     def _may_steal(self) -> bool:
         return self.cfg.policy == "steal" and not self._draining
@@ -1076,7 +1094,7 @@ class Node:
     def _extra_grant(self, peer: Peer) -> StealReply | None:
         """Another tile for a thief that just got one, if the queue is deep enough that every
         other node still finds work here (``steal_batch`` per node)."""
-        if self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
+        if not self._short_tasks() or self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
             return None
         ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready,
                               prefer=self._near(peer.node_id))

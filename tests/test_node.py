@@ -116,6 +116,24 @@ async def test_grants_carry_the_strips_their_victim_holds(tiny_net):
     assert sum(n.stats.region_refetches for n in (gw, src, thief)) == 0
 
 
+def test_only_short_tasks_go_two_at_a_time(tiny_net):
+    """Pairing and batched steals hide hand-off latency, which only matters for short tasks;
+    a long task's second would only wait (its lease ageing into a straggler's)."""
+    from stealer.scheduler import TaskRef
+
+    node = Node(tiny_net, config(sources=[1]))
+    short = node.cfg.runtime.short_task
+    assert not node._short_tasks()  # nothing known yet: one at a time
+    node.queue.typical[False] = 2 * short  # a node that computes nothing judges by its leases
+    assert node._short_tasks()
+    node.stats.tiles_run, node.stats.busy_seconds = 10, 10 * 0.5 * short
+    assert node._short_tasks()
+    node.stats.busy_seconds = 10 * 3 * short  # this node's own compute time decides
+    assert not node._short_tasks()
+    node.queue.add(TaskRef("s/0", 0, t) for t in range(50))  # a deep queue is not enough
+    assert node._take_second() is None and len(node.queue) == 50
+
+
 async def _camera_only_cluster(tiny_net, frames: int):
     """A source that computes nothing (every tile is stolen), a gateway and a thief; no
     speculative copies, so every grant is run exactly once."""
