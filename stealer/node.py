@@ -946,12 +946,17 @@ class Node:
         sf = self._frames.get((ref.source, ref.frame))
         if ref.is_tail or sf is None:
             return True
-        if self._reuse_producers is None:  # queues are scanned with this: look the plan up once
+        producers = self._reuse_lookup()[0].get(ref.task)
+        return producers is None or sf.acked.issuperset(producers)
+
+    def _reuse_lookup(self) -> tuple[dict[int, frozenset[int]], dict[int, tuple[int, ...]]]:
+        """This node's plan's reuse tiles: their producers and the strips they consume (queues
+        are scanned with these on every take: the plan is looked up once)."""
+        if self._reuse_producers is None:
             tasks = [t for t in self._plan(self._own_plan_key).tasks if t.reuse is not None and t.consumes]
             self._reuse_producers = {t.id: frozenset(t.producers) for t in tasks}
             self._reuse_consumes = {t.id: t.consumes for t in tasks}
-        producers = self._reuse_producers.get(ref.task)
-        return producers is None or sf.acked.issuperset(producers)
+        return self._reuse_producers, self._reuse_consumes
 
     def _near(self, node_id: str) -> Callable[[TaskRef], bool]:
         """Whether a task of this node's queue finds every reuse strip it consumes at ``node_id``
@@ -960,8 +965,7 @@ class Node:
             sf = self._frames.get((ref.source, ref.frame))
             if ref.is_tail or sf is None:
                 return True
-            self._ready(ref)  # fills the plan lookups
-            consumes = self._reuse_consumes.get(ref.task, ())
+            consumes = self._reuse_lookup()[1].get(ref.task, ())
             return all(sf.strip_holders.get(s) in (node_id, self.id) for s in consumes)
         return near
 
@@ -978,11 +982,11 @@ class Node:
     def _holders_of(self, sf: SourceFrame, task_id: int) -> dict[str, list[int]] | None:
         """Where the strips a reuse tile of this node's frame consumes are (node id -> strip
         ids), as the gateway's acks said; None if any is unknown (then the gateway is asked)."""
-        task = self._plan(self._own_plan_key).task(task_id)
-        if task.reuse is None or not task.consumes:
+        consumes = self._reuse_lookup()[1].get(task_id)
+        if not consumes:
             return None
         by_node: dict[str, list[int]] = {}
-        for sid in task.consumes:
+        for sid in consumes:
             node = sf.strip_holders.get(sid)
             if node is None:
                 return None
@@ -1553,8 +1557,8 @@ class Node:
                 holder, strips = sender, [s for s in msg.strips_held if held[s] == sender]
         else:
             self.stats.duplicates_dropped += 1
-        # completed by this tile: decided before the ack is awaited, so that of two tiles of a
-        # frame arriving on two connections meanwhile exactly one finishes the frame
+        # completed by this tile: decided here, with no await since the tile was added, so that
+        # of two tiles of a frame arriving on two connections exactly one finishes the frame
         if fresh and asm.complete:
             if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
                 self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
