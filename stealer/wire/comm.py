@@ -319,42 +319,45 @@ class Comm:
         header, buffers = encode(msg, self.limits)
         pieces = framing.frame_pieces(header, buffers, self.limits)
         async with self._send_lock:
-            mac = self._send_mac
-            if mac is not None and not self._closed:
-                # The tag covers the frame number, so it is made under the send lock, and
-                # the number only advances once the frame is queued (cancel-safe).
-                if sum(memoryview(p).nbytes for p in pieces) >= MAC_OFFLOAD_BYTES:
-                    self._tagging = True
-                    try:
-                        tag = await asyncio.to_thread(mac.tag, pieces)
-                    except BaseException:
-                        self._tagging = False
-                        self._write_held()  # cancelled: what was posted meanwhile still goes
-                        raise
-                else:
-                    tag = mac.tag(pieces)
-                pieces.append(tag)
-            if self._closed:
-                self._tagging = False
-                raise self._closed_error()
-            if self._writer.transport.is_closing():
-                self._tagging = False
-                self._mark_closed("connection closed by peer", abort=True)
-                raise self._closed_error()
             try:
-                # writelines is synchronous: the whole frame is queued before any await,
-                # so cancelling the drain below cannot leave half a frame behind.
-                self._writer.writelines(pieces)
-                if mac is not None:
-                    mac.advance()
-                if self._tagging:
+                await self._write_frame(pieces)
+            finally:
+                if self._tagging:  # sent, failed or cancelled: frames posted meanwhile go now
                     self._tagging = False
                     self._write_held()
+            try:
                 await self._writer.drain()
             except OSError as e:  # ConnectionResetError, BrokenPipeError, ...
                 self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
                 raise self._closed_error() from e
             self._last_send = self._loop.time()
+
+    async def _write_frame(self, pieces: list[bytes | memoryview]) -> None:
+        """Tag (frame MACs) and queue one whole frame on the transport; under the send lock."""
+        mac = self._send_mac
+        if mac is not None and not self._closed:
+            # The tag covers the frame number, so it is made under the send lock, and
+            # the number only advances once the frame is queued (cancel-safe).
+            if sum(memoryview(p).nbytes for p in pieces) >= MAC_OFFLOAD_BYTES:
+                self._tagging = True  # the frame number is taken: posts wait (see post)
+                tag = await asyncio.to_thread(mac.tag, pieces)
+            else:
+                tag = mac.tag(pieces)
+            pieces.append(tag)
+        if self._closed:
+            raise self._closed_error()
+        if self._writer.transport.is_closing():
+            self._mark_closed("connection closed by peer", abort=True)
+            raise self._closed_error()
+        try:
+            # writelines is synchronous: the whole frame is queued before any await,
+            # so cancelling the drain in send cannot leave half a frame behind.
+            self._writer.writelines(pieces)
+        except OSError as e:
+            self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
+            raise self._closed_error() from e
+        if mac is not None:
+            mac.advance()
 
     def post(self, msg: Message) -> None:
         """Send a small message now without waiting: for control messages (requests, acks,
