@@ -167,7 +167,19 @@ class ResultOrder:
         while frames and (source, frames[0]) in self._ready:
             f = frames.pop(0)
             out.append((f, self._ready.pop((source, f))))
+        if not frames:  # a source that has nothing open costs nothing (source ids come from peers)
+            del self._expected[source]
         return out
+
+    def forget(self, source: str) -> None:
+        """Drop everything of a source (its node left: it starts its frames again)."""
+        self._expected.pop(source, None)
+        for key in [k for k in self._ready if k[0] == source]:
+            del self._ready[key]
+
+    def sources(self) -> set[str]:
+        """Sources with frames announced and not yet released."""
+        return set(self._expected)
 
     def pending(self, source: str) -> list[int]:
         return list(self._expected.get(source, ()))

@@ -152,13 +152,48 @@ class Limits:
     flood of frames from a misbehaving source from filling memory with strips."""
 
     result_buffer_bytes: int = 128 * _MiB
-    """Byte cap of results held for in-order release (tail inputs and finished outputs
-    waiting for an earlier frame); entries are freed when their frame completes. Past it
-    new work waits (back-pressure) instead of growing memory."""
+    """Byte cap of the fused maps the gateway holds for open frames (being assembled, or
+    waiting for their tail to run). A frame whose map would pass it is released at once, in
+    order, with an error in its result line; stops announced frames from filling memory."""
 
     max_queued_frames: int = 64
-    """Most frames queued at the gateway (announced, not yet finished) across all sources;
-    past it sources wait (back-pressure) instead of growing queues without bound."""
+    """Most frames open at the gateway (announced, not yet released) across all sources. A
+    frame announced past it is released at once, in order, with an error in its result line
+    (sources bound their own frames in flight with ``--max-inflight``, 4 by default, so only
+    a crowd of sources or a misbehaving peer reaches it); stops announced frames from growing
+    the gateway's tables without bound."""
+
+    early_tile_bytes: int = 32 * _MiB
+    """Byte cap of tile results that reach the gateway before their frame's FrameStart (a
+    thief's connection can overtake the source's, more so after a takeover). They wait to be
+    placed when the frame is announced; past the cap they are dropped (their lease brings
+    them back). The gateway never allocates a frame's fused map for a frame nobody announced,
+    so a peer cannot make it allocate one per frame key of its choosing."""
+
+    max_task_attempts: int = 3
+    """Times a task may be handed out and fail (its runner reported an error, its lease ran
+    out, its holder was lost) before its frame is given up: the frame is released in order
+    with the error in its result line. Stops a task that fails every time (a malformed frame)
+    from being retried forever and holding up its source's ordered results."""
+
+    max_plans: int = 16
+    """Most tile plans a node keeps (its own, and those other sources' grids name). A peer
+    that names a new plan past it is refused; stops plan keys chosen by a peer from filling
+    memory (a plan holds every task's regions)."""
+
+    max_unread_results: int = 1024
+    """Released results kept for a reader of :attr:`Node.results` (tests, ``--expect``); past
+    it the oldest unread ones go (they are also in ``--out`` and the result callback). Stops a
+    long-running gateway whose results nobody reads in-process from growing without bound."""
+
+    finished_frames_remembered: int = 1024
+    """Finished frames a gateway remembers, to tell a late duplicate tile or tail of a frame
+    it already released from a new frame (frames a lease brings back arrive within seconds,
+    far fewer than this many frames later); keeps a long-running gateway's memory constant."""
+
+    max_sources_per_node: int = 64
+    """Most sources (cameras) one node may announce frames for at the gateway; stops a peer
+    from making the gateway keep ordering state for source names of its choosing."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

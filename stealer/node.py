@@ -31,11 +31,11 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from .assembly import FrameAssembly, RecentKeys, ResultOrder, StripCache
+from .assembly import StripCache
 from .compute import ComputePool
 from .config import DEFAULT_LIMITS, Limits
 from .errors import CommClosedError, PlanError, ProtocolError, StealerError
@@ -46,6 +46,11 @@ from .layers import RegionSpec
 from .network import Network
 from .images import letterbox_region, pixel_rect
 from .region import detect
+from .roles import gateway as gw_role
+from .roles import membership as mem_role
+from .roles.gateway import GatewayState
+from .roles.membership import MembershipState
+from .roles.source import SourceState, ToGateway
 from .scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
 from .sources import Frame, FrameSource
 from .wire import ClusterKey, Comm, Hello, connect, serve
@@ -53,6 +58,7 @@ from .wire.messages import (
     PROTOCOL_VERSION,
     FrameDone,
     FrameDrop,
+    FrameFailed,
     FrameStart,
     GatewayClaim,
     Goodbye,
@@ -67,6 +73,7 @@ from .wire.messages import (
     StripsReply,
     StripsRequest,
     TailDone,
+    TaskFailed,
     TileAck,
     TilesIn,
     TileDone,
@@ -185,14 +192,6 @@ class Job:
 
 
 @dataclass
-class SourceFrame:
-    frame: Frame
-    started: float
-    acked: set[int] = field(default_factory=set)  # tiles the gateway has (their strips with it)
-    strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node that keeps it
-
-
-@dataclass
 class Stats:
     tiles_run: int = 0
     tails_run: int = 0
@@ -284,21 +283,15 @@ class Node:
         self.first_task_at: float | None = None
         self.layers = config.layers or min(16, _fusable(net))
         self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)  # this node's frames' plan
-        self._reuse_producers: dict[int, frozenset[int]] | None = None  # reuse task -> its producers
-        self._reuse_consumes: dict[int, tuple[int, ...]] = {}  # reuse task -> the strips it consumes
-        self.role = "gateway" if config.gateway else ("standby" if config.standby else "worker")
-        # The gateway this node follows, and the epoch of its claim: a standby that takes over
-        # claims a higher epoch, so every node converges on the same gateway.
-        self.gateway_id: str | None = self.id if config.gateway else None
-        self.epoch = 0
-        # the gateway whose connection was lost last: if that same process claims again (a
-        # connection swap or a Wi-Fi blip, not a new gateway), it still holds every frame's
-        # state and nothing needs to start again
-        self._lost_gateway: str | None = None
+        # who is the gateway, elections and takeovers: decided by the pure membership machine
+        self.membership = MembershipState(
+            self.id, "gateway" if config.gateway else ("standby" if config.standby else "worker"))
         self.peers: dict[str, Peer] = {}
-        self.queue = WorkQueue(self.id, config.runtime.lease)
+        self.queue = WorkQueue(self.id, config.runtime.lease, max_attempts=config.limits.max_task_attempts)
+        self._source: SourceState | None = None  # made with this node's plan (see source)
         self.stats = Stats()
-        self.results: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # released results for an in-process reader, bounded: the oldest unread go first
+        self.results: asyncio.Queue[dict[str, Any]] = asyncio.Queue(config.limits.max_unread_results)
         self._plans: dict[str, Plan] = {}
         self._pool = ComputePool(config.slots, name=f"compute-{self.id[:6]}")
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -315,25 +308,15 @@ class Node:
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
-        # source state
-        self._frames: dict[tuple[str, int], SourceFrame] = {}
-        self._inflight: dict[str, int] = {}
         self._frame_freed = asyncio.Event()
         self._sources_done = asyncio.Event()
-        # gateway state
-        self._assembly: dict[tuple[str, int], FrameAssembly] = {}
-        self._frame_info: dict[tuple[str, int], tuple[str, int, int, float]] = {}
-        self._tail_inputs: dict[tuple[str, int], np.ndarray] = {}
-        self._finished = RecentKeys()
+        # gateway state: decisions in the pure role machine, timers here
+        self.gateway = GatewayState(self.id, self._plan, limits=config.limits, max_image_side=MAX_IMAGE_SIDE)
+        self._deadline_timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
         # reuse strips this node produced, served to dependent tiles peer to peer; the gateway
         # keeps only where each frame's strips are
         self._held = StripCache(max_bytes=config.limits.reuse_cache_bytes)
-        self._strip_holders: dict[tuple[str, int], dict[int, str]] = {}
         self._key = ClusterKey.of(config.secret)  # derived once (scrypt), not per connection
-        self._order = ResultOrder()
-        self._parked: dict[tuple[str, int], dict[str, Any]] = {}
-        self._deadline_timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
-        self._partial: dict[tuple[str, int], dict[str, Any]] = {}
         self._out_file = open(config.out, "a", buffering=1) if (config.out and config.gateway) else None
         self._closed = False
         self._tail_ok: bool | None = None
@@ -341,6 +324,7 @@ class Node:
         self._running = 0  # tasks in hand: computing, or computed and not yet delivered
         self._idle_changed = asyncio.Event()
         self._delivery_slots = asyncio.Semaphore(config.runtime.pending_results)
+        self._handlers = self._handler_table()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -436,11 +420,11 @@ class Node:
             return True
         except asyncio.TimeoutError:
             log.warning("drain: %d frame(s) and %d task(s) still open after %.1f s",
-                        len(self._frames), self._running, timeout)
+                        len(self.source.frames), self._running, timeout)
             return False
 
     async def _drained(self) -> None:
-        while self._frames or self._running:
+        while self.source.frames or self._running:
             self._idle_changed.clear()
             await self._idle_changed.wait()
 
@@ -500,8 +484,7 @@ class Node:
         self._event({"event": "peer-joined", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         try:
             await comm.send(Status(*self._queued()))
-            if self.is_gateway:
-                await comm.send(GatewayClaim(self.epoch))
+            self._carry_out_membership(self.membership.peer_joined(peer.node_id, peer.role))
             while True:
                 msg = await comm.recv()
                 try:
@@ -544,88 +527,102 @@ class Node:
             self.stats.requeued += len(requeued)
             log.warning("peer %s left holding %d task(s); queued them again", peer.node_id[:8], len(requeued))
             self._work_changed()
+        self._give_up_failed("its holders were lost")
+        if self.is_gateway:
+            self._carry_out(self.gateway.source_lost(peer.node_id))
         if peer.node_id == self.gateway_id:
-            self._lost_gateway = peer.node_id
-            self.gateway_id = None
             self._gateway_seen.clear()
-            self._elect(lost=peer.node_id)
+        self._carry_out_membership(self.membership.peer_lost(peer.node_id))
 
     # ------------------------------------------------------------------ gateway takeover
     @property
+    def role(self) -> str:
+        return self.membership.role
+
+    @property
+    def gateway_id(self) -> str | None:
+        return self.membership.gateway_id
+
+    @property
+    def epoch(self) -> int:
+        return self.membership.epoch
+
+    @property
     def is_gateway(self) -> bool:
-        return self.gateway_id == self.id
+        return self.membership.is_gateway
 
-    def _elect(self, lost: str) -> None:
-        """The gateway is gone: the standby with the smallest node id takes over. Every node
-        computes the same choice from the same membership; the others wait for its claim."""
-        candidates = [p.node_id for p in self.peers.values() if p.role == "standby"]
-        if self.role == "standby":
-            candidates.append(self.id)
-        if not candidates:
-            log.error("lost the gateway %s and no standby is connected; sources keep their frames "
-                      "until a gateway appears", lost[:8])
-            return
-        winner = min(candidates)
-        log.warning("lost the gateway %s; standby %s takes over", lost[:8], winner[:8])
-        if winner == self.id:
-            self._promote()
+    def _follow_gateway(self, peer: Peer, epoch: int) -> None:
+        self._carry_out_membership(self.membership.claim(peer.node_id, epoch))
 
-    def _promote(self) -> None:
-        self.role = "gateway"
-        self.epoch += 1
-        self.gateway_id = self.id
-        self.stats.takeovers += 1
-        if self.cfg.out and self._out_file is None:
-            self._out_file = open(self.cfg.out, "a", buffering=1)
-        self._gateway_seen.set()
-        for peer in list(self.peers.values()):
-            self._spawn(self._send_quietly(peer, GatewayClaim(self.epoch)), "gateway claim")
-        log.warning("this node is the gateway now (epoch %d)", self.epoch)
-        self._event({"event": "takeover", "time": time.time(), "epoch": self.epoch})
-        self._spawn(self._resend_unacknowledged(), "resend frames")
+    def _carry_out_membership(self, actions: list[mem_role.MembershipAction]) -> None:
+        for act in actions:
+            if isinstance(act, mem_role.SendClaim):
+                peer = self.peers.get(act.node)
+                if peer is not None:
+                    self._post(peer, GatewayClaim(act.epoch))
+            elif isinstance(act, mem_role.Promote):
+                self.stats.takeovers += 1
+                if self.cfg.out and self._out_file is None:
+                    self._out_file = open(self.cfg.out, "a", buffering=1)
+                self._gateway_seen.set()
+                for peer in list(self.peers.values()):
+                    self._post(peer, GatewayClaim(act.epoch))
+                log.warning("this node is the gateway now (epoch %d)", act.epoch)
+                self._event({"event": "takeover", "time": time.time(), "epoch": act.epoch})
+                self._announce(self.source.gateway_changed(self.id))
+            elif isinstance(act, mem_role.StepDown):
+                # a node that is not the gateway never acts as one: its open frames are
+                # forgotten (their sources start them again on the winner), its results file
+                # closed, and gateway messages from now on go to the winner
+                self._carry_out(self.gateway.reset())
+                if self._out_file is not None:
+                    self._out_file.close()
+                    self._out_file = None
+            elif isinstance(act, mem_role.Follow):
+                peer = self.peers.get(act.node)
+                if peer is not None:
+                    peer.role = "gateway"
+                self._gateway_seen.set()
+                self._announce(self.source.gateway_changed(act.node))
 
-    def _follow_gateway(self, node_id: str, epoch: int) -> None:
-        if epoch < self.epoch or (epoch == self.epoch and self.gateway_id == node_id):
-            return
-        if self.is_gateway and node_id != self.id:
-            log.warning("node %s claims the gateway at epoch %d; this node steps down", node_id[:8], epoch)
-            self.role = "standby"
-        self.epoch = epoch
-        # frames start again only on a gateway other than the one they were announced to: at
-        # the first claim, frames made while waiting for a gateway are announced by their source
-        # loop (starting them here too queued their tasks twice)
-        previous = self.gateway_id if self.gateway_id is not None else self._lost_gateway
-        changed = previous is not None and previous != node_id
-        self.gateway_id = node_id
-        self._lost_gateway = None
-        peer = self.peers.get(node_id)
-        if peer is not None:
-            peer.role = "gateway"
-        self._gateway_seen.set()
-        if changed and self._frames:
-            self._spawn(self._resend_unacknowledged(), "resend frames")
+    @property
+    def source(self) -> SourceState:
+        """This node's data-source machine (made at first use: it needs this node's plan)."""
+        if self._source is None:
+            self._source = SourceState(self.queue, self._own_plan_key, self._plan(self._own_plan_key),
+                                       self.cfg.deadline or 0.0)
+        return self._source
 
-    async def _resend_unacknowledged(self) -> None:
-        """Sources keep every frame until the gateway's FrameDone: on a new gateway, start each
-        unfinished frame again (the new gateway knows nothing of them). Results already on their
-        way are not lost either: the gateway keeps the first result of each task."""
-        for key in sorted(self._frames, key=lambda k: (k[0], k[1])):
-            sf = self._frames.get(key)
-            if sf is None:
-                continue
-            source, frame = key
-            pk = self._own_plan_key
-            self.queue.drop_frame(source, frame)
-            sf.acked.clear()  # the new gateway holds none of the frame's tiles or strips
-            sf.strip_holders.clear()
-            try:
-                await self._to_gateway(FrameStart(source, frame, pk, sf.frame.img_w, sf.frame.img_h))
-            except (CommClosedError, asyncio.TimeoutError) as exc:
-                log.warning("cannot restart frame %d of %s: %s", frame, source, exc)
-                continue
-            self.queue.add(TaskRef(source, frame, t.id) for t in self._plan(pk).tasks)
-            self.stats.frames_resent += 1
+    def _announce(self, actions: list[ToGateway]) -> None:
+        """Carry out the source machine's messages to the gateway, now (small messages, never
+        waited for): with no gateway they are dropped, and every unfinished frame is announced
+        again to the next gateway."""
+        for act in actions:
+            msg = act.msg
+            if self.is_gateway:
+                self._handlers[type(msg)](None, msg)
+                gateway = self.id
+            else:
+                gw = self._gateway()
+                if gw is None:
+                    log.info("%s of frame %d of %s waits for a gateway", msg.op, msg.frame, msg.source)
+                    continue
+                self._post(gw, msg)
+                gateway = gw.node_id
+            if not isinstance(msg, FrameDrop):
+                self.source.announced((msg.source, msg.frame), gateway)
+        self.stats.frames_resent = self.source.resent
         self._work_changed()
+
+    def _give_up_failed(self, reason: str) -> None:
+        """Tasks of this node's queue that failed every attempt: their frames are given up
+        (a tail's here, as the gateway; a tile's at its source, which is this node)."""
+        for ref in self.queue.pop_given_up():
+            if ref.is_tail:
+                if self.is_gateway:
+                    self._carry_out(self.gateway.give_up((ref.source, ref.frame), ref.task, reason, time.monotonic()))
+            else:
+                self._announce(self.source.give_up(ref, reason))
 
     def _gateway(self) -> Peer | None:
         return self.peers.get(self.gateway_id) if self.gateway_id else None
@@ -645,88 +642,157 @@ class Node:
         await gw.comm.send(msg)
 
     # ------------------------------------------------------------------ dispatch
+    def _handler_table(self) -> dict[type[Message], Callable[[Peer | None, Any], Awaitable[None] | None]]:
+        """Every message a peer may send after the handshake, and the method that handles it
+        (``peer`` None: a message this node sends itself)."""
+        gw = self.gateway
+        return {
+            Status: self._on_status,
+            StealRequest: self._on_steal_request,
+            StealReply: self._on_reply,
+            StripsReply: self._on_reply,
+            RegionReply: self._on_reply,
+            StripsRequest: self._on_strips_request,
+            StripsFetch: lambda peer, msg: self._respond(peer, self._serve_strips(msg), msg.op),
+            StripsRelease: lambda peer, msg: self._held.drop((msg.source, msg.frame)),
+            RegionRequest: lambda peer, msg: self._respond(peer, self._grant_region(msg), msg.op),
+            FrameStart: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_start),
+            TileDone: lambda peer, msg: self._as_gateway(peer, msg, gw.tile_done),
+            TailDone: self._on_tail_done,
+            FrameDrop: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_drop),
+            FrameFailed: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_failed),
+            TileAck: lambda peer, msg: self._from_gateway(peer, msg, self._on_tile_ack),
+            TilesIn: lambda peer, msg: self._from_gateway(peer, msg, self._on_tiles_in),
+            FrameDone: lambda peer, msg: self._from_gateway(peer, msg, self._source_frame_done),
+            TaskFailed: self._on_task_failed,
+            GatewayClaim: self._on_gateway_claim,
+            Goodbye: self._on_goodbye,
+        }
+
     async def _dispatch(self, peer: Peer | None, msg: Message) -> None:
         """Handle one message; ``peer`` is None for messages a node sends itself."""
         key = getattr(msg, "plan", None)
         if key and key not in self._plans:
             # a plan this node has not built yet (another source's grid): build it off the loop
+            if len(self._plans) >= self.cfg.limits.max_plans:
+                raise ProtocolError(f"{msg.op} names plan {key!r}: this node keeps {len(self._plans)} "
+                                    "plans already (max_plans)")
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._plan, key)
             except PlanError as exc:
                 raise ProtocolError(f"{msg.op} names plan {key!r} that this model cannot make: {exc}") from None
-        if isinstance(msg, Status):
-            if peer is not None:
-                peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0,
-                                     True, msg.leased)
-                if msg.queued_tiles or msg.queued_tails or msg.leased:
-                    self._work.set()
-        elif isinstance(msg, StealRequest):
-            assert peer is not None
-            reply = self._grant(peer, msg)
-            await self._respond(peer, reply, msg.op)
-            if reply is not None and reply.granted and not msg.speculative:
-                for _ in range(self.cfg.runtime.steal_batch - 1):
-                    await self._respond(peer, self._extra_grant(peer), msg.op)
-        elif isinstance(msg, (StealReply, StripsReply, RegionReply)):
-            if isinstance(msg, StealReply) and msg.request_id == 0 and msg.granted and peer is not None:
-                # a task sent without being asked: pushed by a source (policy "share"), or the
-                # extra tiles of a steal from a deep queue
-                self._assigned.append(self._job_from_grant(msg, peer.node_id))
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise ProtocolError(f"unexpected message {msg.op!r}")
+        pending = handler(peer, msg)
+        if pending is not None:
+            await pending
+
+    def _from_gateway(self, peer: Peer | None, msg: Message, handle: Callable[[Any], None]) -> None:
+        """Acks and frame ends count only from the gateway this node follows (or itself)."""
+        sender = peer.node_id if peer is not None else self.id
+        if sender != self.gateway_id:
+            log.warning("%s from %s ignored: it is not the gateway (%s)", msg.op, sender[:8],
+                        (self.gateway_id or "none")[:8])
+            return
+        handle(msg)
+
+    def _on_status(self, peer: Peer | None, msg: Status) -> None:
+        if peer is not None:
+            peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0, True, msg.leased)
+            if msg.queued_tiles or msg.queued_tails or msg.leased:
+                self._work.set()
+
+    async def _on_steal_request(self, peer: Peer | None, msg: StealRequest) -> None:
+        assert peer is not None
+        reply = self._grant(peer, msg)
+        await self._respond(peer, reply, msg.op)
+        if reply is not None and reply.granted and not msg.speculative:
+            for _ in range(self.cfg.runtime.steal_batch - 1):
+                await self._respond(peer, self._extra_grant(peer), msg.op)
+
+    def _on_reply(self, peer: Peer | None, msg: StealReply | StripsReply | RegionReply) -> None:
+        if isinstance(msg, StealReply) and msg.request_id == 0 and msg.granted and peer is not None:
+            # a task sent without being asked: pushed by a source (policy "share"), or the
+            # extra tiles of a steal from a deep queue
+            job = self._job_or_report(msg, peer)
+            if job is not None:
+                self._assigned.append(job)
                 self.stats.stolen += self.cfg.policy == "steal"
                 self._work.set()
-                return
-            fut = self._pending.pop(msg.request_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            elif isinstance(msg, StealReply) and msg.granted and peer is not None:
-                # A grant that arrived after we gave up: hand it back by letting its lease lapse
-                # would delay the frame; run it instead (the steal is still valid).
-                self._spawn(self._run_job(self._job_from_grant(msg, peer.node_id)), "late grant")
-        elif isinstance(msg, FrameStart):
-            self._gw_frame_start(msg)
-        elif isinstance(msg, StripsRequest):
-            assert peer is not None
+            return
+        fut = self._pending.pop(msg.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        elif isinstance(msg, StealReply) and msg.granted and peer is not None:
+            # A grant that arrived after we gave up: hand it back by letting its lease lapse
+            # would delay the frame; run it instead (the steal is still valid).
+            job = self._job_or_report(msg, peer)
+            if job is not None:
+                self._spawn(self._run_job(job), "late grant")
+
+    async def _on_strips_request(self, peer: Peer | None, msg: StripsRequest) -> None:
+        assert peer is not None
+        if self.is_gateway:
             await self._respond(peer, self._gw_strips(msg), msg.op)
-        elif isinstance(msg, StripsFetch):
-            assert peer is not None
-            await self._respond(peer, self._serve_strips(msg), msg.op)
-        elif isinstance(msg, StripsRelease):
-            self._held.drop((msg.source, msg.frame))
-        elif isinstance(msg, TileDone):
-            await self._gw_tile(msg, peer.node_id if peer is not None else self.id)
-        elif isinstance(msg, TailDone):
-            await self._gw_tail(msg)
-        elif isinstance(msg, TileAck):
-            self._on_tile_ack(msg)
-        elif isinstance(msg, TilesIn):
-            self._on_tiles_in(msg)
-        elif isinstance(msg, RegionRequest):
-            assert peer is not None
-            await self._respond(peer, self._grant_region(msg), msg.op)
-        elif isinstance(msg, FrameDone):
-            self._source_frame_done(msg)
-        elif isinstance(msg, FrameDrop):
-            self._gw_frame_drop(msg)
-        elif isinstance(msg, GatewayClaim):
-            if peer is not None:
-                self._follow_gateway(peer.node_id, msg.epoch)
-        elif isinstance(msg, Goodbye):
-            raise CommClosedError(f"peer said goodbye: {msg.reason}")
-        else:
-            raise ProtocolError(f"unexpected message {msg.op!r}")
+        else:  # not the gateway (any more): nothing known here, the tile falls back to full
+            await self._respond(peer, StripsReply(msg.request_id, False), msg.op)
+
+    def _on_tail_done(self, peer: Peer | None, msg: TailDone) -> None:
+        if self.is_gateway:
+            self.queue.done(TaskRef(msg.source, msg.frame, TAIL))
+            self._leases_changed()
+        self._as_gateway(peer, msg, self.gateway.tail_done)
+
+    def _on_task_failed(self, peer: Peer | None, msg: TaskFailed) -> None:
+        """A node could not run a task it took from this node's queue."""
+        sender = peer.node_id if peer is not None else self.id
+        ref = TaskRef(msg.source, msg.frame, msg.task)
+        if self.queue.holder(ref) != sender:
+            return  # not its lease (a late report, a speculative copy): the lease decides
+        log.warning("%s failed at %s: %s", ref, sender[:8], msg.reason)
+        self.stats.requeued += len(self.queue.fail(ref))
+        self._give_up_failed(msg.reason)
+        self._work_changed()
+
+    def _job_or_report(self, reply: StealReply, peer: Peer) -> Job | None:
+        """The job of a grant, or None if the grant is malformed: the victim hears of it (the
+        task's attempt counts at once) and this slot goes on."""
+        try:
+            return self._job_from_grant(reply, peer.node_id)
+        except ProtocolError as exc:
+            log.warning("grant of %s/%d/%d from %s is malformed: %s", reply.source[:8], reply.frame, reply.task,
+                        peer.node_id[:8], exc)
+            self.stats.task_errors += 1
+            with contextlib.suppress(ValueError):
+                self._post(peer, TaskFailed(reply.source, reply.frame, reply.task, f"malformed grant: {exc}"))
+            return None
+
+    def _report_failure(self, job: Job, reason: str) -> None:
+        """A task in hand failed: its owner counts the attempt now (not when the lease ends)."""
+        if job.victim == self.id:
+            self.stats.requeued += len(self.queue.fail(job.ref))
+            self._give_up_failed(reason)
+            self._work_changed()
+            return
+        peer = self.peers.get(job.victim)
+        if peer is not None:
+            with contextlib.suppress(ValueError):
+                self._post(peer, TaskFailed(job.ref.source, job.ref.frame, job.ref.task, reason[:500]))
+
+    def _on_gateway_claim(self, peer: Peer | None, msg: GatewayClaim) -> None:
+        if peer is not None:
+            self._follow_gateway(peer, msg.epoch)
+
+    def _on_goodbye(self, peer: Peer | None, msg: Goodbye) -> None:
+        raise CommClosedError(f"peer said goodbye: {msg.reason}")
 
     def _on_tiles_in(self, msg: TilesIn) -> None:
-        if self.queue.end_tiles(msg.source, msg.frame):
+        if self.source.tiles_in(msg):
             self._work_changed()
 
     def _on_tile_ack(self, msg: TileAck) -> None:
-        self.queue.done(TaskRef(msg.source, msg.frame, msg.task), time.monotonic())
-        sf = self._frames.get((msg.source, msg.frame))
-        if sf is not None:
-            sf.acked.add(msg.task)
-            if msg.holder:
-                for sid in msg.strips:
-                    sf.strip_holders.setdefault(sid, msg.holder)
+        self.source.tile_ack(msg, time.monotonic())
         self._work_changed()
 
     async def _respond(self, peer: Peer, reply: Message | None, what: str) -> None:
@@ -822,6 +888,7 @@ class Node:
         if late:
             self.stats.requeued += len(late)
             log.warning("%d lease(s) ran out; queued again", len(late))
+        self._give_up_failed("its lease ran out")
         self._work_changed()
 
     # ------------------------------------------------------------------ compute
@@ -941,57 +1008,28 @@ class Node:
         return self._local_job(ref)
 
     def _ready(self, ref: TaskRef) -> bool:
-        """A task that can run its cheapest variant now: a tail, a tile without producers, or
-        a reuse tile whose producers' tiles (and so their strips) are at the gateway."""
-        sf = self._frames.get((ref.source, ref.frame))
-        if ref.is_tail or sf is None:
-            return True
-        producers = self._reuse_lookup()[0].get(ref.task)
-        return producers is None or sf.acked.issuperset(producers)
-
-    def _reuse_lookup(self) -> tuple[dict[int, frozenset[int]], dict[int, tuple[int, ...]]]:
-        """This node's plan's reuse tiles: their producers and the strips they consume (queues
-        are scanned with these on every take: the plan is looked up once)."""
-        if self._reuse_producers is None:
-            tasks = [t for t in self._plan(self._own_plan_key).tasks if t.reuse is not None and t.consumes]
-            self._reuse_producers = {t.id: frozenset(t.producers) for t in tasks}
-            self._reuse_consumes = {t.id: t.consumes for t in tasks}
-        return self._reuse_producers, self._reuse_consumes
+        return self.source.ready(ref)
 
     def _near(self, node_id: str) -> Callable[[TaskRef], bool]:
-        """Whether a task of this node's queue finds every reuse strip it consumes at ``node_id``
-        (which will run it) or here (they go with its grant): no strip fetch from a third node."""
-        def near(ref: TaskRef) -> bool:
-            sf = self._frames.get((ref.source, ref.frame))
-            if ref.is_tail or sf is None:
-                return True
-            consumes = self._reuse_lookup()[1].get(ref.task, ())
-            return all(sf.strip_holders.get(s) in (node_id, self.id) for s in consumes)
-        return near
+        return self.source.near(node_id, self.id)
 
-    def _local_job(self, ref: TaskRef) -> Job:
+    def _local_job(self, ref: TaskRef) -> Job | None:
+        """The job of a task taken from this node's queue; None if its frame is gone meanwhile
+        (the task is then forgotten)."""
         key = (ref.source, ref.frame)
         if ref.is_tail:
-            _, img_w, img_h, _ = self._frame_info[key]
-            return Job(ref, self._frame_info[key][0], self._tail_inputs[key], img_w, img_h, self.id)
-        sf = self._frames[key]
-        pk = self._own_plan_key
-        return Job(ref, pk, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
-                   holders=self._holders_of(sf, ref.task))
-
-    def _holders_of(self, sf: SourceFrame, task_id: int) -> dict[str, list[int]] | None:
-        """Where the strips a reuse tile of this node's frame consumes are (node id -> strip
-        ids), as the gateway's acks said; None if any is unknown (then the gateway is asked)."""
-        consumes = self._reuse_lookup()[1].get(task_id)
-        if not consumes:
-            return None
-        by_node: dict[str, list[int]] = {}
-        for sid in consumes:
-            node = sf.strip_holders.get(sid)
-            if node is None:
+            tail = self.gateway.tail_input(key) if self.is_gateway else None
+            if tail is None:
+                self.queue.done(ref)
                 return None
-            by_node.setdefault(node, []).append(sid)
-        return by_node
+            plan, data, img_w, img_h = tail
+            return Job(ref, plan, data, img_w, img_h, self.id)
+        sf = self.source.frames.get(key)
+        if sf is None:
+            self.queue.done(ref)
+            return None
+        return Job(ref, self._own_plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
+                   holders=self.source.holders_of(key, ref.task))
 
     async def _steal(self) -> Job | None:
         tried: set[str] = set()
@@ -1020,9 +1058,12 @@ class Node:
                 self.stats.steal_failures += 1
                 continue
             if reply.granted:
+                job = self._job_or_report(reply, peer)
+                if job is None:
+                    continue
                 self.stats.stolen += 1
                 self.stats.speculative += int(speculative)
-                return self._job_from_grant(reply, victim)
+                return job
             self.stats.steal_failures += 1
             peer.load = PeerLoad(0, 0, peer.load.rtt, True, 0 if speculative else peer.load.leased)
             if speculative:
@@ -1093,7 +1134,8 @@ class Node:
         if ref is None:
             return StealReply(req.request_id, False)
         self._work_changed()
-        return self._grant_for(ref, req.request_id)  # if it is not delivered, the lease brings it back
+        # if it is not delivered, the lease brings it back
+        return self._grant_for(ref, req.request_id) or StealReply(req.request_id, False)
 
     def _extra_grant(self, peer: Peer) -> StealReply | None:
         """Another tile for a thief that just got one, if the queue is deep enough that every
@@ -1108,7 +1150,7 @@ class Node:
         self.stats.batch_grants += 1
         return self._grant_for(ref, 0)
 
-    def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply:
+    def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None:
         """A task leased to a peer, with the data it needs: for a tile, the reuse variant's frame
         region when every producer's tile is at the gateway (so its strips are too), else the
         full variant's (so the peer can fall back to it); for a tail, the fused output.
@@ -1117,6 +1159,8 @@ class Node:
         (at 5x5 on YOLOv2 a reuse tile reads 3-40 KB of frame instead of 350-630 KB), which
         is what a Wi-Fi link is short of."""
         job = self._local_job(ref)
+        if job is None:
+            return None
         if ref.is_tail:
             return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
                               job.img_w, job.img_h, job.data)
@@ -1124,7 +1168,8 @@ class Node:
         ready = task.reuse is not None and task.consumes and self._ready(ref)
         variant = task.reuse if ready and task.reuse is not None else task.full
         self.stats.small_grants += variant is not task.full
-        data, pixels, origin = self._input_payload(self._frames[(ref.source, ref.frame)].frame, variant.input_region)
+        data, pixels, origin = self._input_payload(self.source.frames[(ref.source, ref.frame)].frame,
+                                                   variant.input_region)
         self.stats.pixel_grants += pixels is not None
         holders = job.holders if ready and job.holders is not None else {}
         meta: list[list[int]] = []
@@ -1142,7 +1187,7 @@ class Node:
 
     def _grant_region(self, req: RegionRequest) -> RegionReply:
         """A thief's reuse strips are gone: send it the task's full region after all."""
-        sf = self._frames.get((req.source, req.frame))
+        sf = self.source.frames.get((req.source, req.frame))
         if sf is None:
             return RegionReply(req.request_id, False)
         try:
@@ -1162,8 +1207,11 @@ class Node:
                 continue
             if not self.queue.take_ref(ref, target, time.monotonic()):
                 continue  # this node's own slot took it already
+            grant = self._grant_for(ref, 0)
+            if grant is None:
+                continue
             try:
-                await self.peers[target].comm.send(self._grant_for(ref, 0))
+                await self.peers[target].comm.send(grant)
             except CommClosedError:
                 pass  # requeued when the connection is declared lost
         self._work_changed()
@@ -1203,10 +1251,13 @@ class Node:
                 self.stats.tiles_run += 1
         except StealerError as exc:
             log.error("task %s failed: %s", job.ref, exc)
-            return
-        except Exception:  # noqa: BLE001 - a task boundary: one bad task must not stop this slot
-            log.exception("task %s failed; its lease brings it back to its owner", job.ref)
             self.stats.task_errors += 1
+            self._report_failure(job, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a task boundary: one bad task must not stop this slot
+            log.exception("task %s failed; its owner queues it again", job.ref)
+            self.stats.task_errors += 1
+            self._report_failure(job, f"{type(exc).__name__}: {exc}")
             return
         gw = None if self.is_gateway else self._gateway()
         if gw is not None and _array_bytes(msg) < _POST_DATA_BYTES:
@@ -1253,7 +1304,7 @@ class Node:
                 raise ProtocolError(f"{job.ref}: holders {holders} and strips {sorted(job.strips or ())} "
                                     f"do not list strips {list(task.consumes)}")
         elif self.is_gateway:
-            holders = self._strip_locations(key, task.consumes)
+            holders = self.gateway.strip_locations(key, task.consumes)
         else:
             gw = self._gateway()
             if gw is not None:
@@ -1402,70 +1453,44 @@ class Node:
         source_id = f"{self.id}/{index}"
         loop = asyncio.get_running_loop()
         frames = src.frames(self.net.input_shape)
-        pk = self._own_plan_key
-        plan = self._plan(pk)
-        self._inflight[source_id] = 0
+        source = self.source
+        source.inflight[source_id] = 0
         period = 1.0 / self.cfg.fps if self.cfg.fps else 0.0
         next_at = loop.time()
         count = 0
         try:
             while (self.cfg.frames is None or count < self.cfg.frames) and not self._draining:
-                while self.cfg.deadline is None and self._inflight[source_id] >= self.cfg.max_inflight:
+                while self.cfg.deadline is None and source.inflight[source_id] >= self.cfg.max_inflight:
                     self._frame_freed.clear()
                     await self._frame_freed.wait()
                 frame = await loop.run_in_executor(None, next, frames, None)
                 if frame is None:
                     break
                 count += 1
-                key = (source_id, frame.number)
-                if self.cfg.deadline is not None and self._inflight[source_id] >= self.cfg.max_inflight:
+                if self.cfg.deadline is not None and source.inflight[source_id] >= self.cfg.max_inflight:
                     # overload in deadline mode: drop the oldest frame nothing has started on (or
                     # this new one), rather than queueing without bound
-                    if not await self._drop_oldest_unstarted(source_id, len(plan.tasks)):
-                        await self._drop(source_id, frame.number)
+                    dropped = source.drop_oldest_unstarted(source_id)
+                    self.stats.frames_dropped += 1
+                    number = dropped[1] if dropped is not None else frame.number
+                    log.info("deadline mode: dropped frame %d of %s (overload)", number, source_id)
+                    self._announce([ToGateway(FrameDrop(source_id, number))])
+                    if dropped is None:
                         continue
-                self._frames[key] = SourceFrame(frame, time.monotonic())
-                self._inflight[source_id] += 1
+                refs = [TaskRef(source_id, frame.number, t.id) for t in source.plan.tasks]
+                self._announce(source.new_frame(source_id, frame, time.monotonic()))
+                # kept and queued already: it is announced to the first gateway that appears
                 await self._wait_for_gateway()
-                try:
-                    await self._to_gateway(FrameStart(source_id, frame.number, pk, frame.img_w, frame.img_h,
-                                                      self.cfg.deadline or 0.0))
-                except (CommClosedError, asyncio.TimeoutError) as exc:
-                    # the gateway went away just now: the frame is kept and restarted on the next one
-                    log.warning("frame %d of %s: no gateway (%s); it starts again on the next", frame.number,
-                                source_id, exc)
-                refs = [TaskRef(source_id, frame.number, t.id) for t in plan.tasks]
-                self.queue.add(refs)
-                self._work_changed()
                 if self.cfg.policy == "share":
                     await self._share(refs)
                 if period:
                     next_at += period
                     await asyncio.sleep(max(0.0, next_at - loop.time()))
-            while self._inflight[source_id] > 0:
+            while source.inflight[source_id] > 0:
                 self._frame_freed.clear()
                 await self._frame_freed.wait()
         finally:
             src.close()
-
-    async def _drop_oldest_unstarted(self, source_id: str, n_tasks: int) -> bool:
-        for src, number in sorted(k for k in self._frames if k[0] == source_id):
-            if self.queue.untouched(src, number, n_tasks):
-                self.queue.drop_frame(src, number)
-                del self._frames[(src, number)]
-                self._inflight[source_id] -= 1
-                self._work_changed()
-                await self._drop(src, number)
-                return True
-        return False
-
-    async def _drop(self, source_id: str, number: int) -> None:
-        self.stats.frames_dropped += 1
-        log.info("deadline mode: dropped frame %d of %s (overload)", number, source_id)
-        try:
-            await self._to_gateway(FrameDrop(source_id, number))
-        except (CommClosedError, asyncio.TimeoutError):
-            pass
 
     async def _wait_for_gateway(self) -> None:
         """Sources wait for a gateway as long as it takes, saying so now and then."""
@@ -1476,37 +1501,66 @@ class Node:
                 log.warning("no gateway for %.0f s; frames wait", self.cfg.runtime.gateway_wait)
 
     def _source_frame_done(self, msg: FrameDone) -> None:
-        key = (msg.source, msg.frame)
-        if self._frames.pop(key, None) is None:
+        if not self.source.frame_done(msg):
             return
-        self.queue.drop_frame(msg.source, msg.frame)
-        self._inflight[msg.source] -= 1
         self._frame_freed.set()
         self._idle_changed.set()
         self._work_changed()
 
     # ------------------------------------------------------------------ gateway
-    def _gw_frame_start(self, msg: FrameStart) -> None:
-        key = (msg.source, msg.frame)
-        if key in self._frame_info:
+    def _as_gateway(self, peer: Peer | None, msg: Message,
+                    event: Callable[[str, Any, float], list[gw_role.Action]]) -> None:
+        """Feed a gateway message to the gateway machine, if this node is the gateway. A node
+        that is not (it stepped down, or the sender has not heard of the new gateway yet)
+        never acts as one: it passes the message on to the gateway it follows, or drops it
+        (the task's lease brings the work back)."""
+        sender = peer.node_id if peer is not None else self.id
+        if not self.is_gateway:
+            gw = self._gateway()
+            if gw is not None and gw.node_id != sender:
+                log.info("%s from %s: this node is not the gateway; passed on to %s", msg.op, sender[:8],
+                         gw.node_id[:8])
+                self._spawn(self._send_quietly(gw, msg), "pass on")
+            else:
+                log.info("%s from %s dropped: this node is not the gateway", msg.op, sender[:8])
             return
-        self._frame_info[key] = (msg.plan, msg.img_w, msg.img_h, time.monotonic())
-        self._order.expect(msg.source, msg.frame)
-        if msg.deadline > 0:
-            self._deadline_timers[key] = asyncio.get_running_loop().call_later(
-                msg.deadline, self._deadline_passed, key)
-        parked = self._parked.pop(key, None)
-        if parked is not None:
-            self._release(msg.source, msg.frame, parked)
+        self._carry_out(event(sender, msg, time.monotonic()))
 
-    def _gw_assembly(self, source: str, frame: int, key_plan: str) -> FrameAssembly:
-        key = (source, frame)
-        asm = self._assembly.get(key)
-        if asm is None:
-            plan = self._plan(key_plan)
-            asm = FrameAssembly(plan.output_shape, [t.output for t in sorted(plan.tasks, key=lambda t: t.id)])
-            self._assembly[key] = asm
-        return asm
+    def _carry_out(self, actions: list[gw_role.Action]) -> None:
+        """Carry out the gateway machine's actions."""
+        work = False
+        for act in actions:
+            if isinstance(act, gw_role.Notify):
+                self._notify(act.node, act.msg)
+            elif isinstance(act, gw_role.QueueTail):
+                self.queue.add([act.ref], front=True)
+                work = True
+            elif isinstance(act, gw_role.DropTail):
+                work |= self.queue.done(act.ref)
+            elif isinstance(act, gw_role.ReleaseStrips):
+                if act.node == self.id:
+                    self._held.drop(act.key)
+                elif act.node in self.peers:
+                    self._post(self.peers[act.node], StripsRelease(*act.key))
+            elif isinstance(act, gw_role.ArmDeadline):
+                loop = asyncio.get_running_loop()
+                delay = max(0.0, act.at - time.monotonic())
+                self._deadline_timers[act.key] = loop.call_later(delay, self._deadline_passed, act.key)
+            elif isinstance(act, gw_role.CancelDeadline):
+                timer = self._deadline_timers.pop(act.key, None)
+                if timer is not None:
+                    timer.cancel()
+            elif isinstance(act, gw_role.Released):
+                self._emit_result(act.result)
+        gs = self.gateway.stats
+        self.stats.duplicates_dropped, self.stats.frames_partial = gs.duplicates_dropped, gs.frames_partial
+        if work:
+            self._work_changed()
+
+    def _deadline_passed(self, key: tuple[str, int]) -> None:
+        self._deadline_timers.pop(key, None)
+        if self.is_gateway:
+            self._carry_out(self.gateway.deadline_passed(key, time.monotonic()))
 
     def _gw_strips(self, msg: StripsRequest) -> StripsReply:
         plan = self._plan(msg.plan)
@@ -1514,141 +1568,18 @@ class Node:
             task = plan.task(msg.task)
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"strips for unknown task {msg.task}") from None
-        holders = self._strip_locations((msg.source, msg.frame), task.consumes)
+        holders = self.gateway.strip_locations((msg.source, msg.frame), task.consumes)
         return StripsReply(msg.request_id, holders is not None, holders=holders or {})
 
-    def _strip_locations(self, key: tuple[str, int], wanted: tuple[int, ...]) -> dict[str, list[int]] | None:
-        """Which node holds each wanted strip of a frame (node id -> strip ids), or None if the
-        producer of any of them has not delivered its tile yet."""
-        known = self._strip_holders.get(key)
-        if known is None or any(s not in known for s in wanted):
-            return None
-        by_node: dict[str, list[int]] = {}
-        for s in wanted:
-            by_node.setdefault(known[s], []).append(s)
-        return by_node
-
-    def _release_strips(self, key: tuple[str, int]) -> None:
-        """The frame needs its strips no more: tell every node that holds some."""
-        holders = self._strip_holders.pop(key, None)
-        for node_id in set(holders.values()) if holders else ():
-            if node_id == self.id:
-                self._held.drop(key)
-            elif node_id in self.peers:
-                self._post(self.peers[node_id], StripsRelease(*key))
-
-    async def _gw_tile(self, msg: TileDone, sender: str) -> None:
-        key = (msg.source, msg.frame)
-        if key in self._finished or key in self._tail_inputs:
-            self.stats.duplicates_dropped += 1
-            self._notify(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task))
-            return
-        asm = self._gw_assembly(msg.source, msg.frame, msg.plan)
-        try:
-            fresh = asm.add(msg.task, np.asarray(msg.output))
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
-        holder, strips = "", []
-        if fresh:
-            if msg.strips_held:
-                held = self._strip_holders.setdefault(key, {})
-                for sid in msg.strips_held:
-                    held.setdefault(sid, sender)
-                holder, strips = sender, [s for s in msg.strips_held if held[s] == sender]
-        else:
-            self.stats.duplicates_dropped += 1
-        # completed by this tile: decided here, with no await since the tile was added, so that
-        # of two tiles of a frame arriving on two connections exactly one finishes the frame
-        if fresh and asm.complete:
-            if key not in self._frame_info:  # the tile overtook its FrameStart (other connection)
-                self._frame_info[key] = (msg.plan, self.net.input_shape[2], self.net.input_shape[1], time.monotonic())
-            self._gw_tiles_done(key, asm)
-        elif fresh and self._plan(msg.plan).task(msg.task).produces:
-            # a reuse producer: its dependents become cheap now, and the source must know where
-            # its strips are. Every other lease (a tile nothing depends on, a second result)
-            # ends with the frame's TilesIn: one message per frame instead of one per tile.
-            self._notify(msg.source.split("/")[0], TileAck(msg.source, msg.frame, msg.task, holder, strips))
-
-    def _gw_tiles_done(self, key: tuple[str, int], asm: FrameAssembly) -> None:
-        """All tiles are in (or the deadline passed): the frame's tail becomes a task, and the
-        source hears that the leases of its tiles end."""
-        self._notify(key[0].split("/")[0], TilesIn(*key))
-        del self._assembly[key]
-        timer = self._deadline_timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        self._release_strips(key)
-        self._tail_inputs[key] = asm.output
-        self.queue.add([TaskRef(key[0], key[1], TAIL)], front=True)
-        self._work_changed()
-
-    def _deadline_passed(self, key: tuple[str, int]) -> None:
-        self._deadline_timers.pop(key, None)
-        if key in self._tail_inputs or key in self._finished or key not in self._frame_info:
-            return
-        asm = self._gw_assembly(key[0], key[1], self._frame_info[key][0])
-        missing = asm.fill_missing()
-        fraction = asm.missing_fraction(missing)
-        # Without the missing tiles' true values the distance to the exact output can only be
-        # estimated: assume they carry the frame's average energy (SNR = 10 log10(1 / fraction)).
-        snr = float("inf") if fraction == 0 else 10 * math.log10(1 / fraction)
-        self._partial[key] = {"missing_tiles": missing, "missing_fraction": round(fraction, 4),
-                              "snr_db_estimate": round(snr, 2)}
-        self.stats.frames_partial += 1
-        log.warning("frame %d of %s missed its deadline: finishing without %d tile(s)", key[1], key[0][:8],
-                    len(missing))
-        self._gw_tiles_done(key, asm)
-
-    def _gw_frame_drop(self, msg: FrameDrop) -> None:
-        key = (msg.source, msg.frame)
-        if key in self._finished:
-            return
-        self._finished.add(key)
-        for table in (self._assembly, self._tail_inputs, self._partial):
-            table.pop(key, None)
-        timer = self._deadline_timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        self._release_strips(key)
-        self.queue.drop_frame(msg.source, msg.frame)
-        self._order.expect(msg.source, msg.frame)
-        self._release(msg.source, msg.frame, {"source": msg.source, "frame": msg.frame, "dropped": True})
-
-    async def _gw_tail(self, msg: TailDone) -> None:
-        key = (msg.source, msg.frame)
-        ref = TaskRef(msg.source, msg.frame, TAIL)
-        self.queue.done(ref)
-        self._leases_changed()
-        if key in self._finished or key not in self._tail_inputs:
-            self.stats.duplicates_dropped += 1
-            return
-        self._finished.add(key)
-        del self._tail_inputs[key]
-        info = self._frame_info.get(key)
-        latency = time.monotonic() - info[3] if info else float("nan")
-        result = {"source": msg.source, "frame": msg.frame, "latency": round(latency, 4),
-                  "output_sha256": msg.output_sha256, "detections": msg.detections,
-                  "tail_seconds": round(msg.seconds, 4)}
-        result.update(self._partial.pop(key, {}))
-        if msg.frame in self._order.pending(msg.source):
-            self._release(msg.source, msg.frame, result)
-        else:
-            self._parked[key] = result
-
-    def _release(self, source: str, frame: int, result: dict[str, Any]) -> None:
-        for f, res in self._order.finish(source, frame, result):
-            self.stats.frames_done += 1
-            res["released_at"] = round(time.monotonic(), 4)  # gateway clock: for frames/s
-            self._frame_info.pop((source, f), None)
-            if self._out_file is not None:
-                self._out_file.write(json.dumps(res) + "\n")
-            self.results.put_nowait(res)
-            if self.on_result is not None:
-                self.on_result(res)
-            # Only now may the source forget the frame: a result waiting in order behind an
-            # earlier frame dies with this gateway, and the source must still hold the frame
-            # to start it again on the next one (frames were lost that way in a chaos run).
-            self._notify(source.split("/")[0], FrameDone(source, f))
+    def _emit_result(self, res: dict[str, Any]) -> None:
+        self.stats.frames_done += 1
+        if self._out_file is not None:
+            self._out_file.write(json.dumps(res) + "\n")
+        if self.results.full():  # nobody reads them in-process: the oldest unread go
+            self.results.get_nowait()
+        self.results.put_nowait(res)
+        if self.on_result is not None:
+            self.on_result(res)
 
 
 _POST_DATA_BYTES = 48 << 10  # answers with less array data than this are posted (see Comm.post)

@@ -65,6 +65,11 @@ class WorkQueue:
         Node id of the queue's owner (its own runs are leased to it too).
     lease_seconds : float
         How long a holder may keep a task before it is handed out again.
+    max_attempts : int
+        Times a task may be handed out and come back unfinished (its holder reported a
+        failure, its lease ran out, its holder was lost) before it is given up instead of
+        queued again: it then goes to :attr:`given_up`, for the owner to fail its frame.
+        0: no limit.
     """
 
     owner: str
@@ -75,6 +80,9 @@ class WorkQueue:
     # smoothed seconds from lease to acknowledgement, per kind (tile, tail): how old a lease
     # must be before a straggler is suspected
     typical: dict[bool, float] = field(default_factory=dict)
+    max_attempts: int = 0
+    attempts: dict[TaskRef, int] = field(default_factory=dict)  # failed attempts, live tasks only
+    given_up: list[TaskRef] = field(default_factory=list)  # failed max_attempts times; owner drains
     _tails: int = 0  # tail tasks in ``queue``
 
     def __len__(self) -> int:
@@ -146,6 +154,7 @@ class WorkQueue:
     def done(self, ref: TaskRef, now: float | None = None) -> bool:
         """The gateway has the task's result: end its lease (or drop it from the queue if a
         requeued copy is waiting). Returns False if the task was not known (a late duplicate)."""
+        self.attempts.pop(ref, None)
         lease = self.leases.pop(ref, None)
         if lease is not None:
             if now is not None:
@@ -159,6 +168,18 @@ class WorkQueue:
             return False
         self._tails -= ref.is_tail
         return True
+
+    def fail(self, ref: TaskRef) -> list[TaskRef]:
+        """The holder of ``ref`` could not run it: queue it again at the front, or, after
+        ``max_attempts``, give it up. Returns the tasks queued again."""
+        if ref not in self.leases:
+            return []
+        return self._requeue([ref])
+
+    def pop_given_up(self) -> list[TaskRef]:
+        """The tasks given up since the last call (the owner fails their frames)."""
+        out, self.given_up = self.given_up, []
+        return out
 
     def peer_lost(self, holder: str) -> list[TaskRef]:
         """Requeue, at the front and in their original order, every task ``holder`` held."""
@@ -210,6 +231,8 @@ class WorkQueue:
         if any(mine(r) for r in self.queue):
             self.queue = deque(r for r in self.queue if not mine(r))
         self.leases = {r: l for r, l in self.leases.items() if not mine(r)}
+        if self.attempts:
+            self.attempts = {r: n for r, n in self.attempts.items() if not mine(r)}
         return before - len(self.queue) - len(self.leases)
 
     def drop_frame(self, source: str, frame: int) -> int:
@@ -218,17 +241,31 @@ class WorkQueue:
         self.queue = deque(r for r in self.queue if (r.source, r.frame) != (source, frame))
         self._tails = sum(1 for r in self.queue if r.is_tail)
         self.leases = {r: l for r, l in self.leases.items() if (r.source, r.frame) != (source, frame)}
+        if self.attempts:
+            self.attempts = {r: n for r, n in self.attempts.items() if (r.source, r.frame) != (source, frame)}
         return before - len(self.queue) - len(self.leases)
 
     def _requeue(self, refs: list[TaskRef]) -> list[TaskRef]:
-        for ref in reversed(refs):
+        """Queue leased tasks again at the front, in order; a task that has come back
+        ``max_attempts`` times is given up instead."""
+        again = []
+        for ref in refs:
             del self.leases[ref]
+            tries = self.attempts.get(ref, 0) + 1
+            if self.max_attempts and tries >= self.max_attempts:
+                self.attempts.pop(ref, None)
+                self.given_up.append(ref)
+                log.warning("%s came back %d times: given up", ref, tries)
+            else:
+                self.attempts[ref] = tries
+                again.append(ref)
+        for ref in reversed(again):
             self.queue.appendleft(ref)
             self._tails += ref.is_tail
-        if refs:
-            self.requeued += len(refs)
-            log.info("requeued %d task(s): %s", len(refs), ", ".join(map(str, refs[:5])))
-        return refs
+        if again:
+            self.requeued += len(again)
+            log.info("requeued %d task(s): %s", len(again), ", ".join(map(str, again[:5])))
+        return again
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,7 +230,7 @@ async def test_frames_made_before_the_gateway_appears_are_queued_once(tiny_net):
     await src.start()
     try:
         async with asyncio.timeout(30):
-            while not src._frames:  # the camera has a frame and waits for a gateway
+            while not src.source.frames:  # the camera has a frame and waits for a gateway
                 await asyncio.sleep(0.01)
         gw = Node(tiny_net, config(gateway=True, peers=[("127.0.0.1", src.port)]))
         await gw.start()
@@ -390,7 +390,7 @@ async def test_standby_takes_over_when_the_gateway_dies(tiny_net, tmp_path):
     try:
         first = await collect(gw, 2)
         async with asyncio.timeout(30):
-            while not gw._frame_info:  # a frame the gateway has started but not finished
+            while not gw.gateway.frames:  # a frame the gateway has started but not finished
                 await asyncio.sleep(0.001)
         await gw.close()  # the gateway goes away mid-stream, with that frame unfinished
         while not gw.results.empty():  # it may have released more than two before it went

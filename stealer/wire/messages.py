@@ -97,7 +97,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
 older peer cannot handle by ignoring unknown fields."""
 
@@ -1063,3 +1063,35 @@ class FrameDrop(Message):
     op: ClassVar[str] = "frame-drop"
     source: str
     frame: int
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TaskFailed(Message):
+    """A node could not run a task it was granted (its input is malformed, a kernel raised):
+    the task's owner counts the attempt at once instead of waiting for the lease to run out."""
+
+    op: ClassVar[str] = "task-failed"
+    source: str
+    frame: int
+    task: int
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, self.task)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class FrameFailed(Message):
+    """Source to gateway: a task of the frame failed ``max_task_attempts`` times. The gateway
+    releases the frame in order with the error in its result line instead of waiting for it."""
+
+    op: ClassVar[str] = "frame-failed"
+    source: str
+    frame: int
+    task: int
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, self.task)

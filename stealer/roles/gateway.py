@@ -1,0 +1,459 @@
+"""The gateway role, pure: frame lifecycle, assembly, strip locations, ordered results.
+
+Events in (a message from a peer, named by its authenticated node id; a deadline that passed),
+actions out (:class:`Notify` a source, :class:`QueueTail`, :class:`ReleaseStrips`,
+:class:`ArmDeadline`, :class:`Released`); no I/O, no awaits, no clock: every event carries
+``now``. The node shell (:mod:`stealer.node`) feeds it only while its node is the gateway.
+
+A frame's life here::
+
+    FrameStart (from the node that owns the source)   -> open: tiles are placed as they come
+    every tile in (or its deadline passed)             -> its tail is queued (QueueTail)
+    TailDone                                           -> finished: released in frame order
+    FrameDrop / FrameFailed / refused at the door      -> released in order, marked so
+
+What it enforces:
+
+* **identity**: a node announces, drops and fails frames only of its own sources (a source id
+  is ``<node id>/<index>``); tile and tail results may come from anyone (thieves), but only
+  for frames their source announced, and a tile's claim about the strips it holds is checked
+  against the plan;
+* **bounds** (:class:`~stealer.config.Limits`): frames open (``max_queued_frames``), bytes of
+  fused maps held (``result_buffer_bytes``), tiles that overtook their FrameStart
+  (``early_tile_bytes``), sources per node, finished frames remembered; a frame refused at the
+  door is released with an error, never silently lost;
+* **order**: each source's results leave in frame order; a frame that can never finish
+  (failed, dropped, refused) is released as such so that later frames are not held up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from ..assembly import FrameAssembly, RecentKeys, ResultOrder
+from ..config import DEFAULT_LIMITS, Limits
+from ..errors import ProtocolError
+from ..ftp.plan import Plan
+from ..scheduler import TAIL, TaskRef
+from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
+
+log = logging.getLogger(__name__)
+
+FrameKey = tuple[str, int]
+
+
+def owner_of(source: str) -> str:
+    """The node id a source id belongs to (``<node id>/<index>``)."""
+    return source.split("/", 1)[0]
+
+
+# ---------------------------------------------------------------------------------- actions
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Post ``msg`` to the node ``node`` (the owner of a frame's source)."""
+
+    node: str
+    msg: TileAck | TilesIn | FrameDone
+
+
+@dataclass(frozen=True, slots=True)
+class QueueTail:
+    """Queue the frame's tail task at the front of this node's queue (its input:
+    :meth:`GatewayState.tail_input`)."""
+
+    ref: TaskRef
+
+
+@dataclass(frozen=True, slots=True)
+class DropTail:
+    """Forget the frame's tail task, queued or leased (the frame is over)."""
+
+    ref: TaskRef
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseStrips:
+    """Tell ``node`` that it may forget the reuse strips it holds of frame ``key``."""
+
+    node: str
+    key: FrameKey
+
+
+@dataclass(frozen=True, slots=True)
+class ArmDeadline:
+    """Call :meth:`GatewayState.deadline_passed` for ``key`` at time ``at`` (same clock as
+    ``now``); a later :class:`CancelDeadline` or the frame's end makes the call a no-op."""
+
+    key: FrameKey
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelDeadline:
+    key: FrameKey
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """A result line, in frame order per source: write it out, hand it to readers."""
+
+    result: dict[str, Any]
+
+
+Action = Union[Notify, QueueTail, DropTail, ReleaseStrips, ArmDeadline, CancelDeadline, Released]
+
+
+# ------------------------------------------------------------------------------------ state
+@dataclass
+class OpenFrame:
+    """A frame announced to this gateway and not yet released."""
+
+    plan: str
+    img_w: int
+    img_h: int
+    started: float
+    nbytes: int  # its fused map: held while it is assembled and until its tail is done
+    assembly: FrameAssembly | None = None  # made at the first tile
+    tail_input: np.ndarray | None = None  # set once every tile is in: the tail is queued
+    strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node keeping it
+    partial: dict[str, Any] = field(default_factory=dict)  # deadline mode: what was missing
+    deadline: bool = False
+    result: dict[str, Any] | None = None  # done: waits here to be released in order
+
+
+@dataclass
+class GatewayStats:
+    frames_done: int = 0
+    frames_partial: int = 0
+    frames_failed: int = 0
+    frames_refused: int = 0
+    duplicates_dropped: int = 0
+    early_tiles: int = 0  # tiles that came before their FrameStart and waited for it
+    early_dropped: int = 0  # ... and those dropped because the early buffer was full
+    foreign_refused: int = 0  # messages about another node's sources, refused
+
+
+class GatewayState:
+    """The gateway's decisions. See the module docstring.
+
+    Parameters
+    ----------
+    node_id : str
+        This node's id (strips this node holds are released with a local action too).
+    plan_of : callable
+        Plan key -> :class:`~stealer.ftp.plan.Plan`. The shell builds a plan (off the event
+        loop) before it hands the gateway a message that names it.
+    input_shape : (C, H, W)
+        The network input's shape (image sizes are checked against sane bounds only).
+    limits : Limits
+    """
+
+    def __init__(self, node_id: str, plan_of: Callable[[str], Plan], *,
+                 limits: Limits = DEFAULT_LIMITS, max_image_side: int = 1 << 14) -> None:
+        self.node_id = node_id
+        self.plan_of = plan_of
+        self.limits = limits
+        self.max_image_side = max_image_side
+        self.frames: dict[FrameKey, OpenFrame] = {}
+        self.order = ResultOrder()
+        self.finished = RecentKeys(limits.finished_frames_remembered)
+        self.early: dict[FrameKey, list[tuple[str, TileDone]]] = {}
+        self.early_bytes = 0
+        self.held_bytes = 0  # fused maps of open frames
+        self.sources: dict[str, set[str]] = {}  # node id -> its sources with frames open here
+        self.stats = GatewayStats()
+
+    # -------------------------------------------------------------------- lookups
+    def tail_input(self, key: FrameKey) -> tuple[str, np.ndarray, int, int] | None:
+        """(plan key, fused map, img_w, img_h) of a frame whose tail is queued, or None."""
+        f = self.frames.get(key)
+        if f is None or f.tail_input is None:
+            return None
+        return f.plan, f.tail_input, f.img_w, f.img_h
+
+    def strip_locations(self, key: FrameKey, wanted: tuple[int, ...]) -> dict[str, list[int]] | None:
+        """Which node holds each wanted strip of a frame (node id -> strip ids), or None if the
+        producer of any of them has not delivered its tile yet."""
+        f = self.frames.get(key)
+        if f is None or any(s not in f.strip_holders for s in wanted):
+            return None
+        by_node: dict[str, list[int]] = {}
+        for s in wanted:
+            by_node.setdefault(f.strip_holders[s], []).append(s)
+        return by_node
+
+    # -------------------------------------------------------------------- events
+    def frame_start(self, sender: str, msg: FrameStart, now: float) -> list[Action]:
+        key = (msg.source, msg.frame)
+        if not self._own(sender, msg.source, msg.op):
+            return []
+        if key in self.finished:
+            # the source missed the FrameDone (it reconnected, or announced again to be safe)
+            return [Notify(sender, FrameDone(*key))]
+        if key in self.frames:
+            return []  # announced again (a resend to the same gateway): keep what is in
+        out: list[Action] = []
+        self.order.expect(msg.source, msg.frame)
+        plan = self.plan_of(msg.plan)
+        nbytes = 4 * int(np.prod(plan.output_shape))
+        refusal = self._refusal(sender, msg, nbytes)
+        if refusal is not None:
+            self.stats.frames_refused += 1
+            log.warning("frame %d of %s refused: %s", msg.frame, msg.source, refusal)
+            return self._finish(key, {"source": msg.source, "frame": msg.frame, "error": refusal}, now)
+        self.frames[key] = OpenFrame(msg.plan, msg.img_w, msg.img_h, now, nbytes, deadline=msg.deadline > 0)
+        self.held_bytes += nbytes
+        self.sources.setdefault(sender, set()).add(msg.source)
+        if msg.deadline > 0:
+            out.append(ArmDeadline(key, now + msg.deadline))
+        for tile_sender, tile in self.early.pop(key, ()):  # tiles that overtook this FrameStart
+            self.early_bytes -= tile.output.nbytes
+            out += self.tile_done(tile_sender, tile, now)
+        return out
+
+    def tile_done(self, sender: str, msg: TileDone, now: float) -> list[Action]:
+        key = (msg.source, msg.frame)
+        owner = owner_of(msg.source)
+        f = self.frames.get(key)
+        if key in self.finished or (f is not None and (f.tail_input is not None or f.result is not None)):
+            self.stats.duplicates_dropped += 1
+            return [Notify(owner, TileAck(msg.source, msg.frame, msg.task))]
+        if f is None:
+            return self._keep_early(sender, msg)
+        if msg.plan != f.plan:
+            raise ProtocolError(f"tile of frame {msg.frame} of {msg.source} names plan {msg.plan!r}, "
+                                f"the frame was announced with {f.plan!r}")
+        plan = self.plan_of(f.plan)
+        try:
+            task = plan.task(msg.task)
+        except (KeyError, IndexError):
+            raise ProtocolError(f"tile {msg.task} is not a task of plan {f.plan!r}") from None
+        if not set(msg.strips_held) <= set(task.produces):
+            raise ProtocolError(f"tile {msg.task} claims strips {msg.strips_held} it does not produce "
+                                f"({list(task.produces)})")
+        if f.assembly is None:
+            f.assembly = FrameAssembly(plan.output_shape, [t.output for t in sorted(plan.tasks, key=lambda t: t.id)])
+        try:
+            fresh = f.assembly.add(msg.task, np.asarray(msg.output))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        if not fresh:
+            self.stats.duplicates_dropped += 1
+        for sid in msg.strips_held if fresh else ():
+            f.strip_holders.setdefault(sid, sender)
+        if fresh and f.assembly.complete:
+            # decided with no await since the tile was placed, so that of two tiles of a frame
+            # arriving on two connections exactly one finishes the frame
+            return self._tiles_in(key, f)
+        if task.produces:
+            # a reuse producer (or a second copy of one): its dependents become cheap now, and
+            # the source learns where its strips are. Every other lease ends with the frame's
+            # TilesIn: one message per frame instead of one per tile.
+            strips = [s for s in task.produces if f.strip_holders.get(s) == sender] if fresh else []
+            holder = sender if strips else ""
+            if not fresh:  # the source may have forgotten (a resend): tell it where they are
+                strips = [s for s in task.produces if s in f.strip_holders]
+                holders = {f.strip_holders[s] for s in strips}
+                holder = holders.pop() if len(holders) == 1 else ""
+                strips = strips if holder else []
+            return [Notify(owner, TileAck(msg.source, msg.frame, msg.task, holder, strips))]
+        return []
+
+    def tail_done(self, sender: str, msg: TailDone, now: float) -> list[Action]:
+        key = (msg.source, msg.frame)
+        f = self.frames.get(key)
+        if f is None or f.tail_input is None:
+            self.stats.duplicates_dropped += 1
+            return [DropTail(TaskRef(msg.source, msg.frame, TAIL))]
+        result: dict[str, Any] = {"source": msg.source, "frame": msg.frame, "latency": round(now - f.started, 4),
+                                  "output_sha256": msg.output_sha256, "detections": msg.detections,
+                                  "tail_seconds": round(msg.seconds, 4)}
+        result.update(f.partial)
+        return self._finish(key, result, now)
+
+    def frame_drop(self, sender: str, msg: FrameDrop, now: float) -> list[Action]:
+        """Deadline mode: the source gave up on a frame before any of its tasks started."""
+        if not self._own(sender, msg.source, msg.op) or (msg.source, msg.frame) in self.finished:
+            return []
+        self.order.expect(msg.source, msg.frame)
+        return self._finish((msg.source, msg.frame), {"source": msg.source, "frame": msg.frame, "dropped": True}, now)
+
+    def frame_failed(self, sender: str, msg: FrameFailed, now: float) -> list[Action]:
+        """A task of the frame failed every attempt (at its source, or a tail here)."""
+        key = (msg.source, msg.frame)
+        if not self._own(sender, msg.source, msg.op):
+            return []
+        return self.give_up(key, msg.task, msg.reason, now)
+
+    def give_up(self, key: FrameKey, task: int, reason: str, now: float) -> list[Action]:
+        """Release a frame whose ``task`` failed every attempt, with the error."""
+        f = self.frames.get(key)
+        if key in self.finished or (f is not None and f.result is not None):
+            return []
+        self.order.expect(*key)
+        self.stats.frames_failed += 1
+        what = "tail" if task == TAIL else f"tile {task}"
+        return self._finish(key, {"source": key[0], "frame": key[1],
+                                  "error": f"{what} failed: {reason}", "failed_task": task}, now)
+
+    def source_lost(self, node_id: str) -> list[Action]:
+        """The node that owns some sources left: forget their open frames. When it comes back
+        (a Wi-Fi blip) it announces them again and queues their tasks again; if it never does,
+        nothing of it stays here, and nothing of another source waits for it."""
+        out: list[Action] = []
+        for key in [k for k in self.frames if owner_of(k[0]) == node_id]:
+            f = self.frames.pop(key)
+            self.held_bytes -= f.nbytes
+            out += self._strips_gone(key, f)
+            if f.deadline:
+                out.append(CancelDeadline(key))
+            out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
+        for key in [k for k in self.early if owner_of(k[0]) == node_id]:
+            self.early_bytes -= sum(t.output.nbytes for _, t in self.early.pop(key))
+        for source in self.sources.pop(node_id, set()):
+            self.order.forget(source)
+        return out
+
+    def deadline_passed(self, key: FrameKey, now: float) -> list[Action]:
+        """The frame's tiles are late: finish with the missing ones zeroed, and say so."""
+        f = self.frames.get(key)
+        if f is None or f.tail_input is not None or f.result is not None:
+            return []
+        plan = self.plan_of(f.plan)
+        if f.assembly is None:
+            f.assembly = FrameAssembly(plan.output_shape, [t.output for t in sorted(plan.tasks, key=lambda t: t.id)])
+        missing = f.assembly.fill_missing()
+        fraction = f.assembly.missing_fraction(missing)
+        # Without the missing tiles' true values the distance to the exact output can only be
+        # estimated: assume they carry the frame's average energy (SNR = 10 log10(1 / fraction)).
+        snr = float("inf") if fraction == 0 else 10 * math.log10(1 / fraction)
+        f.partial = {"missing_tiles": missing, "missing_fraction": round(fraction, 4),
+                     "snr_db_estimate": round(snr, 2)}
+        self.stats.frames_partial += 1
+        log.warning("frame %d of %s missed its deadline: finishing without %d tile(s)", key[1], key[0][:8],
+                    len(missing))
+        return self._tiles_in(key, f)
+
+    def peer_sources(self, node_id: str) -> set[str]:
+        return set(self.sources.get(node_id, ()))
+
+    def reset(self) -> list[Action]:
+        """This node is no longer the gateway: forget every open frame (their sources start
+        them again on the gateway that won) and release nothing more."""
+        out: list[Action] = []
+        for key, f in self.frames.items():
+            out += self._strips_gone(key, f)
+            if f.deadline:
+                out.append(CancelDeadline(key))
+            if f.tail_input is not None:
+                out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
+        self.frames.clear()
+        self.early.clear()
+        self.early_bytes = self.held_bytes = 0
+        self.sources.clear()
+        self.order = ResultOrder()
+        return out
+
+    # -------------------------------------------------------------------- internals
+    def _own(self, sender: str, source: str, what: str) -> bool:
+        if owner_of(source) == sender:
+            return True
+        self.stats.foreign_refused += 1
+        log.warning("node %s sent %s for source %s, which is not its own: refused", sender[:8], what, source)
+        return False
+
+    def _refusal(self, sender: str, msg: FrameStart, nbytes: int) -> str | None:
+        lim = self.limits
+        if not (0 < msg.img_w <= self.max_image_side and 0 < msg.img_h <= self.max_image_side):
+            return f"image size {msg.img_w}x{msg.img_h} out of range"
+        if len(self.frames) >= lim.max_queued_frames:
+            return f"the gateway has {len(self.frames)} frames open (max_queued_frames)"
+        if self.held_bytes + nbytes > lim.result_buffer_bytes:
+            return f"the gateway holds {self.held_bytes} bytes of open frames (result_buffer_bytes)"
+        mine = self.sources.get(sender, set())
+        if msg.source not in mine and len(mine) >= lim.max_sources_per_node:
+            return f"node {sender[:8]} has {len(mine)} sources open (max_sources_per_node)"
+        return None
+
+    def _keep_early(self, sender: str, msg: TileDone) -> list[Action]:
+        """A tile of a frame not announced (yet): its FrameStart may be behind it on another
+        connection. Keep it, within ``early_tile_bytes``, until the frame is announced."""
+        nbytes = msg.output.nbytes
+        if self.early_bytes + nbytes > self.limits.early_tile_bytes:
+            self.stats.early_dropped += 1
+            log.warning("tile %d of frame %d of %s came before its frame and the early buffer is full; "
+                        "dropped (its lease brings it back)", msg.task, msg.frame, msg.source[:8])
+            return []
+        self.early.setdefault((msg.source, msg.frame), []).append((sender, msg))
+        self.early_bytes += nbytes
+        self.stats.early_tiles += 1
+        return []
+
+    def _tiles_in(self, key: FrameKey, f: OpenFrame) -> list[Action]:
+        """Every tile is in (or the deadline passed): the tail becomes a task, and the source
+        hears that the leases of its tiles end."""
+        assert f.assembly is not None
+        f.tail_input = f.assembly.output
+        f.assembly = None
+        out: list[Action] = [Notify(owner_of(key[0]), TilesIn(*key))]
+        if f.deadline:
+            out.append(CancelDeadline(key))
+        out += self._strips_gone(key, f)
+        out.append(QueueTail(TaskRef(key[0], key[1], TAIL)))
+        return out
+
+    def _strips_gone(self, key: FrameKey, f: OpenFrame) -> list[Action]:
+        holders = sorted(set(f.strip_holders.values()))
+        f.strip_holders = {}
+        return [ReleaseStrips(node, key) for node in holders]
+
+    def _finish(self, key: FrameKey, result: dict[str, Any], now: float) -> list[Action]:
+        """The frame is over (done, dropped, failed or refused): free what it holds, and
+        release every result of its source that is now next in order. A frame stays open (as
+        done) until it is released: until then its source keeps it too."""
+        out: list[Action] = []
+        f = self.frames.get(key)
+        if f is not None:
+            self.held_bytes -= f.nbytes
+            f.nbytes = 0
+            f.tail_input = f.assembly = None
+            f.result = result
+            out += self._strips_gone(key, f)
+            if f.deadline:
+                out.append(CancelDeadline(key))
+        for tile_sender, tile in self.early.pop(key, ()):
+            self.early_bytes -= tile.output.nbytes
+        out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
+        for number, res in self.order.finish(key[0], key[1], result):
+            done = (key[0], number)
+            self.frames.pop(done, None)
+            self.finished.add(done)
+            self.stats.frames_done += 1
+            res["released_at"] = round(now, 4)  # gateway clock: for frames/s
+            out.append(Released(res))
+            # Only now may the source forget the frame: a result waiting in order behind an
+            # earlier frame dies with this gateway, and the source must still hold the frame
+            # to start it again on the next one (frames were lost that way in a chaos run).
+            out.append(Notify(owner_of(key[0]), FrameDone(*done)))
+        owner = owner_of(key[0])
+        if key[0] not in self.order.sources() and owner in self.sources:
+            self.sources[owner].discard(key[0])
+            if not self.sources[owner]:
+                del self.sources[owner]
+        return out
+
+    def validate(self) -> None:
+        """Check the invariants (tests call this after every step)."""
+        assert self.held_bytes == sum(f.nbytes for f in self.frames.values())
+        assert self.early_bytes == sum(t.output.nbytes for ts in self.early.values() for _, t in ts)
+        assert self.early_bytes <= self.limits.early_tile_bytes
+        assert len(self.frames) <= self.limits.max_queued_frames
+        for key, f in self.frames.items():
+            assert key[1] in self.order.pending(key[0]), f"open frame {key} not expected in order"
+            assert key not in self.finished
+            assert f.result is None or (f.tail_input is None and f.nbytes == 0)

@@ -1,0 +1,219 @@
+"""The data-source role, pure: a source's frames, their tasks in the queue, readiness, and what
+to tell the gateway.
+
+Events in (a new frame, the gateway's acks and frame ends, a new gateway, a task given up),
+actions out (:class:`ToGateway` messages); the queue it fills is the node's
+:class:`~stealer.scheduler.WorkQueue`, a pure structure too. No I/O, no awaits, no clock.
+
+A frame stays here from the moment the camera hands it over until the gateway's
+:class:`FrameDone` (its result was released), whatever happens between: a gateway that dies
+takes nothing with it, because on every new gateway each unfinished frame is announced again
+and its tasks are queued again, in one synchronous step (so nothing can run between the two
+and queue the same tasks twice). A frame whose task was given up (it failed every attempt) is
+reported with :class:`FrameFailed` instead, and released by the gateway with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from ..ftp.plan import Plan
+from ..scheduler import TaskRef, WorkQueue
+from ..sources import Frame
+from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TileAck, TilesIn
+
+log = logging.getLogger(__name__)
+
+FrameKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ToGateway:
+    """Post ``msg`` to the gateway (now, or, with no gateway, never: every unfinished frame is
+    announced again to the next one)."""
+
+    msg: FrameStart | FrameFailed | FrameDrop
+
+
+SourceAction = Union[ToGateway]
+
+
+@dataclass
+class SourceFrame:
+    frame: Frame
+    started: float
+    acked: set[int] = field(default_factory=set)  # tiles the gateway has (their strips with it)
+    strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node that keeps it
+    failed: tuple[int, str] | None = None  # (task, why): given up, waiting for the gateway's FrameDone
+    announced_to: str | None = None  # the gateway that last heard of it (None: none yet)
+
+
+class SourceState:
+    """Every frame of this node's sources until the gateway has released it.
+
+    Parameters
+    ----------
+    queue : WorkQueue
+        The node's queue: this role adds its frames' tile tasks and takes them out again.
+    plan_key : str
+        The plan this node's frames are cut with.
+    plan : Plan
+    deadline : float
+        Seconds per frame for the gateway's deadline mode (0: none).
+    """
+
+    def __init__(self, queue: WorkQueue, plan_key: str, plan: Plan, deadline: float = 0.0) -> None:
+        self.queue = queue
+        self.plan_key = plan_key
+        self.plan = plan
+        self.deadline = deadline
+        self.frames: dict[FrameKey, SourceFrame] = {}
+        self.inflight: dict[str, int] = {}
+        self.resent = 0
+        reuse = [t for t in plan.tasks if t.reuse is not None and t.consumes]
+        # looked up on every take of a queue scan: kept here once
+        self.producers: dict[int, frozenset[int]] = {t.id: frozenset(t.producers) for t in reuse}
+        self.consumes: dict[int, tuple[int, ...]] = {t.id: t.consumes for t in reuse}
+
+    # -------------------------------------------------------------------- frames
+    def _start_msg(self, key: FrameKey, sf: SourceFrame) -> FrameStart | FrameFailed:
+        if sf.failed is not None:
+            return FrameFailed(key[0], key[1], sf.failed[0], sf.failed[1])
+        return FrameStart(key[0], key[1], self.plan_key, sf.frame.img_w, sf.frame.img_h, self.deadline)
+
+    def new_frame(self, source_id: str, frame: Frame, now: float) -> list[SourceAction]:
+        """A camera frame: keep it, queue its tasks, announce it to the gateway."""
+        key = (source_id, frame.number)
+        if key in self.frames:
+            return []
+        sf = self.frames[key] = SourceFrame(frame, now)
+        self.inflight[source_id] = self.inflight.get(source_id, 0) + 1
+        self.queue.add(TaskRef(source_id, frame.number, t.id) for t in self.plan.tasks)
+        return [ToGateway(self._start_msg(key, sf))]
+
+    def announced(self, key: FrameKey, gateway: str) -> None:
+        sf = self.frames.get(key)
+        if sf is not None:
+            sf.announced_to = gateway
+
+    def gateway_changed(self, gateway: str) -> list[SourceAction]:
+        """This node follows ``gateway`` now (a new one, or the same one after its connection
+        dropped: either way it has forgotten this node's frames). Announce each unfinished
+        frame to it, and queue the tasks of each frame that an earlier gateway heard of again
+        (the tiles it had are gone with it); a frame no gateway heard of yet is only announced.
+        Synchronous, so no task of a frame can be queued twice."""
+        out: list[SourceAction] = []
+        for key in sorted(self.frames):
+            sf = self.frames[key]
+            if sf.announced_to is None:
+                out.append(ToGateway(self._start_msg(key, sf)))
+                continue
+            self.queue.drop_frame(*key)
+            sf.acked.clear()  # the new gateway holds none of the frame's tiles or strips
+            sf.strip_holders.clear()
+            if sf.failed is None:
+                self.queue.add(TaskRef(key[0], key[1], t.id) for t in self.plan.tasks)
+            out.append(ToGateway(self._start_msg(key, sf)))
+            self.resent += 1
+        return out
+
+    def give_up(self, ref: TaskRef, reason: str) -> list[SourceAction]:
+        """A task of one of this node's frames failed every attempt: stop the frame's work and
+        have the gateway release it with the error."""
+        key = (ref.source, ref.frame)
+        sf = self.frames.get(key)
+        if sf is None or sf.failed is not None:
+            return []
+        sf.failed = (ref.task, reason)
+        self.queue.drop_frame(*key)
+        log.error("frame %d of %s: %s failed %d times (%s); the frame is released with the error",
+                  ref.frame, ref.source, ref, self.queue.max_attempts, reason)
+        return [ToGateway(self._start_msg(key, sf))]
+
+    def drop_oldest_unstarted(self, source_id: str) -> FrameKey | None:
+        """Deadline mode, overloaded: forget the oldest frame of the source nothing has started
+        on, and return it (the gateway is told with :class:`FrameDrop`)."""
+        n_tasks = len(self.plan.tasks)
+        for key in sorted(k for k in self.frames if k[0] == source_id):
+            if self.frames[key].failed is None and self.queue.untouched(key[0], key[1], n_tasks):
+                self.queue.drop_frame(*key)
+                self._forget(key)
+                return key
+        return None
+
+    def _forget(self, key: FrameKey) -> None:
+        del self.frames[key]
+        self.inflight[key[0]] -= 1
+
+    # -------------------------------------------------------------------- from the gateway
+    def tile_ack(self, msg: TileAck, now: float) -> None:
+        self.queue.done(TaskRef(msg.source, msg.frame, msg.task), now)
+        sf = self.frames.get((msg.source, msg.frame))
+        if sf is not None:
+            sf.acked.add(msg.task)
+            if msg.holder:
+                for sid in msg.strips:
+                    sf.strip_holders.setdefault(sid, msg.holder)
+
+    def tiles_in(self, msg: TilesIn) -> bool:
+        return self.queue.end_tiles(msg.source, msg.frame) > 0
+
+    def frame_done(self, msg: FrameDone) -> bool:
+        """The frame's result is out: forget it. False if it was not a frame of this node."""
+        key = (msg.source, msg.frame)
+        if key not in self.frames:
+            return False
+        self.queue.drop_frame(msg.source, msg.frame)
+        self._forget(key)
+        return True
+
+    # -------------------------------------------------------------------- queue decisions
+    def ready(self, ref: TaskRef) -> bool:
+        """A task that can run its cheapest variant now: a tail, a tile without producers, or
+        a reuse tile whose producers' tiles (and so their strips) are at the gateway."""
+        sf = self.frames.get((ref.source, ref.frame))
+        if ref.is_tail or sf is None:
+            return True
+        producers = self.producers.get(ref.task)
+        return producers is None or sf.acked.issuperset(producers)
+
+    def near(self, node_id: str, me: str) -> Callable[[TaskRef], bool]:
+        """Whether a task finds every reuse strip it consumes at ``node_id`` (which will run it)
+        or at ``me`` (they go with its grant): no strip fetch from a third node."""
+        def near(ref: TaskRef) -> bool:
+            sf = self.frames.get((ref.source, ref.frame))
+            if ref.is_tail or sf is None:
+                return True
+            return all(sf.strip_holders.get(s) in (node_id, me) for s in self.consumes.get(ref.task, ()))
+        return near
+
+    def holders_of(self, key: FrameKey, task_id: int) -> dict[str, list[int]] | None:
+        """Where the strips a reuse tile of this node's frame consumes are (node id -> strip
+        ids), as the gateway's acks said; None if any is unknown (then the gateway is asked)."""
+        sf = self.frames.get(key)
+        consumes = self.consumes.get(task_id)
+        if sf is None or not consumes:
+            return None
+        by_node: dict[str, list[int]] = {}
+        for sid in consumes:
+            node = sf.strip_holders.get(sid)
+            if node is None:
+                return None
+            by_node.setdefault(node, []).append(sid)
+        return by_node
+
+    def validate(self) -> None:
+        """Invariants (tests call this after every step)."""
+        counts: dict[str, int] = {}
+        for key in self.frames:
+            counts[key[0]] = counts.get(key[0], 0) + 1
+        for src, n in self.inflight.items():
+            assert n == counts.get(src, 0), f"{src}: {n} in flight, {counts.get(src, 0)} frames kept"
+        queued = {(r.source, r.frame) for r in self.queue.queue if not r.is_tail}
+        for key in queued:
+            assert key in self.frames or key[0] not in self.inflight, f"tasks of unknown frame {key}"
+        for key, sf in self.frames.items():
+            if sf.failed is not None:
+                assert key not in queued
