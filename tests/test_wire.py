@@ -41,6 +41,8 @@ from stealer.wire import (
 from stealer.wire.messages import (
     FrameDone,
     FrameDrop,
+    FrameFailed,
+    TaskFailed,
     GatewayClaim,
     FrameStart,
     StealReply,
@@ -172,6 +174,8 @@ SAMPLES = [
     pytest.param(FrameDone("n1/0", 3), id="frame-done"),
     pytest.param(GatewayClaim(2), id="gateway-claim"),
     pytest.param(FrameDrop("n1/0", 9), id="frame-drop"),
+    pytest.param(TaskFailed("n1/0", 9, 2, "malformed grant"), id="task-failed"),
+    pytest.param(FrameFailed("n1/0", 9, -1, "tail failed"), id="frame-failed"),
 ]
 
 

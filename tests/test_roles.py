@@ -1,0 +1,306 @@
+"""The role machines with no network and no event loop: events in, actions out.
+
+Each test here names the defect it guards against; every one failed on the code before the
+roles were pure (the node decided these things in the middle of awaits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stealer.config import DEFAULT_LIMITS
+from stealer.errors import ProtocolError
+from stealer.ftp.plan import make_plan
+from stealer.network import Network, builtin_cfg
+from stealer.roles import gateway as g
+from stealer.roles.gateway import GatewayState
+from stealer.roles.membership import Follow, MembershipState, Promote, SendClaim, StepDown
+from stealer.roles.source import SourceState, ToGateway
+from stealer.scheduler import TAIL, TaskRef, WorkQueue
+from stealer.sources import Frame
+from stealer.wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
+
+PK = "2x2:4:quad"
+
+
+@pytest.fixture(scope="module")
+def plan():
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+    return make_plan(Network.from_cfg_text(text, seed=11), (2, 2), 4, scheme="quad")
+
+
+def tile_msg(plan, source: str, frame: int, task: int, strips: bool = True) -> TileDone:
+    t = plan.task(task)
+    y0, y1, x0, x1 = t.output
+    out = np.full((plan.output_shape[0], y1 - y0, x1 - x0), float(task), np.float32)
+    return TileDone(source, frame, task, PK, "full", out, sorted(t.produces) if strips else [])
+
+
+def gateway(plan, **limits) -> GatewayState:
+    return GatewayState("gw", lambda key: plan, limits=DEFAULT_LIMITS.replace(**limits) if limits else DEFAULT_LIMITS)
+
+
+def released(actions) -> list[dict]:
+    return [a.result for a in actions if isinstance(a, g.Released)]
+
+
+def run_frame(gw: GatewayState, plan, source: str, frame: int, now: float = 0.0) -> list:
+    out = []
+    for t in plan.tasks:
+        out += gw.tile_done("thief", tile_msg(plan, source, frame, t.id), now)
+    out += gw.tail_done("thief", TailDone(source, frame, "ab" * 32), now)
+    gw.validate()
+    return out
+
+
+# ---------------------------------------------------------------------------- gateway
+def test_tiles_before_their_frame_start_wait_and_the_frame_is_released(plan):
+    """Defect: a frame whose tiles all reached the gateway before its FrameStart was parked
+    forever (its result was never released)."""
+    gw = gateway(plan)
+    acts = []
+    for t in plan.tasks:
+        acts += gw.tile_done("thief", tile_msg(plan, "src/0", 0, t.id), 0.0)
+    assert not acts and gw.stats.early_tiles == len(plan.tasks) and not gw.frames  # no map allocated
+    acts = gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 1.0)
+    assert [a for a in acts if isinstance(a, g.QueueTail)] == [g.QueueTail(TaskRef("src/0", 0, TAIL))]
+    acts = gw.tail_done("thief", TailDone("src/0", 0, "ab" * 32), 2.0)
+    assert [r["frame"] for r in released(acts)] == [0]
+    assert g.Notify("src", FrameDone("src/0", 0)) in acts
+    gw.validate()
+    assert gw.early_bytes == 0 and not gw.frames
+
+
+def test_early_tiles_are_bounded_and_no_map_is_allocated_for_unannounced_frames(plan):
+    """Defect: any peer could make the gateway allocate a full fused map per frame key of its
+    choosing."""
+    one = tile_msg(plan, "src/0", 0, 0).output.nbytes
+    gw = gateway(plan, early_tile_bytes=3 * one)
+    for frame in range(100):
+        gw.tile_done("evil", tile_msg(plan, "src/0", frame, 0), 0.0)
+    assert gw.early_bytes <= 3 * one and gw.stats.early_dropped == 97 and not gw.frames
+    gw.validate()
+
+
+def test_a_node_speaks_only_for_its_own_sources(plan):
+    """Defect: any connected peer could announce or drop frames in another node's name."""
+    gw = gateway(plan)
+    assert gw.frame_start("evil", FrameStart("src/0", 0, PK, 8, 8), 0.0) == []
+    assert gw.frame_drop("evil", FrameDrop("src/0", 0), 0.0) == []
+    assert gw.frame_failed("evil", FrameFailed("src/0", 0, 1, "x"), 0.0) == []
+    assert gw.stats.foreign_refused == 3 and not gw.frames
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 0.0)
+    assert gw.frame_drop("evil", FrameDrop("src/0", 0), 0.0) == [] and ("src/0", 0) in gw.frames
+
+
+def test_strip_claims_are_checked_against_the_plan(plan):
+    """Defect: a tile's claim about the strips it holds was trusted."""
+    gw = gateway(plan)
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 0.0)
+    consumer = next(t for t in plan.tasks if not t.produces)
+    bad = tile_msg(plan, "src/0", 0, consumer.id)
+    bad = TileDone(bad.source, bad.frame, bad.task, bad.plan, bad.variant, bad.output, [0])
+    with pytest.raises(ProtocolError, match="claims strips"):
+        gw.tile_done("thief", bad, 0.0)
+
+
+def test_results_leave_in_order_and_each_exactly_once(plan):
+    gw = gateway(plan)
+    for f in range(3):
+        gw.frame_start("src", FrameStart("src/0", f, PK, 8, 8), 0.0)
+    assert released(run_frame(gw, plan, "src/0", 2)) == []
+    assert released(run_frame(gw, plan, "src/0", 1)) == []
+    assert [r["frame"] for r in released(run_frame(gw, plan, "src/0", 0))] == [0, 1, 2]
+    # late duplicates of released frames: acked, never released again
+    again = run_frame(gw, plan, "src/0", 1)
+    assert released(again) == [] and gw.stats.duplicates_dropped >= len(plan.tasks)
+    # announced again (the source missed the FrameDone): told again, not run again
+    assert gw.frame_start("src", FrameStart("src/0", 1, PK, 8, 8), 0.0) == [g.Notify("src", FrameDone("src/0", 1))]
+
+
+@pytest.mark.parametrize("limit, value, error", [
+    pytest.param("max_queued_frames", 2, "max_queued_frames", id="frames"),
+    pytest.param("result_buffer_bytes", 1, "result_buffer_bytes", id="bytes"),
+    pytest.param("max_sources_per_node", 1, "max_sources_per_node", id="sources"),
+])
+def test_bounds_are_enforced_and_a_refused_frame_is_released_with_an_error(plan, limit, value, error):
+    """Defect: max_queued_frames and result_buffer_bytes were documented, never enforced."""
+    gw = gateway(plan, **{limit: value})
+    acts = []
+    for f in range(3):
+        acts += gw.frame_start("src", FrameStart(f"src/{f if limit == 'max_sources_per_node' else 0}", f, PK, 8, 8),
+                               0.0)
+    gw.validate()
+    assert len(gw.frames) <= 2
+    for key in list(gw.frames):  # the admitted frames finish; the refused ones follow in order
+        acts += run_frame(gw, plan, *key)
+    out = released(acts)
+    assert sorted(r["frame"] for r in out) == [0, 1, 2]  # every frame released exactly once
+    refused = [r for r in out if "error" in r]
+    assert refused and all(error in r["error"] for r in refused)
+
+
+def test_a_bad_frame_start_is_refused_at_the_door(plan):
+    """Defect: a FrameStart with img_w = 0 made every task fail, re-leased forever."""
+    gw = gateway(plan)
+    acts = gw.frame_start("src", FrameStart("src/0", 0, PK, 0, 8), 0.0)
+    assert "out of range" in released(acts)[0]["error"] and not gw.frames
+
+
+def test_a_failed_frame_is_released_in_order_with_its_error(plan):
+    gw = gateway(plan)
+    for f in range(2):
+        gw.frame_start("src", FrameStart("src/0", f, PK, 8, 8), 0.0)
+    assert released(run_frame(gw, plan, "src/0", 1)) == []
+    acts = gw.frame_failed("src", FrameFailed("src/0", 0, 3, "malformed grant"), 1.0)
+    res = released(acts)
+    assert [r["frame"] for r in res] == [0, 1]
+    assert res[0]["failed_task"] == 3 and "malformed grant" in res[0]["error"] and "error" not in res[1]
+
+
+def test_a_lost_source_node_leaves_nothing_behind(plan):
+    gw = gateway(plan)
+    for f in range(3):
+        gw.frame_start("src", FrameStart("src/0", f, PK, 8, 8), 0.0)
+    gw.tile_done("thief", tile_msg(plan, "src/0", 0, 0), 0.0)
+    gw.source_lost("src")
+    gw.validate()
+    assert not gw.frames and not gw.sources and gw.held_bytes == 0 and not gw.order.sources()
+    # it comes back and starts its frames again: they finish
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 0.0)
+    assert [r["frame"] for r in released(run_frame(gw, plan, "src/0", 0))] == [0]
+
+
+def test_gateway_memory_stays_constant_over_many_frames(plan):
+    """Defect: a long-running gateway remembered every frame it finished."""
+    gw = gateway(plan, finished_frames_remembered=64)
+    for f in range(500):
+        gw.frame_start("src", FrameStart("src/0", f, PK, 8, 8), 0.0)
+        assert len(released(run_frame(gw, plan, "src/0", f))) == 1
+    assert len(gw.finished) == 64 and not gw.frames and not gw.early and not gw.order.sources()
+
+
+# ---------------------------------------------------------------------------- source
+def frame(n: int) -> Frame:
+    return Frame(n, 8, 8, np.zeros((3, 8, 8), np.float32))
+
+
+def test_resend_on_a_new_gateway_queues_every_task_exactly_once(plan):
+    """Defect: the resend after a takeover could drop a frame's tasks without queueing them
+    again, and raced with the source loop, so tasks could be queued twice."""
+    q = WorkQueue("src", 30.0)
+    src = SourceState(q, PK, plan)
+    acts = src.new_frame("src/0", frame(0), 0.0)
+    assert acts == [ToGateway(FrameStart("src/0", 0, PK, 8, 8))]
+    taken = q.take("thief", 0.0)
+    src.announced(("src/0", 0), "gw1")
+    acts = src.gateway_changed("gw2")
+    assert [a.msg for a in acts] == [FrameStart("src/0", 0, PK, 8, 8)]
+    assert sorted(r.task for r in q.queue) == [t.id for t in plan.tasks] and taken not in q.leases
+    src.validate()
+    # a frame no gateway heard of yet is only announced, its tasks are not queued again
+    src.new_frame("src/0", frame(1), 0.0)
+    before = list(q.queue)
+    src.gateway_changed("gw2")
+    assert [r for r in q.queue if r.frame == 1] == [r for r in before if r.frame == 1]
+
+
+def test_a_task_that_fails_every_attempt_fails_its_frame(plan):
+    """Defect: a task that failed every time was re-leased every 30 s forever, and blocked its
+    source's ordered results."""
+    q = WorkQueue("src", 30.0, max_attempts=3)
+    src = SourceState(q, PK, plan)
+    src.new_frame("src/0", frame(0), 0.0)
+    src.announced(("src/0", 0), "gw")
+    for attempt in range(3):
+        ref = q.take("thief", float(attempt))
+        assert ref is not None and ref.task == 0
+        q.fail(ref)
+    given_up = q.pop_given_up()
+    assert given_up == [TaskRef("src/0", 0, 0)]
+    acts = src.give_up(given_up[0], "malformed grant")
+    assert acts == [ToGateway(FrameFailed("src/0", 0, 0, "malformed grant"))]
+    assert not [r for r in q.queue if r.frame == 0] and not q.attempts
+    # a new gateway hears of the failure, not of a frame to run
+    src.announced(("src/0", 0), "gw")
+    assert [a.msg for a in src.gateway_changed("gw2")] == [FrameFailed("src/0", 0, 0, "malformed grant")]
+    assert not q.queue
+    src.frame_done(FrameDone("src/0", 0))
+    assert not src.frames and src.inflight["src/0"] == 0
+
+
+def test_lease_expiry_and_lost_holders_count_as_attempts():
+    q = WorkQueue("src", 1.0, max_attempts=2)
+    ref = TaskRef("src/0", 0, 0)
+    q.add([ref])
+    q.take("a", 0.0)
+    assert q.expire(5.0) == [ref] and not q.given_up
+    q.take("b", 5.0)
+    assert q.peer_lost("b") == [] and q.pop_given_up() == [ref] and not q.queue and not q.attempts
+
+
+def test_acks_change_readiness_and_holders(plan):
+    q = WorkQueue("src", 30.0)
+    src = SourceState(q, PK, plan)
+    src.new_frame("src/0", frame(0), 0.0)
+    consumer = next(t for t in plan.tasks if t.consumes and t.reuse is not None)
+    ref = TaskRef("src/0", 0, consumer.id)
+    assert not src.ready(ref)
+    for p in consumer.producers:
+        src.tile_ack(TileAck("src/0", 0, p, "nodeA", list(plan.task(p).produces)), 0.0)
+    assert src.ready(ref) and src.holders_of(("src/0", 0), consumer.id) == {"nodeA": sorted(consumer.consumes)}
+    assert src.near("nodeA", "src")(ref) and not src.near("nodeB", "src")(ref)
+    assert src.tiles_in(TilesIn("src/0", 0))
+
+
+# ---------------------------------------------------------------------------- membership
+def test_equal_epochs_break_ties_by_the_smaller_node_id():
+    """Defect: two gateway claims with equal epochs had no tie-break."""
+    m = MembershipState("b", "standby")
+    m.peer_joined("a", "standby")
+    m.peer_joined("c", "standby")
+    assert m.claim("c", 1) == [Follow("c", True)]
+    assert m.claim("a", 1) == [Follow("a", True)]  # same epoch, smaller id: wins
+    assert m.claim("c", 1) == []  # same epoch, larger id: loses everywhere
+    assert m.gateway_id == "a"
+
+
+def test_a_gateway_that_loses_the_tie_steps_down_and_a_weaker_claimant_is_told():
+    m = MembershipState("b", "gateway")
+    m.peer_joined("c", "standby")
+    m.peer_joined("a", "standby")
+    assert m.claim("c", 0) == [SendClaim("c", 0)]  # weaker: told ours
+    assert m.claim("a", 0) == [StepDown("a"), Follow("a", True)]
+    assert not m.is_gateway and m.role == "standby"
+
+
+def test_a_workers_claim_is_refused():
+    """Defect: a worker-role peer's claim was accepted."""
+    m = MembershipState("b", "worker")
+    m.peer_joined("w", "worker")
+    assert m.claim("w", 5) == [] and m.gateway_id is None
+
+
+def test_a_closing_node_never_takes_over():
+    """Defect: at close(), every connection's teardown ran the election, and a standby 'took
+    over' while it was exiting."""
+    m = MembershipState("a", "standby")
+    m.peer_joined("gw", "gateway")
+    m.claim("gw", 0)
+    m.close()
+    assert m.peer_lost("gw") == [] and not m.is_gateway
+    live = MembershipState("a", "standby")
+    live.peer_joined("gw", "gateway")
+    live.claim("gw", 0)
+    assert live.peer_lost("gw") == [Promote(1)] and live.is_gateway
+
+
+def test_the_smallest_connected_standby_takes_over():
+    ms = {n: MembershipState(n, "standby") for n in ("s1", "s2")}
+    for n, m in ms.items():
+        m.peer_joined("gw", "gateway")
+        m.peer_joined("s2" if n == "s1" else "s1", "standby")
+        m.claim("gw", 0)
+    assert ms["s1"].peer_lost("gw") == [Promote(1)]
+    assert ms["s2"].peer_lost("gw") == []

@@ -1,0 +1,212 @@
+"""Random interleavings through the role machines (hypothesis stateful testing).
+
+One source node, two thieves and a gateway, wired by message lists instead of sockets, so
+hypothesis chooses the order of everything: frames, steals, results, failures, lost
+holders, expired leases, late and duplicated messages, tiles that overtake their FrameStart,
+and gateway takeovers. After every step the machines' own invariants hold; at the end, with
+the faults stopped and every message delivered, **every frame the camera gave is released
+(or reported failed), none twice by the last gateway, and nothing is left behind**.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from stealer.config import DEFAULT_LIMITS
+from stealer.ftp.plan import make_plan
+from stealer.network import Network, builtin_cfg
+from stealer.roles import gateway as g
+from stealer.roles.gateway import GatewayState
+from stealer.roles.source import SourceState
+from stealer.scheduler import TAIL, TaskRef, WorkQueue
+from stealer.sources import Frame
+from stealer.wire.messages import FrameDone, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
+
+PK = "2x2:4:quad"
+SRC = "src/0"
+LEASE = 30.0
+_text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+PLAN = make_plan(Network.from_cfg_text(_text, seed=11), (2, 2), 4, scheme="quad")
+LIMITS = DEFAULT_LIMITS.replace(max_queued_frames=6, finished_frames_remembered=64)
+
+
+def tile(frame: int, task: int) -> TileDone:
+    t = PLAN.task(task)
+    y0, y1, x0, x1 = t.output
+    out = np.zeros((PLAN.output_shape[0], y1 - y0, x1 - x0), np.float32)
+    return TileDone(SRC, frame, task, PK, "full", out, sorted(t.produces))
+
+
+class Cluster(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.queue = WorkQueue("src", LEASE, max_attempts=3)
+        self.source = SourceState(self.queue, PK, PLAN)
+        self.epoch = 0
+        self.gw = GatewayState("gw0", lambda key: PLAN, limits=LIMITS)
+        self.tails = WorkQueue("gw0", LEASE, max_attempts=3)
+        self.to_gateway: list[tuple[str, object]] = []  # (sender, message)
+        self.to_source: list[object] = []
+        self.held: dict[str, list[TaskRef]] = {"a": [], "b": []}
+        self.frames_made = 0
+        self.released: dict[int, list[int]] = {}  # epoch -> frames released by that gateway
+        self.failed: set[int] = set()
+
+    # ---------------------------------------------------------------- plumbing
+    def carry_out(self, actions: list) -> None:
+        for act in actions:
+            if isinstance(act, g.Notify):
+                self.to_source.append(act.msg)
+            elif isinstance(act, g.QueueTail):
+                self.tails.add([act.ref], front=True)
+            elif isinstance(act, g.DropTail):
+                self.tails.done(act.ref)
+            elif isinstance(act, g.Released):
+                self.released.setdefault(self.epoch, []).append(act.result["frame"])
+                if "error" in act.result:
+                    self.failed.add(act.result["frame"])
+
+    def announce(self, actions: list) -> None:
+        for act in actions:
+            self.to_gateway.append(("src", act.msg))
+            self.source.announced((act.msg.source, act.msg.frame), f"gw{self.epoch}")
+
+    def give_ups(self) -> None:
+        for ref in self.queue.pop_given_up():
+            self.announce(self.source.give_up(ref, "failed in a test"))
+
+    def deliver_gateway(self, i: int) -> None:
+        sender, msg = self.to_gateway.pop(i % len(self.to_gateway))
+        if isinstance(msg, FrameStart):
+            self.carry_out(self.gw.frame_start(sender, msg, self.now))
+        elif isinstance(msg, FrameFailed):
+            self.carry_out(self.gw.frame_failed(sender, msg, self.now))
+        elif isinstance(msg, TileDone):
+            self.carry_out(self.gw.tile_done(sender, msg, self.now))
+        elif isinstance(msg, TailDone):
+            self.tails.done(TaskRef(msg.source, msg.frame, TAIL))
+            self.carry_out(self.gw.tail_done(sender, msg, self.now))
+
+    def deliver_source(self, i: int) -> None:
+        msg = self.to_source.pop(i % len(self.to_source))
+        if isinstance(msg, TileAck):
+            self.source.tile_ack(msg, self.now)
+        elif isinstance(msg, TilesIn):
+            self.source.tiles_in(msg)
+        elif isinstance(msg, FrameDone):
+            self.source.frame_done(msg)
+
+    # ---------------------------------------------------------------- rules
+    @precondition(lambda self: self.source.inflight.get(SRC, 0) < 4)
+    @rule()
+    def camera_frame(self) -> None:
+        n = self.frames_made
+        self.frames_made += 1
+        self.announce(self.source.new_frame(SRC, Frame(n, 8, 8, np.zeros((3, 8, 8), np.float32)), self.now))
+
+    @rule(thief=st.sampled_from(["a", "b"]))
+    def steal(self, thief: str) -> None:
+        ref = self.queue.take(thief, self.now, ready=self.source.ready)
+        if ref is not None:
+            self.held[thief].append(ref)
+
+    @rule(thief=st.sampled_from(["a", "b"]), i=st.integers(0, 7))
+    def finish_task(self, thief: str, i: int) -> None:
+        if self.held[thief]:
+            ref = self.held[thief].pop(i % len(self.held[thief]))
+            self.to_gateway.append((thief, tile(ref.frame, ref.task)))
+
+    @rule(thief=st.sampled_from(["a", "b"]), i=st.integers(0, 7))
+    def task_fails(self, thief: str, i: int) -> None:
+        if self.held[thief]:
+            ref = self.held[thief].pop(i % len(self.held[thief]))
+            if self.queue.holder(ref) == thief:
+                self.queue.fail(ref)
+                self.give_ups()
+
+    @rule(thief=st.sampled_from(["a", "b"]))
+    def thief_dies(self, thief: str) -> None:
+        self.held[thief].clear()
+        self.queue.peer_lost(thief)
+        self.give_ups()
+
+    @rule()
+    def leases_run_out(self) -> None:
+        self.now += LEASE + 1  # the holders may still deliver late: the gateway drops repeats
+        self.queue.expire(self.now)
+        self.give_ups()
+        self.tails.expire(self.now)
+
+    @rule(i=st.integers(0, 63))
+    def message_to_gateway(self, i: int) -> None:
+        if self.to_gateway:
+            self.deliver_gateway(i)
+
+    @rule(i=st.integers(0, 63))
+    def duplicate_to_gateway(self, i: int) -> None:
+        if self.to_gateway:
+            self.to_gateway.append(self.to_gateway[i % len(self.to_gateway)])
+
+    @rule(i=st.integers(0, 63))
+    def message_to_source(self, i: int) -> None:
+        if self.to_source:
+            self.deliver_source(i)
+
+    @rule()
+    def run_a_tail(self) -> None:
+        ref = self.tails.take("a", self.now)
+        if ref is not None:
+            self.to_gateway.append(("a", TailDone(ref.source, ref.frame, "ab" * 32)))
+
+    @rule()
+    def gateway_dies_and_a_standby_takes_over(self) -> None:
+        # what was on its way to or from the dead gateway is gone with its connections
+        self.to_gateway = [(s, m) for s, m in self.to_gateway if not isinstance(m, (FrameStart, FrameFailed))]
+        self.to_source.clear()
+        self.epoch += 1
+        self.gw = GatewayState(f"gw{self.epoch}", lambda key: PLAN, limits=LIMITS)
+        self.tails = WorkQueue(f"gw{self.epoch}", LEASE, max_attempts=3)
+        self.announce(self.source.gateway_changed(f"gw{self.epoch}"))
+
+    # ---------------------------------------------------------------- checks
+    @invariant()
+    def machines_are_consistent(self) -> None:
+        self.gw.validate()
+        self.source.validate()
+        for epoch, frames in self.released.items():
+            assert len(frames) == len(set(frames)), f"gateway {epoch} released a frame twice: {frames}"
+        assert len(self.gw.frames) <= LIMITS.max_queued_frames
+
+    def teardown(self) -> None:
+        """Faults stop; everything is delivered and run: every frame comes out."""
+        for _ in range(400):
+            if not self.source.frames:
+                break
+            while self.to_gateway:
+                self.deliver_gateway(0)
+            while self.to_source:
+                self.deliver_source(0)
+            for thief in ("a", "b"):
+                while self.held[thief]:
+                    self.finish_task(thief, 0)
+            ref = self.queue.take("a", self.now, ready=self.source.ready)
+            if ref is not None:
+                self.held["a"].append(ref)
+            self.run_a_tail()
+            if not self.to_gateway and not self.to_source and not self.held["a"] and not len(self.queue):
+                self.leases_run_out()  # work lost with a dead gateway's messages comes back by lease
+        assert not self.source.frames, f"stranded: {sorted(self.source.frames)}"
+        released = {f for frames in self.released.values() for f in frames}
+        assert released == set(range(self.frames_made)), (released, self.frames_made)
+        last = self.released.get(self.epoch, [])
+        assert len(last) == len(set(last))
+        assert not self.gw.frames and not self.gw.early and self.gw.held_bytes == 0
+
+
+TestCluster = Cluster.TestCase
+TestCluster.settings = settings(max_examples=150, stateful_step_count=60, deadline=None,
+                                suppress_health_check=[HealthCheck.too_slow])
