@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any, Sequence
 
 from .cliargs import add_model_args, load_network, parse_grid_arg
@@ -241,7 +242,9 @@ def cmd_node(args: argparse.Namespace) -> int:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
                               "role": node.role, "model_hash": net.model_hash}), flush=True)
-            waits = [asyncio.ensure_future(stop.wait())]
+            # futures of different results (stop.wait() gives True, the others None); only
+            # which finishes first matters
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
             if args.exit_when_done and sources:
                 waits.append(asyncio.ensure_future(node.wait_sources_done()))
             if (args.gateway or args.gateway_standby) and args.expect is not None:
@@ -300,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+    ftp_cli: ModuleType | None  # None only in a broken install: then there is no plan command
     try:
         from .ftp import cli as ftp_cli
     except ImportError:  # pragma: no cover - stealer.ftp is part of the package
