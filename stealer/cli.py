@@ -17,28 +17,14 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from types import ModuleType
+from typing import Any, Sequence
 
+from .cliargs import add_model_args, load_network, parse_grid_arg
 from .errors import StealerError
+from .launcher import add_run_args, cmd_run
 
 log = logging.getLogger("stealer")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfg", default="yolov2",
-                   help="darknet cfg path, or a built-in model: yolov2 (608), yolov2-tiny (416) [yolov2]")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--weights", help="darknet .weights file for the cfg")
-    g.add_argument("--random-weights", type=int, metavar="SEED", default=None,
-                   help="use deterministic random weights with this seed (the default when no --weights: 0)")
-
-
-def _load_network(args: argparse.Namespace):
-    from .network import Network
-
-    if args.weights:
-        return Network.from_darknet(args.cfg, args.weights)
-    return Network.from_random(args.cfg, 0 if args.random_weights is None else args.random_weights)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -49,7 +35,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .region import detect
 
     t0 = time.perf_counter()
-    net = _load_network(args)
+    net = load_network(args)
     t_load = time.perf_counter() - t0
     shape = net.input_shape
     if args.input in (None, "synthetic") or str(args.input).startswith("synthetic:"):
@@ -143,24 +129,15 @@ def _parse_peer(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _parse_grid_arg(text: str) -> tuple[int, int]:
-    from .ftp.plan import parse_grid
-
-    try:
-        return parse_grid(text)
-    except StealerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_node_args(p: argparse.ArgumentParser) -> None:
     """Options of ``stealer node`` (``stealer run`` passes them through)."""
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--gateway", action="store_true", help="this node is the gateway")
     p.add_argument("--gateway-standby", action="store_true",
                    help="take over as gateway if the gateway dies (give it --out too)")
     p.add_argument("--source", action="append", default=[], metavar="FEED",
                    help="a frame feed: synthetic[:SEED], images:DIR, video:PATH, camera:N (repeatable)")
-    p.add_argument("--grid", type=_parse_grid_arg, default=(5, 5), help="tile grid RxC [5x5]")
+    p.add_argument("--grid", type=parse_grid_arg, default=(5, 5), help="tile grid RxC [5x5]")
     p.add_argument("--layers", type=int, default=None, help="fused layers [16, or the conv/maxpool prefix]")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--reuse", dest="scheme", action="store_const", const="quad",
@@ -221,7 +198,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.authenticate_frames and secret is None:
         raise ConfigError("--authenticate-frames needs a cluster secret (--secret-file or STEALER_SECRET)")
     limits = limits_from_args(args)
-    net = _load_network(args)
+    net = load_network(args)
     sources = [open_source(s) for s in args.source]
     cfg = NodeConfig(
         node_id=new_node_id(), host=args.host, port=args.port, gateway=args.gateway,
@@ -265,7 +242,9 @@ def cmd_node(args: argparse.Namespace) -> int:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
                               "role": node.role, "model_hash": net.model_hash}), flush=True)
-            waits = [asyncio.ensure_future(stop.wait())]
+            # futures of different results (stop.wait() gives True, the others None); only
+            # which finishes first matters
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
             if args.exit_when_done and sources:
                 waits.append(asyncio.ensure_future(node.wait_sources_done()))
             if (args.gateway or args.gateway_standby) and args.expect is not None:
@@ -293,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("infer", help="single-device inference")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("input", nargs="?", default=None,
                    help="image file (letterboxed), .npy (C,H,W) float32 tensor, or synthetic[:SEED] [synthetic]")
     p.add_argument("--frame", type=int, default=0, help="synthetic frame number [0]")
@@ -304,8 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON to this file (else to stdout)")
     p.add_argument("--save-output", metavar="NPY", help="save the last layer's output tensor")
     p.set_defaults(func=cmd_infer)
-
-    from .launcher import add_run_args, cmd_run
 
     p = sub.add_parser("run", help="a whole cluster on this machine, checked against single-device inference")
     add_run_args(p)
@@ -326,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+    ftp_cli: ModuleType | None  # None only in a broken install: then there is no plan command
     try:
         from .ftp import cli as ftp_cli
     except ImportError:  # pragma: no cover - stealer.ftp is part of the package

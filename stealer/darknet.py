@@ -143,7 +143,11 @@ def _read_sections(text: str, source: str) -> list[Section]:
 
 
 class _Opts:
-    """Typed option lookup on one section, with errors that name file, line and key."""
+    """Typed option lookup on one section, with errors that name file, line and key.
+
+    The lookups are ``integer`` and ``string``, not ``int`` and ``str``: methods of those names
+    would shadow the builtins in the class body, where the annotations are resolved.
+    """
 
     def __init__(self, sec: Section, source: str) -> None:
         self.sec = sec
@@ -161,7 +165,7 @@ class _Opts:
             raise CfgError(f"{self.where()} (line {self.sec.line}) is missing required key {key!r}")
         return None if default is None else str(default)
 
-    def int(self, key: str, default: int | None = None, *, required: bool = False,
+    def integer(self, key: str, default: int | None = None, *, required: bool = False,
             minimum: int | None = None) -> int:
         raw = self._raw(key, default, required)
         if raw is None:
@@ -174,7 +178,7 @@ class _Opts:
             raise CfgError(f"{self.where(key)} {key}={value} must be >= {minimum}")
         return value
 
-    def str(self, key: str, default: str | None = None, *, required: bool = False) -> str:
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str:
         raw = self._raw(key, default, required)
         if raw is None:
             raise CfgError(f"{self.where()} is missing required key {key!r}")
@@ -202,7 +206,7 @@ class _Opts:
             raise CfgError(f"{self.where(key)} {key}={raw!r} is not a list of integers") from None
 
     def unsupported_if_set(self, key: str, what: str) -> None:
-        if self.int(key, 0) != 0:
+        if self.integer(key, 0) != 0:
             raise CfgError(f"{self.where(key)} {key}= is set; {what} is not supported")
 
 
@@ -225,12 +229,12 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
     """
     sections = _read_sections(text, source)
     o = _Opts(sections[0], source)
-    batch = o.int("batch", 1, minimum=1)
-    subdivisions = o.int("subdivisions", 1, minimum=1)
+    batch = o.integer("batch", 1, minimum=1)
+    subdivisions = o.integer("subdivisions", 1, minimum=1)
     net = NetInfo(
-        width=o.int("width", required=True, minimum=1),
-        height=o.int("height", required=True, minimum=1),
-        channels=o.int("channels", required=True, minimum=1),
+        width=o.integer("width", required=True, minimum=1),
+        height=o.integer("height", required=True, minimum=1),
+        channels=o.integer("channels", required=True, minimum=1),
         batch=max(1, batch // subdivisions),
     )
     shape: Shape = net.input_shape
@@ -242,23 +246,23 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
         if sec.name == "net":
             raise CfgError(f"{source}:{sec.line}: a second [net] section")
         if sec.name == "conv":
-            filters = o.int("filters", required=True, minimum=1)
-            size = o.int("size", required=True, minimum=1)
-            stride = o.int("stride", 1, minimum=1)
-            pad_flag = o.int("pad", 0)
-            padding = o.int("padding", 0, minimum=0)
+            filters = o.integer("filters", required=True, minimum=1)
+            size = o.integer("size", required=True, minimum=1)
+            stride = o.integer("stride", 1, minimum=1)
+            pad_flag = o.integer("pad", 0)
+            padding = o.integer("padding", 0, minimum=0)
             if pad_flag:
                 padding = size // 2
-            activation = o.str("activation", "logistic")
+            activation = o.string("activation", "logistic")
             if activation not in ACTIVATIONS:
                 raise CfgError(
                     f"{o.where('activation')} activation={activation!r} is not supported "
                     f"(supported: {', '.join(ACTIVATIONS)})"
                 )
-            bn = bool(o.int("batch_normalize", 0))
+            bn = bool(o.integer("batch_normalize", 0))
             for key, what in (("binary", "binary weights"), ("xnor", "XNOR convolution")):
                 o.unsupported_if_set(key, what)
-            if o.int("groups", 1) != 1:
+            if o.integer("groups", 1) != 1:
                 raise CfgError(f"{o.where('groups')} grouped convolution is not supported")
             ho = (h + 2 * padding - size) // stride + 1
             wo = (w + 2 * padding - size) // stride + 1
@@ -270,9 +274,9 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
             spec = ConvSpec(index, shape, (filters, ho, wo), filters, size, stride, padding,
                             activation, bn)
         elif sec.name == "maxpool":
-            stride = o.int("stride", 1, minimum=1)
-            size = o.int("size", stride, minimum=1)
-            padding = o.int("padding", (size - 1) // 2, minimum=0)
+            stride = o.integer("stride", 1, minimum=1)
+            size = o.integer("size", stride, minimum=1)
+            padding = o.integer("padding", (size - 1) // 2, minimum=0)
             ho = (h + 2 * padding) // stride
             wo = (w + 2 * padding) // stride
             if ho < 1 or wo < 1:
@@ -293,18 +297,18 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
             (rh, rw), = hw
             spec = RouteSpec(index, src_shapes[0], (sum(sh[0] for sh in src_shapes), rh, rw), sources)
         elif sec.name == "reorg":
-            stride = o.int("stride", 1, minimum=1)
+            stride = o.integer("stride", 1, minimum=1)
             for key in ("reverse", "flatten", "extra"):
                 o.unsupported_if_set(key, f"reorg {key}")
             if h % stride or w % stride:
                 raise CfgError(f"{o.where()} reorg stride {stride} does not divide the {h}x{w} map")
             spec = ReorgSpec(index, shape, (c * stride * stride, h // stride, w // stride), stride)
         elif sec.name == "region":
-            coords = o.int("coords", 4, minimum=1)
-            classes = o.int("classes", 20, minimum=1)
-            num = o.int("num", 1, minimum=1)
-            softmax = bool(o.int("softmax", 0))
-            if o.str("tree", "") != "":
+            coords = o.integer("coords", 4, minimum=1)
+            classes = o.integer("classes", 20, minimum=1)
+            num = o.integer("num", 1, minimum=1)
+            softmax = bool(o.integer("softmax", 0))
+            if o.string("tree", "") != "":
                 raise CfgError(f"{o.where('tree')} hierarchical softmax (tree=) is not supported")
             anchors = o.floats("anchors")
             if anchors and len(anchors) != 2 * num:
@@ -376,6 +380,10 @@ class ConvParams:
         """
         if self.scales is None:
             return self.weights.astype(np.float32, copy=True), self.biases.astype(np.float32, copy=True)
+        # read_weights always sets all three batch-norm arrays together, but ConvParams is public:
+        # scales without mean and variance cannot be folded, so say so rather than fail on None.
+        if self.rolling_mean is None or self.rolling_variance is None:
+            raise WeightsError("batch-norm scales given without rolling mean and variance")
         var = self.rolling_variance.astype(np.float64)
         if np.any(var < 0):
             raise WeightsError("batch-norm variance is negative")
@@ -483,7 +491,10 @@ def write_weights(path: str | os.PathLike[str], spec: ModelSpec, params: dict[in
         p = params[layer.index]
         parts: Iterable[np.ndarray] = [p.biases]
         if layer.batch_normalize:
-            assert p.scales is not None and p.rolling_mean is not None and p.rolling_variance is not None
+            # A real check, not an assert: under python -O a None here would be written as one NaN.
+            if p.scales is None or p.rolling_mean is None or p.rolling_variance is None:
+                raise WeightsError(f"layer {layer.index} has batch_normalize=1 but its parameters "
+                                   "lack scales, rolling mean or rolling variance")
             parts = [p.biases, p.scales, p.rolling_mean, p.rolling_variance]
         for a in (*parts, p.weights):
             chunks.append(np.ascontiguousarray(a, dtype="<f4").tobytes())

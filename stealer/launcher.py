@@ -21,16 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .cliargs import add_model_args, load_network, model_argv, parse_grid_arg
 from .errors import StealerError
-
-
-def _model_args(args: argparse.Namespace) -> list[str]:
-    out = ["--cfg", str(args.cfg)]
-    if args.weights:
-        out += ["--weights", str(args.weights)]
-    else:
-        out += ["--random-weights", str(0 if args.random_weights is None else args.random_weights)]
-    return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -47,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     total = n_sources * args.frames
     work = Path(tempfile.mkdtemp(prefix="stealer-run-"))
     results_path = work / "results.jsonl"
-    common = _model_args(args) + ["--grid", f"{args.grid[0]}x{args.grid[1]}", "--scheme", args.scheme,
+    common = model_argv(args) + ["--grid", f"{args.grid[0]}x{args.grid[1]}", "--scheme", args.scheme,
                                   "--policy", args.policy, "--max-inflight", str(args.max_inflight)]
     if args.layers:
         common += ["--layers", str(args.layers)]
@@ -182,10 +174,8 @@ def _source_seeds(work: Path, nodes: int, placement: dict[int, list[int]], seed:
 def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict[str, int]) -> int:
     """Recompute every frame on this device and compare output digests; returns mismatches."""
     from .images import synthetic_frame
-    from .network import Network
 
-    net = Network.from_darknet(args.cfg, args.weights) if args.weights else \
-        Network.from_random(args.cfg, 0 if args.random_weights is None else args.random_weights)
+    net = load_network(args)
     bad = 0
     threads = os.cpu_count() or 1
     with ThreadPoolExecutor(threads) as pool:
@@ -201,14 +191,12 @@ def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    from .cli import _add_model_args, _parse_grid_arg
-
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--nodes", type=int, default=3, help="processes, the gateway included [3]")
     p.add_argument("--sources", type=int, default=1, help="synthetic sources [1]")
     p.add_argument("--frames", type=int, default=8, help="frames per source [8]")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed of the first source [0]")
-    p.add_argument("--grid", type=_parse_grid_arg, default=(5, 5))
+    p.add_argument("--grid", type=parse_grid_arg, default=(5, 5))
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--scheme", default="quad", choices=["none", "checkerboard", "quad", "wave"])
     p.add_argument("--policy", default="steal", choices=["steal", "share"])

@@ -114,9 +114,9 @@ class Network:
         self.spec = spec
         self.model_hash = model_hash
         self.conv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for layer in spec.conv_layers():
-            w, b = params[layer.index].folded()
-            self.conv[layer.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
+        for conv in spec.conv_layers():
+            w, b = params[conv.index].folded()
+            self.conv[conv.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
         # Which layers' outputs a later route reads, so forward() keeps only those alive.
         self._route_refs: dict[int, int] = {}
         for layer in spec.layers:
@@ -187,7 +187,8 @@ class Network:
         node calls this before it joins a cluster, so that no compilation stalls its event loop
         (and its heartbeats) later.
         """
-        seen = set()
+        # keys are ("conv", size, stride, activation) and ("max", size, stride)
+        seen: set[tuple[str | int, ...]] = set()
         for layer in self.layers:
             if isinstance(layer, ConvSpec):
                 key = ("conv", layer.size, layer.stride, layer.activation)

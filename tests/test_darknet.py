@@ -197,6 +197,18 @@ def test_batchnorm_fold_matches_darknet_formula():
     assert not np.isclose(k[0], k_wrong, rtol=0.1)
 
 
+def test_batchnorm_params_without_mean_or_variance_are_refused(tmp_path):
+    # ConvParams is public: scales without rolling statistics can be neither folded nor written
+    spec = parse_cfg_text(NET + "[convolutional]\nbatch_normalize=1\nfilters=4\nsize=3\npad=1\nactivation=linear\n")
+    params = random_weights(spec, 1)
+    params[0].rolling_variance = None
+    with pytest.raises(WeightsError, match="without rolling mean and variance"):
+        params[0].folded()
+    with pytest.raises(WeightsError, match="layer 0 has batch_normalize=1"):
+        write_weights(tmp_path / "bad.weights", spec, params)
+    assert not (tmp_path / "bad.weights").exists()
+
+
 def test_random_weights_are_deterministic():
     spec = parse_cfg(builtin_cfg("yolov2-tiny"))
     a, b, c = random_weights(spec, 7), random_weights(spec, 7), random_weights(spec, 8)

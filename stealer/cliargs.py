@@ -1,0 +1,60 @@
+"""Command-line arguments shared by ``stealer.cli`` and ``stealer.launcher``.
+
+Both ``stealer node`` (cli) and ``stealer run`` (launcher) take the model options and a tile
+grid; the helpers live here so that neither module has to import the other for them (cli
+imports the launcher for its ``run`` command, and the launcher needs nothing from cli).
+
+The heavy imports (the network and its numba kernels, the tile planner) stay inside the
+functions, so that building the parser and ``--help`` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from .errors import StealerError
+
+if TYPE_CHECKING:
+    from .network import Network
+
+__all__ = ["add_model_args", "load_network", "model_argv", "parse_grid_arg"]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--cfg`` and either ``--weights`` or ``--random-weights``."""
+    p.add_argument("--cfg", default="yolov2",
+                   help="darknet cfg path, or a built-in model: yolov2 (608), yolov2-tiny (416) [yolov2]")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--weights", help="darknet .weights file for the cfg")
+    g.add_argument("--random-weights", type=int, metavar="SEED", default=None,
+                   help="use deterministic random weights with this seed (the default when no --weights: 0)")
+
+
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_model_args` again as argv, for the launcher's child nodes."""
+    out = ["--cfg", str(args.cfg)]
+    if args.weights:
+        out += ["--weights", str(args.weights)]
+    else:
+        out += ["--random-weights", str(0 if args.random_weights is None else args.random_weights)]
+    return out
+
+
+def load_network(args: argparse.Namespace) -> Network:
+    """The network the options of :func:`add_model_args` name (random weights seed 0 by default)."""
+    from .network import Network
+
+    if args.weights:
+        return Network.from_darknet(args.cfg, args.weights)
+    return Network.from_random(args.cfg, 0 if args.random_weights is None else args.random_weights)
+
+
+def parse_grid_arg(text: str) -> tuple[int, int]:
+    """``--grid RxC`` for argparse: a bad grid is a usage error, not a traceback."""
+    from .ftp.plan import parse_grid
+
+    try:
+        return parse_grid(text)
+    except StealerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
