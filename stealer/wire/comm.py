@@ -26,9 +26,12 @@ is refused without reading), and big bodies grow only as their bytes arrive. Rep
 events from one address are logged at WARNING once, then at DEBUG; every one is counted
 in :attr:`Server.stats`. Liveness comes from TCP
 traffic: :meth:`Comm.start_heartbeat` pings an idle link every
-``Limits.heartbeat_interval`` and aborts it when nothing has arrived for
-``Limits.peer_dead_after`` while we were reading. ``Ping``/``Pong`` are answered and
-consumed inside :meth:`Comm.recv`; callers never see them.
+``Limits.heartbeat_interval`` and aborts it when not one byte has arrived (read by us,
+or waiting in the kernel for our loop) for the link's deadline while we were reading:
+``Limits.peer_dead_after``, grown with the link's RTT and retransmission timeout up to
+``Limits.peer_dead_max`` (see :class:`Comm`). ``Ping``/``Pong`` are answered and
+consumed inside :meth:`Comm.recv`; callers never see them. Bytes posted to a peer that
+does not read them are capped (``Limits.max_write_buffer_bytes``).
 
 Every task created here is kept in a set until done; ``CancelledError`` is never caught
 without being re-raised.
