@@ -73,8 +73,10 @@ class Limits:
     bombs in our validator (msgpack itself is bounded by ``max_header_bytes``)."""
 
     read_chunk_bytes: int = 256 * 1024
-    """Large frame bodies are read in chunks of this size so that liveness (heartbeat)
-    sees progress while a multi-megabyte tensor is still arriving over slow Wi-Fi."""
+    """Most bytes taken from the stream per read of a frame body. Each read returns what
+    has arrived (up to this), and every read that returns bytes counts as liveness, so a
+    multi-megabyte tensor arriving slowly is never mistaken for a dead peer; the cap bounds
+    one read's copy and how far the body buffer grows per step."""
 
     # ---- connections ---------------------------------------------------------------------
     connect_timeout: float = 10.0
@@ -107,6 +109,14 @@ class Limits:
     the honest cluster out. A real peer holds one or two; several nodes emulated on one
     host (127.0.0.1) need about two per other node."""
 
+    max_write_buffer_bytes: int = 64 * _MiB
+    """Most bytes :meth:`Comm.post <stealer.wire.Comm.post>` may leave queued in the
+    transport for one peer (posted frames, and those held while a big frame's MAC is
+    computed), beyond the frame a ``send`` is writing. A peer that stops reading would
+    otherwise make every post grow our memory without bound; past it the connection is
+    aborted ("peer is not reading"). 64 MiB is over a minute of a 20 Mbit/s link's
+    worth of control messages and tiles."""
+
     close_timeout: float = 1.0
     """How long a graceful close waits to flush its Goodbye and for the socket to close
     before aborting; a dead peer must not make shutdown hang."""
@@ -117,10 +127,20 @@ class Limits:
     one or two lost/late Pings on Wi-Fi do not kill a healthy link."""
 
     peer_dead_after: float = 0.9
-    """A peer from which nothing (no frame, no chunk of a frame) has arrived for this long
-    while we are reading is declared dead and its connection aborted; keeps total
-    failure detection under 1 s so stolen work is re-run quickly. Liveness comes from
+    """A peer from which not one byte has arrived for this long while we are reading (and
+    none is waiting in the kernel) is declared dead and its connection aborted; keeps
+    failure detection on an idle link under 1 s so stolen work is re-run quickly. On a
+    loaded or lossy link the deadline grows with the measured RTT and retransmission
+    timeout, up to ``peer_dead_max`` (see :class:`stealer.wire.Comm`). Liveness comes from
     TCP traffic, not from mDNS (whose goodbyes are optional and whose TTLs are minutes)."""
+
+    peer_dead_max: float = 10.0
+    """Upper bound of the adaptive dead-peer deadline. The deadline grows with a link's
+    smoothed Ping RTT and its TCP retransmission timeout (so a 20 Mbit/s link in RTO
+    backoff in the middle of a 4 MB tile is not called dead); this cap keeps a peer that
+    really froze in the middle of a transfer (or a link whose RTT estimate was inflated
+    by queueing) from holding its work for longer than this before it is re-run. A
+    ``peer_dead_after`` above it wins (the deadline never drops below that)."""
 
     # ---- discovery -----------------------------------------------------------------------
     mdns_resolve_timeout: float = 2.0

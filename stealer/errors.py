@@ -69,7 +69,8 @@ class SecretError(ConfigError):
 
 
 class PeerDeadError(CommClosedError):
-    """A peer sent nothing for ``Limits.peer_dead_after`` seconds; its connection was aborted."""
+    """Not one byte arrived from a peer for its link's dead deadline (``Limits.peer_dead_after``,
+    grown on a loaded link up to ``Limits.peer_dead_max``); its connection was aborted."""
 
 
 class DiscoveryError(StealerError):

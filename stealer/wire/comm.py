@@ -26,9 +26,12 @@ is refused without reading), and big bodies grow only as their bytes arrive. Rep
 events from one address are logged at WARNING once, then at DEBUG; every one is counted
 in :attr:`Server.stats`. Liveness comes from TCP
 traffic: :meth:`Comm.start_heartbeat` pings an idle link every
-``Limits.heartbeat_interval`` and aborts it when nothing has arrived for
-``Limits.peer_dead_after`` while we were reading. ``Ping``/``Pong`` are answered and
-consumed inside :meth:`Comm.recv`; callers never see them.
+``Limits.heartbeat_interval`` and aborts it when not one byte has arrived (read by us,
+or waiting in the kernel for our loop) for the link's deadline while we were reading:
+``Limits.peer_dead_after``, grown with the link's RTT and retransmission timeout up to
+``Limits.peer_dead_max`` (see :class:`Comm`). ``Ping``/``Pong`` are answered and
+consumed inside :meth:`Comm.recv`; callers never see them. Bytes posted to a peer that
+does not read them are capped (``Limits.max_write_buffer_bytes``).
 
 Every task created here is kept in a set until done; ``CancelledError`` is never caught
 without being re-raised.
@@ -55,7 +58,7 @@ from stealer.errors import (
     PeerDeadError,
     ProtocolError,
 )
-from stealer.wire import framing
+from stealer.wire import framing, sockinfo
 from stealer.wire.auth import TAG_BYTES, ClusterKey, FrameMac, Transcript, new_nonce, warn_if_open
 from stealer.wire.messages import (
     AuthChallenge,
@@ -98,6 +101,29 @@ _MAX_REASON_CHARS: Final = 200
 """A peer's Reject reason is cut to this length before it is logged or raised: it is
 untrusted text."""
 
+_RTT_GAIN: Final = 1 / 8
+"""Weight of a new Ping RTT sample in the smoothed RTT (RFC 6298's alpha): a few samples
+move it, one outlier does not."""
+
+_RTT_FACTOR: Final = 4.0
+"""The dead deadline allows this many smoothed RTTs of silence. A Pong that waited behind
+a peer's big frame measures that frame's transfer time, so on a link carrying tiles the
+smoothed RTT (and with it the deadline) grows by about the time one tile takes."""
+
+_MID_FRAME_RTOS: Final = 3.0
+"""Retransmission timeouts of silence allowed while a frame is half received: the
+peer's sender lost a segment and waits RTO, then 2 RTO if the retransmission is lost
+too (exponential backoff), before the next byte can arrive. The peer's RTO is not
+visible here; ours for the same path (same RTT, same Linux 200 ms floor) stands in."""
+
+_RTO_FLOOR: Final = 0.2
+"""Linux's TCP_RTO_MIN, in seconds; the RTO estimate (smoothed RTT plus this) where the
+kernel cannot report one (non-Linux)."""
+
+_MAX_PINGS: Final = 64
+"""Most unanswered Pings remembered for RTT samples (a peer that never answers cannot
+grow the table)."""
+
 _MAX_LOG_KEYS: Final = 4096
 """Most (event, address) pairs remembered to log each only once; past it the memory is
 cleared (so a flood from many addresses cannot grow it) and they may be logged again."""
@@ -136,6 +162,48 @@ class Comm:
         The peer proved that it knows the cluster secret.
     rtt : float or None
         Last measured Ping round trip, in seconds.
+    srtt : float or None
+        Smoothed Ping round trip (EWMA, gain 1/8), in seconds.
+
+    Notes
+    -----
+    **Liveness.** Any byte from the peer proves it alive: every read that returns bytes
+    (also in the middle of a big frame), bytes waiting in the stream's buffer or in the
+    kernel (``FIONREAD``) for this node's starved loop, and the kernel's time of the last
+    arriving data segment (``TCP_INFO``, Linux). The peer is declared dead when none of
+    these saw a byte for the link's deadline while a :meth:`recv` is pending::
+
+        deadline = min(max(peer_dead_max, peer_dead_after),
+                       max(peer_dead_after,
+                           4 * srtt
+                           + rto       if our socket is in retransmission backoff
+                           + 3 * rto   if a frame is half received))
+
+    where ``rto`` is the kernel's current retransmission timeout (backoff included) of
+    this socket, standing in for the peer's on the same path. Why each term: a Pong
+    queued behind the peer's big frame inflates ``srtt`` by that frame's transfer time,
+    so a link busy with tiles gets a deadline of a few tile times; a lost tail segment of
+    a frame stalls it for RTO and then 2 RTO; our own retransmissions delay our Pings.
+
+    *Detection bound, idle link* (no frame in flight, no loss, ``srtt`` a few ms):
+    ``peer_dead_after`` plus scheduling slack, under 1 s with the defaults, also for a
+    SIGSTOPped peer (its kernel still ACKs, but sends no data). An ``srtt`` inflated by
+    earlier load decays by 1/8 per answered Ping (one per ``heartbeat_interval``).
+
+    *Detection bound, loaded link*: after a SIGSTOP the peer's kernel still transmits
+    what is in its socket send buffer (up to a few MB: seconds at 20 Mbit/s), and those
+    bytes count as alive; then the deadline above applies, at most ``peer_dead_max``. So
+    the bound is: time to drain the peer's send buffer + ``peer_dead_max``.
+
+    **RTT.** :attr:`rtt` is measured by Ping/Pong, which are posted (never wait for the
+    send lock) but still leave after any frame already queued on the transport, on both
+    sides. A sample taken while either side is sending a big frame therefore includes
+    that frame's transfer time: an inflated RTT, on purpose a load signal (the scheduler
+    prefers peers with low RTT), not the path's propagation delay.
+
+    **No Ping is ever required.** Pings only make an idle peer send *something*; while
+    the peer is sending us a big frame, its bytes are the proof, and our Pong to it,
+    queued behind our own frame, is not needed because our frame's bytes reach it.
     """
 
     def __init__(
@@ -161,16 +229,21 @@ class Comm:
         self.local: Hello | None = None
         self.peer: Hello | Welcome | None = None
         self.rtt: float | None = None
+        self.srtt: float | None = None
         self.authenticated = False
         self._max_frame = limits.max_frame_bytes if established else limits.max_handshake_frame_bytes
         self._send_mac: FrameMac | None = None
         self._recv_mac: FrameMac | None = None
-        self._pong_task: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
         # a big frame's MAC is being computed in a thread: its frame number is taken, so posted
         # frames wait in _held until it is written (they must go out after it, in order)
         self._tagging = False
         self._held: list[bytes] = []
+        self._held_bytes = 0
+        # bytes of the frame send() has written and is draining, and of big posted frames
+        # waiting in tasks: the write-buffer cap of post() applies on top of these
+        self._sending_bytes = 0
+        self._posting_bytes = 0
         self._recv_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -183,8 +256,12 @@ class Comm:
         self._last_recv = now
         self._last_send = now
         self._reading_since: float | None = None
+        # a frame's length prefix was read and its body (or MAC) is still arriving
+        self._mid_frame = False
+        # the stream buffer's size when we last looked: growth = bytes arrived unread
+        self._seen_buffered = 0
         self._ping_seq = 0
-        self._ping_sent: tuple[int, float] | None = None
+        self._pings: dict[int, float] = {}  # unanswered Ping seq -> loop time sent
         # drain() then waits until the kernel has taken every byte, so a caller may
         # reuse (mutate) the arrays it sent as soon as send() returns: transports
         # (uvloop, asyncio >= 3.12 writelines) keep references to our memoryviews.
@@ -224,8 +301,9 @@ class Comm:
         """Seconds the peer has been silent while we were waiting in :meth:`recv`.
 
         Zero when nobody is reading: data may be waiting in the socket then, so silence
-        is only judged while a ``recv`` is pending. Each received chunk of a big frame
-        counts as traffic.
+        is only judged while a ``recv`` is pending. Every read that returned bytes
+        counts as traffic, also in the middle of a big frame. This is the loop's view
+        only; the heartbeat also asks the kernel (see the class notes).
 
         Parameters
         ----------
@@ -318,6 +396,7 @@ class Comm:
         """
         header, buffers = encode(msg, self.limits)
         pieces = framing.frame_pieces(header, buffers, self.limits)
+        nbytes = sum(memoryview(p).nbytes for p in pieces)
         async with self._send_lock:
             try:
                 await self._write_frame(pieces)
@@ -325,11 +404,14 @@ class Comm:
                 if self._tagging:  # sent, failed or cancelled: frames posted meanwhile go now
                     self._tagging = False
                     self._write_held()
+            self._sending_bytes = nbytes  # in the transport now: not post()'s to account
             try:
                 await self._writer.drain()
             except OSError as e:  # ConnectionResetError, BrokenPipeError, ...
                 self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
                 raise self._closed_error() from e
+            finally:
+                self._sending_bytes = 0
             self._last_send = self._loop.time()
 
     async def _write_frame(self, pieces: list[bytes | memoryview]) -> None:
@@ -368,12 +450,18 @@ class Comm:
         every other frame written on this comm; a bigger one goes out from a background task
         (so it may leave after frames posted later; errors then reach :meth:`recv`).
 
+        Posted bytes that the peer has not taken yet (in the transport, held, or waiting
+        in tasks; not counting the frame a :meth:`send` is writing) are capped at
+        ``Limits.max_write_buffer_bytes``: past it the peer is not reading, and the
+        connection is aborted rather than letting our memory grow without bound.
+
         Raises
         ------
         ProtocolError
             If the message cannot be encoded.
         CommClosedError
-            If the connection is closed.
+            If the connection is closed, or was just aborted because the peer is not
+            reading (write buffer over ``max_write_buffer_bytes``).
         """
         header, buffers = encode(msg, self.limits)
         pieces = framing.frame_pieces(header, buffers, self.limits)
@@ -382,14 +470,67 @@ class Comm:
         if self._writer.transport.is_closing():
             self._mark_closed("connection closed by peer", abort=True)
             raise self._closed_error()
-        if sum(memoryview(p).nbytes for p in pieces) > POST_MAX_BYTES:
-            self._spawn(self._send_quietly(msg), "post")
+        nbytes = sum(memoryview(p).nbytes for p in pieces)
+        self._check_write_budget(nbytes)
+        if nbytes > POST_MAX_BYTES:
+            self._posting_bytes += nbytes
+            self._spawn(self._send_posted(msg, nbytes), "post")
             return
         data = b"".join(pieces)
         if self._tagging:
             self._held.append(data)
+            self._held_bytes += len(data)
             return
         self._write_posted(data)
+
+    def _posted_backlog(self) -> int:
+        """Bytes posted (or held) for the peer and not yet taken by the kernel, beyond the
+        frame :meth:`send` is writing (which may itself be partly flushed: never < 0)."""
+        queued = self._writer.transport.get_write_buffer_size() + self._held_bytes
+        return max(0, queued + self._posting_bytes - self._sending_bytes)
+
+    def _check_write_budget(self, nbytes: int) -> None:
+        """Abort (peer not reading) if posting ``nbytes`` more would pass the cap."""
+        backlog = self._posted_backlog()
+        cap = self.limits.max_write_buffer_bytes
+        if backlog + nbytes > cap:
+            logger.warning(
+                "%s: peer is not reading: %d B posted and not taken > max_write_buffer_bytes "
+                "%d B, aborting", self, backlog + nbytes, cap,
+            )
+            self._mark_closed(
+                f"peer is not reading ({backlog + nbytes} B queued > max_write_buffer_bytes "
+                f"{cap} B)", abort=True,
+            )
+            raise self._closed_error()
+
+    async def _send_posted(self, msg: Message, nbytes: int) -> None:
+        try:
+            await self._send_quietly(msg)
+        finally:
+            self._posting_bytes -= nbytes
+
+    def _post_heartbeat(self, msg: Ping | Pong) -> bool:
+        """Post a Ping or Pong unless posted bytes are already waiting for the peer.
+
+        Posted, not sent: it must not wait for the send lock behind other senders' big
+        frames (it still leaves after the frame already on the transport). Skipped when
+        more than :data:`POST_MAX_BYTES` of posted bytes are waiting: the peer is not
+        reading what we posted, and one more (a Ping flood answered Pong for Ping) would
+        only grow the buffer. Errors are left for :meth:`recv` to report.
+
+        Returns
+        -------
+        bool
+            True if it was posted.
+        """
+        if self._closed or self._posted_backlog() > POST_MAX_BYTES:
+            return False
+        try:
+            self.post(msg)
+        except CommClosedError:
+            return False
+        return True
 
     def _write_posted(self, data: bytes) -> None:
         mac = self._send_mac
@@ -406,6 +547,7 @@ class Comm:
 
     def _write_held(self) -> None:
         held, self._held = self._held, []
+        self._held_bytes = 0
         for data in held:
             if self._closed:
                 return
@@ -413,17 +555,28 @@ class Comm:
                 self._write_posted(data)
 
     def _touch(self) -> None:
+        """Bytes from the peer were just read (or seen waiting): it is alive now."""
         self._last_recv = self._loop.time()
+        self._seen_buffered = self._buffered()
+
+    def _buffered(self) -> int:
+        """Bytes in the StreamReader's buffer: received from the kernel, not yet read.
+
+        ``_buffer`` is private to asyncio (and what uvloop's streams use too); a reader
+        without it reports 0, and the kernel checks still apply.
+        """
+        buf = getattr(self._reader, "_buffer", None)
+        return len(buf) if buf is not None else 0
 
     async def _recv_frame(self) -> Message:
         async with self._recv_lock:
             if self._closed:
                 raise self._closed_error()
             self._reading_since = self._loop.time()
-            mid_frame = False
+            mid_frame = self._mid_frame = False
             try:
                 n = await framing.read_length(self._reader, self.limits, self._max_frame)
-                mid_frame = True
+                mid_frame = self._mid_frame = True
                 self._touch()
                 mac = self._recv_mac
                 h = mac.hasher() if mac is not None else None
@@ -438,7 +591,7 @@ class Comm:
                             f"frame {seq} failed its MAC check (tampered, replayed, "
                             f"reordered or sent with another key)"
                         )
-                mid_frame = False
+                mid_frame = self._mid_frame = False
                 self._touch()
                 header, buffers = framing.parse_body(body, self.limits)
                 return decode(header, buffers, self.limits)
@@ -462,6 +615,7 @@ class Comm:
                 raise
             finally:
                 self._reading_since = None
+                self._mid_frame = False
 
     async def recv(self) -> Message:
         """Receive the next message (Ping/Pong are handled here and never returned).
@@ -484,13 +638,12 @@ class Comm:
         while True:
             msg = await self._recv_frame()
             if type(msg) is Ping:
-                # At most one Pong in flight: a peer that floods Pings without reading
-                # cannot make us pile up tasks (its heartbeat only needs some answer).
-                if self._pong_task is None or self._pong_task.done():
-                    self._pong_task = self._spawn(self._send_quietly(Pong(msg.seq)), "pong")
+                # Posted: no task, no wait for the send lock. A peer that floods Pings
+                # without reading gets no more Pongs once posted bytes wait for it (see
+                # _post_heartbeat); its heartbeat only needs some answer.
+                self._post_heartbeat(Pong(msg.seq))
             elif type(msg) is Pong:
-                if self._ping_sent is not None and self._ping_sent[0] == msg.seq:
-                    self.rtt = self._loop.time() - self._ping_sent[1]
+                self._on_pong(msg.seq)
             elif type(msg) is Goodbye:
                 reason = msg.reason or "no reason given"
                 logger.debug("%s: peer said goodbye: %s", self, reason)
@@ -501,13 +654,86 @@ class Comm:
 
     # ---- heartbeat ------------------------------------------------------------------
 
+    def _on_pong(self, seq: int) -> None:
+        """Take an RTT sample from the Pong of Ping ``seq`` (unknown seqs are ignored)."""
+        sent = self._pings.pop(seq, None)
+        if sent is None:
+            return
+        # TCP keeps order and the peer answers in order: older Pings' Pongs were skipped
+        for old in [s for s in self._pings if s < seq]:
+            del self._pings[old]
+        rtt = self.rtt = self._loop.time() - sent
+        self.srtt = rtt if self.srtt is None else self.srtt + _RTT_GAIN * (rtt - self.srtt)
+
+    def _send_ping(self, now: float) -> None:
+        self._ping_seq += 1
+        if self._post_heartbeat(Ping(self._ping_seq)):
+            # Pings are not skipped while one is unanswered: the peer may be sending us a
+            # big frame and see nothing else from us (its Pong waits behind that frame).
+            self._pings[self._ping_seq] = now
+            while len(self._pings) > _MAX_PINGS:
+                del self._pings[min(self._pings)]
+
+    def _socket_state(self) -> sockinfo.SocketState:
+        transport = self._writer.transport
+        if self._closed or transport.is_closing():  # the fd may be reused after close
+            return sockinfo.UNKNOWN
+        return sockinfo.probe(transport.get_extra_info("socket"))
+
+    def dead_after(self, state: sockinfo.SocketState | None = None) -> float:
+        """This link's current dead-peer deadline in seconds (see the class notes).
+
+        Parameters
+        ----------
+        state
+            The kernel's view of the socket; probed if omitted.
+
+        Returns
+        -------
+        float
+            Between ``peer_dead_after`` and ``max(peer_dead_max, peer_dead_after)``.
+        """
+        lim = self.limits
+        if state is None:
+            state = self._socket_state()
+        srtt = self.srtt or 0.0
+        rto = state.rto if state.rto is not None else srtt + _RTO_FLOOR
+        grace = _RTT_FACTOR * srtt
+        if state.backing_off:
+            grace += rto  # our Pings/Pongs to the peer wait for our own retransmission
+        if self._mid_frame:
+            grace += _MID_FRAME_RTOS * rto  # the peer's sender may be in RTO backoff
+        return min(max(lim.peer_dead_after, grace), max(lim.peer_dead_max, lim.peer_dead_after))
+
+    def _judge_silence(self, now: float, silent: float) -> tuple[float, float]:
+        """Recheck a silence of ``peer_dead_after`` or more against the kernel.
+
+        Returns
+        -------
+        silent : float
+            Seconds since the last byte from the peer reached us (kernel or loop).
+        deadline : float
+            The link's dead deadline (:meth:`dead_after`).
+        """
+        state = self._socket_state()
+        buffered = self._buffered()
+        if (state.unread or 0) > 0 or buffered != self._seen_buffered:
+            # Bytes are waiting for our own (starved) loop: the peer sent them, it lives.
+            self._touch()
+            return 0.0, self.limits.peer_dead_after
+        if state.since_data_recv is not None:
+            silent = min(silent, state.since_data_recv)
+        return silent, self.dead_after(state)
+
     def start_heartbeat(self) -> None:
         """Start pinging and watching the peer (idempotent; stops when the comm closes).
 
         While the link is idle a :class:`Ping` goes out every ``heartbeat_interval``. If
-        nothing arrives for ``peer_dead_after`` while a :meth:`recv` is pending, the comm
-        is aborted and that ``recv`` raises :class:`~stealer.errors.PeerDeadError`.
-        Someone must be calling :meth:`recv` for Pings to be answered.
+        not one byte arrives for the link's deadline (``peer_dead_after``, grown on a
+        loaded link; see the class notes and :meth:`dead_after`) while a :meth:`recv` is
+        pending, the comm is aborted and that ``recv`` raises
+        :class:`~stealer.errors.PeerDeadError`. Someone must be calling :meth:`recv` for
+        Pings to be answered.
         """
         if self._heartbeat_task is None and not self._closed:
             self._heartbeat_task = self._spawn(self._heartbeat(), "heartbeat")
@@ -516,31 +742,37 @@ class Comm:
         lim = self.limits
         loop = self._loop
         next_ping = loop.time() + lim.heartbeat_interval
-        ping_task: asyncio.Task[None] | None = None
         while not self._closed:
             now = loop.time()
             silent = self.silent_for(now)
-            if silent >= lim.peer_dead_after:
-                logger.warning(
-                    "%s: nothing received for %.2f s (peer_dead_after %.2f s), peer is dead",
-                    self, silent, lim.peer_dead_after,
-                )
-                self._mark_closed(
-                    f"peer silent for {silent:.2f} s (peer_dead_after {lim.peer_dead_after} s)",
-                    abort=True,
-                    error=PeerDeadError,
-                )
-                return
+            deadline = lim.peer_dead_after
+            if silent >= deadline:
+                # Only now ask the kernel (two syscalls): most checks end above.
+                silent, deadline = self._judge_silence(now, silent)
+                if silent >= deadline:
+                    logger.warning(
+                        "%s: nothing received for %.2f s (deadline %.2f s: peer_dead_after "
+                        "%.2f s, srtt %s, %s), peer is dead",
+                        self, silent, deadline, lim.peer_dead_after,
+                        "-" if self.srtt is None else f"{self.srtt:.3f} s",
+                        "mid-frame" if self._mid_frame else "between frames",
+                    )
+                    self._mark_closed(
+                        f"peer silent for {silent:.2f} s (deadline {deadline:.2f} s, "
+                        f"peer_dead_after {lim.peer_dead_after} s)",
+                        abort=True,
+                        error=PeerDeadError,
+                    )
+                    return
             if now >= next_ping:
-                idle = now - self._last_send >= lim.heartbeat_interval
-                if idle and (ping_task is None or ping_task.done()):
-                    self._ping_seq += 1
-                    self._ping_sent = (self._ping_seq, now)
-                    ping_task = self._spawn(self._send_quietly(Ping(self._ping_seq)), "ping")
+                if now - self._last_send >= lim.heartbeat_interval:
+                    self._send_ping(now)
                 next_ping = now + lim.heartbeat_interval
             wake = next_ping
             if self._reading_since is not None:
-                wake = min(wake, now + lim.peer_dead_after - silent)
+                # Re-judged at least each heartbeat_interval once past peer_dead_after, so
+                # a grown deadline follows the kernel's view as it changes.
+                wake = min(wake, now + max(deadline - silent, 0.0))
             await asyncio.sleep(max(wake - now, 0.0))
 
     # ---- closing --------------------------------------------------------------------

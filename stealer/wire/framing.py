@@ -16,9 +16,10 @@ frame, outside ``body_len``; :mod:`stealer.wire.comm` writes and checks it, feed
 MAC as the body arrives (the ``mac`` argument of :func:`read_body`).
 
 Writing uses ``writer.writelines`` of the pieces (memoryviews of the caller's arrays,
-never concatenated). Reading reads the body into one buffer (``readexactly``; big bodies
-chunk by chunk into one growing ``bytearray`` so liveness can see progress) and returns
-memoryview slices of it, so each array costs at most one copy out of the stream. The
+never concatenated). Reading reads the body into one buffer (``read`` of whatever has
+arrived, each read reported to a ``progress`` callback so liveness sees every byte; a body
+that takes several reads goes into one growing ``bytearray``) and returns memoryview
+slices of it, so each array costs at most one copy out of the stream. The
 buffer grows with the bytes that actually arrived, never to the announced length up
 front: a peer that announces 200 MB and then stalls costs what it sent, not 200 MB.
 
@@ -180,10 +181,14 @@ async def read_body(
 ) -> bytes | bytearray:
     """Read a frame body of ``n`` bytes (already checked by :func:`read_length`).
 
-    Bodies up to ``limits.read_chunk_bytes`` are read in one ``readexactly``; bigger ones
-    chunk by chunk into one ``bytearray`` that grows as the bytes arrive (never allocated
-    to ``n`` up front, which the peer may be lying about), calling ``progress()`` after
-    each chunk so a heartbeat can tell a slow big frame from a dead peer.
+    The body is read with ``reader.read(k)``, which returns whatever has arrived (up to
+    ``k = min(limits.read_chunk_bytes, bytes still missing)``), and ``progress()`` is
+    called after *every* read that returned bytes: on a slow or congested link the bytes
+    of a big frame trickle in, and each of them proves the peer alive (waiting for a whole
+    chunk would not, if a chunk takes longer than ``peer_dead_after`` to arrive). A body
+    that arrives in one read is returned as it came (no copy); otherwise the pieces go
+    into one ``bytearray`` that grows as the bytes arrive (never allocated to ``n`` up
+    front, which the peer may be lying about).
 
     Parameters
     ----------
@@ -192,26 +197,37 @@ async def read_body(
     n
         Body length.
     limits
-        ``read_chunk_bytes`` sets the chunk size.
+        ``read_chunk_bytes`` caps one read.
     progress
-        Called after each chunk of a big body.
+        Called after each read that returned bytes.
     mac
-        A hash object (``update(bytes)``), fed each chunk as it arrives (frame MACs).
+        A hash object (``update(bytes)``), fed each piece as it arrives (frame MACs).
 
     Returns
     -------
     bytes or bytearray
         The body.
+
+    Raises
+    ------
+    asyncio.IncompleteReadError
+        If the stream ends before ``n`` bytes (``partial`` holds what arrived).
     """
     chunk = limits.read_chunk_bytes
-    if n <= chunk:
-        data = await reader.readexactly(n)
-        if mac is not None:
-            mac.update(data)
-        return data
-    body = bytearray()
+    first = await reader.read(min(chunk, n))
+    if not first:
+        raise asyncio.IncompleteReadError(b"", n)
+    if mac is not None:
+        mac.update(first)
+    if progress is not None:
+        progress()
+    if len(first) == n:
+        return first
+    body = bytearray(first)
     while len(body) < n:
-        part = await reader.readexactly(min(chunk, n - len(body)))
+        part = await reader.read(min(chunk, n - len(body)))
+        if not part:  # EOF: same error (and partial) as readexactly would give
+            raise asyncio.IncompleteReadError(bytes(body), n)
         if mac is not None:
             mac.update(part)
         body += part  # realloc grows in place or by mremap: cheaper than a zeroed prealloc
