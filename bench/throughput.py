@@ -119,6 +119,16 @@ def _inflight(nodes: int, n_sources: int) -> int:
     return max(2, math.ceil((nodes + 2) / n_sources))
 
 
+def _grids(text: str) -> list[tuple[tuple[int, int], str]]:
+    """``--grids`` words: ``5x5`` (reuse), ``2x2:none`` (no reuse); 1x1 never has reuse."""
+    out = []
+    for word in text.split(","):
+        grid, _, scheme = word.strip().partition(":")
+        rows, cols = (int(v) for v in grid.split("x"))
+        out.append(((rows, cols), "none" if (rows, cols) == (1, 1) else (scheme or "quad")))
+    return out
+
+
 def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     quick = args.quick
     cpu = (args.cpu,)
@@ -151,7 +161,11 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
                         frames=3 if quick else 5, **model))
         runs.append(cluster(1, scenario="single", label="node 1x1", grid=(1, 1), scheme="none"))
     if "scaling" in want:
-        runs += [cluster(n, scenario="scaling", label=f"{n} nodes") for n in counts]
+        for grid, scheme in _grids(args.grids):
+            tag = "" if (grid, scheme) == ((5, 5), "quad") else f", {grid[0]}x{grid[1]}" + (
+                " no reuse" if scheme == "none" and grid != (1, 1) else "")
+            runs += [cluster(n, scenario="scaling", label=f"{n} nodes{tag}", grid=grid, scheme=scheme)
+                     for n in counts]
     if "fused" in want:
         runs.append(Run("single", "infer fused block", kind="infer", cpu=cpu, rate=None, frames=3 if quick else 5,
                         model=fused_cfg, weights_seed=args.weights_seed, fused_only=True))
@@ -1034,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer nodes, runs and frames (a few minutes)")
     ap.add_argument("--scenarios", default=None, help=f"comma list of {','.join(SCENARIOS)} [all]")
     ap.add_argument("--nodes", default=None, help="node counts for scaling/fused/dask [1,2,3,4,6,8; quick: 1,4]")
+    ap.add_argument("--grids", default="5x5",
+                    help="grids of the scaling scenario, comma list: 5x5 (reuse), 2x2:none (no reuse), 1x1 [5x5]")
     ap.add_argument("--big-nodes", type=int, default=None, help="cluster size of grid/policy [6; quick: 4]")
     ap.add_argument("--cpu", type=float, default=PI_SHARE, help=f"CPU share of a node [{PI_SHARE}]")
     ap.add_argument("--rate", default="20mbit", help="link rate each way ['20mbit'; 'none' = unshaped]")

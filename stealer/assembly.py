@@ -2,9 +2,6 @@
 
 * :class:`FrameAssembly` stitches a frame's output tiles into the fused block's output map as they
   arrive (first result of a task wins, later duplicates are counted and dropped).
-* :class:`StripCache` holds the reuse strips producers upload until their frame completes, under
-  a byte cap (a burst of frames cannot exhaust the gateway's memory: past the cap the oldest
-  frames' strips go first, and their dependants fall back to full-halo inputs).
 * :class:`ResultOrder` releases results per source in frame order, even when frames finish out
   of order (several frames of one source are in flight at once).
 """
@@ -18,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+
+from .roles.strips import StripCache  # noqa: F401 - its old home; tests and tools import it here
 
 log = logging.getLogger(__name__)
 
@@ -89,49 +88,6 @@ class FrameAssembly:
         self.output[:, y0:y1, x0:x1] = tile
         self.received.add(task)
         return True
-
-
-class StripCache:
-    """Reuse strips by (frame key, strip id), evicting whole frames oldest-first past a byte cap.
-
-    The cap stops a gateway from holding strips for an unbounded number of frames in flight (a slow
-    tail, a flood of frames from a misbehaving source).
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self.evicted_frames = 0
-        self._frames: OrderedDict[Any, dict[int, np.ndarray]] = OrderedDict()
-
-    def put(self, frame: Any, strip: int, data: np.ndarray) -> None:
-        strips = self._frames.setdefault(frame, {})
-        if strip in strips:
-            return  # first upload wins; a re-executed producer sends the same bits
-        strips[strip] = data
-        self.nbytes += data.nbytes
-        while self.nbytes > self.max_bytes:
-            oldest = next((f for f in self._frames if f != frame), None)
-            if oldest is None:  # only the frame being filled is left: keep it whole
-                break
-            self.drop(oldest)
-            self.evicted_frames += 1
-            log.warning("reuse cache over %d bytes: dropped the strips of frame %s", self.max_bytes, oldest)
-
-    def get(self, frame: Any, strips: Sequence[int]) -> dict[int, np.ndarray] | None:
-        """All the named strips of a frame, or None if any is missing (the caller falls back)."""
-        have = self._frames.get(frame)
-        if have is None or any(s not in have for s in strips):
-            return None
-        return {s: have[s] for s in strips}
-
-    def drop(self, frame: Any) -> None:
-        strips = self._frames.pop(frame, None)
-        if strips:
-            self.nbytes -= sum(a.nbytes for a in strips.values())
-
-    def __len__(self) -> int:
-        return len(self._frames)
 
 
 class ResultOrder:

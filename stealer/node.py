@@ -31,11 +31,10 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from .assembly import StripCache
 from .compute import ComputePool
 from .config import DEFAULT_LIMITS, Limits
 from .errors import CommClosedError, PlanError, ProtocolError, StealerError
@@ -51,9 +50,12 @@ from .roles import membership as mem_role
 from .roles.gateway import GatewayState
 from .roles.membership import MembershipState
 from .roles.source import SourceState, ToGateway
+from .roles.strips import StripCache, pack_strips, unpack_strips
+from .roles.worker import WorkerPolicy, status_worth_sending
 from .scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
 from .sources import Frame, FrameSource
 from .wire import ClusterKey, Comm, Hello, connect, serve
+from .wire.comm import Server
 from .wire.messages import (
     PROTOCOL_VERSION,
     FrameDone,
@@ -78,6 +80,9 @@ from .wire.messages import (
     TilesIn,
     TileDone,
 )
+
+if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
+    from .discovery import Discovery
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -230,36 +235,6 @@ def parse_plan_key(key: str) -> tuple[tuple[int, int], int, str]:
         raise ProtocolError(f"bad plan key {key!r}") from None
 
 
-def pack_strips(strips: dict[int, np.ndarray]) -> tuple[list[list[int]], np.ndarray | None]:
-    if not strips:
-        return [], None
-    meta = [[sid, *a.shape] for sid, a in sorted(strips.items())]
-    data = np.concatenate([np.ascontiguousarray(strips[m[0]], np.float32).ravel() for m in meta])
-    return meta, data
-
-
-def unpack_strips(meta: list[list[int]], data: np.ndarray | None) -> dict[int, np.ndarray]:
-    """Split a packed strip array, checking every shape against the data before slicing."""
-    out: dict[int, np.ndarray] = {}
-    if not meta:
-        return out
-    if data is None or data.dtype != np.float32 or data.ndim != 1:
-        raise ProtocolError("strips must be a flat float32 array")
-    pos = 0
-    for entry in meta:
-        if len(entry) != 4 or min(entry[1:]) < 0:
-            raise ProtocolError(f"bad strip meta {entry!r}")
-        sid, c, h, w = entry
-        n = c * h * w
-        if pos + n > data.size:
-            raise ProtocolError("strip meta lists more data than was sent")
-        out[sid] = data[pos:pos + n].reshape(c, h, w)
-        pos += n
-    if pos != data.size:
-        raise ProtocolError("strip data longer than its meta")
-    return out
-
-
 class Node:
     """One stealer node. Use ``async with Node(...)`` or :meth:`start` / :meth:`close`.
 
@@ -302,9 +277,9 @@ class Node:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._assigned: list[Job] = []  # tasks pushed to this node (policy "share")
         self._status_dirty = False
-        self._last_status: tuple[int, int] | None = None
-        self._server = None
-        self._discovery = None
+        self._last_status: tuple[int, int, int] | None = None
+        self._server: Server | None = None
+        self._discovery: Discovery | None = None
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
@@ -325,6 +300,8 @@ class Node:
         self._idle_changed = asyncio.Event()
         self._delivery_slots = asyncio.Semaphore(config.runtime.pending_results)
         self._handlers = self._handler_table()
+        self.worker = WorkerPolicy(config.policy, config.speculate, config.runtime.short_task,
+                                   config.runtime.steal_batch)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -465,6 +442,8 @@ class Node:
 
     async def _serve_peer(self, comm: Comm, *, dialed: bool) -> None:
         ident = comm.peer
+        if ident is None:  # connect() and serve() hand over comms only after the handshake
+            raise ProtocolError("a connection without a handshake")
         dialer = self.id if dialed else ident.node_id
         old = self.peers.get(ident.node_id)
         if old is not None:
@@ -653,9 +632,9 @@ class Node:
             StripsReply: self._on_reply,
             RegionReply: self._on_reply,
             StripsRequest: self._on_strips_request,
-            StripsFetch: lambda peer, msg: self._respond(peer, self._serve_strips(msg), msg.op),
+            StripsFetch: lambda peer, msg: self._answer(peer, self._serve_strips(msg), msg.op),
             StripsRelease: lambda peer, msg: self._held.drop((msg.source, msg.frame)),
-            RegionRequest: lambda peer, msg: self._respond(peer, self._grant_region(msg), msg.op),
+            RegionRequest: lambda peer, msg: self._answer(peer, self._grant_region(msg), msg.op),
             FrameStart: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_start),
             TileDone: lambda peer, msg: self._as_gateway(peer, msg, gw.tile_done),
             TailDone: self._on_tail_done,
@@ -687,6 +666,10 @@ class Node:
         pending = handler(peer, msg)
         if pending is not None:
             await pending
+
+    def _answer(self, peer: Peer | None, reply: Message | None, what: str) -> Awaitable[None] | None:
+        """Answer a request; a request this node sent itself (no peer) needs no answer."""
+        return None if peer is None else self._respond(peer, reply, what)
 
     def _from_gateway(self, peer: Peer | None, msg: Message, handle: Callable[[Any], None]) -> None:
         """Acks and frame ends count only from the gateway this node follows (or itself)."""
@@ -839,7 +822,7 @@ class Node:
     def _send_status(self) -> None:
         self._status_dirty = False
         status = self._queued()
-        if not _status_worth_sending(self._last_status, status):
+        if not status_worth_sending(self._last_status, status):
             return
         self._last_status = status
         for peer in list(self.peers.values()):
@@ -947,46 +930,28 @@ class Node:
             return None
         if self._assigned:
             return self._assigned.pop(0)
-        if self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
+        if not self.worker.deep_queue(self.queue.queued_tiles, len(self.peers)):
             return None
         return self._take_local()
 
+    def _loads(self) -> dict[str, PeerLoad]:
+        return {pid: p.load for pid, p in self.peers.items()}
+
     def _short_tasks(self) -> bool:
-        """Whether tasks compute in less than ``short_task`` on average: by this node's own
-        compute time, or, on a node that computes nothing, by how soon its leases end."""
-        ran = self.stats.tiles_run + self.stats.tails_run
-        if ran:
-            return self.stats.busy_seconds / ran < self.cfg.runtime.short_task
-        typical = self.queue.typical.get(False)
-        return typical is not None and typical < 10 * self.cfg.runtime.short_task
+        return self.worker.short_tasks(self.stats.tiles_run + self.stats.tails_run, self.stats.busy_seconds,
+                                       self.queue.typical.get(False))
 
     def _may_steal(self) -> bool:
-        return self.cfg.policy == "steal" and not self._draining
+        return self.worker.may_steal(self._draining)
 
     def _should_prefetch(self) -> bool:
-        """Prefetch only from a queue deep enough that taking one more task early leaves work for
-        every other idle node, and never when this node has its own queue."""
-        if not self._may_steal() or len(self.queue) or self._assigned:
-            return False
-        queued = sum(p.load.queued_tiles for p in self.peers.values())
-        return queued > len(self.peers)
-
-    def _straggler_victim(self, tried: set[str]) -> str | None:
-        """With nothing queued anywhere, the peer with the most tasks out (it may hold a straggler)."""
-        if not self.cfg.speculate:
-            return None
-        cands = [(p.load.leased, pid) for pid, p in self.peers.items() if pid not in tried and p.load.leased > 0]
-        return max(cands)[1] if cands else None
+        return self.worker.should_prefetch(draining=self._draining, queued_here=len(self.queue),
+                                           assigned=len(self._assigned), loads=self._loads())
 
     def _take_possible(self) -> bool:
-        """Whether a task this node may run is queued here or (by the last word) at a peer. Must
-        agree with what _take_local and _steal accept, or the compute loop would spin."""
-        tails = self._accepts_tails()
-        if self._assigned or len(self.queue) - (0 if tails else self.queue.queued_tails) > 0:
-            return True
-        if not self._may_steal():
-            return False
-        return any(p.load.queued_tiles or (tails and p.load.queued_tails) for p in self.peers.values())
+        return self.worker.take_possible(draining=self._draining, assigned=len(self._assigned),
+                                         queued=len(self.queue), queued_tails=self.queue.queued_tails,
+                                         accepts_tails=self._accepts_tails(), loads=self._loads())
 
     def _take_local(self) -> Job | None:
         if self._assigned:
@@ -1039,7 +1004,7 @@ class Node:
                                    tail_seconds=12.0, exclude=tried)
             speculative = False
             if victim is None:
-                victim = self._straggler_victim(tried)
+                victim = self.worker.straggler_victim(loads, tried)
                 speculative = victim is not None
             if victim is None:
                 return None
@@ -1140,7 +1105,7 @@ class Node:
     def _extra_grant(self, peer: Peer) -> StealReply | None:
         """Another tile for a thief that just got one, if the queue is deep enough that every
         other node still finds work here (``steal_batch`` per node)."""
-        if not self._short_tasks() or self.queue.queued_tiles < self.cfg.runtime.steal_batch * (len(self.peers) + 1):
+        if not self._short_tasks() or not self.worker.deep_queue(self.queue.queued_tiles, len(self.peers)):
             return None
         ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready,
                               prefer=self._near(peer.node_id))
@@ -1237,6 +1202,7 @@ class Node:
 
     async def _run_job_inner(self, job: Job) -> None:
         try:
+            msg: TileDone | TailDone
             if job.ref.is_tail:
                 msg = await self._compute(self._compute_tail, job)
                 self.stats.tails_run += 1
@@ -1406,6 +1372,8 @@ class Node:
         if job.pixels is not None:  # back to the network input, bit for bit (in this worker thread)
             _, h, w = self.net.input_shape
             data = letterbox_region(job.pixels, job.pixel_origin, job.img_w, job.img_h, w, h, job.region)
+        if data is None:
+            raise ProtocolError(f"{job.ref}: a tile without input data")
         res = run_task(self.net, plan, job.ref.task, data, borrowed, check=False)
         return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, res.variant, res.output,
                         sorted(res.published), time.perf_counter() - t0), res.published
@@ -1610,23 +1578,6 @@ async def _reply_within(fut: asyncio.Future[T], timeout: float) -> T:
         return await fut
     finally:
         handle.cancel()
-
-
-def _status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:
-    """Thieves only need a rough picture of who has work: tell peers when a count goes between
-    zero and non-zero, or moves by a quarter (at least 2) since last told. Every take would
-    otherwise cost a message to every peer."""
-    if last is None:
-        return True
-    # the leased count only matters to a peer with nothing queued anywhere (it may then copy
-    # a straggler): while this node has work queued, changes in it are not worth a message
-    fields = 3 if now[0] == 0 and now[1] == 0 else 2
-    for a, b in zip(last[:fields], now[:fields]):
-        if (a == 0) != (b == 0):
-            return True
-        if abs(a - b) >= max(2, a // 4):
-            return True
-    return False
 
 
 def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:

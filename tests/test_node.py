@@ -67,12 +67,13 @@ def test_strip_packing_roundtrip_and_validation():
 async def test_three_nodes_steal_and_match_single_device(tiny_net, scheme, policy):
     gw = Node(tiny_net, config(gateway=True, scheme=scheme, policy=policy))
     await gw.start()
-    src = Node(tiny_net, config(sources=[5], frames=4, peers=[("127.0.0.1", gw.port)], scheme=scheme,
-                                policy=policy))
-    await src.start()
-    thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port), ("127.0.0.1", src.port)], scheme=scheme,
-                                  policy=policy))
+    thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)], scheme=scheme, policy=policy))
     await thief.start()
+    # work sharing hands a frame's tiles to the nodes the source knows when the frame arrives:
+    # the source starts once the others are up, so that "every node got tiles" can hold
+    src = Node(tiny_net, config(sources=[5], frames=4, peers=[("127.0.0.1", gw.port), ("127.0.0.1", thief.port)],
+                                scheme=scheme, policy=policy))
+    await src.start()
     try:
         results = await collect(gw, 4)
     finally:

@@ -1,0 +1,93 @@
+"""The worker role's decisions, pure: what a compute slot does next.
+
+Every node computes: its own queue first, then it steals from the peer with the most queued
+work (:func:`stealer.scheduler.choose_victim`), and with nothing queued anywhere it may copy a
+straggler. These functions decide, from what the node knows (its own counts and its peers'
+last :class:`~stealer.wire.messages.Status`), whether to steal, prefetch, pair two tasks or
+copy one; the node shell's compute loop only carries that out. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..scheduler import PeerLoad
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPolicy:
+    """Parameters
+    ----------
+    policy : {"steal", "share"}
+        Work stealing, or the work-sharing baseline (tasks pushed round-robin, never stolen).
+    speculate : bool
+        Idle nodes run copies of stragglers (the first result wins).
+    short_task : float
+        Seconds: tasks that compute faster than this on average go two at a time.
+    steal_batch : int
+        Tiles per steal from a deep queue when tasks are short.
+    """
+
+    policy: str = "steal"
+    speculate: bool = True
+    short_task: float = 0.005
+    steal_batch: int = 2
+
+    def may_steal(self, draining: bool) -> bool:
+        return self.policy == "steal" and not draining
+
+    def short_tasks(self, ran: int, busy_seconds: float, typical_tile: float | None) -> bool:
+        """Whether tasks compute in less than ``short_task`` on average: by this node's own
+        compute time, or, on a node that computes nothing, by how soon its leases end
+        (``typical_tile``, seconds from lease to acknowledgement)."""
+        if ran:
+            return busy_seconds / ran < self.short_task
+        return typical_tile is not None and typical_tile < 10 * self.short_task
+
+    def deep_queue(self, queued_tiles: int, peers: int) -> bool:
+        """A queue deep enough that taking two tiles at once still leaves every other node
+        something to steal (``steal_batch`` per node)."""
+        return queued_tiles >= self.steal_batch * (peers + 1)
+
+    def should_prefetch(self, *, draining: bool, queued_here: int, assigned: int,
+                        loads: Mapping[str, PeerLoad]) -> bool:
+        """Prefetch only from a queue deep enough that taking one more task early leaves work for
+        every other idle node, and never when this node has its own queue."""
+        if not self.may_steal(draining) or queued_here or assigned:
+            return False
+        return sum(p.queued_tiles for p in loads.values()) > len(loads)
+
+    def straggler_victim(self, loads: Mapping[str, PeerLoad], tried: set[str]) -> str | None:
+        """With nothing queued anywhere, the peer with the most tasks out (it may hold a straggler)."""
+        if not self.speculate:
+            return None
+        cands = [(p.leased, pid) for pid, p in loads.items() if pid not in tried and p.leased > 0]
+        return max(cands)[1] if cands else None
+
+    def take_possible(self, *, draining: bool, assigned: int, queued: int, queued_tails: int,
+                      accepts_tails: bool, loads: Mapping[str, PeerLoad]) -> bool:
+        """Whether a task this node may run is queued here or (by the last word) at a peer. Must
+        agree with what the slot's take and steal accept, or the compute loop would spin."""
+        if assigned or queued - (0 if accepts_tails else queued_tails) > 0:
+            return True
+        if not self.may_steal(draining):
+            return False
+        return any(p.queued_tiles or (accepts_tails and p.queued_tails) for p in loads.values())
+
+
+def status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:
+    """Thieves only need a rough picture of who has work: tell peers when a count goes between
+    zero and non-zero, or moves by a quarter (at least 2) since last told. Every take would
+    otherwise cost a message to every peer."""
+    if last is None:
+        return True
+    # the leased count only matters to a peer with nothing queued anywhere (it may then copy
+    # a straggler): while this node has work queued, changes in it are not worth a message
+    fields = 3 if now[0] == 0 and now[1] == 0 else 2
+    for a, b in zip(last[:fields], now[:fields]):
+        if (a == 0) != (b == 0):
+            return True
+        if abs(a - b) >= max(2, a // 4):
+            return True
+    return False
