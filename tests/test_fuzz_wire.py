@@ -66,13 +66,14 @@ _dims = st.integers(-2, 6) | st.sampled_from([2**24, 2**24 + 1, 2**31, 2**40]) |
 
 @st.composite
 def hostile_frames(draw: st.DrawFn) -> bytes:
-    """A well-formed frame whose header may say anything about its fields and arrays."""
+    """A well-formed frame whose header may say anything about its fields and arrays:
+    array form (``[[[dtype, shape], ...], [op, field...]]``) or, now and then, the map
+    envelope of stable messages."""
     op = draw(_ops)
     schema = _BY_OP.get(op)
-    names = [f.name for f in schema.fields] if schema else []
+    names = list(schema.fields) if schema else []
     name_st = st.sampled_from(names) | st.text(max_size=4) if names else st.text(max_size=4)
-    fields = draw(st.dictionaries(name_st, _plain, max_size=6))
-    arrays, lens, buffers = [], [], []
+    descs, buffers = [], []
     for _ in range(draw(st.integers(0, 3))):
         dtype = draw(_dtype_names)
         shape = draw(st.lists(_dims, max_size=4) | st.sampled_from([None, 3, "x", [[1]]]))
@@ -81,15 +82,24 @@ def hostile_frames(draw: st.DrawFn) -> bytes:
             if dtype in DTYPES and isinstance(shape, list) and all(type(d) is int and 0 <= d < 64 for d in shape)
             else None
         )
-        claimed = draw(st.sampled_from([true_len, 0, 1, 8, 2**31]) if true_len is not None else st.sampled_from([0, 1, 8, 2**31]))
-        actual = draw(st.sampled_from([claimed, 0, 3, 16]) if claimed is not None and claimed < 4096 else st.sampled_from([0, 3, 16]))
-        arrays.append([draw(name_st), dtype, shape])
-        lens.append(claimed)
+        actual = draw(st.sampled_from([true_len, 0, 3, 16]) if true_len is not None and true_len < 4096 else st.sampled_from([0, 3, 16]))
+        descs.append([dtype, shape])
         buffers.append(draw(st.binary(min_size=actual, max_size=actual)))
-    header: dict[str, Any] = {"op": op, "f": fields, "a": arrays, "n": lens}
+    # field values: plain data, or buffer indices (what an array field holds)
+    value = _plain | st.integers(-1, 4)
+    if draw(st.integers(0, 4)) == 0:
+        fields = draw(st.dictionaries(name_st, _plain, max_size=6))
+        header: Any = {"op": op, "f": fields, "a": descs, "n": [len(b) for b in buffers]}
+        if draw(st.booleans()):  # occasionally break the envelope itself
+            header[draw(st.sampled_from(["op", "f", "a", "n", "extra"]))] = draw(_plain)
+        return build_frame(header, buffers)
+    header = [descs, [op, *draw(st.lists(value, max_size=len(names) + 2))]]
     if draw(st.booleans()):  # occasionally break the envelope itself
-        key = draw(st.sampled_from(["op", "f", "a", "n", "extra"]))
-        header[key] = draw(_plain)
+        k = draw(st.integers(0, 2))
+        if k < 2:
+            header[k] = draw(_plain)
+        else:
+            header.append(draw(_plain))
     return build_frame(header, buffers)
 
 

@@ -7,8 +7,7 @@ import dataclasses
 import struct
 import tracemalloc
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -88,13 +87,13 @@ def roundtrip(msg: Message, limits: Limits = DEFAULT_LIMITS) -> Message:
 
 def assert_same(a: Message, b: Message) -> None:
     assert type(a) is type(b)
-    for f in dataclasses.fields(a):  # type: ignore[arg-type]
-        x, y = getattr(a, f.name), getattr(b, f.name)
+    for name in a.__struct_fields__:
+        x, y = getattr(a, name), getattr(b, name)
         if isinstance(x, np.ndarray):
             assert y.dtype == x.dtype.newbyteorder("<") and y.shape == x.shape
             np.testing.assert_array_equal(x, y)
         else:
-            assert x == y, f.name
+            assert x == y, name
 
 
 def body_of(data: bytes) -> bytes:
@@ -262,15 +261,13 @@ async def test_read_frame_from_stream() -> None:
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class _StealProbe(Message):
-    op: ClassVar[str] = "test-steal-probe"
+class _StealProbe(Message, tag="test-steal-probe"):
     request_id: int
     tiles: tuple[int, ...] = ()
     weights: np.ndarray | None = None
 
 
-def test_new_message_is_a_five_line_change() -> None:
+def test_new_message_is_a_four_line_change() -> None:
     msg = _StealProbe(7, (1, 2, 3), np.ones(3, np.uint8))
     assert_same(msg, roundtrip(msg))
     assert_same(_StealProbe(8), roundtrip(_StealProbe(8)))
@@ -280,41 +277,72 @@ def test_register_rejects_duplicate_op() -> None:
     with pytest.raises(ValueError, match="already registered"):
 
         @register
-        @dataclass(frozen=True, slots=True)
-        class Again(Message):
-            op: ClassVar[str] = "ping"
+        class Again(Message, tag="ping"):
             seq: int
 
 
 def test_unknown_fields_are_ignored_and_defaults_fill_in() -> None:
-    # A newer peer adds a field; an older peer omits a defaulted one.
+    # A newer peer adds a field; an older peer omits a defaulted one. Stable messages, in
+    # protocol 3's map envelope (fields by name):
     newer = raw_frame({"op": "goodbye", "f": {"reason": "r", "added_in_v2": [1]}, "a": [], "n": []})
     assert decode(*parse_body(body_of(newer))) == Goodbye("r")
     older = raw_frame({"op": "goodbye", "f": {}, "a": [], "n": []})
     assert decode(*parse_body(body_of(older))) == Goodbye("")
+    # ... and array-form messages (new fields go last):
+    newer = raw_frame(_msg("status", 3, 1, 2, [1], "added"))
+    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2)
+    older = raw_frame(_msg("status", 3, 1))
+    assert decode(*parse_body(body_of(older))) == Status(3, 1)
+    # a newer peer's new array field: its buffer is skipped
+    newer = raw_frame(_msg("tile-ack", "n/0", 1, 2, "", [], 0, arrays=[["uint8", [2]]]), [b"xy"])
+    assert decode(*parse_body(body_of(newer))) == TileAck("n/0", 1, 2)
+
+
+def test_stable_messages_keep_the_protocol_3_envelope() -> None:
+    # what a protocol 3 peer decodes: the version check (Hello, Reject) must reach it
+    header, buffers = encode(HELLO)
+    assert buffers == []
+    obj = msgpack.unpackb(header)
+    assert obj.keys() == {"op", "f", "a", "n"} and obj["op"] == "hello" and obj["a"] == obj["n"] == []
+    assert obj["f"]["version"] == PROTOCOL_VERSION and obj["f"]["node_id"] == HELLO.node_id
+    old_hello = raw_frame(_hdr("hello", {**_HELLO_FIELDS, "version": 3}))
+    assert decode(*parse_body(body_of(old_hello))).version == 3  # type: ignore[attr-defined]
 
 
 # ---- hostile input --------------------------------------------------------------------
 
 
 def _hdr(op: str, fields: dict[str, Any], arrays: Sequence[Any] = (), lens: Sequence[Any] = ()) -> dict[str, Any]:
+    """A header in protocol 3's map envelope, that stable messages keep."""
     return {"op": op, "f": fields, "a": list(arrays), "n": list(lens)}
 
 
-_HELLO_FIELDS = {f.name: getattr(HELLO, f.name) for f in dataclasses.fields(HELLO)}
+def _msg(op: str, *values: Any, arrays: Sequence[Any] = ()) -> list[Any]:
+    """An array-form header: ``[[[dtype, shape], ...], [op, field0, ...]]``."""
+    return [list(arrays), [op, *values]]
+
+
+_HELLO_FIELDS = {name: getattr(HELLO, name) for name in HELLO.__struct_fields__}
+_DEEP = {"deep": [[[[[[[[[[1]]]]]]]]]]}
 
 
 @pytest.mark.parametrize(
     "header, buffers",
     [
-        pytest.param(_hdr("no-such-op", {}), [], id="unknown-op"),
-        pytest.param(_hdr("ping", {"seq": "1"}), [], id="str-for-int"),
-        pytest.param(_hdr("ping", {"seq": True}), [], id="bool-for-int"),
-        pytest.param(_hdr("ping", {"seq": 1.0}), [], id="float-for-int"),
-        pytest.param(_hdr("ping", {}), [], id="missing-field"),
+        pytest.param(_hdr("no-such-op", {}), [], id="unknown-op-stable"),
+        pytest.param(_msg("no-such-op"), [], id="unknown-op"),
+        pytest.param(_hdr("ping", {"seq": 1}), [], id="array-form-op-in-map-envelope"),
+        pytest.param(_msg("goodbye", "r"), [], id="stable-op-in-array-form"),
+        pytest.param(_hdr("goodbye", {"reason": "r"}, [["x", "uint8", [1]]], [1]), [b"x"], id="stable-with-array"),
+        pytest.param(_msg("ping", "1"), [], id="str-for-int"),
+        pytest.param(_msg("ping", True), [], id="bool-for-int"),
+        pytest.param(_msg("ping", 1.0), [], id="float-for-int"),
+        pytest.param(_msg("ping"), [], id="missing-field"),
         pytest.param(_hdr("reject", {"reason": b"bytes"}), [], id="bytes-for-str"),
+        pytest.param(_hdr("reject", {}), [], id="missing-field-stable"),
         pytest.param(_hdr("hello", {**_HELLO_FIELDS, "port": 70000}), [], id="port-range"),
         pytest.param(_hdr("hello", {**_HELLO_FIELDS, "node_id": ""}), [], id="empty-node-id"),
+        pytest.param(_hdr("hello", {**_HELLO_FIELDS, "op": "welcome"}), [], id="hello-tagged-welcome"),
         pytest.param(_hdr("auth-init", {"node_id": "a", "nonce": b"short"}), [], id="short-nonce"),
         pytest.param(_hdr("auth-init", {"node_id": "a", "nonce": "x" * 32}), [], id="str-nonce"),
         pytest.param(_hdr("auth-proof", {"proof": b"\x00" * 33}), [], id="long-proof"),
@@ -322,35 +350,58 @@ _HELLO_FIELDS = {f.name: getattr(HELLO, f.name) for f in dataclasses.fields(HELL
             _hdr("auth-challenge", {"node_id": "", "nonce": bytes(32), "proof": bytes(32)}), [],
             id="challenge-empty-node-id",
         ),
-        pytest.param(_hdr("tensor", {"tag": "t", "meta": []}, [["array", "uint8", [1]]], [1]), [b"x"], id="list-for-dict"),
-        pytest.param(_hdr("tensor", {"tag": "t", "meta": {}}), [], id="missing-array"),
-        pytest.param(_hdr("tensor", {"tag": "t", "array": [1, 2]}), [], id="array-as-plain-value"),
-        pytest.param(_hdr("ping", {}, [["seq", "int64", []]], [8]), [bytes(8)], id="plain-field-as-array"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "float64", [1]]], [8]), [bytes(8)], id="dtype-float64"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "object", [1]]], [8]), [bytes(8)], id="dtype-object"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "<f4", [1]]], [4]), [bytes(4)], id="dtype-numpy-str"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "float32", [3]]], [8]), [bytes(8)], id="bytes-vs-shape"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [-1]]], [0]), [b""], id="negative-dim"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [2**40, 0]]], [0]), [b""], id="huge-dim"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1] * 9]], [1]), [b"x"], id="too-many-dims"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1.0]]], [1]), [b"x"], id="float-dim"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1]]], [1]), [], id="missing-buffer"),
-        pytest.param(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [1]]], []), [b"x"], id="lens-count"),
+        pytest.param(_msg("tensor", "t", 0, [], arrays=[["uint8", [1]]]), [b"x"], id="list-for-dict"),
+        pytest.param(_msg("tensor", "t"), [], id="missing-array"),
+        pytest.param(_msg("tensor", "t", None, {}), [], id="nil-for-array"),
+        pytest.param(_msg("tensor", "t", [1, 2]), [], id="array-as-plain-value"),
+        pytest.param(_msg("tensor", "t", -1, arrays=[["uint8", [1]]]), [b"x"], id="negative-buffer-index"),
+        pytest.param(_msg("tensor", "t", True, arrays=[["uint8", [1]]]), [b"x"], id="bool-buffer-index"),
+        pytest.param(_msg("tensor", "t", 1, arrays=[["uint8", [1]]]), [b"x"], id="buffer-index-out-of-range"),
+        pytest.param(_msg("tensor", "t", 2**40, arrays=[["uint8", [1]]]), [b"x"], id="huge-buffer-index"),
+        pytest.param(_msg("ping", ["int64", []], arrays=[["int64", []]]), [bytes(8)], id="plain-field-as-array"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["float64", [1]]]), [bytes(8)], id="dtype-float64"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["object", [1]]]), [bytes(8)], id="dtype-object"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["<f4", [1]]]), [bytes(4)], id="dtype-numpy-str"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[[1, [1]]]), [bytes(1)], id="dtype-not-str"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["float32", [3]]]), [bytes(8)], id="bytes-vs-shape"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", [-1]]]), [b""], id="negative-dim"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", [2**40, 0]]]), [b""], id="huge-dim"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", [1] * 9]]), [b"x"], id="too-many-dims"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", [1.0]]]), [b"x"], id="float-dim"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", 1]]), [b"x"], id="shape-not-list"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", [1], 1]]), [b"x"], id="array-entry-too-long"),
+        pytest.param(_msg("tensor", "t", 0, arrays=[["uint8", [1]]]), [], id="missing-buffer"),
+        pytest.param(_msg("tensor", "t", 0), [b"x"], id="buffer-count"),
         pytest.param(
-            _hdr("tensor", {"tag": "t"}, [["array", "uint8", [1]], ["array", "uint8", [1]]], [1, 1]),
-            [b"x", b"y"],
+            _msg("steal-reply", 1, True, "n/0", 1, 2, "p", [], 0, 0, 0, 0, arrays=[["uint8", [1]]]),
+            [b"x"],
             id="duplicate-array",
         ),
+        pytest.param(_msg("tensor", "t", 0, _DEEP, arrays=[["uint8", [0]]]), [b""], id="meta-too-deep"),
         pytest.param(
-            _hdr("tensor", {"tag": "t", "meta": {"deep": [[[[[[[[[[1]]]]]]]]]]}}, [["array", "uint8", [0]]], [0]),
-            [b""],
-            id="meta-too-deep",
+            _msg("tail-done", "n/0", 1, "ab", [_DEEP]), [], id="detections-too-deep",
         ),
-        pytest.param({"op": "ping", "f": {"seq": 1}, "a": [], "n": [], "x": 1}, [], id="extra-envelope-key"),
-        pytest.param({"op": "ping", "f": {"seq": 1}}, [], id="missing-envelope-key"),
+        pytest.param(_msg("tensor", "t", 0, {1: "x"}, arrays=[["uint8", [0]]]), [b""], id="int-meta-key"),
+        pytest.param(
+            _msg("tensor", "t", 0, {"a": {1: "x"}}, arrays=[["uint8", [0]]]), [b""], id="nested-int-meta-key",
+        ),
+        pytest.param(_msg("steal-reply", 1, False, "", 0, 0, "", [True]), [], id="bool-in-int-list"),
+        pytest.param(_msg("steal-reply", 1, True, "n/0", 1, 2, "p"), [], id="grant-without-data"),
+        pytest.param(_msg("frame-start", "", 1, "p", 1, 1), [], id="empty-source"),
+        pytest.param({"op": "goodbye", "f": {}, "a": [], "n": [], "x": 1}, [], id="extra-envelope-key"),
+        pytest.param({"op": "goodbye", "f": {}}, [], id="missing-envelope-key"),
+        pytest.param([[], ["ping", 1], "x"], [], id="extra-envelope-item"),
+        pytest.param([[]], [], id="missing-envelope-item"),
         pytest.param([1, 2, 3], [], id="envelope-not-map"),
-        pytest.param(_hdr("ping", {"seq": msgpack.ExtType(3, b"x")}), [], id="ext-type"),
-        pytest.param(_hdr("ping", {"seq": msgpack.Timestamp(1)}), [], id="timestamp-ext"),
+        pytest.param("ping", [], id="envelope-a-str"),
+        pytest.param(_msg("ping", msgpack.ExtType(3, b"x")), [], id="ext-type"),
+        pytest.param(_msg("ping", msgpack.Timestamp(1)), [], id="timestamp-ext"),
+        pytest.param(
+            _msg("tensor", "t", 0, {"x": msgpack.ExtType(3, b"x")}, arrays=[["uint8", [0]]]), [b""], id="ext-in-meta",
+        ),
+        pytest.param(
+            _msg("tensor", "t", 0, {"x": msgpack.Timestamp(1)}, arrays=[["uint8", [0]]]), [b""], id="timestamp-in-meta",
+        ),
     ],
 )
 def test_bad_headers_raise_protocol_error(header: Any, buffers: list[bytes]) -> None:
@@ -366,7 +417,10 @@ def test_bad_headers_raise_protocol_error(header: Any, buffers: list[bytes]) -> 
         pytest.param(b"\xa2\xff\xfe", id="bad-utf8"),
         pytest.param(b"\xc1", id="reserved-byte"),
         pytest.param(b"\x91" * 100_000, id="nesting-bomb"),
-        pytest.param(msgpack.packb(_hdr("ping", {"seq": 1})) + b"\x00", id="trailing-bytes"),
+        pytest.param(msgpack.packb(_msg("ping", 1)) + b"\x00", id="trailing-bytes"),
+        pytest.param(msgpack.packb(_hdr("goodbye", {})) + b"\x00", id="trailing-bytes-stable"),
+        pytest.param(b"\x92\x90\x92\xa6tensor\xa1t" + b"\x91" * 100_000, id="nesting-bomb-in-field"),
+        pytest.param(b"\x92\xdd\xff\xff\xff\xff", id="buffer-list-of-4g-declared"),
         pytest.param(b"\xdd\xff\xff\xff\xff", id="array-of-4g-declared"),
         pytest.param(b"", id="empty"),
     ],
@@ -431,7 +485,7 @@ def test_huge_header_length_and_buffer_lengths_rejected_without_allocating() -> 
         with pytest.raises(ProtocolError):
             parse_body(struct.pack(">I", 2**31) + b"\x00" * 16)
         # Header declares one 2 GiB buffer that is not in the body.
-        big = raw_frame(_hdr("tensor", {"tag": "t"}, [["array", "uint8", [2**31]]], [2**31]))
+        big = raw_frame(_msg("tensor", "t", 0, arrays=[["uint8", [2**31]]]))
         with pytest.raises(ProtocolError):
             parse_body(body_of(big), DEFAULT_LIMITS.replace(max_array_dim=2**32))
         _, peak = tracemalloc.get_traced_memory()
@@ -467,9 +521,8 @@ def test_encode_rejects_bad_values(msg: Message, match: str) -> None:
 
 
 def test_encode_rejects_unregistered_class() -> None:
-    @dataclass(frozen=True, slots=True)
-    class Stray(Message):
-        op: ClassVar[str] = "stray"
+    class Stray(Message, tag="stray"):
+        pass
 
     with pytest.raises(ProtocolError, match="not a registered"):
         encode(Stray())

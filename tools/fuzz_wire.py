@@ -107,7 +107,7 @@ def seed_frames() -> list[bytes]:
 def _same(a: Message, b: Message) -> bool:
     if type(a) is not type(b):
         return False
-    for name in a.__dataclass_fields__:  # type: ignore[attr-defined]
+    for name in a.__struct_fields__:
         x, y = getattr(a, name), getattr(b, name)
         if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
             if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
@@ -188,12 +188,18 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 _SEEDS = seed_frames()
+def _op_of(header: object) -> str:
+    """The op of a seed header: ``{"op": ...}`` (stable messages) or ``[arrays, [op, ...]]``."""
+    return header["op"] if isinstance(header, dict) else header[1][0]  # type: ignore[index]
+
+
 _SEED_PARTS = [(msgpack.unpackb(h), [bytes(b) for b in bufs]) for h, bufs in (encode(m, LIMITS) for m in seed_messages())]
-_OPS = sorted({h["op"] for h, _ in _SEED_PARTS} | {"steal", "tile-ack", "frame-done", "no-such-op"})
+_OPS = sorted({_op_of(h) for h, _ in _SEED_PARTS} | {"steal", "tile-ack", "frame-done", "no-such-op"})
 _WEIRD: list[object] = [
     None, True, False, 0, 1, -1, 2**31, 2**63, 2**64 - 1, -(2**63), 0.5, float("nan"), float("inf"),
     "", "x" * 65, "float32", "float64", "<f4", "object", "uint8", b"", b"\x00" * 32, [], {}, [1] * 9,
     [2**24, 2**24], [-1], [0], [1.0], {"a": [[[[[[[[[1]]]]]]]]]}, [["array", "uint8", [1]]],
+    [["uint8", [1]]], ["float32", [2, 2]], 63, 64,
 ]
 
 
@@ -232,13 +238,20 @@ def mutate_structured(rng: random.Random) -> bytes:
     buffers = list(buffers)
     for _ in range(rng.randint(1, 3)):
         r = rng.random()
+        # the message's fields: a map (stable messages) or the list after the op
+        fields = header.get("f") if isinstance(header, dict) else header[1]
         if r < 0.2:
-            header["op"] = rng.choice(_OPS)
+            if isinstance(header, dict):
+                header["op"] = rng.choice(_OPS)
+            elif isinstance(fields, list) and fields:
+                fields[0] = rng.choice(_OPS)
         elif r < 0.3 and buffers:  # a buffer whose size disagrees with its shape
             i = rng.randrange(len(buffers))
             buffers[i] = buffers[i][: rng.randrange(len(buffers[i]) + 1)] + rng.randbytes(rng.choice([0, 0, 1, 4, 8]))
-        elif r < 0.4 and isinstance(header.get("f"), dict) and header["f"]:
-            del header["f"][rng.choice(list(header["f"]))]
+        elif r < 0.4 and isinstance(fields, dict) and fields:
+            del fields[rng.choice(list(fields))]
+        elif r < 0.4 and isinstance(fields, list) and len(fields) > 1:
+            del fields[rng.randrange(1, len(fields)) :]  # drop trailing fields
         else:
             slots = _nodes(header, [])
             container, key = rng.choice(slots)

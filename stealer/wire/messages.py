@@ -1,72 +1,72 @@
 """Every wire message of stealer, and how a message becomes a header plus raw buffers.
 
-A message is a frozen, slotted dataclass with a fixed string tag ``op``, registered with
-:func:`register`. Adding a message is a five-line change::
+A message is a frozen :class:`msgspec.Struct` with a fixed string tag, its ``op``,
+registered with :func:`register`. Adding a message is a four-line change::
 
     @register
-    @dataclass(frozen=True, slots=True)
-    class StealRequest(Message):
-        op: ClassVar[str] = "steal-request"
+    class StealRequest(Message, tag="steal-request", frozen=True):
         request_id: int
         max_tiles: int = 1
 
+(``frozen`` is inherited from :class:`Message`; it is repeated only so that mypy knows.)
+
 Encoding (:func:`encode`) gives a small msgpack *header* and a list of raw *buffers*,
-one per ndarray field, so tensors are never pickled or copied into the header::
+one per ndarray field, so tensors are never pickled or copied into the header. The header
+is msgpack made by msgspec from the message's typed Struct, in array form (field names
+are not sent)::
 
-    header = {"op": str,                       # the message tag
-              "f": {field: value, ...},        # plain (non-array) fields
-              "a": [[field, dtype, shape], ...],   # one entry per buffer, in order
-              "n": [nbytes, ...]}              # byte length of each buffer
+    header = [[[dtype, shape], ...],           # one entry per buffer, in order
+              [op, field0, field1, ...]]       # the message; an array field holds the
+                                               # index of its buffer (or nil)
 
-Decoding (:func:`decode`) trusts nothing: msgpack runs with ``raw=False``,
-``strict_map_key=True`` and no extension types; every field is type-checked against the
-dataclass annotation; every array's dtype is on a whitelist (:data:`DTYPES`), its rank
-and every dimension are bounded, and ``prod(shape) * itemsize`` must equal the buffer
-length *before* :func:`numpy.frombuffer` builds a zero-copy view. Any violation raises
-:class:`~stealer.errors.ProtocolError`, never an ``AttributeError`` deeper in the runtime.
+Decoding (:func:`unpack_header`, then :func:`decode`) trusts nothing: msgspec decodes
+the header straight into the message's Struct, checking every field's type (no bool for
+an int, no float for an int, no str for bytes, no extension types), calling the message's
+own ``__post_init__`` checks, and bounding every declared length by the bytes actually
+there before allocating. Then every array's dtype is on a whitelist (:data:`DTYPES`), its
+rank and every dimension are bounded, free-form (``Any``) fields hold plain data no deeper
+than ``max_meta_depth``, and ``prod(shape) * itemsize`` must equal the buffer length
+*before* :func:`numpy.frombuffer` builds a zero-copy view. Any violation raises
+:class:`~stealer.errors.ProtocolError` (never a msgspec exception, nor an
+``AttributeError`` deeper in the runtime). :func:`encode` runs the same checks on its own
+header, so a message that leaves is one a peer with the same limits accepts.
 
 Schema evolution
 ----------------
 * The protocol version (:data:`PROTOCOL_VERSION`) travels in :class:`Hello`; peers of
-  different versions are rejected at the handshake, so the envelope itself is strict
-  (unknown top-level keys are an error).
-* A new field of an existing message gets a default. An old peer that receives the new
-  field **ignores it** (unknown fields are skipped, logged at debug level); a new peer
-  that receives a message without the field uses the default. A missing field without a
-  default is a :class:`~stealer.errors.ProtocolError`.
+  different versions are rejected at the handshake.
+* A new field of an existing message gets a default and goes *last*. An old peer that
+  receives the new field **ignores it** (msgspec skips trailing extra fields of an
+  array-form struct); a new peer that receives a message without it uses the default.
+  A missing field without a default is a :class:`~stealer.errors.ProtocolError`.
 * An unknown ``op`` is a :class:`~stealer.errors.ProtocolError`. Never reuse an ``op``.
 * :class:`Hello`, :class:`Welcome` and :class:`Reject` must stay decodable by every
-  version, since they carry the version check itself: only add defaulted fields to them.
-  The same holds for the cluster-secret messages :class:`AuthInit`,
-  :class:`AuthChallenge` and :class:`AuthProof`, which come before Hello (see
-  :mod:`stealer.wire.auth`).
+  version, since they carry the version check itself: they are :class:`StableMessage`,
+  sent in the envelope of protocol 3 (``{"op": op, "f": {field: value}, "a": [], "n": []}``,
+  fields by name), and only defaulted fields may be added to them. The same holds for the
+  cluster-secret messages :class:`AuthInit`, :class:`AuthChallenge` and :class:`AuthProof`,
+  which come before Hello (see :mod:`stealer.wire.auth`), and for :class:`Goodbye`.
 
 Arrays received are read-only views into the frame buffer (copy them to mutate); arrays
-sent must not be mutated until :meth:`Comm.send` has returned.
+sent must not be mutated until :meth:`Comm.send` has returned. A message's
+``__post_init__`` runs when it is decoded too; it may check whether an array field is
+None, but must not look into the array (while the header is decoded, before the buffers
+are attached, an array field holds a placeholder).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
+import re
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import (
-    Any,
-    Callable,
-    ClassVar,
-    Final,
-    TypeVar,
-    Union,
-    get_args,
-    get_origin,
-    get_type_hints,
-)
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import msgpack
+import msgspec
 import numpy as np
+from msgspec import field
 
 from stealer.config import DEFAULT_LIMITS, Limits
 from stealer.errors import ProtocolError
@@ -86,6 +86,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Reject",
+    "StableMessage",
     "TensorMsg",
     "Welcome",
     "decode",
@@ -99,7 +100,8 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION: Final = 4
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
-older peer cannot handle by ignoring unknown fields."""
+older peer cannot handle by ignoring unknown fields. 4: msgspec array-form headers
+(protocol 3 sent every message in the map envelope that only stable messages keep)."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
@@ -114,15 +116,23 @@ _WIRE_NAME: Final[dict[np.dtype[Any], str]] = {dt: name for name, dt in DTYPES.i
 """Wire name of each native-order wire dtype (a dict lookup: ``dtype.name`` runs Python code
 in numpy and showed in the runtime's profile)."""
 
-_INT_MIN: Final = -(2**63)
-_INT_MAX: Final = 2**64 - 1  # msgpack's integer range
+_MAX_ARRAY_FIELDS: Final = 64
+"""Most ndarray fields one message class may have (one placeholder each, below)."""
 
 
-class Message:
-    """Base class of every wire message; subclasses are frozen slotted dataclasses."""
+class Message(msgspec.Struct, frozen=True, array_like=True, tag_field="op"):
+    """Base class of every wire message: a frozen msgspec Struct, sent in array form.
 
-    __slots__ = ()
+    Subclasses give their ``op`` as the struct tag (``class Ping(Message, tag="ping")``)
+    and are registered with :func:`register`, which also sets the ``op`` class attribute.
+    """
+
     op: ClassVar[str]
+
+
+class StableMessage(Message, frozen=True, array_like=False, omit_defaults=True):
+    """A message every protocol version must decode (the handshake, :class:`Goodbye`):
+    sent in protocol 3's map envelope, fields by name, and never with arrays."""
 
 
 M = TypeVar("M", bound=type[Message])
@@ -132,171 +142,96 @@ class _Bad(Exception):
     """A value does not fit its field; turned into ProtocolError with the field's name."""
 
 
-_Check = Callable[[Any, int], Any]
-"""A field checker: (value, max_depth) -> normalized value, or raises _Bad."""
-
-
 @dataclass(frozen=True, slots=True)
-class _FieldSpec:
-    name: str
-    is_array: bool
-    optional: bool
-    required: bool
-    check: _Check | None  # None for array fields
+class _Spec:
+    """What encode/decode need to know about one registered class, computed once."""
 
-
-@dataclass(frozen=True, slots=True)
-class _Schema:
     cls: type[Message]
     op: str
-    fields: tuple[_FieldSpec, ...]
-    by_name: dict[str, _FieldSpec]
+    fields: tuple[str, ...]  # in wire order
+    arrays: tuple[str, ...]  # the ndarray fields
+    plain: tuple[str, ...]  # fields holding free-form data (Any somewhere in the type)
+    stable: bool
+    decoder: msgspec.msgpack.Decoder[Any] | None  # the map decoder of a stable message
 
 
-_BY_OP: dict[str, _Schema] = {}
-_BY_CLASS: dict[type[Message], _Schema] = {}
+_BY_OP: dict[str, _Spec] = {}
+_BY_CLASS: dict[type[Message], _Spec] = {}
+
+# While a header is decoded, an array field holds one of these placeholders: msgspec checks
+# what the decode hook returns against the field's type, so it must be an ndarray, and the
+# buffers are not at hand yet (the frame layout is read from the header). Distinct objects,
+# so the placeholder itself says which buffer it stands for.
+_SLOTS: Final = tuple(np.zeros(0, np.uint8) for _ in range(_MAX_ARRAY_FIELDS))
+for _s in _SLOTS:
+    _s.flags.writeable = False
+_SLOT_INDEX: Final = {id(s): i for i, s in enumerate(_SLOTS)}
 
 
-# ---------------------------------------------------------------------------------------
-# field checkers, compiled once per field from its annotation
-# ---------------------------------------------------------------------------------------
+def _dec_hook(tp: type, obj: Any) -> Any:
+    """msgspec's hook for ndarray fields: the wire value is a buffer index."""
+    if tp is np.ndarray:
+        if type(obj) is not int or not 0 <= obj < _MAX_ARRAY_FIELDS:
+            raise ValueError(f"an array field must hold a buffer index, got {obj!r}")
+        return _SLOTS[obj]
+    raise TypeError(f"unsupported field type {tp!r}")  # pragma: no cover - register refuses it
 
 
-def _tname(v: object) -> str:
-    return type(v).__name__
+def _enc_hook(obj: Any) -> Any:
+    """msgspec's hook for values it cannot encode: only array placeholders are allowed."""
+    i = _SLOT_INDEX.get(id(obj))
+    if i is None or _SLOTS[i] is not obj:
+        raise TypeError(
+            f"{type(obj).__name__} is not plain data (None/bool/int/float/str/bytes/list/dict)"
+        )
+    return i
 
 
-def _check_int(v: Any, depth: int) -> int:
-    if type(v) is not int:  # bool is an int subclass: rejected on purpose
-        raise _Bad(f"expected int, got {_tname(v)}")
-    if not _INT_MIN <= v <= _INT_MAX:
-        raise _Bad(f"integer {v} outside the msgpack range")
-    return v
+class _Legacy(msgspec.Struct, forbid_unknown_fields=True):
+    """Protocol 3's envelope, kept for :class:`StableMessage` (never with arrays)."""
+
+    op: str
+    f: msgspec.Raw
+    a: tuple[()]
+    n: tuple[()]
 
 
-def _check_float(v: Any, depth: int) -> float:
-    if type(v) is float:
-        return v
-    if type(v) is int:
-        return float(v)
-    raise _Bad(f"expected float, got {_tname(v)}")
-
-
-def _exact(tp: type) -> _Check:
-    def check(v: Any, depth: int) -> Any:
-        if type(v) is not tp:
-            raise _Bad(f"expected {tp.__name__}, got {_tname(v)}")
-        return v
-
-    return check
-
-
-def _check_plain(v: Any, depth: int) -> Any:
-    """Plain msgpack data only: None, bool, int, float, str, bytes, list, str-keyed dict."""
-    if v is None or type(v) in (bool, float, str, bytes):
-        return v
-    if type(v) is int:
-        return _check_int(v, depth)
-    if depth <= 0:
-        raise _Bad("nesting too deep")
-    if type(v) in (list, tuple):
-        return [_check_plain(x, depth - 1) for x in v]
-    if type(v) is dict:
-        out = {}
-        for k, x in v.items():
-            if type(k) is not str:
-                raise _Bad(f"dict key must be str, got {_tname(k)}")
-            out[k] = _check_plain(x, depth - 1)
-        return out
-    raise _Bad(f"{_tname(v)} is not plain data (None/bool/int/float/str/bytes/list/dict)")
-
-
-def _compile(tp: Any) -> tuple[bool, bool, _Check | None]:
-    """Return (is_array, optional, check) for one field annotation."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"unsupported union {tp!r}: only `X | None`")
-        is_array, _, chk = _compile(inner[0])
-        if chk is None:
-            return is_array, True, None
-
-        def check_opt(v: Any, depth: int, chk: _Check = chk) -> Any:
-            return None if v is None else chk(v, depth)
-
-        return is_array, True, check_opt
-    if tp is np.ndarray or origin is np.ndarray:
-        return True, False, None
-    if tp is int:
-        return False, False, _check_int
-    if tp is float:
-        return False, False, _check_float
-    if tp in (str, bytes, bool):
-        return False, False, _exact(tp)
-    if tp is Any:
-        return False, False, _check_plain
-    if tp is dict or origin is dict:
-        if args and args[0] is not str:
-            raise TypeError(f"dict fields need str keys: {tp!r}")
-        vchk = _compile(args[1])[2] if args else _check_plain
-        if vchk is None:
-            raise TypeError(f"arrays inside containers are not supported: {tp!r}")
-
-        def check_dict(v: Any, depth: int, vchk: _Check = vchk) -> dict[str, Any]:
-            if type(v) is not dict:
-                raise _Bad(f"expected dict, got {_tname(v)}")
-            if depth <= 0:
-                raise _Bad("nesting too deep")
-            out = {}
-            for k, x in v.items():
-                if type(k) is not str:
-                    raise _Bad(f"dict key must be str, got {_tname(k)}")
-                out[k] = vchk(x, depth - 1)
-            return out
-
-        return False, False, check_dict
-    if tp in (list, tuple) or origin in (list, tuple):
-        container = origin or tp
-        if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            raise TypeError(f"only tuple[X, ...] is supported: {tp!r}")
-        echk = _compile(args[0])[2] if args else _check_plain
-        if echk is None:
-            raise TypeError(f"arrays inside containers are not supported: {tp!r}")
-
-        if echk is _check_int:
-            # lists of ints (regions, strip and task ids) are in most runtime messages: one
-            # pass of C-level checks instead of a call per element
-            def check_ints(v: Any, depth: int, container: type = container) -> Any:
-                if type(v) not in (list, tuple):
-                    raise _Bad(f"expected {container.__name__}, got {_tname(v)}")
-                if depth <= 0:
-                    raise _Bad("nesting too deep")
-                if v:
-                    if not all(type(x) is int for x in v):  # bool is an int subclass: rejected
-                        bad = next(x for x in v if type(x) is not int)
-                        raise _Bad(f"expected int, got {_tname(bad)}")
-                    if min(v) < _INT_MIN or max(v) > _INT_MAX:
-                        raise _Bad("integer outside the msgpack range")
-                return v if type(v) is container else container(v)
-
-            return False, False, check_ints
-
-        def check_seq(v: Any, depth: int, echk: _Check = echk, container: type = container) -> Any:
-            if type(v) not in (list, tuple):
-                raise _Bad(f"expected {container.__name__}, got {_tname(v)}")
-            if depth <= 0:
-                raise _Bad("nesting too deep")
-            out = [echk(x, depth - 1) for x in v]
-            return out if container is list else container(out)
-
-        return False, False, check_seq
-    raise TypeError(f"unsupported field type {tp!r}")
+_ENCODER: Final = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_PEEK: Final = msgspec.msgpack.Decoder(tuple[msgspec.Raw, list[msgspec.Raw]])
+_OP: Final = msgspec.msgpack.Decoder(str)
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(_Legacy)
+"""Decodes a whole header: rebuilt by :func:`register` to know every array-form class."""
 
 
 # ---------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------
+
+
+def _kind(tp: Any, top: bool = True) -> str:
+    """'array', 'plain' (holds Any), or 'typed', for one field annotation."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is np.ndarray or origin is np.ndarray:
+        if not top:
+            raise TypeError(f"arrays inside containers are not supported: {tp!r}")
+        return "array"
+    if tp is Any:
+        return "plain"
+    if origin in (Union, types.UnionType) and top and type(None) in args and len(args) == 2:
+        inner = next(a for a in args if a is not type(None))
+        return _kind(inner, top=True)
+    kinds = {_kind(a, top=False) for a in args if a is not Ellipsis}
+    return "plain" if "plain" in kinds else "typed"
+
+
+def _rebuild_decoder() -> None:
+    global _decoder
+    compact = [s.cls for s in _BY_OP.values() if not s.stable]
+    body: Any = Union[tuple(compact)] if compact else None  # noqa: UP007 (runtime union)
+    _decoder = msgspec.msgpack.Decoder(
+        Union[tuple[list[tuple[str, list[int]]], body], _Legacy],  # noqa: UP007
+        dec_hook=_dec_hook,
+    )
 
 
 def register(cls: M) -> M:
@@ -305,39 +240,54 @@ def register(cls: M) -> M:
     Parameters
     ----------
     cls
-        A dataclass subclass of :class:`Message` defining ``op: ClassVar[str]`` in its own
-        body. Field annotations must be ``int``, ``float``, ``str``, ``bytes``, ``bool``,
-        ``numpy.ndarray``, ``dict[str, X]``, ``list[X]``, ``tuple[X, ...]``, ``Any``
-        (plain data) or ``X | None``.
+        A subclass of :class:`Message` (or :class:`StableMessage`) with its own string
+        ``tag``. Field types are what msgspec decodes (``int``, ``float``, ``str``,
+        ``bytes``, ``bool``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``,
+        ``X | None``, ...), plus ``numpy.ndarray`` (or ``numpy.ndarray | None``) for
+        arrays sent as raw buffers, and ``Any`` for free-form plain data.
 
     Returns
     -------
     type
-        ``cls`` itself.
+        ``cls`` itself, with ``cls.op`` set to its tag.
 
     Raises
     ------
     TypeError
-        If the class is not a Message dataclass or a field type is unsupported.
+        If the class is not a Message struct or a field type is unsupported.
     ValueError
-        If the ``op`` is missing or already registered.
+        If the tag is missing or already registered.
     """
-    if not (isinstance(cls, type) and issubclass(cls, Message) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"{cls!r} must be a dataclass subclass of Message")
-    op = cls.__dict__.get("op")
+    if not (isinstance(cls, type) and issubclass(cls, Message)):
+        raise TypeError(f"{cls!r} must be a subclass of Message")
+    op = cls.__struct_config__.tag
     if not isinstance(op, str) or not op:
-        raise ValueError(f"{cls.__name__} must define its own `op: ClassVar[str]`")
+        raise ValueError(f"{cls.__name__} must give its op as a string tag: class X(Message, tag=...)")
     if op in _BY_OP:
         raise ValueError(f"op {op!r} already registered by {_BY_OP[op].cls.__name__}")
     hints = get_type_hints(cls)
-    specs = []
-    for f in dataclasses.fields(cls):
-        is_array, optional, check = _compile(hints[f.name])
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        specs.append(_FieldSpec(f.name, is_array, optional, required, check))
-    schema = _Schema(cls, op, tuple(specs), {s.name: s for s in specs})
-    _BY_OP[op] = schema
-    _BY_CLASS[cls] = schema
+    names = cls.__struct_fields__
+    kinds = {name: _kind(hints[name]) for name in names}
+    arrays = tuple(n for n in names if kinds[n] == "array")
+    stable = issubclass(cls, StableMessage)
+    if stable and arrays:
+        raise TypeError(f"{cls.__name__}: a StableMessage cannot carry arrays")
+    if len(arrays) > _MAX_ARRAY_FIELDS:
+        raise TypeError(f"{cls.__name__}: more than {_MAX_ARRAY_FIELDS} array fields")
+    # Build the decoder before touching the registry, so an unsupported type leaves it as is.
+    decoder = msgspec.msgpack.Decoder(cls) if stable else None
+    spec = _Spec(
+        cls, op, names, arrays, tuple(n for n in names if kinds[n] == "plain"), stable, decoder
+    )
+    cls.op = op
+    _BY_OP[op] = spec
+    _BY_CLASS[cls] = spec
+    try:
+        _rebuild_decoder()
+    except TypeError:
+        del _BY_OP[op], _BY_CLASS[cls]
+        _rebuild_decoder()
+        raise
     return cls
 
 
@@ -357,8 +307,7 @@ def message_types() -> dict[str, type[Message]]:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Identity(Message):
+class _Identity(StableMessage, frozen=True):
     """Who a node is: sent by the client in Hello, answered by the server in Welcome."""
 
     version: int
@@ -387,8 +336,7 @@ class _Identity(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class Hello(_Identity):
+class Hello(_Identity, tag="hello", frozen=True):
     """First message of a connection, client to server: version, identity, capacity.
 
     ``port`` is the sender's own listening port (0 if it does not listen), ``max_memory``
@@ -396,28 +344,21 @@ class Hello(_Identity):
     cfg+weights so that peers never exchange tiles of different models.
     """
 
-    op: ClassVar[str] = "hello"
-
 
 @register
-@dataclass(frozen=True, slots=True)
-class Welcome(_Identity):
+class Welcome(_Identity, tag="welcome", frozen=True):
     """Server's positive answer to :class:`Hello`, carrying the server's identity."""
-
-    op: ClassVar[str] = "welcome"
 
     @classmethod
     def of(cls, ident: _Identity) -> Welcome:
         """Build a Welcome with the same identity fields as ``ident`` (usually a Hello)."""
-        return cls(*(getattr(ident, f.name) for f in dataclasses.fields(_Identity)))
+        return cls(*(getattr(ident, name) for name in _Identity.__struct_fields__))
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class Reject(Message):
+class Reject(StableMessage, tag="reject", frozen=True):
     """Server's negative answer to :class:`Hello`; the connection is closed after it."""
 
-    op: ClassVar[str] = "reject"
     reason: str
 
 
@@ -434,12 +375,10 @@ def _check_node_id(node_id: str) -> None:
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class AuthInit(Message):
+class AuthInit(StableMessage, tag="auth-init", frozen=True):
     """Cluster-secret handshake, client to server, first message: who I claim to be and
     my fresh nonce. Nothing in it is trusted until the exchange completes."""
 
-    op: ClassVar[str] = "auth-init"
     node_id: str
     nonce: bytes
     frame_mac: bool = False  # the client wants a MAC on every later frame
@@ -451,13 +390,11 @@ class AuthInit(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class AuthChallenge(Message):
+class AuthChallenge(StableMessage, tag="auth-challenge", frozen=True):
     """Server's answer to :class:`AuthInit`: its identity, its fresh nonce and its proof
     that it knows the secret (the server proves first, so a client never reveals a proof
     to a server that cannot make one)."""
 
-    op: ClassVar[str] = "auth-challenge"
     node_id: str
     nonce: bytes
     proof: bytes
@@ -472,11 +409,9 @@ class AuthChallenge(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class AuthProof(Message):
+class AuthProof(StableMessage, tag="auth-proof", frozen=True):
     """Client's proof that it knows the secret; the client's Hello follows it at once."""
 
-    op: ClassVar[str] = "auth-proof"
     proof: bytes
 
     def __post_init__(self) -> None:
@@ -485,41 +420,34 @@ class AuthProof(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class Ping(Message):
+class Ping(Message, tag="ping", frozen=True):
     """Liveness probe; answered with :class:`Pong` of the same ``seq`` by the Comm itself."""
 
-    op: ClassVar[str] = "ping"
     seq: int
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class Pong(Message):
+class Pong(Message, tag="pong", frozen=True):
     """Answer to :class:`Ping`."""
 
-    op: ClassVar[str] = "pong"
     seq: int
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class Goodbye(Message):
+class Goodbye(StableMessage, tag="goodbye", frozen=True):
     """Clean close: the sender will send nothing more on this connection."""
 
-    op: ClassVar[str] = "goodbye"
     reason: str = ""
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class TensorMsg(Message):
+class TensorMsg(Message, tag="tensor", frozen=True):
     """Generic tensor carrier: a tag, one array (raw buffer) and free-form plain metadata."""
 
-    op: ClassVar[str] = "tensor"
     tag: str
     array: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,40 +455,68 @@ class TensorMsg(Message):
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(msgspec.Struct, frozen=True, gc=False):
     """A validated frame header (what :func:`unpack_header` returns).
+
+    A msgspec Struct rather than a frozen dataclass: it is made for every frame, and a
+    frozen dataclass's ``__init__`` (``object.__setattr__`` per field) cost more than
+    decoding a small header.
 
     Attributes
     ----------
     op
-        The message tag (not yet looked up).
-    fields
-        Plain field values by name (types not yet checked against a schema).
+        The message tag.
+    message
+        The decoded and type-checked message, except that its array fields still hold
+        placeholders: :func:`decode` attaches the buffers.
     arrays
-        ``(field, dtype, shape)`` for each raw buffer, in order.
+        ``(dtype, shape)`` for each raw buffer, in order.
     lens
-        Byte length of each raw buffer, equal to ``prod(shape) * dtype.itemsize``.
+        Byte length of each raw buffer, ``prod(shape) * dtype.itemsize``.
     """
 
     op: str
-    fields: dict[str, Any]
-    arrays: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
+    message: Message
+    arrays: tuple[tuple[np.dtype[Any], tuple[int, ...]], ...]
     lens: tuple[int, ...]
 
 
-def _check_shape(shape: Any, limits: Limits) -> tuple[int, ...]:
-    if type(shape) not in (list, tuple) or len(shape) > limits.max_array_ndim:
+def _tname(v: object) -> str:
+    return type(v).__name__
+
+
+def _check_plain(v: Any, depth: int) -> None:
+    """Plain msgpack data only: None, bool, int, float, str, bytes, list, str-keyed dict."""
+    if v is None or type(v) in (bool, int, float, str, bytes):
+        return
+    if type(v) is list:
+        if depth <= 0:
+            raise _Bad("nesting too deep")
+        for x in v:
+            _check_plain(x, depth - 1)
+        return
+    if type(v) is dict:
+        if depth <= 0:
+            raise _Bad("nesting too deep")
+        for k, x in v.items():
+            if type(k) is not str:
+                raise _Bad(f"dict key must be str, got {_tname(k)}")
+            _check_plain(x, depth - 1)
+        return
+    # what msgspec makes of extension types (Ext, timestamps as datetime) ends up here
+    raise _Bad(f"{_tname(v)} is not plain data (None/bool/int/float/str/bytes/list/dict)")
+
+
+def _check_shape(shape: Sequence[Any], limits: Limits) -> tuple[int, ...]:
+    if len(shape) > limits.max_array_ndim:
         raise ProtocolError(f"array shape must be a list of at most {limits.max_array_ndim} ints")
     for d in shape:
-        if type(d) is not int or not 0 <= d <= limits.max_array_dim:
+        if not 0 <= d <= limits.max_array_dim:
             raise ProtocolError(f"array dimension {d!r} not an int in [0, {limits.max_array_dim}]")
     return tuple(shape)
 
 
-def _array_out(
-    op: str, name: str, value: Any, limits: Limits
-) -> tuple[str, list[int], memoryview]:
+def _array_out(op: str, name: str, value: Any, limits: Limits) -> tuple[str, list[int], memoryview]:
     if not isinstance(value, np.ndarray):
         raise ProtocolError(f"cannot encode {op}.{name}: expected ndarray, got {_tname(value)}")
     wire_name = _WIRE_NAME.get(value.dtype)
@@ -577,8 +533,7 @@ def _array_out(
     shape = _check_shape(value.shape, limits)
     # Copies only if the input is non-contiguous or big-endian; otherwise a view.
     arr = np.ascontiguousarray(value, dtype=dt)
-    buf = arr.reshape(-1).view(np.uint8).data
-    return wire_name, list(shape), buf
+    return wire_name, list(shape), arr.reshape(-1).view(np.uint8).data
 
 
 def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, list[memoryview]]:
@@ -589,8 +544,9 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, list[m
     msg
         An instance of a registered message class.
     limits
-        Bounds the receiver will enforce; checked here too so a too-big message fails
-        before anything is written.
+        Bounds the receiver will enforce; the header is checked against them here, with
+        the receiver's own checks, so a bad or too-big message fails before anything is
+        written.
 
     Returns
     -------
@@ -606,43 +562,92 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, list[m
         If the message is not registered, a field has the wrong type, an array has a
         dtype outside :data:`DTYPES` or the header is too large.
     """
-    schema = _BY_CLASS.get(type(msg))
-    if schema is None:
+    spec = _BY_CLASS.get(type(msg))
+    if spec is None:
         raise ProtocolError(f"{type(msg).__name__} is not a registered message")
-    fields: dict[str, Any] = {}
-    arrays: list[list[Any]] = []
     buffers: list[memoryview] = []
-    for spec in schema.fields:
-        value = getattr(msg, spec.name)
-        if spec.is_array:
-            if value is None and spec.optional:
-                fields[spec.name] = None
-                continue
-            wire_name, shape, buf = _array_out(schema.op, spec.name, value, limits)
-            arrays.append([spec.name, wire_name, shape])
-            buffers.append(buf)
-            continue
-        assert spec.check is not None
-        try:
-            fields[spec.name] = spec.check(value, limits.max_meta_depth)
-        except _Bad as e:
-            raise ProtocolError(f"cannot encode {schema.op}.{spec.name}: {e}") from None
-    if len(buffers) > limits.max_buffers:
-        raise ProtocolError(f"cannot encode {schema.op}: {len(buffers)} arrays > max_buffers")
-    header = msgpack.packb(
-        {"op": schema.op, "f": fields, "a": arrays, "n": [b.nbytes for b in buffers]},
-        use_bin_type=True,
-    )
+    try:
+        if spec.stable:
+            header = _ENCODER.encode({"op": spec.op, "f": msg, "a": (), "n": ()})
+        else:
+            descs: list[tuple[str, list[int]]] = []
+            wire = msg
+            if spec.arrays:
+                slots = {}
+                for name in spec.arrays:
+                    value = getattr(msg, name)
+                    if value is None:
+                        continue
+                    wire_name, shape, buf = _array_out(spec.op, name, value, limits)
+                    slots[name] = _SLOTS[len(buffers)]
+                    descs.append((wire_name, shape))
+                    buffers.append(buf)
+                if len(buffers) > limits.max_buffers:
+                    raise ProtocolError(
+                        f"cannot encode {spec.op}: {len(buffers)} arrays > max_buffers"
+                    )
+                if slots:
+                    wire = msgspec.structs.replace(msg, **slots)
+            header = _ENCODER.encode((descs, wire))
+    except OverflowError as e:  # msgspec: an int beyond msgpack's range
+        raise ProtocolError(f"cannot encode {spec.op}: integer out of the msgpack range ({e})") from None
+    except (TypeError, ValueError) as e:  # the enc hook: not plain data
+        raise ProtocolError(f"cannot encode {spec.op}: {e}") from None
     if len(header) > limits.max_header_bytes:
         raise ProtocolError(
-            f"cannot encode {schema.op}: header {len(header)} B > max_header_bytes "
+            f"cannot encode {spec.op}: header {len(header)} B > max_header_bytes "
             f"{limits.max_header_bytes} B (put big data in arrays)"
         )
+    # msgspec encodes whatever the fields hold (Structs check no types when built): the
+    # receiver's checks, run on our own header, refuse a str in an int field here.
+    try:
+        _parse(header, limits)
+    except ProtocolError as e:
+        raise ProtocolError(f"cannot encode {spec.op}: {e}") from None
     return header, buffers
 
 
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} not allowed")
+_MESSAGE_PATH: Final = re.compile(r"`\$\[1\](?:\[(\d+)\])?")
+"""Where a msgspec error in an array-form header is: in the message ($[1]), field k-1."""
+
+
+def _invalid(data: bytes | bytearray | memoryview, err: msgspec.ValidationError) -> ProtocolError:
+    """A ProtocolError naming the message and field a msgspec validation error is about."""
+    text = str(err)
+    m = _MESSAGE_PATH.search(text)
+    if m is None:
+        return ProtocolError(f"invalid header: {text}")
+    try:  # on the error path only: the op, without decoding anything else
+        _, body = _PEEK.decode(data)
+        op = _OP.decode(body[0]) if body else ""
+    except msgspec.DecodeError:
+        op = ""
+    spec = _BY_OP.get(op)
+    k = None if m.group(1) is None else int(m.group(1))
+    if k == 0:
+        if spec is None:
+            return ProtocolError(f"unknown op {op!r}")
+        return ProtocolError(f"{op} must come in the map envelope (it is a StableMessage)")
+    if spec is not None and k is not None and k <= len(spec.fields):
+        return ProtocolError(f"{op}.{spec.fields[k - 1]}: {text}")
+    return ProtocolError(f"invalid {op or 'message'}: {text}")
+
+
+def _unpack_stable(
+    env: _Legacy,
+) -> tuple[str, Message, tuple[tuple[np.dtype[Any], tuple[int, ...]], ...], tuple[int, ...]]:
+    spec = _BY_OP.get(env.op)
+    if spec is None:
+        raise ProtocolError(f"unknown op {env.op!r}")
+    if spec.decoder is None:
+        raise ProtocolError(f"{env.op} must come in the array-form header of protocol {PROTOCOL_VERSION}")
+    try:
+        msg = spec.decoder.decode(env.f)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"invalid {env.op}: {e}") from None
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ProtocolError(f"undecodable {env.op}: {e}") from None
+    return spec.op, msg, (), ()
 
 
 def unpack_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Header:
@@ -653,61 +658,59 @@ def unpack_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT
     data
         The msgpack header bytes.
     limits
-        Size bounds (header size, number of buffers, array rank and dimensions).
+        Size bounds (header size, number of buffers, array rank and dimensions, depth of
+        free-form data).
 
     Returns
     -------
     Header
-        The validated envelope; field types are checked later by :func:`decode`.
+        The validated header, with the message decoded except for its arrays.
 
     Raises
     ------
     ProtocolError
         On any malformed, oversized or inconsistent header.
     """
+    return Header(*_parse(data, limits))
+
+
+def _parse(
+    data: bytes | bytearray | memoryview, limits: Limits
+) -> tuple[str, Message, tuple[tuple[np.dtype[Any], tuple[int, ...]], ...], tuple[int, ...]]:
+    """:func:`unpack_header`, returning the Header's fields (encode's check needs no Header)."""
     if len(data) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(data)} B > max_header_bytes {limits.max_header_bytes}")
     try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            ext_hook=_no_ext,
-        )  # container/str lengths are bounded by len(data), itself bounded above
-    except (ValueError, msgpack.UnpackException) as e:
-        # ValueError covers ExtraData, FormatError, StackError, bad UTF-8, bad map keys.
-        raise ProtocolError(f"undecodable header: {e}") from e
-    if type(obj) is not dict or obj.keys() != {"op", "f", "a", "n"}:
-        raise ProtocolError("header must be a map with exactly the keys op, f, a, n")
-    op, fields, arrays, lens = obj["op"], obj["f"], obj["a"], obj["n"]
-    if type(op) is not str:
-        raise ProtocolError(f"op must be str, got {_tname(op)}")
-    if type(fields) is not dict:
-        raise ProtocolError(f"{op}: fields must be a map")
-    if type(arrays) is not list or type(lens) is not list or len(arrays) != len(lens):
-        raise ProtocolError(f"{op}: array list and length list must be lists of equal length")
-    if len(arrays) > limits.max_buffers:
-        raise ProtocolError(f"{op}: {len(arrays)} buffers > max_buffers {limits.max_buffers}")
-    out_arrays = []
-    seen: set[str] = set()
-    for entry, nbytes in zip(arrays, lens):
-        if type(entry) is not list or len(entry) != 3:
-            raise ProtocolError(f"{op}: array entry must be [field, dtype, shape]")
-        name, dtype_name, shape = entry
-        if type(name) is not str or name in seen or name in fields:
-            raise ProtocolError(f"{op}: bad or duplicate array field {name!r}")
-        seen.add(name)
-        if type(dtype_name) is not str or dtype_name not in DTYPES:
-            raise ProtocolError(f"{op}.{name}: dtype {dtype_name!r} not in {sorted(DTYPES)}")
-        dt = DTYPES[dtype_name]
+        obj = _decoder.decode(data)  # declared lengths are checked against len(data) first
+    except msgspec.ValidationError as e:
+        raise _invalid(data, e) from None
+    except (msgspec.DecodeError, RecursionError) as e:
+        # DecodeError: truncated, trailing or malformed bytes; RecursionError: nesting bombs
+        raise ProtocolError(f"undecodable header: {e}") from None
+    if type(obj) is _Legacy:
+        return _unpack_stable(obj)
+    descs, msg = obj
+    spec = _BY_CLASS[type(msg)]
+    op = spec.op
+    if not descs and not spec.plain:
+        return op, msg, (), ()  # most control messages: nothing more to check
+    if len(descs) > limits.max_buffers:
+        raise ProtocolError(f"{op}: {len(descs)} buffers > max_buffers {limits.max_buffers}")
+    arrays = []
+    lens = []
+    for dtype_name, shape in descs:
+        dt = DTYPES.get(dtype_name)
+        if dt is None:
+            raise ProtocolError(f"{op}: dtype {dtype_name!r} not in {sorted(DTYPES)}")
         shp = _check_shape(shape, limits)
-        if type(nbytes) is not int or nbytes != math.prod(shp) * dt.itemsize:
-            raise ProtocolError(
-                f"{op}.{name}: buffer length {nbytes!r} != prod{shp} * {dt.itemsize}"
-            )
-        out_arrays.append((name, dt, shp))
-    return Header(op, fields, tuple(out_arrays), tuple(lens))
+        arrays.append((dt, shp))
+        lens.append(math.prod(shp) * dt.itemsize)
+    for name in spec.plain:
+        try:
+            _check_plain(getattr(msg, name), limits.max_meta_depth)
+        except _Bad as e:
+            raise ProtocolError(f"{op}.{name}: {e}") from None
+    return op, msg, tuple(arrays), tuple(lens)
 
 
 def decode(
@@ -738,51 +741,44 @@ def decode(
         Unknown op, wrong field type, missing required field, buffer count or size
         mismatch, or a value rejected by the message's own validation.
     """
-    if not isinstance(header, Header):
-        header = unpack_header(header, limits)
-    schema = _BY_OP.get(header.op)
-    if schema is None:
-        raise ProtocolError(f"unknown op {header.op!r}")
-    op = schema.op
-    if len(buffers) != len(header.lens):
-        raise ProtocolError(f"{op}: {len(buffers)} buffers, header lists {len(header.lens)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in header.fields.items():
-        spec = schema.by_name.get(name)
-        if spec is None:
-            logger.debug("ignoring unknown field %s.%s", op, name)
+    if isinstance(header, Header):
+        op, msg, arrays, lens = header.op, header.message, header.arrays, header.lens
+    else:
+        op, msg, arrays, lens = _parse(header, limits)
+    if len(buffers) != len(lens):
+        raise ProtocolError(f"{op}: {len(buffers)} buffers, header lists {len(lens)}")
+    spec = _BY_CLASS[type(msg)]
+    if not spec.arrays:
+        if buffers:
+            logger.debug("ignoring %d buffers of %s", len(buffers), op)
+        return msg
+    views: dict[str, np.ndarray] = {}
+    used: set[int] = set()
+    for name in spec.arrays:
+        slot = getattr(msg, name)
+        if slot is None:
             continue
-        if spec.is_array:
-            if value is None and spec.optional:
-                kwargs[name] = None
-                continue
-            raise ProtocolError(f"{op}.{name}: array field sent as a plain value")
-        assert spec.check is not None
-        try:
-            kwargs[name] = spec.check(value, limits.max_meta_depth)
-        except _Bad as e:
-            raise ProtocolError(f"{op}.{name}: {e}") from None
-    for (name, dt, shape), nbytes, buf in zip(header.arrays, header.lens, buffers):
-        view = memoryview(buf)
+        i = _SLOT_INDEX[id(slot)]
+        if i >= len(buffers) or i in used:
+            raise ProtocolError(f"{op}.{name}: buffer {i} missing or taken by another field")
+        used.add(i)
+        (dt, shape), nbytes = arrays[i], lens[i]
+        view = memoryview(buffers[i])
         if view.nbytes != nbytes:
             raise ProtocolError(f"{op}.{name}: buffer has {view.nbytes} B, header says {nbytes}")
-        spec = schema.by_name.get(name)
-        if spec is None:
-            logger.debug("ignoring unknown array field %s.%s", op, name)
-            continue
-        if not spec.is_array:
-            raise ProtocolError(f"{op}.{name}: plain field sent as an array")
         if view.format != "B" or not view.c_contiguous:
             view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         # Sizes were checked above, so frombuffer/reshape cannot fail or over-read.
-        kwargs[name] = np.frombuffer(view, dtype=dt).reshape(shape)
-    missing = [s.name for s in schema.fields if s.required and s.name not in kwargs]
-    if missing:
-        raise ProtocolError(f"{op}: missing required field(s) {', '.join(missing)}")
+        views[name] = np.frombuffer(view, dtype=dt).reshape(shape)
+    if len(used) < len(buffers):
+        logger.debug("ignoring %d unclaimed buffers of %s", len(buffers) - len(used), op)
+    if not views:
+        return msg
     try:
-        return schema.cls(**kwargs)
+        # a new message rather than filling in header.message, so a Header decodes twice
+        return msgspec.structs.replace(msg, **views)
     except (TypeError, ValueError) as e:
-        raise ProtocolError(f"invalid {op}: {e}") from e
+        raise ProtocolError(f"invalid {op}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -804,31 +800,26 @@ def _check_task_name(source: str, frame: int, task: int) -> None:
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class Status(Message):
+class Status(Message, tag="status", frozen=True):
     """How much work the sender has queued (sent whenever it changes); idle nodes pick
     victims by it, so nobody polls."""
 
-    op: ClassVar[str] = "status"
     queued_tiles: int
     queued_tails: int
     leased: int = 0  # tasks out with other nodes (candidates for speculative copies)
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class StealRequest(Message):
+class StealRequest(Message, tag="steal", frozen=True):
     """An idle node asks for one task; ``accept_tail`` is false on nodes too small for tails."""
 
-    op: ClassVar[str] = "steal"
     request_id: int
     accept_tail: bool = True
     speculative: bool = False  # nothing is queued anywhere: a copy of a straggler will do
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class StealReply(Message):
+class StealReply(Message, tag="steal-reply", frozen=True):
     """The victim's answer: a task with its input data (``granted``), or nothing.
 
     For a tile, ``region`` (y0, y1, x0, x1) is the part of the network input it gets: the one
@@ -839,7 +830,6 @@ class StealReply(Message):
     ``pixel_origin`` (y, x) of the ``img_w`` x ``img_h`` image (a quarter of the bytes; see
     :func:`stealer.images.letterbox_region`). For a tail, ``data`` is the fused block's output."""
 
-    op: ClassVar[str] = "steal-reply"
     request_id: int
     granted: bool
     source: str = ""
@@ -868,11 +858,9 @@ class StealReply(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class FrameStart(Message):
+class FrameStart(Message, tag="frame-start", frozen=True):
     """A source tells the gateway about a frame before queueing its tasks."""
 
-    op: ClassVar[str] = "frame-start"
     source: str
     frame: int
     plan: str
@@ -885,11 +873,9 @@ class FrameStart(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class StripsRequest(Message):
+class StripsRequest(Message, tag="strips-request", frozen=True):
     """A dependent tile asks the gateway where the reuse strips it consumes are."""
 
-    op: ClassVar[str] = "strips-request"
     request_id: int
     source: str
     frame: int
@@ -898,14 +884,12 @@ class StripsRequest(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class StripsReply(Message):
+class StripsReply(Message, tag="strips-reply", frozen=True):
     """``found`` false if any asked-for strip is missing (the tile then runs full). Else, from
     the gateway to a :class:`StripsRequest`: ``holders``, the node that holds each strip (node
     id -> strip ids); from a holder to a :class:`StripsFetch`: the strips, concatenated in
     ``data`` (float32, flat) as listed in ``meta`` ([strip id, C, H, W] each)."""
 
-    op: ClassVar[str] = "strips-reply"
     request_id: int
     found: bool
     meta: list[list[int]] = field(default_factory=list)
@@ -914,12 +898,10 @@ class StripsReply(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class StripsFetch(Message):
+class StripsFetch(Message, tag="strips-fetch", frozen=True):
     """A dependent tile asks the node that produced them for reuse strips (peer to peer: strips
     never pass through the gateway, whose link every frame's tiles and tails already cross)."""
 
-    op: ClassVar[str] = "strips-fetch"
     request_id: int
     source: str
     frame: int
@@ -927,22 +909,18 @@ class StripsFetch(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class StripsRelease(Message):
+class StripsRelease(Message, tag="strips-release", frozen=True):
     """Gateway to the holders of a frame's strips: every tile is in, the strips can go."""
 
-    op: ClassVar[str] = "strips-release"
     source: str
     frame: int
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class RegionRequest(Message):
+class RegionRequest(Message, tag="region-request", frozen=True):
     """A thief holding a reuse task's small input region, whose strips are gone (a new gateway,
     an evicted cache), asks the task's owner for the full variant's region instead."""
 
-    op: ClassVar[str] = "region-request"
     request_id: int
     source: str
     frame: int
@@ -953,13 +931,11 @@ class RegionRequest(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class RegionReply(Message):
+class RegionReply(Message, tag="region-reply", frozen=True):
     """The full variant's input region of the task (``region`` y0, y1, x0, x1, as ``data`` or
     ``pixels`` like a :class:`StealReply`), or ``found`` false if the owner no longer holds the
     frame (it finished, or was dropped)."""
 
-    op: ClassVar[str] = "region-reply"
     request_id: int
     found: bool
     region: list[int] = field(default_factory=list)
@@ -969,12 +945,10 @@ class RegionReply(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class TileDone(Message):
+class TileDone(Message, tag="tile-done", frozen=True):
     """A tile's output, and the ids of the reuse strips it published: the sender keeps those
     and serves them to dependent tiles (:class:`StripsFetch`)."""
 
-    op: ClassVar[str] = "tile-done"
     source: str
     frame: int
     task: int
@@ -989,14 +963,12 @@ class TileDone(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class TileAck(Message):
+class TileAck(Message, tag="tile-ack", frozen=True):
     """Gateway to source: a reuse producer's result is in (or a late copy of any tile); its
     lease ends. ``holder`` (node id, or empty) keeps the reuse ``strips`` the tile published,
     so that the source can tell the tiles that consume them where to fetch them without
     asking the gateway. Other tiles end with their frame's :class:`TilesIn`."""
 
-    op: ClassVar[str] = "tile-ack"
     source: str
     frame: int
     task: int
@@ -1005,12 +977,10 @@ class TileAck(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class TilesIn(Message):
+class TilesIn(Message, tag="tiles-in", frozen=True):
     """Gateway to source: every tile of the frame is in (or its deadline passed); the leases
     of its tiles end. One message instead of an ack per tile that nothing depends on."""
 
-    op: ClassVar[str] = "tiles-in"
     source: str
     frame: int
 
@@ -1019,11 +989,9 @@ class TilesIn(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class TailDone(Message):
+class TailDone(Message, tag="tail-done", frozen=True):
     """A frame's final result: the digest of the network's output, and the detections."""
 
-    op: ClassVar[str] = "tail-done"
     source: str
     frame: int
     output_sha256: str
@@ -1035,32 +1003,26 @@ class TailDone(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class FrameDone(Message):
+class FrameDone(Message, tag="frame-done", frozen=True):
     """Gateway to source: the frame's result is out; the source may forget the frame."""
 
-    op: ClassVar[str] = "frame-done"
     source: str
     frame: int
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class GatewayClaim(Message):
+class GatewayClaim(Message, tag="gateway-claim", frozen=True):
     """The sender is the gateway from ``epoch`` on. A node follows the claim with the highest
     epoch; a standby that takes over after the gateway died claims the old epoch + 1."""
 
-    op: ClassVar[str] = "gateway-claim"
     epoch: int
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class FrameDrop(Message):
+class FrameDrop(Message, tag="frame-drop", frozen=True):
     """Deadline mode: a source gave up on a frame before any of its tasks started (overload);
     the gateway releases it as dropped, in order, instead of waiting for it."""
 
-    op: ClassVar[str] = "frame-drop"
     source: str
     frame: int
 
