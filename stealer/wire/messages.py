@@ -1028,12 +1028,10 @@ class FrameDrop(Message, tag="frame-drop", frozen=True):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class TaskFailed(Message):
+class TaskFailed(Message, tag="task-failed", frozen=True):
     """A node could not run a task it was granted (its input is malformed, a kernel raised):
     the task's owner counts the attempt at once instead of waiting for the lease to run out."""
 
-    op: ClassVar[str] = "task-failed"
     source: str
     frame: int
     task: int
@@ -1044,12 +1042,10 @@ class TaskFailed(Message):
 
 
 @register
-@dataclass(frozen=True, slots=True)
-class FrameFailed(Message):
+class FrameFailed(Message, tag="frame-failed", frozen=True):
     """Source to gateway: a task of the frame failed ``max_task_attempts`` times. The gateway
     releases the frame in order with the error in its result line instead of waiting for it."""
 
-    op: ClassVar[str] = "frame-failed"
     source: str
     frame: int
     task: int
