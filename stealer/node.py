@@ -1116,27 +1116,19 @@ class Node:
         return self._grant_for(ref, 0)
 
     def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None:
-        """A task leased to a peer, with the data it needs: for a tile, the reuse variant's frame
-        region when every producer's tile is at the gateway (so its strips are too), else the
-        full variant's (so the peer can fall back to it); for a tail, the fused output.
-
-        Shipping the small region when it will do cuts a camera's upload several times over
-        (at 5x5 on YOLOv2 a reuse tile reads 3-40 KB of frame instead of 350-630 KB), which
-        is what a Wi-Fi link is short of."""
+        """A task leased to a peer, with the data it needs: for a tile, the input region the
+        source machine chooses (:meth:`SourceState.grant_input`) and the strips this node holds
+        of those it consumes; for a tail, the fused output."""
         job = self._local_job(ref)
         if job is None:
             return None
         if ref.is_tail:
             return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
                               job.img_w, job.img_h, job.data)
-        task = self._plan(job.plan_key).task(ref.task)
-        ready = task.reuse is not None and task.consumes and self._ready(ref)
-        variant = task.reuse if ready and task.reuse is not None else task.full
-        self.stats.small_grants += variant is not task.full
-        data, pixels, origin = self._input_payload(self.source.frames[(ref.source, ref.frame)].frame,
-                                                   variant.input_region)
+        region, holders = self.source.grant_input(ref)
+        self.stats.small_grants += region != self.source.plan.task(ref.task).full.input_region
+        data, pixels, origin = self._input_payload(self.source.frames[(ref.source, ref.frame)].frame, region)
         self.stats.pixel_grants += pixels is not None
-        holders = job.holders if ready and job.holders is not None else {}
         meta: list[list[int]] = []
         packed = None
         if holders.get(self.id):
@@ -1147,8 +1139,7 @@ class Node:
                 self.stats.strips_granted += 1
                 holders = {n: ids for n, ids in holders.items() if n != self.id}
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
-                          list(variant.input_region), job.img_w, job.img_h, data, pixels, origin, holders,
-                          meta, packed)
+                          list(region), job.img_w, job.img_h, data, pixels, origin, holders, meta, packed)
 
     def _grant_region(self, req: RegionRequest) -> RegionReply:
         """A thief's reuse strips are gone: send it the task's full region after all."""

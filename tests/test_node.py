@@ -365,8 +365,16 @@ async def test_unknown_message_type_drops_only_that_peer(tiny_net):
     await gw.start()
     try:
         rogue = await _rogue(gw.port, tiny_net)
+        async with asyncio.timeout(10):
+            while rogue.local.node_id not in gw.peers:
+                await asyncio.sleep(0.01)
         await rogue.send(TensorMsg("nope", np.zeros(3, np.float32)))
-        results = await collect(gw, 1)
+        with pytest.raises(CommClosedError):  # the gateway drops the connection that sent it
+            async with asyncio.timeout(10):
+                while True:
+                    await rogue.recv()
+        assert rogue.local.node_id not in gw.peers
+        results = await collect(gw, 1)  # ... and goes on serving
     finally:
         await gw.close()
     assert results[0]["output_sha256"] == expected_digest(tiny_net, 10, 0)
@@ -401,6 +409,9 @@ async def test_standby_takes_over_when_the_gateway_dies(tiny_net, tmp_path):
         async with asyncio.timeout(60):  # a frame the old gateway released may come out again
             while {r["frame"] for r in first + later} != set(range(6)):
                 later.append(await winner.results.get())
+        await asyncio.sleep(0.5)  # a second release of a frame, if there were one, comes out now
+        while not winner.results.empty():
+            later.append(winner.results.get_nowait())
         takeovers = [n.stats.takeovers for n in standbys]
     finally:
         for n in (src, *standbys):
@@ -408,6 +419,10 @@ async def test_standby_takes_over_when_the_gateway_dies(tiny_net, tmp_path):
     assert sorted(takeovers) == [0, 1] and winner.stats.takeovers == 1
     frames = {r["frame"]: r["output_sha256"] for r in first + later}
     assert sorted(frames) == list(range(6))
+    # each gateway releases a frame at most once (a set would hide a duplicate); the winner
+    # releases in order every frame the old gateway had not released
+    assert len(first) == len({r["frame"] for r in first}) and len(later) == len({r["frame"] for r in later})
+    assert [r["frame"] for r in later] == sorted(r["frame"] for r in later)
     assert all(frames[f] == expected_digest(tiny_net, 12, f) for f in frames)
     assert src.stats.frames_resent >= 1
 
@@ -530,3 +545,37 @@ async def test_a_failing_task_does_not_stop_the_node(tiny_net, monkeypatch):
         (result,) = await collect(gw, 1)
     assert gw.stats.task_errors == 1 and gw.stats.requeued >= 1
     assert result["output_sha256"] == expected_digest(tiny_net, 17, 0)
+
+
+async def test_two_gateways_that_meet_end_with_one_and_no_result_twice(tiny_net, tmp_path):
+    """Split brain healing: two nodes that both act as gateway at the same epoch (as after a
+    partition in which each side's standby took over) meet. The smaller node id wins on both
+    sides, the other steps down and stops writing results; the source's frames all come out
+    once, from the winner."""
+    a_cfg = config(gateway=True)
+    a_cfg.out = str(tmp_path / "a.jsonl")
+    a = Node(tiny_net, a_cfg)
+    await a.start()
+    b_cfg = config(gateway=True, peers=[("127.0.0.1", a.port)])
+    b_cfg.out = str(tmp_path / "b.jsonl")
+    b = Node(tiny_net, b_cfg)
+    await b.start()
+    src = None
+    winner, loser = (a, b) if a.id < b.id else (b, a)
+    try:
+        async with asyncio.timeout(10):
+            while loser.is_gateway or winner.gateway_id != winner.id or loser.gateway_id != winner.id:
+                await asyncio.sleep(0.01)
+        src = Node(tiny_net, config(sources=[21], frames=4, peers=[("127.0.0.1", a.port), ("127.0.0.1", b.port)]))
+        await src.start()
+        results = await collect(winner, 4)
+        await asyncio.sleep(0.3)
+    finally:
+        for n in (src, a, b):
+            if n is not None:
+                await n.close()
+    assert [r["frame"] for r in results] == [0, 1, 2, 3]
+    assert all(r["output_sha256"] == expected_digest(tiny_net, 21, r["frame"]) for r in results)
+    assert loser.results.empty() and winner.results.empty()
+    lines = (tmp_path / ("a.jsonl" if loser is a else "b.jsonl")).read_text().splitlines()
+    assert lines == [], "the node that stepped down released results"

@@ -304,3 +304,21 @@ def test_the_smallest_connected_standby_takes_over():
         m.claim("gw", 0)
     assert ms["s1"].peer_lost("gw") == [Promote(1)]
     assert ms["s2"].peer_lost("gw") == []
+
+
+def test_every_node_that_keeps_strips_is_told_to_let_them_go(plan):
+    """Defect (found by bench/soak.py): only a strip's first holder was told to release it, so
+    a second run of a producer (a speculative copy, a re-run) and a late copy arriving after
+    the frame's tiles were in kept their strips until their cache's byte cap evicted them."""
+    gw = gateway(plan)
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 0.0)
+    producer = next(t for t in plan.tasks if t.produces)
+    acts = gw.tile_done("a", tile_msg(plan, "src/0", 0, producer.id), 0.0)
+    acts += gw.tile_done("b", tile_msg(plan, "src/0", 0, producer.id), 0.0)  # a second copy
+    for t in plan.tasks:
+        if t.id != producer.id:
+            acts += gw.tile_done("a", tile_msg(plan, "src/0", 0, t.id), 0.0)
+    released_to = {a.node for a in acts if isinstance(a, g.ReleaseStrips)}
+    assert {"a", "b"} <= released_to
+    late = gw.tile_done("c", tile_msg(plan, "src/0", 0, producer.id), 0.0)  # after every tile is in
+    assert g.ReleaseStrips("c", ("src/0", 0)) in late

@@ -121,6 +121,9 @@ class OpenFrame:
     assembly: FrameAssembly | None = None  # made at the first tile
     tail_input: np.ndarray | None = None  # set once every tile is in: the tail is queued
     strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node keeping it
+    # nodes that keep copies of its strips nobody fetches from (a second run of a producer):
+    # told to let them go with the others, or they would hold them until their cache's cap
+    spare_holders: set[str] = field(default_factory=set)
     partial: dict[str, Any] = field(default_factory=dict)  # deadline mode: what was missing
     deadline: bool = False
     result: dict[str, Any] | None = None  # done: waits here to be released in order
@@ -222,7 +225,10 @@ class GatewayState:
         f = self.frames.get(key)
         if key in self.finished or (f is not None and (f.tail_input is not None or f.result is not None)):
             self.stats.duplicates_dropped += 1
-            return [Notify(owner, TileAck(msg.source, msg.frame, msg.task))]
+            late: list[Action] = [Notify(owner, TileAck(msg.source, msg.frame, msg.task))]
+            if msg.strips_held:  # a late copy kept strips the frame no longer needs: let them go
+                late.append(ReleaseStrips(sender, key))
+            return late
         if f is None:
             return self._keep_early(sender, msg)
         if msg.plan != f.plan:
@@ -246,6 +252,8 @@ class GatewayState:
             self.stats.duplicates_dropped += 1
         for sid in msg.strips_held if fresh else ():
             f.strip_holders.setdefault(sid, sender)
+        if msg.strips_held and any(f.strip_holders.get(sid) != sender for sid in msg.strips_held):
+            f.spare_holders.add(sender)
         if fresh and f.assembly.complete:
             # decided with no await since the tile was placed, so that of two tiles of a frame
             # arriving on two connections exactly one finishes the frame
@@ -408,8 +416,8 @@ class GatewayState:
         return out
 
     def _strips_gone(self, key: FrameKey, f: OpenFrame) -> list[Action]:
-        holders = sorted(set(f.strip_holders.values()))
-        f.strip_holders = {}
+        holders = sorted(set(f.strip_holders.values()) | f.spare_holders)
+        f.strip_holders, f.spare_holders = {}, set()
         return [ReleaseStrips(node, key) for node in holders]
 
     def _finish(self, key: FrameKey, result: dict[str, Any], now: float) -> list[Action]:
