@@ -9,7 +9,8 @@ conv/maxpool layers fused, a 1x1 conv and a region layer as the tail, random wei
 the other benchmarks do), on a small input, so that thousands of frames take a few minutes.
 
 The gateway runs as a daemon does: no ``--expect`` (so nothing in the process reads
-``Node.results``) and default limits. While the frames stream, this script follows the
+``Node.results``) and default limits; ``--read-results`` gives it a reader (``--expect`` with
+a count no run reaches), to see what grows besides that queue. While the frames stream, this script follows the
 gateway's results file and samples VmRSS and VmHWM of both processes from ``/proc/PID/status``
 every ``--every`` released frames. It prints a table (frames, seconds, RSS per process), the
 gateway's growth from frame ``--from-frame`` (2,000) to the end with a PASS/FAIL against the
@@ -206,6 +207,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = [sys.executable, "-m", "stealer", "node", "--cfg", str(cfg), "--random-weights", str(args.seed),
             "--grid", args.grid, "--layers", str(FUSED_LAYERS), "--host", "127.0.0.1", "--no-discovery"]
     gw_argv = base + ["--gateway", "--out", str(results), "--stats", str(work / "gateway.json")]
+    if args.read_results:
+        # a reader of Node.results, as --expect runs one (stealer/cli.py): with a count no run
+        # reaches, the gateway still stays a daemon, but its results queue is emptied as it fills
+        gw_argv += ["--expect", str(1 << 40)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen[bytes]] = []
     samples: list[dict[str, Any]] = []
@@ -286,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "projected_bytes": round(projected), "pass": projected < TARGET_BYTES}
     return {"status": status, "frames_target": args.frames, "frames": samples[-1]["frames"] if samples else 0,
             "every": args.every, "grid": args.grid, "size": args.size, "seed": args.seed, "fused_layers": FUSED_LAYERS,
+            "read_results": args.read_results,
             "fps": fps, "wall_seconds": round(time.monotonic() - t_start, 1), "samples": samples,
             "gateway_growth": g, "worker_growth": w, "verdict": verdict, "stats": stats,
             "commands": commands, "work": str(work), "python": sys.version.split()[0],
@@ -335,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=None, help="source frame rate [as fast as it goes]")
     ap.add_argument("--timeout", type=float, default=1800.0, help="the run stops itself after this [1800 s]")
     ap.add_argument("--out", default=str(RESULTS / "soak.json"), help="JSON report [bench/results/soak.json]")
+    ap.add_argument("--read-results", action="store_true",
+                    help="give the gateway a reader of its results queue (--expect beyond reach): the growth "
+                         "without the known Node.results leak, for comparison [off: a daemon as deployed]")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     report = run(args)
