@@ -20,6 +20,7 @@ from stealer.ftp.plan import make_plan
 from stealer.network import Network, builtin_cfg
 from stealer.roles import gateway as g
 from stealer.roles.gateway import GatewayState
+from stealer.roles.membership import MembershipState, Promote, SendClaim
 from stealer.roles.source import SourceState
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
@@ -210,3 +211,75 @@ class Cluster(RuleBasedStateMachine):
 TestCluster = Cluster.TestCase
 TestCluster.settings = settings(max_examples=150, stateful_step_count=60, deadline=None,
                                 suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------------------ membership
+ROLES = {"n0": "gateway", "n1": "standby", "n2": "standby", "n3": "worker"}
+PAIRS = [(a, b) for a in ROLES for b in ROLES if a < b]
+
+
+class Elections(RuleBasedStateMachine):
+    """Four nodes (a gateway, two standbys, a worker) whose links come and go at random, with
+    gateway claims delivered late or not at all. Once every link is up and every claim is
+    delivered, exactly one node is the gateway and every node follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = {n: MembershipState(n, r) for n, r in ROLES.items()}
+        self.links: set[tuple[str, str]] = set()
+        self.claims: list[tuple[str, str, int]] = []  # (to, from, epoch)
+
+    def carry_out(self, node: str, actions: list) -> None:
+        for act in actions:
+            if isinstance(act, SendClaim):
+                self.claims.append((act.node, node, act.epoch))
+            elif isinstance(act, Promote):
+                for a, b in self.links:
+                    if node in (a, b):
+                        self.claims.append((b if a == node else a, node, act.epoch))
+
+    @rule(pair=st.sampled_from(PAIRS))
+    def link_up(self, pair: tuple[str, str]) -> None:
+        if pair in self.links:
+            return
+        self.links.add(pair)
+        a, b = pair
+        self.carry_out(a, self.m[a].peer_joined(b, self.m[b].role))
+        self.carry_out(b, self.m[b].peer_joined(a, self.m[a].role))
+
+    @rule(pair=st.sampled_from(PAIRS))
+    def link_down(self, pair: tuple[str, str]) -> None:
+        if pair not in self.links:
+            return
+        self.links.discard(pair)
+        a, b = pair
+        self.claims = [c for c in self.claims if {c[0], c[1]} != {a, b}]  # gone with the connection
+        self.carry_out(a, self.m[a].peer_lost(b))
+        self.carry_out(b, self.m[b].peer_lost(a))
+
+    @rule(i=st.integers(0, 31))
+    def deliver_claim(self, i: int) -> None:
+        if self.claims:
+            to, sender, epoch = self.claims.pop(i % len(self.claims))
+            self.carry_out(to, self.m[to].claim(sender, epoch))
+
+    @invariant()
+    def a_worker_never_leads_and_someone_does(self) -> None:
+        assert not self.m["n3"].is_gateway
+        assert any(m.is_gateway for m in self.m.values())
+
+    def teardown(self) -> None:
+        for pair in PAIRS:
+            self.link_up(pair)
+        for _ in range(1000):
+            if not self.claims:
+                break
+            self.deliver_claim(0)
+        leaders = [n for n, m in self.m.items() if m.is_gateway]
+        assert len(leaders) == 1, leaders
+        assert all(m.gateway_id == leaders[0] for m in self.m.values()), {n: m.gateway_id for n, m in self.m.items()}
+
+
+TestElections = Elections.TestCase
+TestElections.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow])
