@@ -19,11 +19,10 @@ from stealer.wire.comm import (
     Server,
     ServerStats,
     connect,
-    install_event_loop_policy,
-    run,
     serve,
 )
 from stealer.wire.framing import read_frame, write_frame
+from stealer.wire.loop import install_event_loop_policy, run
 from stealer.wire.messages import (
     DTYPES,
     PROTOCOL_VERSION,

@@ -74,6 +74,7 @@ from stealer.wire.messages import (
     decode,
     encode,
 )
+from stealer.wire.loop import install_event_loop_policy, run  # re-exported: their old home
 
 __all__ = ["Comm", "Server", "ServerStats", "connect", "install_event_loop_policy", "run", "serve"]
 
@@ -1386,55 +1387,3 @@ def serve(
         host, port, on_comm, hello_factory, limits=limits, heartbeat=heartbeat,
         check_peer=check_peer, secret=secret, authenticate_frames=authenticate_frames,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# event loop
-# ---------------------------------------------------------------------------------------
-
-
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def install_event_loop_policy() -> bool:
-    """Make uvloop the default event loop if it is installed.
-
-    Returns
-    -------
-    bool
-        True if uvloop was installed, False if the stdlib loop stays.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        logger.debug("uvloop not installed; using the asyncio event loop")
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True, debug: bool | None = None) -> T:
-    """Run a coroutine to completion on a fresh loop (uvloop when available).
-
-    Parameters
-    ----------
-    main
-        The coroutine to run.
-    use_uvloop
-        Set False to force the stdlib event loop.
-    debug
-        asyncio debug mode.
-
-    Returns
-    -------
-    object
-        What ``main`` returned.
-    """
-    factory = _uvloop_factory() if use_uvloop else None
-    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
-        return runner.run(main)
