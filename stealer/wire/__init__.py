@@ -14,13 +14,7 @@ Public API (the submodules are implementation, import from here):
 from __future__ import annotations
 
 from stealer.wire.auth import ClusterKey, load_secret
-from stealer.wire.comm import (
-    Comm,
-    Server,
-    ServerStats,
-    connect,
-    serve,
-)
+from stealer.wire.comm import Comm, connect
 from stealer.wire.framing import read_frame, write_frame
 from stealer.wire.loop import install_event_loop_policy, run
 from stealer.wire.messages import (
@@ -44,6 +38,7 @@ from stealer.wire.messages import (
     register,
     unpack_header,
 )
+from stealer.wire.server import Server, ServerStats, serve
 
 __all__ = [
     "DTYPES",
