@@ -1,4 +1,4 @@
-"""One persistent TCP connection per peer: :class:`Comm`, :func:`connect`, :func:`serve`.
+"""One persistent TCP connection per peer: :class:`Comm` (send/post/recv, heartbeat, close).
 
 This is the edge where the outside world's failures become ours, exactly once:
 
@@ -10,22 +10,7 @@ This is the edge where the outside world's failures become ours, exactly once:
 * a ``recv`` cancelled in the middle of a frame aborts the connection for the same
   reason (cancelled while waiting for the *next* frame is harmless).
 
-A connection starts with a handshake, all of it within ``Limits.handshake_timeout`` and
-with frames capped at ``Limits.max_handshake_frame_bytes``: with a cluster secret, first
-the mutual challenge-response of :mod:`stealer.wire.auth` (a peer that fails it is dropped
-before any other message of it is read, and logged once); then the client sends
-:class:`Hello`, the server checks the protocol version and model hash and answers
-:class:`Welcome` or :class:`Reject` (with a reason, also logged). Without a secret the
-first step is skipped and a warning that the cluster is open is logged once per process.
-With ``authenticate_frames`` every later frame carries a MAC, checked before it is parsed.
-
-The server bounds what strangers can make it hold: ``max_connections`` in total and
-``max_connections_per_ip`` per remote address (refused with a Reject), the handshake
-deadline (slow-loris), the handshake frame cap (an unauthenticated 200 MB length prefix
-is refused without reading), and big bodies grow only as their bytes arrive. Repeated
-events from one address are logged at WARNING once, then at DEBUG; every one is counted
-in :attr:`Server.stats`. Liveness comes from TCP
-traffic: :meth:`Comm.start_heartbeat` pings an idle link every
+Liveness comes from TCP traffic: :meth:`Comm.start_heartbeat` pings an idle link every
 ``Limits.heartbeat_interval`` and aborts it when not one byte has arrived (read by us,
 or waiting in the kernel for our loop) for the link's deadline while we were reading:
 ``Limits.peer_dead_after``, grown with the link's RTT and retransmission timeout up to
@@ -35,6 +20,21 @@ does not read them are capped (``Limits.max_write_buffer_bytes``).
 
 Every task created here is kept in a set until done; ``CancelledError`` is never caught
 without being re-raised.
+
+A comm is the same object on both sides, so only the connection lives here; the rest of
+the wire layer has its own modules, each of which may import this one (never the other
+way round):
+
+* :mod:`stealer.wire.handshake`: both halves of the handshake every connection starts
+  with (cluster secret, Hello/Welcome/Reject);
+* :mod:`stealer.wire.client`: :func:`~stealer.wire.client.connect` (retries, then the
+  client half of the handshake);
+* :mod:`stealer.wire.server`: :class:`~stealer.wire.server.Server` with its admission
+  control, and :func:`~stealer.wire.server.serve`;
+* :mod:`stealer.wire.loop`: the event loop helpers (uvloop).
+
+The public names that lived here before the split (``connect``, ``serve``, ``Server``,
+``ServerStats``, ``run``, ``install_event_loop_policy``) are still importable from here.
 """
 
 from __future__ import annotations
@@ -43,41 +43,20 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import random
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 from stealer.config import DEFAULT_LIMITS, Limits
-from stealer.errors import (
-    AuthError,
-    CommClosedError,
-    FrameAuthError,
-    HandshakeRejected,
-    PeerDeadError,
-    ProtocolError,
-)
+from stealer.errors import CommClosedError, FrameAuthError, PeerDeadError, ProtocolError
 from stealer.wire import framing, sockinfo
-from stealer.wire.auth import TAG_BYTES, ClusterKey, FrameMac, Transcript, new_nonce, warn_if_open
-from stealer.wire.messages import (
-    AuthChallenge,
-    AuthInit,
-    AuthProof,
-    Goodbye,
-    Hello,
-    Message,
-    Ping,
-    Pong,
-    Reject,
-    Welcome,
-    decode,
-    encode,
-)
+from stealer.wire.auth import TAG_BYTES, FrameMac
 from stealer.wire.loop import install_event_loop_policy, run  # re-exported: their old home
+from stealer.wire.messages import Goodbye, Hello, Message, Ping, Pong, Welcome, decode, encode
 
 if TYPE_CHECKING:  # moved out, still importable from here (see __getattr__ below)
+    from stealer.wire.client import connect
     from stealer.wire.server import Server, ServerStats, serve
 
 __all__ = ["Comm", "Server", "ServerStats", "connect", "install_event_loop_policy", "run", "serve"]
@@ -85,17 +64,18 @@ __all__ = ["Comm", "Server", "ServerStats", "connect", "install_event_loop_polic
 logger = logging.getLogger(__name__)
 
 _MOVED: Final = {
+    "connect": "stealer.wire.client",
     "Server": "stealer.wire.server",
     "ServerStats": "stealer.wire.server",
     "serve": "stealer.wire.server",
 }
-"""Names that used to live here, and their homes now."""
+"""Names that used to live here and import this module from their new homes."""
 
 
 def __getattr__(name: str) -> Any:
     """Keep ``from stealer.wire.comm import Server`` (and the other moved names) working.
 
-    The new homes import this module, so this one cannot import them at import time
+    Their new homes import this module, so this one cannot import them at import time
     (that would be an import cycle); a moved name is looked up in its home the first time
     it is asked for, then cached here.
     """
@@ -121,10 +101,6 @@ POST_MAX_BYTES: Final = 64 << 10
 """Frames up to this size are written at once by :meth:`Comm.post` (copied, so the caller
 may reuse its arrays); bigger posted frames go out from a background task."""
 
-_MAX_REASON_CHARS: Final = 200
-"""A peer's Reject reason is cut to this length before it is logged or raised: it is
-untrusted text."""
-
 _RTT_GAIN: Final = 1 / 8
 """Weight of a new Ping RTT sample in the smoothed RTT (RFC 6298's alpha): a few samples
 move it, one outlier does not."""
@@ -147,10 +123,6 @@ kernel cannot report one (non-Linux)."""
 _MAX_PINGS: Final = 64
 """Most unanswered Pings remembered for RTT samples (a peer that never answers cannot
 grow the table)."""
-
-def _reason(text: str) -> str:
-    return repr(text[:_MAX_REASON_CHARS])
-
 
 class Comm:
     """One framed, persistent connection to a peer.
@@ -842,168 +814,3 @@ class Comm:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-# ---------------------------------------------------------------------------------------
-# client
-# ---------------------------------------------------------------------------------------
-
-
-def _backoff(attempt: int, limits: Limits) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(max, base * 2**attempt)]."""
-    cap = min(limits.connect_backoff_max, limits.connect_backoff_base * 2.0**attempt)
-    return random.uniform(0.0, cap)
-
-
-async def connect(
-    host: str,
-    port: int,
-    hello: Hello,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-    heartbeat: bool = True,
-    secret: bytes | ClusterKey | None = None,
-    authenticate_frames: bool = False,
-) -> Comm:
-    """Open a connection to a peer and perform the handshake.
-
-    TCP connection attempts are retried with jittered exponential backoff until one
-    overall deadline (``limits.connect_timeout``); the handshake that follows has its own
-    ``limits.handshake_timeout`` and is never retried (a rejection is definitive).
-
-    Parameters
-    ----------
-    host, port
-        The peer's listening address.
-    hello
-        Our identity; its ``version`` and ``model_hash`` must match the peer's.
-    limits
-        Timeouts and sizes.
-    heartbeat
-        Start :meth:`Comm.start_heartbeat` once connected.
-    secret
-        The cluster secret (or a :class:`~stealer.wire.auth.ClusterKey` made from it, to
-        derive the key once); None for an open cluster. Must match the server's.
-    authenticate_frames
-        Put a MAC on every frame; needs ``secret``; must match the server's setting.
-
-    Returns
-    -------
-    Comm
-        An open comm whose ``peer`` is the server's :class:`Welcome`.
-
-    Raises
-    ------
-    CommClosedError
-        No connection within the deadline (chained ``from`` the last socket error), or
-        the connection dropped or timed out during the handshake.
-    HandshakeRejected
-        The peer answered :class:`Reject`, or its Welcome does not match us.
-        :class:`~stealer.errors.AuthError` if the peer could not prove the secret.
-    ProtocolError
-        The peer answered something that is not a handshake message.
-    ValueError
-        ``authenticate_frames`` without a secret, or a secret that is too short.
-    """
-    key = ClusterKey.of(secret)
-    if authenticate_frames and key is None:
-        raise ValueError("authenticate_frames needs a cluster secret")
-    warn_if_open(key)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.connect_timeout
-    attempt = 0
-    last_exc: OSError | None = None
-    streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-    while streams is None:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise CommClosedError(
-                f"could not connect to {host}:{port} within {limits.connect_timeout} s "
-                f"({attempt} attempts): {last_exc!r}"
-            ) from last_exc
-        try:
-            async with asyncio.timeout(remaining):
-                streams = await asyncio.open_connection(host, port)
-        except OSError as e:  # refused, unreachable, DNS failure, TimeoutError
-            last_exc = e
-            logger.debug("connect to %s:%s attempt %d failed: %r", host, port, attempt + 1, e)
-            delay = min(_backoff(attempt, limits), deadline - loop.time())
-            attempt += 1
-            if delay > 0:
-                await asyncio.sleep(delay)
-
-    comm = Comm(*streams, limits=limits, name=f"{host}:{port}")
-    try:
-        async with asyncio.timeout(limits.handshake_timeout):
-            server_id = None
-            if key is not None:
-                server_id = await _client_auth(comm, key, hello.node_id, authenticate_frames)
-            await comm.send(hello)
-            comm.local = hello
-            reply = await comm.recv()
-        match reply:
-            case Welcome():
-                if reply.version != hello.version or reply.model_hash != hello.model_hash:
-                    raise HandshakeRejected(
-                        f"{host}:{port} is incompatible: version {reply.version} / model "
-                        f"{reply.model_hash!r}, we have {hello.version} / {hello.model_hash!r}"
-                    )
-                if server_id is not None and reply.node_id != server_id:
-                    raise AuthError(
-                        f"{host}:{port} authenticated as node {server_id!r} but welcomed us "
-                        f"as node {reply.node_id!r}"
-                    )
-                comm.peer = reply
-            case Reject(reason=reason):
-                logger.warning("%s:%s rejected us: %s", host, port, _reason(reason))
-                raise HandshakeRejected(f"{host}:{port} rejected us: {_reason(reason)}")
-            case _:
-                raise ProtocolError(f"{host}:{port} answered {reply.op!r} to hello")
-    except TimeoutError as e:
-        comm.abort("handshake timed out")
-        raise CommClosedError(
-            f"{host}:{port}: no handshake answer within {limits.handshake_timeout} s"
-        ) from e
-    except BaseException:
-        comm.abort("handshake failed")
-        raise
-    comm._set_established()
-    logger.debug("connected to %s (node %s)", comm.name, reply.node_id)
-    if heartbeat:
-        comm.start_heartbeat()
-    return comm
-
-
-async def _client_auth(comm: Comm, key: ClusterKey, node_id: str, frame_mac: bool) -> str:
-    """Client side of the secret challenge (see :mod:`stealer.wire.auth`).
-
-    Returns the server's authenticated node id. After it returns, the AuthProof is on its
-    way and (with ``frame_mac``) every later frame is MAC'd both ways.
-    """
-    nonce = new_nonce()
-    await comm.send(AuthInit(node_id, nonce, frame_mac))
-    reply = await comm.recv()
-    match reply:
-        case AuthChallenge():
-            pass
-        case Reject(reason=reason):
-            logger.warning("%s rejected us: %s", comm.name, _reason(reason))
-            raise HandshakeRejected(f"{comm.name} rejected us: {_reason(reason)}")
-        case Hello() | Welcome():
-            raise AuthError(f"{comm.name} answered without a challenge: it has no cluster secret")
-        case _:
-            raise ProtocolError(f"{comm.name} answered {reply.op!r} to auth-init")
-    t = Transcript(nonce, reply.nonce, node_id, reply.node_id, frame_mac, reply.frame_mac)
-    if not key.check_server_proof(t, reply.proof):
-        # Dropped before anything else of this peer is read; the caller aborts and logs.
-        raise AuthError(f"{comm.name} failed to prove the cluster secret (another secret?)")
-    if reply.frame_mac != frame_mac:
-        raise HandshakeRejected(
-            f"{comm.name}: frame authentication mismatch (we {'use' if frame_mac else 'do not use'}"
-            f" --authenticate-frames, the peer {'does' if reply.frame_mac else 'does not'})"
-        )
-    await comm.send(AuthProof(key.client_proof(t)))
-    if frame_mac:
-        comm._set_frame_macs(*key.frame_macs(t, server=False))
-    comm.authenticated = True
-    return reply.node_id

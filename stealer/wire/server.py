@@ -1,9 +1,11 @@
 """The listening side of the wire: :class:`Server`, its admission control, :func:`serve`.
 
 A :class:`Server` accepts TCP connections, wraps each in a :class:`~stealer.wire.comm.Comm`,
-runs the server half of the handshake and hands the comm to a callback, each connection in
-its own tracked task. It lives apart from the comm because it is the one place that
-decides whom to let in, and a comm (which both sides use) needs none of that.
+runs the server half of the handshake (:func:`~stealer.wire.handshake.server_handshake`;
+rejections and failed proofs come back here to be counted and logged) and hands the comm
+to a callback, each connection in its own tracked task. It lives apart from the comm
+because it is the one place that decides whom to let in, and a comm (which both sides
+use) needs none of that.
 
 The server bounds what strangers can make it hold: ``max_connections`` in total and
 ``max_connections_per_ip`` per remote address (refused with a Reject), the handshake
@@ -25,9 +27,10 @@ from typing import Any, Final, Self
 
 from stealer.config import DEFAULT_LIMITS, Limits
 from stealer.errors import CommClosedError, ProtocolError
-from stealer.wire.auth import ClusterKey, Transcript, new_nonce, warn_if_open
+from stealer.wire.auth import ClusterKey, warn_if_open
 from stealer.wire.comm import Comm
-from stealer.wire.messages import AuthChallenge, AuthInit, AuthProof, Hello, Reject, Welcome
+from stealer.wire.handshake import CheckPeer, server_handshake
+from stealer.wire.messages import Hello, Reject
 
 __all__ = ["Server", "ServerStats", "serve"]
 
@@ -35,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 OnComm = Callable[[Comm], Awaitable[None]]
 HelloFactory = Callable[[], Hello]
-CheckPeer = Callable[[Hello], "str | None"]
 
 _MAX_LOG_KEYS: Final = 4096
 """Most (event, address) pairs remembered to log each only once; past it the memory is
@@ -257,94 +259,14 @@ class Server:
         return False
 
     async def _handshake(self, comm: Comm, ip: str) -> bool:
-        ours = self._hello_factory()
-        first = await comm.recv()
-        auth_id: str | None = None
-        if self._key is not None:
-            if type(first) is AuthInit:
-                auth_id = await self._server_auth(comm, ip, first, ours)
-                if auth_id is None:
-                    return False
-                first = await comm.recv()
-            elif type(first) is Hello:
-                return await self._reject(
-                    comm, ip, "this cluster needs a secret (--secret-file or STEALER_SECRET), "
-                    "the peer has none",
-                )
-            else:
-                raise ProtocolError(f"expected auth-init, got {first.op!r}")
-        elif type(first) is AuthInit:
-            return await self._reject(
-                comm, ip, "this node has no cluster secret, the peer has one "
-                "(give every node the same --secret-file)",
-            )
-        if type(first) is not Hello:
-            raise ProtocolError(f"expected hello, got {first.op!r}")
-        reason: str | None = None
-        if auth_id is not None and first.node_id != auth_id:
-            reason = f"hello names node {first.node_id!r}, the secret was proven by {auth_id!r}"
-        elif first.version != ours.version:
-            reason = (
-                f"protocol version mismatch: peer speaks {first.version}, "
-                f"this node speaks {ours.version}"
-            )
-        elif first.model_hash != ours.model_hash:
-            reason = (
-                f"model hash mismatch: peer has {first.model_hash!r}, "
-                f"this node has {ours.model_hash!r}"
-            )
-        elif first.node_id == ours.node_id:
-            reason = "peer has this node's own node_id (connected to itself?)"
-        elif self._check_peer is not None:
-            reason = self._check_peer(first)
-        if reason is not None:
-            return await self._reject(
-                comm, ip, reason, f" (node {first.node_id}, role {first.role})"
-            )
-        comm.local = ours
-        comm.peer = first
-        await comm.send(Welcome.of(ours))
-        logger.info(
-            "accepted %s (node %s, role %s%s)", comm.name, first.node_id, first.role,
-            ", authenticated" if comm.authenticated else "",
+        return await server_handshake(
+            comm, ip, self._hello_factory(), key=self._key, frame_mac=self._frame_mac,
+            check_peer=self._check_peer, reject=self._reject, auth_failed=self._auth_failed,
         )
-        return True
 
-    async def _server_auth(self, comm: Comm, ip: str, init: AuthInit, ours: Hello) -> str | None:
-        """Server side of the secret challenge; the client's node id, or None if dropped."""
-        assert self._key is not None
-        if init.frame_mac != self._frame_mac:
-            await self._reject(
-                comm, ip, f"frame authentication mismatch: this node "
-                f"{'uses' if self._frame_mac else 'does not use'} --authenticate-frames, "
-                f"the peer {'does' if init.frame_mac else 'does not'}",
-            )
-            return None
-        nonce = new_nonce()
-        t = Transcript(init.nonce, nonce, init.node_id, ours.node_id, init.frame_mac, self._frame_mac)
-        await comm.send(AuthChallenge(ours.node_id, nonce, self._key.server_proof(t), self._frame_mac))
-        why = "sent a wrong proof (another secret?)"
-        try:
-            proof = await comm.recv()
-        except CommClosedError:
-            proof, why = None, "closed the connection instead of proving the secret (another secret?)"
-        except ProtocolError as e:
-            proof, why = None, f"sent an undecodable proof ({e})"
-        if self._frame_mac and not comm.closed:
-            # Every frame after the AuthProof is MAC'd, the Reject below included.
-            comm._set_frame_macs(*self._key.frame_macs(t, server=True))
-        if type(proof) is AuthProof and self._key.check_client_proof(t, proof.proof):
-            comm.authenticated = True
-            return init.node_id
-        if proof is not None and type(proof) is not AuthProof:
-            why = f"sent {proof.op!r} instead of a proof"
-        # Dropped here: nothing after the proof (its Hello, ...) is read.
+    def _auth_failed(self, comm: Comm, ip: str, why: str) -> None:
         self.stats.auth_failures += 1
         self._log_once("auth", ip, "%s: authentication failed: %s", comm.name, why)
-        if not comm.closed:
-            with contextlib.suppress(CommClosedError):
-                await comm.send(Reject("authentication failed (wrong cluster secret?)"))
-        return None
 
     async def close(self) -> None:
         """Stop listening, close every connection, wait for handlers; safe twice."""
