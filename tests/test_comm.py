@@ -499,3 +499,37 @@ def test_run_helper_with_both_loops(use_uvloop: bool) -> None:
         assert issubclass(loop_type, uvloop.Loop)
     else:
         assert loop_type.__module__.startswith("asyncio")
+
+
+# ---- module layout -----------------------------------------------------------------------
+
+
+def test_moved_names_are_still_importable_from_comm() -> None:
+    """connect/serve/Server/... left comm.py; the old import path gives the same objects."""
+    import stealer.wire as wire
+    import stealer.wire.comm as comm_module
+    from stealer.wire import client, loop, server
+
+    for name, home in [
+        ("connect", client), ("serve", server), ("Server", server), ("ServerStats", server),
+        ("run", loop), ("install_event_loop_policy", loop),
+    ]:
+        assert getattr(comm_module, name) is getattr(home, name) is getattr(wire, name), name
+    with pytest.raises(AttributeError):
+        comm_module.no_such_name
+
+
+def test_comm_imports_none_of_its_dependants() -> None:
+    """comm.py is the bottom of the wire layer: handshake, client and server import it,
+    never the other way round (the moved names resolve lazily, see comm.__getattr__)."""
+    import ast
+
+    import stealer.wire.comm as comm_module
+
+    tree = ast.parse(open(comm_module.__file__, encoding="utf-8").read())
+    runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom)]  # module level only
+    imported = {n.module for n in runtime} | {
+        f"{n.module}.{a.name}" for n in runtime for a in n.names
+    }
+    for dependant in ("handshake", "client", "server"):
+        assert f"stealer.wire.{dependant}" not in imported

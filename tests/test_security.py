@@ -624,7 +624,7 @@ async def _wrong_secret(port: int) -> None:
 async def test_rogue_peers_do_not_disturb_the_honest_cluster(
     secured: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="stealer.wire.comm")
+    caplog.set_level(logging.INFO, logger="stealer.wire")  # comm, server, handshake
     limits = FAST.replace(max_connections=64, max_connections_per_ip=8)
     kw: dict[str, Any] = {"secret": SECRET} if secured else {}
     checked: list[str] = []

@@ -14,7 +14,7 @@ handshake: use frame MACs on a LAN you do not trust.
 
 Handshake
 ---------
-With a secret, before the Hello/Welcome exchange of :mod:`stealer.wire.comm`::
+With a secret, before the Hello/Welcome exchange of :mod:`stealer.wire.handshake`::
 
     client C                                          server S
     AuthInit(id_C, n_C, f_C)             ------>

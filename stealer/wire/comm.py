@@ -1,4 +1,4 @@
-"""One persistent TCP connection per peer: :class:`Comm`, :func:`connect`, :func:`serve`.
+"""One persistent TCP connection per peer: :class:`Comm` (send/post/recv, heartbeat, close).
 
 This is the edge where the outside world's failures become ours, exactly once:
 
@@ -10,22 +10,7 @@ This is the edge where the outside world's failures become ours, exactly once:
 * a ``recv`` cancelled in the middle of a frame aborts the connection for the same
   reason (cancelled while waiting for the *next* frame is harmless).
 
-A connection starts with a handshake, all of it within ``Limits.handshake_timeout`` and
-with frames capped at ``Limits.max_handshake_frame_bytes``: with a cluster secret, first
-the mutual challenge-response of :mod:`stealer.wire.auth` (a peer that fails it is dropped
-before any other message of it is read, and logged once); then the client sends
-:class:`Hello`, the server checks the protocol version and model hash and answers
-:class:`Welcome` or :class:`Reject` (with a reason, also logged). Without a secret the
-first step is skipped and a warning that the cluster is open is logged once per process.
-With ``authenticate_frames`` every later frame carries a MAC, checked before it is parsed.
-
-The server bounds what strangers can make it hold: ``max_connections`` in total and
-``max_connections_per_ip`` per remote address (refused with a Reject), the handshake
-deadline (slow-loris), the handshake frame cap (an unauthenticated 200 MB length prefix
-is refused without reading), and big bodies grow only as their bytes arrive. Repeated
-events from one address are logged at WARNING once, then at DEBUG; every one is counted
-in :attr:`Server.stats`. Liveness comes from TCP
-traffic: :meth:`Comm.start_heartbeat` pings an idle link every
+Liveness comes from TCP traffic: :meth:`Comm.start_heartbeat` pings an idle link every
 ``Limits.heartbeat_interval`` and aborts it when not one byte has arrived (read by us,
 or waiting in the kernel for our loop) for the link's deadline while we were reading:
 ``Limits.peer_dead_after``, grown with the link's RTT and retransmission timeout up to
@@ -35,55 +20,74 @@ does not read them are capped (``Limits.max_write_buffer_bytes``).
 
 Every task created here is kept in a set until done; ``CancelledError`` is never caught
 without being re-raised.
+
+A comm is the same object on both sides, so only the connection lives here; the rest of
+the wire layer has its own modules, each of which may import this one (never the other
+way round):
+
+* :mod:`stealer.wire.handshake`: both halves of the handshake every connection starts
+  with (cluster secret, Hello/Welcome/Reject);
+* :mod:`stealer.wire.client`: :func:`~stealer.wire.client.connect` (retries, then the
+  client half of the handshake);
+* :mod:`stealer.wire.server`: :class:`~stealer.wire.server.Server` with its admission
+  control, and :func:`~stealer.wire.server.serve`;
+* :mod:`stealer.wire.loop`: the event loop helpers (uvloop).
+
+The public names that lived here before the split (``connect``, ``serve``, ``Server``,
+``ServerStats``, ``run``, ``install_event_loop_policy``) are still importable from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
-import random
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 from stealer.config import DEFAULT_LIMITS, Limits
-from stealer.errors import (
-    AuthError,
-    CommClosedError,
-    FrameAuthError,
-    HandshakeRejected,
-    PeerDeadError,
-    ProtocolError,
-)
+from stealer.errors import CommClosedError, FrameAuthError, PeerDeadError, ProtocolError
 from stealer.wire import framing, sockinfo
-from stealer.wire.auth import TAG_BYTES, ClusterKey, FrameMac, Transcript, new_nonce, warn_if_open
-from stealer.wire.messages import (
-    AuthChallenge,
-    AuthInit,
-    AuthProof,
-    Goodbye,
-    Hello,
-    Message,
-    Ping,
-    Pong,
-    Reject,
-    Welcome,
-    decode,
-    encode,
-)
+from stealer.wire.auth import TAG_BYTES, FrameMac
+from stealer.wire.loop import install_event_loop_policy, run  # re-exported: their old home
+from stealer.wire.messages import Goodbye, Hello, Message, Ping, Pong, Welcome, decode, encode
+
+if TYPE_CHECKING:  # moved out, still importable from here (see __getattr__ below)
+    from stealer.wire.client import connect
+    from stealer.wire.server import Server, ServerStats, serve
 
 __all__ = ["Comm", "Server", "ServerStats", "connect", "install_event_loop_policy", "run", "serve"]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
+_MOVED: Final = {
+    "connect": "stealer.wire.client",
+    "Server": "stealer.wire.server",
+    "ServerStats": "stealer.wire.server",
+    "serve": "stealer.wire.server",
+}
+"""Names that used to live here and import this module from their new homes."""
 
-OnComm = Callable[["Comm"], Awaitable[None]]
-HelloFactory = Callable[[], Hello]
-CheckPeer = Callable[[Hello], "str | None"]
+
+def __getattr__(name: str) -> Any:
+    """Keep ``from stealer.wire.comm import Server`` (and the other moved names) working.
+
+    Their new homes import this module, so this one cannot import them at import time
+    (that would be an import cycle); a moved name is looked up in its home the first time
+    it is asked for, then cached here.
+    """
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+T = TypeVar("T")
 
 _U32 = struct.Struct(">I")
 
@@ -96,10 +100,6 @@ chunk as they arrive instead."""
 POST_MAX_BYTES: Final = 64 << 10
 """Frames up to this size are written at once by :meth:`Comm.post` (copied, so the caller
 may reuse its arrays); bigger posted frames go out from a background task."""
-
-_MAX_REASON_CHARS: Final = 200
-"""A peer's Reject reason is cut to this length before it is logged or raised: it is
-untrusted text."""
 
 _RTT_GAIN: Final = 1 / 8
 """Weight of a new Ping RTT sample in the smoothed RTT (RFC 6298's alpha): a few samples
@@ -123,15 +123,6 @@ kernel cannot report one (non-Linux)."""
 _MAX_PINGS: Final = 64
 """Most unanswered Pings remembered for RTT samples (a peer that never answers cannot
 grow the table)."""
-
-_MAX_LOG_KEYS: Final = 4096
-"""Most (event, address) pairs remembered to log each only once; past it the memory is
-cleared (so a flood from many addresses cannot grow it) and they may be logged again."""
-
-
-def _reason(text: str) -> str:
-    return repr(text[:_MAX_REASON_CHARS])
-
 
 class Comm:
     """One framed, persistent connection to a peer.
@@ -823,618 +814,3 @@ class Comm:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-# ---------------------------------------------------------------------------------------
-# client
-# ---------------------------------------------------------------------------------------
-
-
-def _backoff(attempt: int, limits: Limits) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(max, base * 2**attempt)]."""
-    cap = min(limits.connect_backoff_max, limits.connect_backoff_base * 2.0**attempt)
-    return random.uniform(0.0, cap)
-
-
-async def connect(
-    host: str,
-    port: int,
-    hello: Hello,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-    heartbeat: bool = True,
-    secret: bytes | ClusterKey | None = None,
-    authenticate_frames: bool = False,
-) -> Comm:
-    """Open a connection to a peer and perform the handshake.
-
-    TCP connection attempts are retried with jittered exponential backoff until one
-    overall deadline (``limits.connect_timeout``); the handshake that follows has its own
-    ``limits.handshake_timeout`` and is never retried (a rejection is definitive).
-
-    Parameters
-    ----------
-    host, port
-        The peer's listening address.
-    hello
-        Our identity; its ``version`` and ``model_hash`` must match the peer's.
-    limits
-        Timeouts and sizes.
-    heartbeat
-        Start :meth:`Comm.start_heartbeat` once connected.
-    secret
-        The cluster secret (or a :class:`~stealer.wire.auth.ClusterKey` made from it, to
-        derive the key once); None for an open cluster. Must match the server's.
-    authenticate_frames
-        Put a MAC on every frame; needs ``secret``; must match the server's setting.
-
-    Returns
-    -------
-    Comm
-        An open comm whose ``peer`` is the server's :class:`Welcome`.
-
-    Raises
-    ------
-    CommClosedError
-        No connection within the deadline (chained ``from`` the last socket error), or
-        the connection dropped or timed out during the handshake.
-    HandshakeRejected
-        The peer answered :class:`Reject`, or its Welcome does not match us.
-        :class:`~stealer.errors.AuthError` if the peer could not prove the secret.
-    ProtocolError
-        The peer answered something that is not a handshake message.
-    ValueError
-        ``authenticate_frames`` without a secret, or a secret that is too short.
-    """
-    key = ClusterKey.of(secret)
-    if authenticate_frames and key is None:
-        raise ValueError("authenticate_frames needs a cluster secret")
-    warn_if_open(key)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.connect_timeout
-    attempt = 0
-    last_exc: OSError | None = None
-    streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-    while streams is None:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise CommClosedError(
-                f"could not connect to {host}:{port} within {limits.connect_timeout} s "
-                f"({attempt} attempts): {last_exc!r}"
-            ) from last_exc
-        try:
-            async with asyncio.timeout(remaining):
-                streams = await asyncio.open_connection(host, port)
-        except OSError as e:  # refused, unreachable, DNS failure, TimeoutError
-            last_exc = e
-            logger.debug("connect to %s:%s attempt %d failed: %r", host, port, attempt + 1, e)
-            delay = min(_backoff(attempt, limits), deadline - loop.time())
-            attempt += 1
-            if delay > 0:
-                await asyncio.sleep(delay)
-
-    comm = Comm(*streams, limits=limits, name=f"{host}:{port}")
-    try:
-        async with asyncio.timeout(limits.handshake_timeout):
-            server_id = None
-            if key is not None:
-                server_id = await _client_auth(comm, key, hello.node_id, authenticate_frames)
-            await comm.send(hello)
-            comm.local = hello
-            reply = await comm.recv()
-        match reply:
-            case Welcome():
-                if reply.version != hello.version or reply.model_hash != hello.model_hash:
-                    raise HandshakeRejected(
-                        f"{host}:{port} is incompatible: version {reply.version} / model "
-                        f"{reply.model_hash!r}, we have {hello.version} / {hello.model_hash!r}"
-                    )
-                if server_id is not None and reply.node_id != server_id:
-                    raise AuthError(
-                        f"{host}:{port} authenticated as node {server_id!r} but welcomed us "
-                        f"as node {reply.node_id!r}"
-                    )
-                comm.peer = reply
-            case Reject(reason=reason):
-                logger.warning("%s:%s rejected us: %s", host, port, _reason(reason))
-                raise HandshakeRejected(f"{host}:{port} rejected us: {_reason(reason)}")
-            case _:
-                raise ProtocolError(f"{host}:{port} answered {reply.op!r} to hello")
-    except TimeoutError as e:
-        comm.abort("handshake timed out")
-        raise CommClosedError(
-            f"{host}:{port}: no handshake answer within {limits.handshake_timeout} s"
-        ) from e
-    except BaseException:
-        comm.abort("handshake failed")
-        raise
-    comm._set_established()
-    logger.debug("connected to %s (node %s)", comm.name, reply.node_id)
-    if heartbeat:
-        comm.start_heartbeat()
-    return comm
-
-
-async def _client_auth(comm: Comm, key: ClusterKey, node_id: str, frame_mac: bool) -> str:
-    """Client side of the secret challenge (see :mod:`stealer.wire.auth`).
-
-    Returns the server's authenticated node id. After it returns, the AuthProof is on its
-    way and (with ``frame_mac``) every later frame is MAC'd both ways.
-    """
-    nonce = new_nonce()
-    await comm.send(AuthInit(node_id, nonce, frame_mac))
-    reply = await comm.recv()
-    match reply:
-        case AuthChallenge():
-            pass
-        case Reject(reason=reason):
-            logger.warning("%s rejected us: %s", comm.name, _reason(reason))
-            raise HandshakeRejected(f"{comm.name} rejected us: {_reason(reason)}")
-        case Hello() | Welcome():
-            raise AuthError(f"{comm.name} answered without a challenge: it has no cluster secret")
-        case _:
-            raise ProtocolError(f"{comm.name} answered {reply.op!r} to auth-init")
-    t = Transcript(nonce, reply.nonce, node_id, reply.node_id, frame_mac, reply.frame_mac)
-    if not key.check_server_proof(t, reply.proof):
-        # Dropped before anything else of this peer is read; the caller aborts and logs.
-        raise AuthError(f"{comm.name} failed to prove the cluster secret (another secret?)")
-    if reply.frame_mac != frame_mac:
-        raise HandshakeRejected(
-            f"{comm.name}: frame authentication mismatch (we {'use' if frame_mac else 'do not use'}"
-            f" --authenticate-frames, the peer {'does' if reply.frame_mac else 'does not'})"
-        )
-    await comm.send(AuthProof(key.client_proof(t)))
-    if frame_mac:
-        comm._set_frame_macs(*key.frame_macs(t, server=False))
-    comm.authenticated = True
-    return reply.node_id
-
-
-# ---------------------------------------------------------------------------------------
-# server
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ServerStats:
-    """What a :class:`Server` has turned away (and let in) since it started."""
-
-    accepted: int = 0
-    """Connections that passed the handshake."""
-    refused_full: int = 0
-    """Refused at ``max_connections``."""
-    refused_per_ip: int = 0
-    """Refused at ``max_connections_per_ip``."""
-    handshake_timeouts: int = 0
-    """Dropped at ``handshake_timeout`` (slow-loris, silent clients)."""
-    handshake_errors: int = 0
-    """Garbage, oversized or truncated handshake frames, or closed mid-handshake."""
-    auth_failures: int = 0
-    """Failed the secret challenge (dropped before any other message was read)."""
-    rejected: int = 0
-    """Refused on purpose: version, model hash, secret/frame-MAC settings, ``check_peer``."""
-    protocol_errors: int = 0
-    """Connections closed after the handshake because of an undecodable frame."""
-
-
-class _LogOnce:
-    """Log an event at WARNING the first time per (kind, address), later at DEBUG."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], int] = {}
-
-    def __call__(self, kind: str, address: str, msg: str, *args: object) -> None:
-        k = (kind, address)
-        if k not in self._seen and len(self._seen) >= _MAX_LOG_KEYS:
-            self._seen.clear()
-        n = self._seen[k] = self._seen.get(k, 0) + 1
-        if n == 1:
-            logger.warning(msg, *args)
-        else:
-            logger.debug(msg + " (%d times from %s)", *args, n, address)
-
-
-class Server:
-    """A listening socket that handshakes each connection and hands it to a callback.
-
-    Made by :func:`serve`; use as ``async with serve(...) as server:``. Each accepted
-    connection runs in its own tracked task: handshake (within
-    ``limits.handshake_timeout``), then ``await on_comm(comm)``, then ``comm.close()``.
-    A failing handler is logged and never stops the server.
-
-    Attributes
-    ----------
-    host : str
-    port : int
-        The bound port (useful with port 0), valid after start.
-    stats : ServerStats
-        Counters of accepted and turned-away connections.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        on_comm: OnComm,
-        hello_factory: HelloFactory,
-        *,
-        limits: Limits = DEFAULT_LIMITS,
-        heartbeat: bool = True,
-        check_peer: CheckPeer | None = None,
-        secret: bytes | ClusterKey | None = None,
-        authenticate_frames: bool = False,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.limits = limits
-        self._on_comm = on_comm
-        self._hello_factory = hello_factory
-        self._heartbeat = heartbeat
-        self._check_peer = check_peer
-        self._key = ClusterKey.of(secret)
-        if authenticate_frames and self._key is None:
-            raise ValueError("authenticate_frames needs a cluster secret")
-        self._frame_mac = authenticate_frames
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._conns: set[Comm] = set()
-        self._live: set[Comm] = set()
-        self._per_ip: dict[str, int] = {}
-        self._log_once = _LogOnce()
-        self.stats = ServerStats()
-        self._closing = False
-        self._closed = asyncio.Event()
-
-    def __repr__(self) -> str:
-        return f"<Server {self.host}:{self.port} conns={len(self._conns)}>"
-
-    @property
-    def comms(self) -> frozenset[Comm]:
-        """Connections that passed the handshake and are being handled now."""
-        return frozenset(self._live)
-
-    @property
-    def connections(self) -> int:
-        """Connections held now, handshaking or live."""
-        return len(self._conns)
-
-    async def start(self) -> Self:
-        """Bind and start accepting.
-
-        Returns
-        -------
-        Server
-            ``self``, with ``port`` set to the bound port.
-        """
-        if self._server is not None:
-            return self
-        warn_if_open(self._key)
-        self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        logger.info(
-            "listening on %s:%s (%s)", self.host, self.port,
-            "open cluster" if self._key is None else
-            "cluster secret, frame MACs" if self._frame_mac else "cluster secret",
-        )
-        return self
-
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback: the connection's task is ours, tracked until done (asyncio's
-        # own task for a coroutine callback is untracked before 3.12 and logs an error
-        # when cancelled).
-        comm = Comm(reader, writer, limits=self.limits)
-        task = asyncio.get_running_loop().create_task(self._handle(comm), name=f"serve {comm.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("%s: connection task failed", self, exc_info=task.exception())
-
-    async def _refuse(self, comm: Comm, reason: str) -> None:
-        with contextlib.suppress(CommClosedError, TimeoutError):
-            async with asyncio.timeout(self.limits.close_timeout):
-                await comm.send(Reject(reason))
-        await comm.close(reason)
-
-    async def _handle(self, comm: Comm) -> None:
-        if self._closing:
-            comm.abort("server closing")
-            return
-        ip = comm.peer_address[0] if comm.peer_address else "?"
-        if len(self._conns) >= self.limits.max_connections:
-            self.stats.refused_full += 1
-            self._log_once(
-                "full", ip, "refusing %s: %d connections (max_connections)", comm.name,
-                len(self._conns),
-            )
-            await self._refuse(comm, f"server full ({len(self._conns)} connections)")
-            return
-        if self._per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
-            self.stats.refused_per_ip += 1
-            self._log_once(
-                "per-ip", ip, "refusing %s: %d connections from %s (max_connections_per_ip)",
-                comm.name, self._per_ip[ip], ip,
-            )
-            await self._refuse(comm, f"too many connections from {ip}")
-            return
-        self._conns.add(comm)
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        try:
-            try:
-                async with asyncio.timeout(self.limits.handshake_timeout):
-                    accepted = await self._handshake(comm, ip)
-            except TimeoutError:
-                self.stats.handshake_timeouts += 1
-                self._log_once(
-                    "timeout", ip, "%s: no handshake within %.2f s, dropping", comm.name,
-                    self.limits.handshake_timeout,
-                )
-                return
-            except (CommClosedError, ProtocolError) as e:
-                self.stats.handshake_errors += 1
-                self._log_once("handshake", ip, "%s: handshake failed: %s", comm.name, e)
-                return
-            if not accepted:
-                return
-            comm._set_established()
-            self.stats.accepted += 1
-            if self._heartbeat:
-                comm.start_heartbeat()
-            self._live.add(comm)
-            try:
-                await self._on_comm(comm)
-            except CommClosedError as e:
-                logger.info("%s: connection closed: %s", comm, e)
-            except ProtocolError as e:
-                self.stats.protocol_errors += 1
-                logger.warning("%s: protocol error: %s", comm, e)
-            except Exception:
-                # Task boundary: a bug in one handler must not stop the server.
-                logger.exception("%s: connection handler failed", comm)
-        finally:
-            self._live.discard(comm)
-            self._conns.discard(comm)
-            left = self._per_ip.get(ip, 1) - 1
-            if left > 0:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
-            await comm.close("server done with connection")
-
-    async def _reject(self, comm: Comm, ip: str, reason: str, who: str = "") -> bool:
-        self.stats.rejected += 1
-        self._log_once("reject", ip, "rejecting %s%s: %s", comm.name, who, reason)
-        await comm.send(Reject(reason))
-        return False
-
-    async def _handshake(self, comm: Comm, ip: str) -> bool:
-        ours = self._hello_factory()
-        first = await comm.recv()
-        auth_id: str | None = None
-        if self._key is not None:
-            if type(first) is AuthInit:
-                auth_id = await self._server_auth(comm, ip, first, ours)
-                if auth_id is None:
-                    return False
-                first = await comm.recv()
-            elif type(first) is Hello:
-                return await self._reject(
-                    comm, ip, "this cluster needs a secret (--secret-file or STEALER_SECRET), "
-                    "the peer has none",
-                )
-            else:
-                raise ProtocolError(f"expected auth-init, got {first.op!r}")
-        elif type(first) is AuthInit:
-            return await self._reject(
-                comm, ip, "this node has no cluster secret, the peer has one "
-                "(give every node the same --secret-file)",
-            )
-        if type(first) is not Hello:
-            raise ProtocolError(f"expected hello, got {first.op!r}")
-        reason: str | None = None
-        if auth_id is not None and first.node_id != auth_id:
-            reason = f"hello names node {first.node_id!r}, the secret was proven by {auth_id!r}"
-        elif first.version != ours.version:
-            reason = (
-                f"protocol version mismatch: peer speaks {first.version}, "
-                f"this node speaks {ours.version}"
-            )
-        elif first.model_hash != ours.model_hash:
-            reason = (
-                f"model hash mismatch: peer has {first.model_hash!r}, "
-                f"this node has {ours.model_hash!r}"
-            )
-        elif first.node_id == ours.node_id:
-            reason = "peer has this node's own node_id (connected to itself?)"
-        elif self._check_peer is not None:
-            reason = self._check_peer(first)
-        if reason is not None:
-            return await self._reject(
-                comm, ip, reason, f" (node {first.node_id}, role {first.role})"
-            )
-        comm.local = ours
-        comm.peer = first
-        await comm.send(Welcome.of(ours))
-        logger.info(
-            "accepted %s (node %s, role %s%s)", comm.name, first.node_id, first.role,
-            ", authenticated" if comm.authenticated else "",
-        )
-        return True
-
-    async def _server_auth(self, comm: Comm, ip: str, init: AuthInit, ours: Hello) -> str | None:
-        """Server side of the secret challenge; the client's node id, or None if dropped."""
-        assert self._key is not None
-        if init.frame_mac != self._frame_mac:
-            await self._reject(
-                comm, ip, f"frame authentication mismatch: this node "
-                f"{'uses' if self._frame_mac else 'does not use'} --authenticate-frames, "
-                f"the peer {'does' if init.frame_mac else 'does not'}",
-            )
-            return None
-        nonce = new_nonce()
-        t = Transcript(init.nonce, nonce, init.node_id, ours.node_id, init.frame_mac, self._frame_mac)
-        await comm.send(AuthChallenge(ours.node_id, nonce, self._key.server_proof(t), self._frame_mac))
-        why = "sent a wrong proof (another secret?)"
-        try:
-            proof = await comm.recv()
-        except CommClosedError:
-            proof, why = None, "closed the connection instead of proving the secret (another secret?)"
-        except ProtocolError as e:
-            proof, why = None, f"sent an undecodable proof ({e})"
-        if self._frame_mac and not comm.closed:
-            # Every frame after the AuthProof is MAC'd, the Reject below included.
-            comm._set_frame_macs(*self._key.frame_macs(t, server=True))
-        if type(proof) is AuthProof and self._key.check_client_proof(t, proof.proof):
-            comm.authenticated = True
-            return init.node_id
-        if proof is not None and type(proof) is not AuthProof:
-            why = f"sent {proof.op!r} instead of a proof"
-        # Dropped here: nothing after the proof (its Hello, ...) is read.
-        self.stats.auth_failures += 1
-        self._log_once("auth", ip, "%s: authentication failed: %s", comm.name, why)
-        if not comm.closed:
-            with contextlib.suppress(CommClosedError):
-                await comm.send(Reject("authentication failed (wrong cluster secret?)"))
-        return None
-
-    async def close(self) -> None:
-        """Stop listening, close every connection, wait for handlers; safe twice."""
-        if self._closing:
-            await self._closed.wait()
-            return
-        self._closing = True
-        try:
-            if self._server is not None:
-                self._server.close()
-            # gather cancels these close() calls if our own close() is cancelled.
-            await asyncio.gather(*(c.close("server shutting down") for c in list(self._conns)))
-            tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-            if tasks:
-                _, pending = await asyncio.wait(tasks, timeout=self.limits.close_timeout)
-                for t in pending:
-                    t.cancel()
-                if pending:
-                    await asyncio.wait(pending)
-            if self._server is not None:
-                await self._server.wait_closed()
-        finally:
-            self._closed.set()
-            logger.info("stopped listening on %s:%s", self.host, self.port)
-
-    async def __aenter__(self) -> Self:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
-def serve(
-    host: str,
-    port: int,
-    on_comm: OnComm,
-    hello_factory: HelloFactory,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-    heartbeat: bool = True,
-    check_peer: CheckPeer | None = None,
-    secret: bytes | ClusterKey | None = None,
-    authenticate_frames: bool = False,
-) -> Server:
-    """Create a server; start it with ``async with`` (or ``await server.start()``).
-
-    Parameters
-    ----------
-    host, port
-        Where to listen (port 0 picks a free port, see ``Server.port``).
-    on_comm
-        ``async def on_comm(comm)``, called for each connection that passed the
-        handshake; the comm is closed when it returns.
-    hello_factory
-        Returns this node's identity; called per connection (so it may read
-        ``server.port``). Its ``version`` and ``model_hash`` are what peers must match.
-    limits
-        Timeouts and sizes (handshake timeout, max connections, per-IP connections, ...).
-    heartbeat
-        Start :meth:`Comm.start_heartbeat` on each accepted comm.
-    check_peer
-        Optional extra check of a peer's Hello; returns a rejection reason or None.
-        Called only for peers that proved the secret (when there is one).
-    secret
-        The cluster secret (or a :class:`~stealer.wire.auth.ClusterKey`); None for an open
-        cluster (a warning is logged once per process).
-    authenticate_frames
-        Put a MAC on every frame; needs ``secret``; peers must use the same setting.
-
-    Returns
-    -------
-    Server
-        Not yet listening.
-
-    Raises
-    ------
-    ValueError
-        ``authenticate_frames`` without a secret, or a secret that is too short.
-    """
-    return Server(
-        host, port, on_comm, hello_factory, limits=limits, heartbeat=heartbeat,
-        check_peer=check_peer, secret=secret, authenticate_frames=authenticate_frames,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# event loop
-# ---------------------------------------------------------------------------------------
-
-
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def install_event_loop_policy() -> bool:
-    """Make uvloop the default event loop if it is installed.
-
-    Returns
-    -------
-    bool
-        True if uvloop was installed, False if the stdlib loop stays.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        logger.debug("uvloop not installed; using the asyncio event loop")
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True, debug: bool | None = None) -> T:
-    """Run a coroutine to completion on a fresh loop (uvloop when available).
-
-    Parameters
-    ----------
-    main
-        The coroutine to run.
-    use_uvloop
-        Set False to force the stdlib event loop.
-    debug
-        asyncio debug mode.
-
-    Returns
-    -------
-    object
-        What ``main`` returned.
-    """
-    factory = _uvloop_factory() if use_uvloop else None
-    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
-        return runner.run(main)
