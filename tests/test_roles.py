@@ -322,3 +322,19 @@ def test_every_node_that_keeps_strips_is_told_to_let_them_go(plan):
     assert {"a", "b"} <= released_to
     late = gw.tile_done("c", tile_msg(plan, "src/0", 0, producer.id), 0.0)  # after every tile is in
     assert g.ReleaseStrips("c", ("src/0", 0)) in late
+
+
+def test_a_bad_early_tile_costs_its_sender_only(plan):
+    """A malformed tile that waited for its FrameStart is dropped when the frame is announced;
+    the FrameStart (the source's message) is not refused for it."""
+    gw = gateway(plan)
+    good = tile_msg(plan, "src/0", 0, 0)
+    bad = TileDone("src/0", 0, 0, PK, "full", np.zeros((1, 1, 1), np.float32))
+    unknown = TileDone("src/0", 0, 99, PK, "full", good.output)
+    for msg in (bad, unknown, good):
+        gw.tile_done("thief", msg, 0.0)
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 0.0)
+    f = gw.frames[("src/0", 0)]
+    assert f.assembly is not None and f.assembly.received == {0} and gw.early_bytes == 0
+    with pytest.raises(ProtocolError, match="not a task"):
+        gw.tile_done("thief", unknown, 0.0)

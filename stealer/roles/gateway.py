@@ -37,7 +37,7 @@ import numpy as np
 
 from ..assembly import FrameAssembly, RecentKeys, ResultOrder
 from ..config import DEFAULT_LIMITS, Limits
-from ..errors import ProtocolError
+from ..errors import PlanError, ProtocolError
 from ..ftp.plan import Plan
 from ..scheduler import TAIL, TaskRef
 from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
@@ -216,7 +216,11 @@ class GatewayState:
             out.append(ArmDeadline(key, now + msg.deadline))
         for tile_sender, tile in self.early.pop(key, ()):  # tiles that overtook this FrameStart
             self.early_bytes -= tile.output.nbytes
-            out += self.tile_done(tile_sender, tile, now)
+            try:
+                out += self.tile_done(tile_sender, tile, now)
+            except ProtocolError as exc:  # its sender's fault, not the source's: only the tile goes
+                log.warning("tile %d of frame %d of %s from %s dropped: %s", tile.task, tile.frame,
+                            tile.source[:8], tile_sender[:8], exc)
         return out
 
     def tile_done(self, sender: str, msg: TileDone, now: float) -> list[Action]:
@@ -237,7 +241,7 @@ class GatewayState:
         plan = self.plan_of(f.plan)
         try:
             task = plan.task(msg.task)
-        except (KeyError, IndexError):
+        except PlanError:
             raise ProtocolError(f"tile {msg.task} is not a task of plan {f.plan!r}") from None
         if not set(msg.strips_held) <= set(task.produces):
             raise ProtocolError(f"tile {msg.task} claims strips {msg.strips_held} it does not produce "
