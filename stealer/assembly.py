@@ -133,6 +133,10 @@ class ResultOrder:
         for key in [k for k in self._ready if k[0] == source]:
             del self._ready[key]
 
+    def waiting(self, source: str, frame: int) -> bool:
+        """Whether the frame has its result and waits for an earlier frame to be released."""
+        return (source, frame) in self._ready
+
     def sources(self) -> set[str]:
         """Sources with frames announced and not yet released."""
         return set(self._expected)

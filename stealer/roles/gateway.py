@@ -198,8 +198,10 @@ class GatewayState:
         if key in self.finished:
             # the source missed the FrameDone (it reconnected, or announced again to be safe)
             return [Notify(sender, FrameDone(*key))]
-        if key in self.frames:
-            return []  # announced again (a resend to the same gateway): keep what is in
+        if key in self.frames or self.order.waiting(*key):
+            # announced again (a resend, a duplicate): keep what is in, and a frame that is
+            # over (refused, say) and waits to be released in order stays over
+            return []
         out: list[Action] = []
         self.order.expect(msg.source, msg.frame)
         plan = self.plan_of(msg.plan)
@@ -227,7 +229,7 @@ class GatewayState:
         key = (msg.source, msg.frame)
         owner = owner_of(msg.source)
         f = self.frames.get(key)
-        if key in self.finished or (f is not None and (f.tail_input is not None or f.result is not None)):
+        if self._over(key, f):
             self.stats.duplicates_dropped += 1
             late: list[Action] = [Notify(owner, TileAck(msg.source, msg.frame, msg.task))]
             if msg.strips_held:  # a late copy kept strips the frame no longer needs: let them go
@@ -275,6 +277,13 @@ class GatewayState:
                 strips = strips if holder else []
             return [Notify(owner, TileAck(msg.source, msg.frame, msg.task, holder, strips))]
         return []
+
+    def _over(self, key: FrameKey, f: OpenFrame | None) -> bool:
+        """Whether the frame's tiles are all in, or it is over (released, or done and waiting
+        to be released in order): a tile of it is a late copy."""
+        if f is not None:
+            return f.tail_input is not None or f.result is not None
+        return key in self.finished or self.order.waiting(*key)
 
     def tail_done(self, sender: str, msg: TailDone, now: float) -> list[Action]:
         key = (msg.source, msg.frame)
@@ -443,7 +452,11 @@ class GatewayState:
         out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
         for number, res in self.order.finish(key[0], key[1], result):
             done = (key[0], number)
-            self.frames.pop(done, None)
+            gone = self.frames.pop(done, None)
+            if gone is not None:  # its bytes were freed when it finished (nbytes is 0 then)
+                self.held_bytes -= gone.nbytes
+            for _, tile in self.early.pop(done, ()):
+                self.early_bytes -= tile.output.nbytes
             self.finished.add(done)
             self.stats.frames_done += 1
             res["released_at"] = round(now, 4)  # gateway clock: for frames/s
@@ -465,6 +478,8 @@ class GatewayState:
         assert self.early_bytes == sum(t.output.nbytes for ts in self.early.values() for _, t in ts)
         assert self.early_bytes <= self.limits.early_tile_bytes
         assert len(self.frames) <= self.limits.max_queued_frames
+        for key in self.early:
+            assert key not in self.frames and not self._over(key, None), f"early tiles of {key} wait forever"
         for key, f in self.frames.items():
             assert key[1] in self.order.pending(key[0]), f"open frame {key} not expected in order"
             assert key not in self.finished
