@@ -35,28 +35,28 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from .compute import ComputePool
-from .config import DEFAULT_LIMITS, Limits
-from .errors import CommClosedError, PlanError, ProtocolError, StealerError
-from .ftp.execute import run_task
-from .ftp.geometry import height, width
-from .ftp.plan import Plan, make_plan
-from .layers import RegionSpec
-from .network import Network
-from .images import letterbox_region, pixel_rect
-from .region import detect
-from .roles import gateway as gw_role
-from .roles import membership as mem_role
-from .roles.gateway import GatewayState
-from .roles.membership import MembershipState
-from .roles.source import SourceState, ToGateway
-from .roles.strips import StripCache, pack_strips, unpack_strips
-from .roles.worker import WorkerPolicy, status_worth_sending
-from .scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
-from .sources import Frame, FrameSource
-from .wire import ClusterKey, Comm, Hello, connect, serve
-from .wire.comm import Server
-from .wire.messages import (
+from ..compute import ComputePool
+from ..config import DEFAULT_LIMITS, Limits
+from ..errors import CommClosedError, PlanError, ProtocolError, StealerError
+from ..ftp.execute import run_task
+from ..ftp.geometry import height, width
+from ..ftp.plan import Plan, make_plan
+from ..layers import RegionSpec
+from ..network import Network
+from ..images import letterbox_region, pixel_rect
+from ..region import detect
+from ..roles import gateway as gw_role
+from ..roles import membership as mem_role
+from ..roles.gateway import GatewayState
+from ..roles.membership import MembershipState
+from ..roles.source import SourceState, ToGateway
+from ..roles.strips import StripCache, pack_strips, unpack_strips
+from ..roles.worker import WorkerPolicy, status_worth_sending
+from ..scheduler import TAIL, PeerLoad, TaskRef, WorkQueue, choose_victim
+from ..sources import Frame, FrameSource
+from ..wire import ClusterKey, Comm, Hello, connect, serve
+from ..wire.comm import Server
+from ..wire.messages import (
     PROTOCOL_VERSION,
     FrameDone,
     FrameDrop,
@@ -82,7 +82,7 @@ from .wire.messages import (
 )
 
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
-    from .discovery import Discovery
+    from ..discovery import Discovery
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -337,7 +337,7 @@ class Node:
         for host, port in self.cfg.peers:
             self._spawn(self._connect(host, port, None), f"connect {host}:{port}")
         if self.cfg.discovery:
-            from .discovery import Discovery
+            from ..discovery import Discovery
 
             self._discovery = Discovery(self.id, self.port, role=self.role, cores=max(1, self.cfg.slots),
                                         model_hash=self.net.model_hash, on_event=self._on_discovery,
@@ -1584,7 +1584,7 @@ def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
 
 
 def _fusable(net: Network) -> int:
-    from .ftp.plan import fusable_prefix
+    from ..ftp.plan import fusable_prefix
 
     return fusable_prefix(net.spec)
 
