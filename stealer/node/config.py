@@ -1,0 +1,194 @@
+"""What a node is told and what it keeps per peer, task and run: :class:`NodeConfig` (its
+command line), :class:`RuntimeLimits` (the runtime's timeouts), :class:`Peer`, :class:`Job`,
+:class:`Stats`, the plan keys that name a plan on the wire, and the memory a node needs.
+
+Plain data and pure functions: nothing here imports the rest of the node package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import DEFAULT_LIMITS, Limits
+from ..errors import ProtocolError
+from ..ftp.plan import Plan
+from ..network import Network
+from ..scheduler import PeerLoad, TaskRef
+from ..sources import FrameSource
+from ..wire import Comm
+
+
+MAX_IMAGE_SIDE = 1 << 14
+"""Largest camera image side a peer may name for a tile's pixels (16384 px, past any camera):
+the pixel rectangle is computed from it before the pixels are checked."""
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """Timeouts (seconds) of the runtime itself; transport limits live in :class:`Limits`."""
+
+    lease: float = 30.0
+    """A holder may keep a task this long before it is handed out again (a hung thief). Far
+    above a tile's compute time on a Pi (~1 s) and a tail's (~10 s)."""
+    steal_timeout: float = 2.0
+    """Wait this long for a victim's answer before trying another victim."""
+    strips_timeout: float = 2.0
+    """Wait this long for reuse strips before running the tile's full variant instead."""
+    gateway_wait: float = 60.0
+    """A source waiting for a gateway says so this often (it waits as long as it takes)."""
+    pending_results: int = 2
+    """Results a node may have computed but not yet delivered to the gateway. The compute slot
+    goes on with its next task while a result uploads (over Wi-Fi a tile's output and strips
+    take about as long to send as to compute), and this bounds the memory that can pile up
+    behind a slow link."""
+    steal_batch: int = 2
+    """Tiles a thief gets for one steal request when tasks are short and the victim's queue is
+    deep (at least this many per node it knows): the extra ones follow the answer unasked, so
+    a busy thief asks half as often, while every other node still finds work to steal."""
+    short_task: float = 0.005
+    """Tasks that compute in less than this (seconds, on average) are short: for them the
+    hand-offs around a task (a steal round trip, the hand-over to the compute thread and back,
+    0.2-0.8 ms) are a visible share, so nodes take them two at a time (``steal_batch``, and a
+    second task queued behind the first). Longer tasks go one at a time: a second one would
+    only wait, its lease ageing into a straggler's, while another node could run it (measured
+    on 0.2-core emulated Pis: more speculative copies, fewer frames/s at 3 and 4 nodes)."""
+    straggler_min: float = 0.25
+    """An idle node copies a task only once its lease is this old (and twice the typical task
+    time): below that, a copy would mostly duplicate work that is about to arrive."""
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node is told on its command line."""
+
+    node_id: str
+    host: str = "0.0.0.0"
+    port: int = 0
+    gateway: bool = False
+    standby: bool = False  # may take over as gateway when the gateway dies
+    sources: list[FrameSource] = field(default_factory=list)
+    grid: tuple[int, int] = (5, 5)
+    layers: int | None = None
+    scheme: str = "quad"  # "none" = no reuse
+    frames: int | None = None  # per source; None = unbounded
+    fps: float | None = None
+    max_inflight: int = 4  # frames per source in flight (back-pressure)
+    deadline: float | None = None  # seconds per frame; None: never drop anything
+    slots: int = 1  # tasks computed at once; 0: this node computes nothing (a camera-only source)
+    null_compute: bool = False  # benchmarks only: tasks "run" without kernels (runtime overhead)
+    max_memory: int = 0  # bytes offered for tasks; 0 = unlimited
+    policy: str = "steal"
+    speculate: bool = True  # idle nodes run copies of stragglers (first result wins)
+    out: str | None = None
+    discovery: bool = True
+    loopback: bool = False
+    interfaces: list[str] | None = None
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    thresh: float = 0.24
+    nms: float = 0.45
+    limits: Limits = DEFAULT_LIMITS
+    runtime: RuntimeLimits = field(default_factory=RuntimeLimits)
+    secret: bytes | None = field(default=None, repr=False)  # never in repr or logs
+    authenticate_frames: bool = False
+
+
+@dataclass
+class Peer:
+    node_id: str
+    comm: Comm
+    role: str
+    max_memory: int
+    dialer: str = ""  # node id of the side that opened the connection
+    answering: int = 0  # its requests being answered in the background
+    load: PeerLoad = field(default_factory=lambda: PeerLoad(0, 0))
+
+    @property
+    def is_gateway(self) -> bool:
+        return self.role == "gateway"
+
+
+@dataclass
+class Job:
+    """A task in hand: where its data is and who must hear of its lease."""
+
+    ref: TaskRef
+    plan_key: str
+    data: np.ndarray | None  # frame (or frame region) for a tile, fused output for a tail
+    img_w: int
+    img_h: int
+    victim: str  # node id whose queue leased it (ourselves for local work)
+    partial: bool = False  # the input is only the reuse variant's region: no full fallback in hand
+    # or, instead of ``data``, the camera pixels that network-input rectangle ``region`` is
+    # letterboxed from, their top-left pixel at ``pixel_origin`` (y, x) of the image
+    pixels: np.ndarray | None = None
+    pixel_origin: tuple[int, int] = (0, 0)
+    region: tuple[int, int, int, int] = (0, 0, 0, 0)
+    holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
+    strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
+
+
+@dataclass
+class Stats:
+    tiles_run: int = 0
+    tails_run: int = 0
+    stolen: int = 0
+    steal_failures: int = 0
+    busy_seconds: float = 0.0
+    reuse_fallbacks: int = 0
+    small_grants: int = 0  # reuse tiles granted with only their reuse variant's frame region
+    pixel_grants: int = 0  # tiles granted as camera pixels (uint8) rather than float32 input
+    region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
+    strips_served: int = 0  # strip fetches this node answered from the strips it produced
+    strips_granted: int = 0  # grants that carried reuse strips this node holds (no fetch needed)
+    batch_grants: int = 0  # tiles sent unasked after a steal's answer (a deep queue, steal_batch)
+    paired: int = 0  # tasks queued to the compute thread right behind another one
+    speculative: int = 0
+    duplicates_dropped: int = 0
+    frames_done: int = 0
+    requeued: int = 0
+    takeovers: int = 0
+    frames_resent: int = 0
+    frames_dropped: int = 0
+    frames_partial: int = 0
+    task_errors: int = 0
+
+
+def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
+    return f"{grid[0]}x{grid[1]}:{layers}:{scheme}"
+
+
+def parse_plan_key(key: str) -> tuple[tuple[int, int], int, str]:
+    try:
+        grid, layers, scheme = key.split(":")
+        rows, cols = grid.split("x")
+        return (int(rows), int(cols)), int(layers), scheme
+    except ValueError:
+        raise ProtocolError(f"bad plan key {key!r}") from None
+
+
+def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
+    """Bytes a node needs to run tiles (fused weights + the largest task's working set) and, on
+    top of that, to run tails too (the remaining layers' weights + a generous activation bound:
+    a layer's input and output, a routed map, and the fused map the tail starts from)."""
+    tile = plan.weight_bytes + plan.totals(reuse=True).max_working_set
+    rest = net.layers[plan.n_layers:]
+    weights = 4 * sum(l.n_params for l in rest)
+    acts = [4 * int(np.prod(l.out_shape)) for l in rest] or [0]
+    fused_out = 4 * int(np.prod(plan.output_shape))
+    return tile, weights + 3 * max(acts) + fused_out
+
+
+def _fusable(net: Network) -> int:
+    from ..ftp.plan import fusable_prefix
+
+    return fusable_prefix(net.spec)
+
+
+def default_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0

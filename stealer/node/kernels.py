@@ -1,0 +1,97 @@
+"""What runs in the compute threads (:class:`stealer.compute.ComputePool`): a tile's kernels
+(or null compute's zeros), a tail and its detections. The functions here run off the event
+loop, so they touch only the network, the plan and the job they are given (and the null
+cache, made once per task).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+from ..errors import ProtocolError
+from ..ftp.execute import run_task
+from ..ftp.geometry import height, width
+from ..ftp.plan import Plan
+from ..layers import RegionSpec
+from ..images import letterbox_region
+from ..region import detect
+from ..wire.messages import TailDone, TileDone
+from .config import Job, parse_plan_key
+from .state import NodeState
+
+T = TypeVar("T")
+
+
+class Kernels(NodeState):
+    """The computations of tiles and tails, run in the compute threads.
+
+    Uses of ``self`` (set in :class:`NodeState`): net, cfg, stats, _pool, _null_cache.
+    """
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a compute thread; its time there counts as this node's busy seconds
+        (not the time it waited in the thread's queue behind the task before it)."""
+        value, seconds = await self._pool.run(_timed, fn, *args)
+        self.stats.busy_seconds += seconds
+        return value
+
+    def _compute_tile(self, job: Job, borrowed: dict[int, np.ndarray] | None
+                      ) -> tuple[TileDone, dict[int, np.ndarray]]:
+        """The tile's result for the gateway, and the strips it published (kept by this node)."""
+        plan = self._plan(job.plan_key)
+        t0 = time.perf_counter()
+        if self.cfg.null_compute:  # zeros of the right shapes, so that data moves as in a real run
+            zeros, published = self._null_outputs(plan, job.plan_key, job.ref.task)
+            return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros,
+                            sorted(published)), published
+        data = job.data
+        if job.pixels is not None:  # back to the network input, bit for bit (in this worker thread)
+            _, h, w = self.net.input_shape
+            data = letterbox_region(job.pixels, job.pixel_origin, job.img_w, job.img_h, w, h, job.region)
+        if data is None:
+            raise ProtocolError(f"{job.ref}: a tile without input data")
+        res = run_task(self.net, plan, job.ref.task, data, borrowed, check=False)
+        return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, res.variant, res.output,
+                        sorted(res.published), time.perf_counter() - t0), res.published
+
+    def _null_outputs(self, plan: Plan, key: str, task_id: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Null compute's result of a tile: read-only zeros, made once per task (the benchmark
+        measures the runtime, so its stand-in for the kernels should cost next to nothing)."""
+        got = self._null_cache.get((key, task_id))
+        if got is None:
+            task = plan.task(task_id)
+            y0, y1, x0, x1 = task.output
+            zeros = np.zeros((plan.output_shape[0], y1 - y0, x1 - x0), np.float32)
+            published = {sid: np.zeros((plan.windows[plan.strips[sid].layer].out_shape[0],
+                                        height(plan.strips[sid].region), width(plan.strips[sid].region)), np.float32)
+                         for sid in task.produces}
+            for arr in (zeros, *published.values()):
+                arr.flags.writeable = False
+            got = self._null_cache[(key, task_id)] = (zeros, published)
+        return got[0], dict(got[1])
+
+    def _compute_tail(self, job: Job) -> TailDone:
+        t0 = time.perf_counter()
+        if self.cfg.null_compute:
+            return TailDone(job.ref.source, job.ref.frame, "0" * 64)
+        _, layers, _ = parse_plan_key(job.plan_key)
+        out = self.net.forward(np.asarray(job.data, np.float32), start=layers)
+        digest = hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()
+        dets: list[dict[str, Any]] = []
+        last = self.net.layers[-1]
+        if isinstance(last, RegionSpec):
+            shape = self.net.input_shape
+            dets = [d.to_dict() for d in detect(out, last, img_w=job.img_w, img_h=job.img_h,
+                                                net_w=shape[2], net_h=shape[1],
+                                                thresh=self.cfg.thresh, nms=self.cfg.nms)]
+        return TailDone(job.ref.source, job.ref.frame, digest, dets, time.perf_counter() - t0)
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - t0

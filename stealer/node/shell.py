@@ -1,0 +1,238 @@
+""":class:`Node`: the node's lifecycle (start, close, drain), its tasks, and the one table of
+message handlers every message is dispatched through. The handlers and the actions they carry
+out live in the parts it combines (see :mod:`stealer.node`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any, Awaitable, Callable
+
+from ..errors import CommClosedError, PlanError, ProtocolError
+from ..wire import Hello, serve
+from ..wire.messages import (
+    PROTOCOL_VERSION,
+    FrameDone,
+    FrameDrop,
+    FrameFailed,
+    FrameStart,
+    GatewayClaim,
+    Goodbye,
+    Message,
+    RegionReply,
+    RegionRequest,
+    StealReply,
+    StealRequest,
+    Status,
+    StripsFetch,
+    StripsRelease,
+    StripsReply,
+    StripsRequest,
+    TailDone,
+    TaskFailed,
+    TileAck,
+    TilesIn,
+    TileDone,
+)
+from .config import Peer
+from .peers import Peers
+from .source import Source
+from .victim import Victim
+from .thief import Thief
+from .gateway import GatewayShell
+from .kernels import Kernels
+
+log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
+
+
+class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
+    """One stealer node. Use ``async with Node(...)`` or :meth:`start` / :meth:`close`.
+
+    Parameters
+    ----------
+    net : Network
+        The model (every node of a cluster holds the same one; checked by hash at the handshake).
+    config : NodeConfig
+    on_result : callable, optional
+        Gateway only: called with each released result dict, in frame order per source.
+
+    Its attributes are set in :class:`NodeState`; its methods come from the parts it combines
+    (mixins, one per file of :mod:`stealer.node`), with lifecycle and dispatch here.
+    """
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        return self._server.port if self._server is not None else self.cfg.port
+
+    def hello(self) -> Hello:
+        return Hello(PROTOCOL_VERSION, self.id, self.role, self.port, max(1, self.cfg.slots),
+                     self.net.model_hash, self.cfg.max_memory)
+
+    async def start(self) -> "Node":
+        # compile or load every kernel and build this node's own plan before joining: both hold
+        # the GIL for a while, which would otherwise stall heartbeats once peers are connected
+        await self._pool.run(self.net.warm_up)
+        await self._pool.run(self._plan, self._own_plan_key)
+        self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
+                             limits=self.cfg.limits, secret=self._key,
+                             authenticate_frames=self.cfg.authenticate_frames)
+        await self._server.start()
+        self._event({"event": "starting", "time": time.time(), "node_id": self.id, "port": self.port})
+        log.info("node %s (%s) listening on port %d, model %s, plan %s", self.id[:8], self.role,
+                 self.port, self.net.model_hash, self._own_plan_key)
+        if self.is_gateway:
+            self._gateway_seen.set()
+        # compute and sources first: peers found while our own mDNS announcement is still being
+        # probed (about 1.5 s) can already be dialled and stolen from
+        for slot in range(self.cfg.slots):
+            self._spawn(self._compute_loop(slot), f"compute {slot}")
+        if self.cfg.sources:
+            self._spawn(self._run_sources(), "sources")
+        else:
+            self._sources_done.set()
+        for host, port in self.cfg.peers:
+            self._spawn(self._connect(host, port, None), f"connect {host}:{port}")
+        if self.cfg.discovery:
+            from ..discovery import Discovery
+
+            self._discovery = Discovery(self.id, self.port, role=self.role, cores=max(1, self.cfg.slots),
+                                        model_hash=self.net.model_hash, on_event=self._on_discovery,
+                                        interfaces=self.cfg.interfaces, loopback=self.cfg.loopback,
+                                        limits=self.cfg.limits)
+            await self._discovery.start()
+        return self
+
+    async def close(self) -> None:
+        """Stop: finish the task in hand, say goodbye, release everything (safe twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        self._work.set()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for peer in list(self.peers.values()):
+            with contextlib.suppress(CommClosedError):
+                await peer.comm.close("node stopping")
+        if self._discovery is not None:
+            await self._discovery.close()
+        if self._server is not None:
+            await self._server.close()
+        self._pool.shutdown(wait=True)
+        if self._out_file is not None:
+            self._out_file.close()
+
+    async def __aenter__(self) -> "Node":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=what)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking new frames and new steals, and wait (at most ``timeout`` seconds) until
+        every frame this node started is finished and no task is in hand. Tasks still leased to
+        this node when it closes come back to their owners when the connection drops."""
+        self._draining = True
+        self._work.set()
+        try:
+            await asyncio.wait_for(self._drained(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("drain: %d frame(s) and %d task(s) still open after %.1f s",
+                        len(self.source.frames), self._running, timeout)
+            return False
+
+    async def _drained(self) -> None:
+        while self.source.frames or self._running:
+            self._idle_changed.clear()
+            await self._idle_changed.wait()
+
+    async def wait_sources_done(self) -> None:
+        """Until every source has produced its frames and seen all of them finished."""
+        await self._sources_done.wait()
+
+    # ------------------------------------------------------------------ dispatch
+    def _handler_table(self) -> dict[type[Message], Callable[[Peer | None, Any], Awaitable[None] | None]]:
+        """Every message a peer may send after the handshake, and the method that handles it
+        (``peer`` None: a message this node sends itself)."""
+        gw = self.gateway
+        return {
+            Status: self._on_status,
+            StealRequest: self._on_steal_request,
+            StealReply: self._on_reply,
+            StripsReply: self._on_reply,
+            RegionReply: self._on_reply,
+            StripsRequest: self._on_strips_request,
+            StripsFetch: lambda peer, msg: self._answer(peer, self._serve_strips(msg), msg.op),
+            StripsRelease: lambda peer, msg: self._held.drop((msg.source, msg.frame)),
+            RegionRequest: lambda peer, msg: self._answer(peer, self._grant_region(msg), msg.op),
+            FrameStart: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_start),
+            TileDone: lambda peer, msg: self._as_gateway(peer, msg, gw.tile_done),
+            TailDone: self._on_tail_done,
+            FrameDrop: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_drop),
+            FrameFailed: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_failed),
+            TileAck: lambda peer, msg: self._from_gateway(peer, msg, self._on_tile_ack),
+            TilesIn: lambda peer, msg: self._from_gateway(peer, msg, self._on_tiles_in),
+            FrameDone: lambda peer, msg: self._from_gateway(peer, msg, self._source_frame_done),
+            TaskFailed: self._on_task_failed,
+            GatewayClaim: self._on_gateway_claim,
+            Goodbye: self._on_goodbye,
+        }
+
+    async def _dispatch(self, peer: Peer | None, msg: Message) -> None:
+        """Handle one message; ``peer`` is None for messages a node sends itself."""
+        key = getattr(msg, "plan", None)
+        if key and key not in self._plans:
+            # a plan this node has not built yet (another source's grid): build it off the loop
+            if len(self._plans) >= self.cfg.limits.max_plans:
+                raise ProtocolError(f"{msg.op} names plan {key!r}: this node keeps {len(self._plans)} "
+                                    "plans already (max_plans)")
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._plan, key)
+            except PlanError as exc:
+                raise ProtocolError(f"{msg.op} names plan {key!r} that this model cannot make: {exc}") from None
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise ProtocolError(f"unexpected message {msg.op!r}")
+        pending = handler(peer, msg)
+        if pending is not None:
+            await pending
+
+    def _answer(self, peer: Peer | None, reply: Message | None, what: str) -> Awaitable[None] | None:
+        """Answer a request; a request this node sent itself (no peer) needs no answer."""
+        return None if peer is None else self._respond(peer, reply, what)
+
+    def _from_gateway(self, peer: Peer | None, msg: Message, handle: Callable[[Any], None]) -> None:
+        """Acks and frame ends count only from the gateway this node follows (or itself)."""
+        sender = peer.node_id if peer is not None else self.id
+        if sender != self.gateway_id:
+            log.warning("%s from %s ignored: it is not the gateway (%s)", msg.op, sender[:8],
+                        (self.gateway_id or "none")[:8])
+            return
+        handle(msg)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)

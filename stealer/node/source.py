@@ -1,0 +1,140 @@
+"""A data source's side: the frame loop of each of this node's sources (back-pressure, deadline
+drops, waiting for a gateway), carrying out the source machine's messages to the gateway
+(:meth:`SourceState` decides them), the gateway's acknowledgements of tiles and frames, and
+work sharing (policy "share").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..errors import CommClosedError
+from ..roles.source import ToGateway
+from ..scheduler import TaskRef
+from ..sources import FrameSource
+from ..wire.messages import FrameDone, FrameDrop, TileAck, TilesIn
+from .state import NodeState
+
+log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
+
+
+class Source(NodeState):
+    """The source loop, frames announced to the gateway, work sharing.
+
+    Uses of ``self`` (set in :class:`NodeState`): net, cfg, id, peers, queue, stats,
+    _gateway_seen, _frame_freed, _sources_done, _draining, _idle_changed, _handlers.
+    """
+
+    async def _run_sources(self) -> None:
+        try:
+            await asyncio.gather(*(self._run_source(i, src) for i, src in enumerate(self.cfg.sources)))
+        finally:
+            self._sources_done.set()
+
+    async def _run_source(self, index: int, src: FrameSource) -> None:
+        source_id = f"{self.id}/{index}"
+        loop = asyncio.get_running_loop()
+        frames = src.frames(self.net.input_shape)
+        source = self.source
+        source.inflight[source_id] = 0
+        period = 1.0 / self.cfg.fps if self.cfg.fps else 0.0
+        next_at = loop.time()
+        count = 0
+        try:
+            while (self.cfg.frames is None or count < self.cfg.frames) and not self._draining:
+                while self.cfg.deadline is None and source.inflight[source_id] >= self.cfg.max_inflight:
+                    self._frame_freed.clear()
+                    await self._frame_freed.wait()
+                frame = await loop.run_in_executor(None, next, frames, None)
+                if frame is None:
+                    break
+                count += 1
+                if self.cfg.deadline is not None and source.inflight[source_id] >= self.cfg.max_inflight:
+                    # overload in deadline mode: drop the oldest frame nothing has started on (or
+                    # this new one), rather than queueing without bound
+                    dropped = source.drop_oldest_unstarted(source_id)
+                    self.stats.frames_dropped += 1
+                    number = dropped[1] if dropped is not None else frame.number
+                    log.info("deadline mode: dropped frame %d of %s (overload)", number, source_id)
+                    self._announce([ToGateway(FrameDrop(source_id, number))])
+                    if dropped is None:
+                        continue
+                refs = [TaskRef(source_id, frame.number, t.id) for t in source.plan.tasks]
+                self._announce(source.new_frame(source_id, frame, time.monotonic()))
+                # kept and queued already: it is announced to the first gateway that appears
+                await self._wait_for_gateway()
+                if self.cfg.policy == "share":
+                    await self._share(refs)
+                if period:
+                    next_at += period
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+            while source.inflight[source_id] > 0:
+                self._frame_freed.clear()
+                await self._frame_freed.wait()
+        finally:
+            src.close()
+
+    async def _wait_for_gateway(self) -> None:
+        """Sources wait for a gateway as long as it takes, saying so now and then."""
+        while not self._gateway_seen.is_set():
+            try:
+                await asyncio.wait_for(self._gateway_seen.wait(), self.cfg.runtime.gateway_wait)
+            except asyncio.TimeoutError:
+                log.warning("no gateway for %.0f s; frames wait", self.cfg.runtime.gateway_wait)
+
+    def _announce(self, actions: list[ToGateway]) -> None:
+        """Carry out the source machine's messages to the gateway, now (small messages, never
+        waited for): with no gateway they are dropped, and every unfinished frame is announced
+        again to the next gateway."""
+        for act in actions:
+            msg = act.msg
+            if self.is_gateway:
+                self._handlers[type(msg)](None, msg)
+                gateway = self.id
+            else:
+                gw = self._gateway()
+                if gw is None:
+                    log.info("%s of frame %d of %s waits for a gateway", msg.op, msg.frame, msg.source)
+                    continue
+                self._post(gw, msg)
+                gateway = gw.node_id
+            if not isinstance(msg, FrameDrop):
+                self.source.announced((msg.source, msg.frame), gateway)
+        self.stats.frames_resent = self.source.resent
+        self._work_changed()
+
+    def _on_tiles_in(self, msg: TilesIn) -> None:
+        if self.source.tiles_in(msg):
+            self._work_changed()
+
+    def _on_tile_ack(self, msg: TileAck) -> None:
+        self.source.tile_ack(msg, time.monotonic())
+        self._work_changed()
+
+    def _source_frame_done(self, msg: FrameDone) -> None:
+        if not self.source.frame_done(msg):
+            return
+        self._frame_freed.set()
+        self._idle_changed.set()
+        self._work_changed()
+
+    async def _share(self, refs: list[TaskRef]) -> None:
+        """Policy "share" (the baseline of MoDNN and DeepThings' comparison): hand a frame's tiles
+        out round-robin over every known node, idle or not, when the frame arrives."""
+        members = [self.id, *sorted(self.peers)]
+        for i, ref in enumerate(refs):
+            target = members[i % len(members)]
+            if target == self.id or target not in self.peers:
+                continue
+            if not self.queue.take_ref(ref, target, time.monotonic()):
+                continue  # this node's own slot took it already
+            grant = self._grant_for(ref, 0)
+            if grant is None:
+                continue
+            try:
+                await self.peers[target].comm.send(grant)
+            except CommClosedError:
+                pass  # requeued when the connection is declared lost
+        self._work_changed()

@@ -1,0 +1,204 @@
+"""This node's queue handing out tasks: grants to thieves (a task leased with its input and the
+strips held here), the full region of a tile whose strips are gone, strips this node
+produced served to dependent tiles, the job of a task taken from the queue, failed tasks and
+leases that run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import PlanError, ProtocolError
+from ..images import pixel_rect
+from ..roles.strips import pack_strips
+from ..scheduler import TaskRef
+from ..sources import Frame
+from ..wire.messages import (
+    RegionReply,
+    RegionRequest,
+    StealReply,
+    StealRequest,
+    StripsFetch,
+    StripsReply,
+    TaskFailed,
+)
+from .config import Job, Peer
+from .state import NodeState
+
+log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
+
+
+class Victim(NodeState):
+    """Grants, regions, strips served, leases of this node's queue.
+
+    Uses of ``self`` (set in :class:`NodeState`): net, cfg, id, _own_plan_key, peers, queue,
+    stats, _lease_timer, gateway, _held, _closed, worker.
+    """
+
+    async def _on_steal_request(self, peer: Peer | None, msg: StealRequest) -> None:
+        assert peer is not None
+        reply = self._grant(peer, msg)
+        await self._respond(peer, reply, msg.op)
+        if reply is not None and reply.granted and not msg.speculative:
+            for _ in range(self.cfg.runtime.steal_batch - 1):
+                await self._respond(peer, self._extra_grant(peer), msg.op)
+
+    def _grant(self, peer: Peer, req: StealRequest) -> StealReply | None:
+        """A thief asks: lease it the first task it can run, with that task's input data."""
+        if self.peers.get(peer.node_id) is not peer:
+            return None  # it left while the request waited: no lease
+        if self.cfg.policy != "steal":
+            return StealReply(req.request_id, False)
+        accept_tail = req.accept_tail
+        now = time.monotonic()
+        ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail, ready=self._ready,
+                              prefer=self._near(peer.node_id))
+        if ref is None and req.speculative and self.cfg.speculate:
+            ref = self.queue.speculate(peer.node_id, now, min_age=self.cfg.runtime.straggler_min,
+                                       accept_tail=accept_tail)
+        if ref is None:
+            return StealReply(req.request_id, False)
+        self._work_changed()
+        # if it is not delivered, the lease brings it back
+        return self._grant_for(ref, req.request_id) or StealReply(req.request_id, False)
+
+    def _extra_grant(self, peer: Peer) -> StealReply | None:
+        """Another tile for a thief that just got one, if the queue is deep enough that every
+        other node still finds work here (``steal_batch`` per node)."""
+        if not self._short_tasks() or not self.worker.deep_queue(self.queue.queued_tiles, len(self.peers)):
+            return None
+        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready,
+                              prefer=self._near(peer.node_id))
+        if ref is None:
+            return None
+        self._work_changed()
+        self.stats.batch_grants += 1
+        return self._grant_for(ref, 0)
+
+    def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None:
+        """A task leased to a peer, with the data it needs: for a tile, the input region the
+        source machine chooses (:meth:`SourceState.grant_input`) and the strips this node holds
+        of those it consumes; for a tail, the fused output."""
+        job = self._local_job(ref)
+        if job is None:
+            return None
+        if ref.is_tail:
+            return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
+                              job.img_w, job.img_h, job.data)
+        region, holders = self.source.grant_input(ref)
+        self.stats.small_grants += region != self.source.plan.task(ref.task).full.input_region
+        data, pixels, origin = self._input_payload(self.source.frames[(ref.source, ref.frame)].frame, region)
+        self.stats.pixel_grants += pixels is not None
+        meta: list[list[int]] = []
+        packed = None
+        if holders.get(self.id):
+            # strips this node holds go with the grant: a StripsFetch round trip less
+            mine = self._held.get((ref.source, ref.frame), holders[self.id])
+            if mine is not None:
+                meta, packed = pack_strips(mine)
+                self.stats.strips_granted += 1
+                holders = {n: ids for n, ids in holders.items() if n != self.id}
+        return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
+                          list(region), job.img_w, job.img_h, data, pixels, origin, holders, meta, packed)
+
+    def _grant_region(self, req: RegionRequest) -> RegionReply:
+        """A thief's reuse strips are gone: send it the task's full region after all."""
+        sf = self.source.frames.get((req.source, req.frame))
+        if sf is None:
+            return RegionReply(req.request_id, False)
+        try:
+            task = self._plan(self._own_plan_key).task(req.task)
+        except (KeyError, IndexError, PlanError):
+            raise ProtocolError(f"region of unknown task {req.task}") from None
+        data, pixels, origin = self._input_payload(sf.frame, task.full.input_region)
+        return RegionReply(req.request_id, True, list(task.full.input_region), data, pixels, origin)
+
+    def _input_payload(self, frame: Frame, rect: tuple[int, int, int, int]
+                       ) -> tuple[np.ndarray | None, np.ndarray | None, list[int]]:
+        """A network-input rectangle of one of this node's frames as it travels: the camera
+        pixels it is made from when the frame has them (a quarter of the bytes), else float32."""
+        if frame.pixels is None:
+            y0, y1, x0, x1 = rect
+            return np.ascontiguousarray(frame.data[:, y0:y1, x0:x1]), None, []
+        _, h, w = self.net.input_shape
+        py0, py1, px0, px1 = pixel_rect(rect, frame.img_w, frame.img_h, w, h)
+        return None, np.ascontiguousarray(frame.pixels[:, py0:py1, px0:px1]), [py0, px0]
+
+    def _local_job(self, ref: TaskRef) -> Job | None:
+        """The job of a task taken from this node's queue; None if its frame is gone meanwhile
+        (the task is then forgotten)."""
+        key = (ref.source, ref.frame)
+        if ref.is_tail:
+            tail = self.gateway.tail_input(key) if self.is_gateway else None
+            if tail is None:
+                self.queue.done(ref)
+                return None
+            plan, data, img_w, img_h = tail
+            return Job(ref, plan, data, img_w, img_h, self.id)
+        sf = self.source.frames.get(key)
+        if sf is None:
+            self.queue.done(ref)
+            return None
+        return Job(ref, self._own_plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
+                   holders=self.source.holders_of(key, ref.task))
+
+    def _ready(self, ref: TaskRef) -> bool:
+        return self.source.ready(ref)
+
+    def _near(self, node_id: str) -> Callable[[TaskRef], bool]:
+        return self.source.near(node_id, self.id)
+
+    def _serve_strips(self, msg: StripsFetch) -> StripsReply:
+        got = self._held.get((msg.source, msg.frame), msg.strips)
+        if got is None:
+            return StripsReply(msg.request_id, False)
+        meta, data = pack_strips(got)
+        self.stats.strips_served += 1
+        return StripsReply(msg.request_id, True, meta, data)
+
+    def _on_task_failed(self, peer: Peer | None, msg: TaskFailed) -> None:
+        """A node could not run a task it took from this node's queue."""
+        sender = peer.node_id if peer is not None else self.id
+        ref = TaskRef(msg.source, msg.frame, msg.task)
+        if self.queue.holder(ref) != sender:
+            return  # not its lease (a late report, a speculative copy): the lease decides
+        log.warning("%s failed at %s: %s", ref, sender[:8], msg.reason)
+        self.stats.requeued += len(self.queue.fail(ref))
+        self._give_up_failed(msg.reason)
+        self._work_changed()
+
+    def _give_up_failed(self, reason: str) -> None:
+        """Tasks of this node's queue that failed every attempt: their frames are given up
+        (a tail's here, as the gateway; a tile's at its source, which is this node)."""
+        for ref in self.queue.pop_given_up():
+            if ref.is_tail:
+                if self.is_gateway:
+                    self._carry_out(self.gateway.give_up((ref.source, ref.frame), ref.task, reason, time.monotonic()))
+            else:
+                self._announce(self.source.give_up(ref, reason))
+
+    def _leases_changed(self) -> None:
+        """Arm one timer for the earliest lease deadline (no periodic polling). An armed timer
+        stays: every lease runs for the same ``lease_seconds`` from when it was given, so a new
+        lease never ends before the earliest one did, and an early firing only re-arms."""
+        if self._lease_timer is not None:
+            return
+        deadline = self.queue.next_deadline()
+        if deadline is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._lease_timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
+                                             self._expire_leases)
+
+    def _expire_leases(self) -> None:
+        self._lease_timer = None
+        late = self.queue.expire(time.monotonic())
+        if late:
+            self.stats.requeued += len(late)
+            log.warning("%d lease(s) ran out; queued again", len(late))
+        self._give_up_failed("its lease ran out")
+        self._work_changed()
