@@ -1375,10 +1375,10 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads(json.dumps(src))
             if key in fresh:
                 res["same_as"] = f"{src['run']['scenario']}: {src['run']['label']}"
-                log(f"{run.scenario}: {run.label}: same run as {res['same_as']}")
+                log(f"{run.scenario}: {run.label} [repeat {run.repeat + 1}]: same run as {res['same_as']}")
             else:
                 fresh[key] = res
-                log(f"{run.scenario}: {run.label}: kept from {args.out}")
+                log(f"{run.scenario}: {run.label} [repeat {run.repeat + 1}]: kept from {args.out}")
             _relabel(res, run)
             planned.append(res)
             save()
