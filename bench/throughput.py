@@ -6,11 +6,15 @@ Every run starts a fresh emulated cluster (``tools/emulate.py``: one network nam
 cgroup and shaped link per host), runs YOLOv2-608 with random weights (seed 0) on synthetic
 frames, follows the gateway's result file, and checks every frame's output digest against
 single-device inference (``Network.forward`` in this process; digests cached in
-``bench/out/digests.json``). Scenarios (``--scenarios``, comma list, default all):
+``bench/out/digests.json``). Every node runs with its default limits (nothing is passed to it
+beyond the run's grid, policy and in-flight count) unless ``--node-arg`` says otherwise.
+Scenarios (``--scenarios``, comma list, default all):
 
 ``single``    the best single-node run: ``stealer infer --threads 1`` (whole frame, no tiling) on
               one emulated host, and a one-node stealer cluster with a 1x1 grid;
 ``scaling``   1, 2, 3, 4, 6, 8 nodes, one source (on host 1; on host 0 when alone), 5x5, reuse;
+``latency``   the scaling clusters with one frame in flight (``--max-inflight 1``): single-frame
+              latency, FrameStart to release, and its ratio to one node's;
 ``fused``     the same with the model cut after the fused block (layers 0-15 and a 1x1 max
               pool): the fused block's own throughput, the figure DeepThings reports;
 ``unshaped``  the same at 6 and 8 nodes with unshaped links: what the 20 Mbit/s links cost;
@@ -20,20 +24,37 @@ single-device inference (``Network.forward`` in this process; digests cached in
 ``hetero``    4 nodes, hosts 0 and 2 at twice the CPU share of hosts 1 and 3;
 ``dask``      the Dask distributed baseline (``bench/dask_baseline.py``) at the scaling counts.
 
-Measured per run: steady-state frames/s (the gateway's ``released_at`` stamps from the first to
-the last result), start-up (spawn to first result), latency p50/p99 (FrameStart at the gateway
-to release), per node: tasks, steals, reuse fallbacks, busy fraction (cgroup CPU seconds over
-the steady-state window / (CPU share x window)) and task-busy fraction (the node's
-``busy_seconds`` / run span), bytes on the wire (the emulator's veth counters over the window,
-per frame), link utilisation, and an accounting of the speed-up lost to the ideal:
+What "frames/s" is. A source starts ``max_inflight`` frames at once and then one more per
+result, so a run has three phases: the warm-up burst (the first ``max_inflight`` results: frames
+started together before anything came back, with the connections and kernel loading in them),
+the steady state (a constant backlog of ``max_inflight`` frames), and the drain (the last
+``max_inflight`` results: the source has stopped, the backlog runs down and nodes run dry).
+Short runs are mostly warm-up and drain, so a cluster run has at least 60 frames (``--frames-scale``
+scales that; ``--quick`` keeps runs small, as a smoke test) and frames/s is measured over the
+steady state only: ``steady_fps`` takes the gateway's ``released_at`` stamps, skips the first and
+the last ``max_inflight`` (per source, times the sources) and divides the intervals left by their
+span. The old figure over all results (first to last) is kept as ``fps_all`` in the JSON, for
+comparison; a run too short for a steady window falls back to it (``fps_basis: "all"``, marked
+``*`` in the tables). Each configuration runs ``--repeat`` times (2 by default, repeats of a
+scenario back to back); the tables give the median frames/s and the spread (min–max) over the
+repeats, speed-ups are median over median, and the per-node figures are those of the repeat
+closest to the median.
+
+Measured per run: steady-state frames/s, start-up (spawn to first result), latency p50/p99
+(FrameStart at the gateway to release, over the steady window's results), per node: tasks,
+steals, reuse fallbacks, busy fraction (cgroup CPU seconds over the steady-state window / (CPU
+share x window)) and task-busy fraction (the node's ``busy_seconds`` / run span), bytes on the
+wire (the emulator's veth counters over the window, per frame), link utilisation, and an
+accounting of the speed-up lost to the ideal:
 ``capacity = speed-up + redundancy + overhead + idle`` in Pi-equivalents, where redundancy is
 the CPU the tiling costs beyond one whole-frame pass (executed-FLOP ratio and small-tile kernel
 efficiency, measured here on one core, plus reuse fallbacks), overhead is the rest of the CPU the
 nodes used (runtime, serialization, TCP), and idle is the CPU share nobody used (waiting for the
 link, for dependencies, for the tail).
 
-Outputs: ``bench/out/throughput.json`` (every run, saved after each one; ``--resume`` skips runs
-already there), ``bench/results/*.png`` and ``bench/RESULTS.md`` (table + the command).
+Outputs: ``bench/out/throughput.json`` (every run and repeat, saved after each one, and
+``configs``: the medians and spreads per configuration; ``--resume`` skips runs already there,
+a run's key includes its repeat index), ``bench/results/*.png`` and ``bench/RESULTS.md`` (table + the command).
 ``--report-only`` re-renders the table and plots from the JSON. Needs root (namespaces,
 cgroups); ``pip install "dask[distributed]" matplotlib`` for the Dask baseline and the plots.
 """
@@ -57,7 +78,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -66,8 +87,51 @@ if str(ROOT) not in sys.path:
 OUT = ROOT / "bench" / "out"
 RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-SCENARIOS = ("single", "scaling", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults")
+SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults")
 PI_SHARE = 0.2  # CPU share of a Pi-class node: the unit of "speed-up"
+MIN_FRAMES = 60  # per cluster run: enough that the steady window outweighs warm-up and drain
+LATENCY_FRAMES = 12  # per latency run (one in flight: warm-up and drain are one result each)
+
+# --------------------------------------------------------------------------------- steady state
+
+
+class Steady(NamedTuple):
+    """A run's steady-state window: frames/s, the window's ends (release stamps), results in it."""
+
+    fps: float
+    start: float
+    end: float
+    results: int
+
+
+def steady_fps(stamps: Sequence[float], inflight: int) -> Steady | None:
+    """Frames/s of the steady state of a run that keeps ``inflight`` frames in flight.
+
+    ``stamps``: the release time of every result of the run (one clock, any order). The source
+    starts ``inflight`` frames at once and then one more each time a result comes back, so in
+    release order:
+
+    * results ``0 .. inflight-1`` are the warm-up burst: frames started together before anything
+      came back (connections, kernel loading and the pipeline filling are in them). They are
+      skipped: the window opens at the release of result ``inflight``, the first frame the
+      source started in answer to a result, i.e. once the pipeline was full. That is never
+      before the first result, so the time before it (start-up) is never in the window.
+    * the last ``inflight`` results are the drain: the source has stopped starting frames, the
+      backlog runs down and nodes run out of work. They are dropped: the window closes at the
+      release of result ``n-1-inflight``, the moment the source started its last frame.
+
+    fps = (results in the window - 1) / (window end - window start): the mean interval between
+    releases with a constant backlog. ``None`` when fewer than 2 results are left in the window
+    or they were all released at once (no span to divide by).
+    """
+    skip = max(0, inflight)
+    s = sorted(stamps)
+    first, last = skip, len(s) - 1 - skip
+    if last - first < 1 or s[last] <= s[first]:
+        return None
+    n = last - first + 1
+    return Steady((n - 1) / (s[last] - s[first]), s[first], s[last], n)
+
 
 # --------------------------------------------------------------------------------- run specs
 
@@ -93,6 +157,7 @@ class Run:
     layers: int | None = None
     fused_only: bool = False
     node_args: tuple[str, ...] = ()  # appended to every node's command line (e.g. --limit ...)
+    repeat: int = 0  # index of this repeat of the configuration (part of the key, for --resume)
 
     @property
     def shares(self) -> list[float | None]:
@@ -101,6 +166,11 @@ class Run:
     @property
     def total_frames(self) -> int:
         return self.frames * len(self.sources)
+
+    @property
+    def total_inflight(self) -> int:
+        """Frames in flight across the run's sources: each source keeps ``max_inflight``."""
+        return self.max_inflight * len(self.sources)
 
     def key(self) -> str:
         d = asdict(self)
@@ -139,14 +209,18 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     big = args.big_nodes or (4 if quick else 6)
     scale = args.frames_scale
 
-    def frames(n: int) -> int:
-        base = (5 if quick else 8) if n == 1 else ((8 if quick else max(10, n + 6)))
-        return max(3, round(base * scale))
+    def frames(inflight: int, n_sources: int = 1) -> int:
+        """Frames per source, ``inflight`` being the run's total: at least MIN_FRAMES in all, so
+        that the steady window (what is left after the warm-up burst and the drain, 2 x inflight
+        results) holds most of the run. A quick (smoke) run keeps just a few results in it."""
+        total = max(8, 2 * inflight + 4) if quick else MIN_FRAMES
+        return max(3, round(math.ceil(total / n_sources) * scale))
 
     def cluster(n: int, **kw: Any) -> Run:
         srcs = kw.pop("sources", _sources_for(n))
+        inflight = kw.pop("max_inflight", _inflight(n, len(srcs)))
         return Run(nodes=n, cpu=kw.pop("cpu", cpu), rate=kw.pop("rate", rate), sources=srcs,
-                   frames=kw.pop("frames", frames(n)), max_inflight=kw.pop("max_inflight", _inflight(n, len(srcs))),
+                   frames=kw.pop("frames", frames(inflight * len(srcs), len(srcs))), max_inflight=inflight,
                    **model, **kw)
 
     want = set(args.scenarios.split(",")) if args.scenarios else set(SCENARIOS)
@@ -166,6 +240,12 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
                 " no reuse" if scheme == "none" and grid != (1, 1) else "")
             runs += [cluster(n, scenario="scaling", label=f"{n} nodes{tag}", grid=grid, scheme=scheme)
                      for n in counts]
+    if "latency" in want:
+        # one frame in flight: no queueing, so the latency is one frame's own path through the
+        # cluster (what a single camera waiting on each answer sees)
+        lat_frames = max(3, round(LATENCY_FRAMES * scale))
+        runs += [cluster(n, scenario="latency", label=f"{n} nodes, 1 in flight", max_inflight=1, frames=lat_frames)
+                 for n in counts]
     if "fused" in want:
         runs.append(Run("single", "infer fused block", kind="infer", cpu=cpu, rate=None, frames=3 if quick else 5,
                         model=fused_cfg, weights_seed=args.weights_seed, fused_only=True))
@@ -190,7 +270,8 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
                                     grid=g, scheme=scheme))
     if "policy" in want:
         every = tuple(range(big))
-        per_src = max(3, round((2 if quick else 4) * scale))
+        # a source on every node: the MIN_FRAMES are shared out among them
+        per_src = frames(_inflight(big, big) * big, big)
         for policy in ("steal", "share"):
             runs.append(cluster(big, scenario="policy", label=f"{policy}, 1 source", policy=policy))
             runs.append(cluster(big, scenario="policy", label=f"{policy}, {big} sources", policy=policy,
@@ -202,13 +283,23 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     if "dask" in want:
         for n in ([big] if quick else counts):
             runs.append(replace(cluster(n, scenario="dask", label=f"dask {n} nodes"), kind="dask"))
-    # the most telling runs first, so that a run cut short still has them
-    priority = ["single", "scaling", "unshaped", "dask", "policy", "hetero", "grid", "defaults", "fused"]
-    fused_baseline = [r for r in runs if r.scenario == "single" and r.fused_only]
-    runs = [r for r in runs if r not in fused_baseline]
-    runs.sort(key=lambda r: priority.index(r.scenario))
-    at = next((i for i, r in enumerate(runs) if r.scenario == "fused"), len(runs))
-    return runs[:at] + fused_baseline + runs[at:]
+    # the most telling runs first, so that a run cut short still has them; the fused block's
+    # single-node baseline goes with the fused runs (nothing else needs it)
+    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "grid", "defaults", "fused"]
+
+    def group(r: Run) -> str:
+        return "fused" if r.scenario == "single" and r.fused_only else r.scenario
+
+    runs.sort(key=lambda r: (priority.index(group(r)), not (r.scenario == "single" and r.fused_only)))
+    # each scenario's repeats back to back (all of its configurations once, then again): a run
+    # cut short has whole scenarios, and the repeats of a configuration are minutes apart, so
+    # the spread also sees the machine's drift
+    out: list[Run] = []
+    for name in dict.fromkeys(group(r) for r in runs):
+        members = [r for r in runs if group(r) == name]
+        for k in range(args.repeat):
+            out += [replace(r, repeat=k) for r in members]
+    return out
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -622,17 +713,36 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
             unknown += 1
         elif want != r["output_sha256"]:
             mismatches.append([r["source"], r["frame"]])
-    # --- throughput and latency
+    # --- throughput and latency: over the steady window (see steady_fps); first to last result
+    # is kept as fps_all, for comparison with the earlier reports
+    inflight = run.total_inflight
     stamps = sorted(r["released_at"] for r in results)
-    fps = (n - 1) / (stamps[-1] - stamps[0]) if n >= 2 and stamps[-1] > stamps[0] else None
-    lat = [r["latency"] for r in results]
+    fps_all = (n - 1) / (stamps[-1] - stamps[0]) if n >= 2 and stamps[-1] > stamps[0] else None
+    steady = steady_fps(stamps, inflight)
+    fps = steady.fps if steady else fps_all
+    in_order = sorted(results, key=lambda r: r["released_at"])
+    kept = in_order[inflight:n - inflight] if steady else in_order
+    lat = [r["latency"] for r in kept]  # the warm-up burst's frames queue behind each other
+    lat_all = [r["latency"] for r in results]
     s0 = raw["s0"]
     startup = (raw["marks"][0][1]["t"] - s0["t"]) if raw["marks"] else None
-    # --- steady-state window: the snapshot at the first result to the one at the last
+    # --- the CPU and traffic window: the snapshot taken when the window's first result was seen
+    # to the one when its last was (marks are taken as results arrive: (results seen, snapshot));
+    # without a steady window (or if both ends fell in one poll), first to last result
     win: dict[str, Any] = {}
-    if len(raw["marks"]) >= 2:
-        a, b = raw["marks"][0][1], raw["marks"][-1][1]
-        frames_in = raw["marks"][-1][0] - raw["marks"][0][0]
+    marks = raw["marks"]
+    ends = None
+    basis = "all"
+    if steady:
+        ia = next((i for i, (seen, _) in enumerate(marks) if seen >= inflight + 1), None)
+        ib = next((i for i, (seen, _) in enumerate(marks) if seen >= n - inflight), None)
+        if ia is not None and ib is not None and marks[ib][1]["t"] > marks[ia][1]["t"]:
+            ends, basis = (ia, ib), "steady"
+    if ends is None and len(marks) >= 2:
+        ends = (0, len(marks) - 1)
+    if ends is not None:
+        a, b = marks[ends[0]][1], marks[ends[1]][1]
+        frames_in = marks[ends[1]][0] - marks[ends[0]][0]
         w = b["t"] - a["t"]
         rate_bits = _rate_bits(run.rate)
         cpu_used = 0.0
@@ -647,7 +757,8 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
             cpu_used += cpu
         capacity = sum(shares) * w
         machine = b["proc"]["busy"] - a["proc"]["busy"]
-        win = {"seconds": round(w, 3), "frames": frames_in, "cpu_used": round(cpu_used, 3),
+        win = {"basis": basis,
+               "seconds": round(w, 3), "frames": frames_in, "cpu_used": round(cpu_used, 3),
                "capacity": round(capacity, 3),
                "mb_per_frame": round(sum(nd["tx_mb"] for nd in nodes) / max(1, frames_in), 3),
                "max_link_util": max((nd["link_util"] or 0) for nd in nodes) if rate_bits else None,
@@ -672,10 +783,15 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
     ideal = cap_units / flop_factor
     out: dict[str, Any] = {
         "run": asdict(run), "status": raw["status"], "frames_ok": n, "frames_expected": total,
-        "mismatches": mismatches, "unverified": unknown, "fps": fps,
+        "mismatches": mismatches, "unverified": unknown, "fps": fps, "fps_all": fps_all,
+        "fps_basis": "steady" if steady else "all",
+        "steady": {"start": steady.start, "end": steady.end, "results": steady.results,
+                   "seconds": round(steady.end - steady.start, 3), "skipped_head": inflight,
+                   "dropped_tail": inflight} if steady else None,
         "speedup": (fps / fps1) if (fps and fps1) else None, "ideal_speedup": ideal,
         "capacity_units": cap_units, "baseline_fps": fps1,
-        "latency_p50": pct(lat, 50), "latency_p99": pct(lat, 99), "startup_seconds": startup,
+        "latency_p50": pct(lat, 50), "latency_p99": pct(lat, 99),
+        "latency_p50_all": pct(lat_all, 50), "latency_p99_all": pct(lat_all, 99), "startup_seconds": startup,
         "mb_per_frame_all": round(all_tx / 1e6 / max(1, n), 3), "window": win, "nodes": nodes, "plan": fig,
         "commands": raw["commands"], "work": str(work),
         "tail_seconds_p50": pct([r["tail_seconds"] for r in results if "tail_seconds" in r], 50),
@@ -723,10 +839,95 @@ def _f(x: Any, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
 
+def config_key(run: dict[str, Any]) -> str:
+    """A configuration: the run without its repeat index (scenario and label included)."""
+    return json.dumps({k: v for k, v in run.items() if k != "repeat"}, sort_keys=True)
+
+
+def _median(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per configuration, in first-run order: the repeat closest to the median fps
+    (its per-node figures, accounting, ...) with ``fps`` replaced by the median over the
+    repeats, ``fps_min``/``fps_max``/``fps_values`` their spread, latency percentiles the
+    medians of the repeats', frame counts summed and the status the first failure's. Speed-ups
+    are not set here (they need the baseline: see ``view``)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(config_key(r["run"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: r["run"].get("repeat", 0))
+        good = [r for r in rs if r.get("fps")]
+        med = _median([r["fps"] for r in good])
+        rep = min(good, key=lambda r: abs(r["fps"] - med)) if good else rs[0]
+        c = json.loads(json.dumps(rep))  # a copy: the runs themselves stay as measured
+        bad = [r for r in rs if r.get("status") != "ok"]
+        c.update(
+            repeats=len(rs), fps=med, fps_values=[r.get("fps") for r in rs],
+            fps_min=min((r["fps"] for r in good), default=None), fps_max=max((r["fps"] for r in good), default=None),
+            fps_all=_median([r.get("fps_all") for r in rs]),
+            fps_basis=("forward" if rep["run"]["kind"] == "infer" else
+                       "steady" if good and all(r.get("fps_basis") == "steady" for r in good) else "all"),
+            latency_p50=_median([r.get("latency_p50") for r in rs]),
+            latency_p99=_median([r.get("latency_p99") for r in rs]),
+            frames_ok=sum(r.get("frames_ok") or 0 for r in rs),
+            frames_expected=sum(r.get("frames_expected") or 0 for r in rs),
+            frames_per_run=rs[0]["run"]["frames"] * len(rs[0]["run"]["sources"]),
+            mismatches=[m for r in rs for m in r.get("mismatches") or []],
+            unverified=sum(r.get("unverified") or 0 for r in rs),
+            status=bad[0]["status"] if bad else "ok", representative=rep.get("run_key"))
+        if rep["run"]["kind"] == "infer" and good:
+            c["forward_median"] = _median([r.get("forward_median") for r in good])
+            c["cpu_per_frame"] = _median([r.get("cpu_per_frame") for r in good])
+        out.append(c)
+    return out
+
+
+def view(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as the tables and plots show it: one record per configuration (``aggregate``),
+    speed-ups and efficiencies recomputed as median fps over the median baseline, and for the
+    latency scenario the ratio of each p50 to the one-node run's."""
+    configs = aggregate(report.get("runs", []))
+    base = _baseline(configs)
+    for c in configs:
+        fps1 = base.get("fused_fps" if c["run"].get("fused_only") else "fps")
+        if c["run"]["kind"] == "infer":
+            continue
+        c["baseline_fps"] = fps1
+        c["speedup"] = (c["fps"] / fps1) if (c.get("fps") and fps1) else None
+        c["speedup_min"] = (c["fps_min"] / fps1) if (c.get("fps_min") and fps1) else None
+        c["speedup_max"] = (c["fps_max"] / fps1) if (c.get("fps_max") and fps1) else None
+        c["efficiency"] = (c["speedup"] / c["ideal_speedup"]) if c["speedup"] and c.get("ideal_speedup") else None
+    one = next((c for c in configs if c["run"]["scenario"] == "latency" and c["run"]["nodes"] == 1
+                and c.get("latency_p50")), None)
+    for c in configs:
+        if c["run"]["scenario"] == "latency":
+            c["latency_ratio"] = (c["latency_p50"] / one["latency_p50"]) if one and c.get("latency_p50") else None
+    return dict(report, runs=configs, baseline=base)
+
+
+def config_summary(v: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON's ``configs``: per configuration, median and spread over the repeats."""
+    keys = ("repeats", "fps", "fps_min", "fps_max", "fps_values", "fps_all", "fps_basis", "speedup", "speedup_min",
+            "speedup_max", "ideal_speedup", "efficiency", "latency_p50", "latency_p99", "latency_ratio",
+            "frames_per_run", "frames_ok", "frames_expected", "status", "representative")
+    return [{"scenario": c["run"]["scenario"], "label": c["run"]["label"], "kind": c["run"]["kind"],
+             "nodes": c["run"]["nodes"], "max_inflight": c["run"]["max_inflight"], "key": config_key(c["run"]),
+             **{k: c.get(k) for k in keys}} for c in v["runs"]]
+
+
 def baseline_of(report: dict[str, Any]) -> dict[str, Any]:
-    """The best single-node fps (whole network, and the fused block alone)."""
+    """The best single-node fps (whole network, and the fused block alone), median over repeats."""
+    return _baseline(aggregate(report.get("runs", [])))
+
+
+def _baseline(configs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for r in report["runs"]:
+    for r in configs:
         run = r["run"]
         if r["run"]["scenario"] != "single" or not r.get("fps"):
             continue
@@ -742,18 +943,20 @@ def baseline_of(report: dict[str, Any]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     base = report.get("baseline", {})
     lines = [
-        "| scenario | run | nodes | grid | reuse | policy | src | frames | fps | speed-up | ideal | eff. | "
-        "fused fps | lat p50 s | lat p99 s | busy mean (min–max) | tiles/tails/steals per node | MB/frame | "
-        "link max | start s | check |",
-        "|" + "---|" * 21,
+        "| scenario | run | nodes | grid | reuse | policy | src | frames x runs | fps (median) | fps min–max | "
+        "speed-up | ideal | eff. | fused fps | lat p50 s | lat p99 s | busy mean (min–max) | "
+        "tiles/tails/steals per node | MB/frame | link max | start s | check |",
+        "|" + "---|" * 22,
     ]
     fused = {r["run"]["nodes"]: r for r in report["runs"] if r["run"]["scenario"] == "fused"}
     for r in report["runs"]:
         run = r["run"]
         if run["kind"] == "infer":
-            lines.append(f"| {run['scenario']} | {run['label']} | 1 | – | – | – | – | {r['frames_ok']} | "
-                         f"{_f(r['fps'], 3)} | 1.00 | 1.00 | – | – | {_f(r['forward_median'])} | "
-                         f"{_f(max(r['forward_seconds']))} | – | – | – | – | {_f(r['load_seconds'])} (load) | – |")
+            lines.append(f"| {run['scenario']} | {run['label']} | 1 | – | – | – | – | "
+                         f"{r.get('frames_per_run', r['frames_ok'])} x {r.get('repeats', 1)} | "
+                         f"{_f(r['fps'], 3)} | {_spread(r)} | 1.00 | 1.00 | – | – | {_f(r.get('forward_median'))} | "
+                         f"{_f(max(r['forward_seconds'])) if r.get('forward_seconds') else '–'} | – | – | – | – | "
+                         f"{_f(r.get('load_seconds'))} (load) | {'ok' if r.get('status') == 'ok' else r.get('status')} |")
             continue
         nodes = r["nodes"]
         busy = [nd.get("busy") for nd in nodes if nd.get("busy") is not None]
@@ -770,7 +973,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {run['scenario']} | {run['label']} | {run['nodes']} | {run['grid'][0]}x{run['grid'][1]} | "
             f"{'yes' if run['scheme'] != 'none' else 'no'} | {run['policy'] if run['kind'] == 'stealer' else 'dask'} | "
-            f"{len(run['sources'])} | {r['frames_ok']} | {_f(r['fps'], 3)} | {_f(r.get('speedup'))} | "
+            f"{len(run['sources'])} | {r.get('frames_per_run', r['frames_ok'])} x {r.get('repeats', 1)} | "
+            f"{_f(r['fps'], 3)}{'' if r.get('fps_basis') == 'steady' else '*'} | {_spread(r)} | {_f(r.get('speedup'))} | "
             f"{_f(r.get('ideal_speedup'))} | {_f(r.get('efficiency'))} | {_f(fz['fps'], 3) if fz else '–'} | "
             f"{_f(r['latency_p50'])} | {_f(r['latency_p99'])} | {busy_s} | {per} | {_f(win.get('mb_per_frame'))} | "
             f"{_f(win.get('max_link_util'))} | {_f(r['startup_seconds'], 1)} | {check} |")
@@ -784,6 +988,34 @@ def markdown(report: dict[str, Any]) -> str:
                    f"{a['redundancy']:.2f} | {a['overhead']:.2f} | {a['idle']:.2f} | {a['tile_cpu_ratio']:.2f} | "
                    f"{a['fallbacks']} | {_f(r['window'].get('foreign_cores'))} |")
     return "\n".join(lines), "\n".join(acc), base
+
+
+def _spread(r: dict[str, Any]) -> str:
+    lo, hi = r.get("fps_min"), r.get("fps_max")
+    return f"{lo:.3f}–{hi:.3f}" if lo is not None and hi is not None else "–"
+
+
+def latency_md(report: dict[str, Any]) -> str:
+    """The latency scenario (one frame in flight) next to the scaling throughput at the same
+    node count; ``report`` is a ``view``."""
+    lat = sorted((r for r in report["runs"] if r["run"]["scenario"] == "latency"), key=lambda r: r["run"]["nodes"])
+    if not lat:
+        return ""
+    scaling = {r["run"]["nodes"]: r for r in report["runs"] if r["run"]["scenario"] == "scaling"
+               and r["run"]["kind"] == "stealer" and tuple(r["run"]["grid"]) == tuple(lat[0]["run"]["grid"])
+               and r["run"]["scheme"] == lat[0]["run"]["scheme"]}
+    rows = ["| nodes | frames x runs | lat p50 s | lat p99 s | p50 / 1 node | fps, 1 in flight | "
+            "fps, scaling (median) | scaling in flight | check |", "|" + "---|" * 9]
+    for r in lat:
+        n = r["run"]["nodes"]
+        sc = scaling.get(n)
+        check = "ok" if r.get("status") == "ok" and not r["mismatches"] and r["frames_ok"] == r["frames_expected"] \
+            else f"**{len(r['mismatches'])} MISMATCH, {r['frames_ok']}/{r['frames_expected']}**"
+        rows.append(f"| {n} | {r.get('frames_per_run')} x {r.get('repeats', 1)} | {_f(r.get('latency_p50'))} | "
+                    f"{_f(r.get('latency_p99'))} | {_f(r.get('latency_ratio'))} | {_f(r.get('fps'), 3)} | "
+                    f"{_f(sc['fps'], 3) + ' (' + _spread(sc) + ')' if sc else '–'} | "
+                    f"{sc['run']['max_inflight'] if sc else '–'} | {check} |")
+    return "\n".join(rows)
 
 
 def per_node_md(report: dict[str, Any], scenario: str = "scaling") -> str:
@@ -828,7 +1060,10 @@ def plots(report: dict[str, Any], outdir: Path) -> list[Path]:
         xs = list(range(1, max(ns) + 1))
         ideal_per_node = sc[0][1]["ideal_speedup"] / sc[0][1]["capacity_units"]
         ax.plot(xs, [n * ideal_per_node for n in xs], "k--", lw=1, label="ideal (N x FLOP ratio)")
-        ax.plot(ns, [r["speedup"] for _, r in sc], "o-", lw=2.2, color="tab:blue", label="stealer, 20 Mbit/s links")
+        ax.errorbar(ns, [r["speedup"] for _, r in sc],
+                    yerr=[[r["speedup"] - (r.get("speedup_min") or r["speedup"]) for _, r in sc],
+                          [(r.get("speedup_max") or r["speedup"]) - r["speedup"] for _, r in sc]],
+                    fmt="o-", lw=2.2, capsize=3, color="tab:blue", label="stealer, 20 Mbit/s links (median, min–max)")
         un = [p for p in sc if p[0] == 1] + series("unshaped")  # one node sends nothing either way
         if len(un) > 1:
             ax.plot([n for n, _ in un], [r["speedup"] for _, r in un], "s-", ms=7, color="tab:cyan",
@@ -1015,7 +1250,10 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
         f"Produced by `{m['command']}` on {m['date']} ({m['machine']}), "
         f"{m['seconds'] / 60:.1f} min. YOLOv2-608, random weights (seed 0), synthetic frames; Pi-class node = "
         f"{m['cpu']} core (cgroup quota), links {m['rate'] or 'unshaped'} each way (tbf). "
-        "Frames/s are steady-state (first to last result at the gateway); speed-up is over the best single-node "
+        "Frames/s are steady-state: the gateway's release stamps with the warm-up burst (the first "
+        "`max_inflight` results) and the drain (the last `max_inflight`) left out, median over "
+        f"{m.get('repeat', 1)} repeat(s) of each configuration, spread min–max (`*`: too few frames for a "
+        "steady window, first to last result). Speed-up is median over median, over the best single-node "
         f"run: **{base.get('how', '?')} at {_f(base.get('fps'), 3)} fps** (fused block alone: "
         f"{_f(base.get('fused_fps'), 3)} fps). Ideal = capacity (Σ CPU share / {PI_SHARE}) × "
         "62.9 / (36.9 + 26.0 × executed-FLOP ratio). Every result is checked against single-device inference "
@@ -1023,6 +1261,7 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
         "",
     ]
     text += [f"![{p.stem}](results/{p.name})" for p in pngs]
+    lat = latency_md(report)
     text += ["", "## Targets", "", targets(report), "", "## All runs", "", table, "",
              "Columns: *busy* = cgroup CPU seconds / (CPU share × steady-state window) per node; "
              "*tiles/tails/steals per node* in host order (host 0 is the gateway); *MB/frame* = bytes sent by all "
@@ -1033,7 +1272,14 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
              "whole-frame pass (tile CPU ratio measured on one core, plus reuse fallbacks); *overhead*: the rest "
              "of the CPU the nodes used (runtime, serialization, TCP); *idle*: CPU share left unused (waiting on "
              "links, dependencies, the tail). *foreign cores*: CPU used on the VM by other processes meanwhile.",
-             "", acc, "", "## Per node (scaling)", per_node_md(report), ""]
+             "", acc, ""]
+    if lat:
+        text += ["## Single-frame latency (one frame in flight)", "",
+                 "FrameStart at the gateway to release, p50/p99 over the steady window's results (the first "
+                 "frame, with the connections and kernel loading, left out), median over the repeats; "
+                 "*p50 / 1 node*: the ratio to the one-node latency. Beside it the scaling run's throughput "
+                 "at the same node count, with its backlog (frames in flight).", "", lat, ""]
+    text += ["## Per node (scaling)", per_node_md(report), ""]
     notes = report.get("notes")
     if notes:
         text += ["## Notes", "", notes, ""]
@@ -1045,15 +1291,22 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: fewer nodes, runs and frames (a few minutes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: fewer nodes, runs and frames (a few minutes); the steady window then holds "
+                         "only a few results")
     ap.add_argument("--scenarios", default=None, help=f"comma list of {','.join(SCENARIOS)} [all]")
-    ap.add_argument("--nodes", default=None, help="node counts for scaling/fused/dask [1,2,3,4,6,8; quick: 1,4]")
+    ap.add_argument("--nodes", default=None,
+                    help="node counts for scaling/latency/fused/dask [1,2,3,4,6,8; quick: 1,4]")
     ap.add_argument("--grids", default="5x5",
                     help="grids of the scaling scenario, comma list: 5x5 (reuse), 2x2:none (no reuse), 1x1 [5x5]")
     ap.add_argument("--big-nodes", type=int, default=None, help="cluster size of grid/policy [6; quick: 4]")
     ap.add_argument("--cpu", type=float, default=PI_SHARE, help=f"CPU share of a node [{PI_SHARE}]")
     ap.add_argument("--rate", default="20mbit", help="link rate each way ['20mbit'; 'none' = unshaped]")
-    ap.add_argument("--frames-scale", type=float, default=1.0, help="scale every run's frame count [1]")
+    ap.add_argument("--frames-scale", type=float, default=1.0,
+                    help=f"scale every run's frame count [1]: {MIN_FRAMES} per cluster run (shared among the "
+                         f"sources), {LATENCY_FRAMES} per latency run; quick: 2 x in flight + 4")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs of each configuration; the report gives the median fps and the min–max [2]")
     ap.add_argument("--model", default="yolov2", help="cfg (built-in name or path) [yolov2]")
     ap.add_argument("--weights-seed", type=int, default=0)
     ap.add_argument("--layers", type=int, default=None, help="fused layers [16]")
@@ -1071,6 +1324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="re-render table and plots from --out")
     ap.add_argument("--notes", type=Path, default=None, help="Markdown file appended to the report as Notes")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     command = "python bench/throughput.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
     report: dict[str, Any] = {"runs": []}
@@ -1094,6 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
             tile_cpu_ratio(r.model, r.weights_seed, r.grid, r.scheme, r.layers)
     old_runs = [r for r in report.get("runs", []) if "run_key" in r and "same_as" not in r]
     report["meta"] = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": args.cpu,
+                      "repeat": args.repeat, "node_args": [a for words in args.node_arg for a in shlex.split(words)],
                       "rate": None if args.rate == "none" else args.rate,
                       "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "seconds": 0.0}
     failures = 0
@@ -1107,6 +1363,7 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"] = planned + kept_others
         report["meta"]["seconds"] = time.monotonic() - t_start
         report["baseline"] = baseline_of(report)
+        report["configs"] = config_summary(view(report))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
 
@@ -1118,10 +1375,10 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads(json.dumps(src))
             if key in fresh:
                 res["same_as"] = f"{src['run']['scenario']}: {src['run']['label']}"
-                log(f"{run.scenario}: {run.label}: same run as {res['same_as']}")
+                log(f"{run.scenario}: {run.label} [repeat {run.repeat + 1}]: same run as {res['same_as']}")
             else:
                 fresh[key] = res
-                log(f"{run.scenario}: {run.label}: kept from {args.out}")
+                log(f"{run.scenario}: {run.label} [repeat {run.repeat + 1}]: kept from {args.out}")
             _relabel(res, run)
             planned.append(res)
             save()
@@ -1130,7 +1387,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix=f"tp-{run.scenario}-", dir=OUT))
         pre_load = quiet_machine(args.quiet_wait) if args.quiet_wait > 0 else None
         timeout = args.timeout or (240 + 40 * run.total_frames / max(1, min(run.nodes, 4)))
-        log(f"{run.scenario}: {run.label} ({run.kind}, {run.nodes} node(s), cpu {run.cpu}, rate {run.rate}, "
+        log(f"{run.scenario}: {run.label} [repeat {run.repeat + 1}/{args.repeat}] ({run.kind}, {run.nodes} node(s), "
+            f"cpu {run.cpu}, rate {run.rate}, "
             f"grid {run.grid[0]}x{run.grid[1]} {run.scheme}, {run.policy}, {len(run.sources)} source(s) x "
             f"{run.frames} frames, in flight {run.max_inflight})")
         try:
@@ -1174,7 +1432,10 @@ def _summary(res: dict[str, Any]) -> None:
         return
     acc = res.get("accounting") or {}
     win = res.get("window") or {}
-    log(f"  {res['status']}: {res['frames_ok']}/{res['frames_expected']} frames, {_f(res.get('fps'), 3)} fps, "
+    st = res.get("steady") or {}
+    log(f"  {res['status']}: {res['frames_ok']}/{res['frames_expected']} frames, {_f(res.get('fps'), 3)} fps "
+        f"({res.get('fps_basis', 'all')}: {st.get('results', '–')} results in {_f(st.get('seconds'), 1)} s; "
+        f"all results {_f(res.get('fps_all'), 3)}), "
         f"speed-up {_f(res.get('speedup'))} (ideal {_f(res.get('ideal_speedup'))}), lat p50 {_f(res.get('latency_p50'))} "
         f"p99 {_f(res.get('latency_p99'))}, start {_f(res.get('startup_seconds'), 1)} s, "
         f"{_f(win.get('mb_per_frame'))} MB/frame, link max {_f(win.get('max_link_util'))}, "
@@ -1183,17 +1444,24 @@ def _summary(res: dict[str, Any]) -> None:
 
 
 def _render(report: dict[str, Any], args: argparse.Namespace) -> int:
+    """Tables and plots of the configurations (medians over the repeats), from the runs."""
     report["baseline"] = baseline_of(report)
-    pngs = plots(report, args.plots)
+    report["configs"] = config_summary(view(report))
     if args.notes and args.notes.exists():
         report["notes"] = args.notes.read_text()
+    v = view(report)
+    pngs = plots(v, args.plots)
     if str(args.md) != "none" and "meta" in report:
-        write_markdown(report, args.md, pngs)
+        write_markdown(v, args.md, pngs)
         log(f"wrote {args.md} and {len(pngs)} plot(s) in {args.plots}")
-    table, acc, _ = markdown(report)
+    table, acc, _ = markdown(v)
     print(table)
     print()
     print(acc)
+    lat = latency_md(v)
+    if lat:
+        print()
+        print(lat)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The throughput benchmark's own code path, small: a 3-host emulated cluster (root only) runs a
-handful of frames of a tiny model through ``bench/throughput.py`` and every result is checked
-against single-device inference."""
+tiny model through ``bench/throughput.py``, twice, every result is checked against single-device
+inference, and frames/s comes from the steady window with a median and spread over the repeats."""
 
 from __future__ import annotations
 
@@ -33,21 +33,32 @@ def test_throughput_smallest_scenario_matches_single_device(tmp_path):
     cfg.write_text(builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96")
                    .replace("height=416", "height=96"))
     out = tmp_path / "throughput.json"
+    # half the default frames (30 at 3 nodes, 5 in flight: 20 in the steady window), twice
     code = tp.main(["--scenarios", "scaling", "--nodes", "3", "--cpu", "0.4", "--rate", "50mbit",
-                    "--model", str(cfg), "--weights-seed", "3", "--layers", "9",
+                    "--model", str(cfg), "--weights-seed", "3", "--layers", "9", "--frames-scale", "0.5",
+                    "--repeat", "2",
                     "--quiet-wait", "0", "--out", str(out), "--digests", str(tmp_path / "digests.json"),
                     "--md", str(tmp_path / "RESULTS.md"), "--plots", str(tmp_path / "plots")])
     report = json.loads(out.read_text())
-    (run,) = report["runs"]
-    assert run["status"] == "ok", run
-    # the scenario's own count (10 at 3 nodes): more than are in flight at once, so results are
-    # spread over a steady-state window (with all frames in flight they can finish together)
-    frames = run["frames_expected"]
-    assert frames >= 10 and run["frames_ok"] == frames
-    assert run["mismatches"] == [] and run["unverified"] == 0  # every frame checked, bit for bit
-    assert run["fps"] and run["fps"] > 0
-    assert all(n["stats_ok"] for n in run["nodes"]), run["nodes"]
-    assert sum(n["tiles_run"] for n in run["nodes"]) >= frames * 25
-    assert run["window"]["mb_per_frame"] > 0
+    runs = report["runs"]
+    assert [r["run"]["repeat"] for r in runs] == [0, 1]
+    for run in runs:
+        assert run["status"] == "ok", run
+        frames = run["frames_expected"]
+        inflight = run["run"]["max_inflight"]
+        assert frames == 30 and run["frames_ok"] == frames
+        assert run["mismatches"] == [] and run["unverified"] == 0  # every frame checked, bit for bit
+        # frames/s over the steady window: the warm-up burst and the drain left out
+        assert run["fps_basis"] == "steady" and run["fps"] > 0 and run["fps_all"] > 0
+        assert run["steady"]["results"] == frames - 2 * inflight
+        assert run["window"]["basis"] == "steady"
+        assert all(n["stats_ok"] for n in run["nodes"]), run["nodes"]
+        assert sum(n["tiles_run"] for n in run["nodes"]) >= frames * 25
+        assert run["window"]["mb_per_frame"] > 0
+    (config,) = report["configs"]
+    assert config["repeats"] == 2 and config["fps_basis"] == "steady"
+    assert config["fps_min"] <= config["fps"] <= config["fps_max"]
+    assert sorted(config["fps_values"]) == sorted(r["fps"] for r in runs)
     assert code == 0
-    assert "| scaling | 3 nodes |" in (tmp_path / "RESULTS.md").read_text()
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| scaling | 3 nodes |" in md and "30 x 2" in md

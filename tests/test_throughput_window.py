@@ -1,0 +1,165 @@
+"""The throughput benchmark's arithmetic, no cluster: the steady-state window (warm-up burst and
+drain left out), the run plan (frame counts, repeats, the latency scenario) and the medians and
+spreads over repeats."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import bench.throughput as tp  # noqa: E402
+
+
+def _run_of(warm: int, steady: int, drain: int, period: float = 0.5) -> list[float]:
+    """Release stamps of a run: a warm-up burst (``warm`` results 10 ms apart after a 5 s
+    start-up), a steady stream every ``period`` s, then a drain tail that comes out fast (the
+    backlog runs down), the way a run with ``warm`` frames in flight looks."""
+    t = 5.0
+    out = []
+    for _ in range(warm):
+        out.append(t)
+        t += 0.01
+    for _ in range(steady):
+        t += period
+        out.append(t)
+    for _ in range(drain):
+        t += 0.05
+        out.append(t)
+    return out
+
+
+def test_steady_window_skips_warmup_burst_and_drain():
+    stamps = _run_of(warm=4, steady=52, drain=4, period=0.5)
+    st = tp.steady_fps(stamps, 4)
+    assert st is not None
+    fps, start, end, n = st
+    assert n == len(stamps) - 2 * 4 == 52
+    sorted_stamps = sorted(stamps)
+    assert start == sorted_stamps[4] and end == sorted_stamps[-5]
+    assert fps == pytest.approx(2.0)  # one result per 0.5 s: the stream, not the burst or the tail
+    # first to last result mixes in the burst and the tail: a different (here: wrong) figure
+    all_fps = (len(stamps) - 1) / (sorted_stamps[-1] - sorted_stamps[0])
+    assert abs(all_fps - 2.0) > 0.1
+
+
+def test_steady_window_order_does_not_matter_and_starts_after_first_result():
+    stamps = _run_of(warm=3, steady=20, drain=3)
+    shuffled = stamps[::2] + stamps[1::2]
+    assert tp.steady_fps(shuffled, 3) == tp.steady_fps(stamps, 3)
+    st = tp.steady_fps(stamps, 3)
+    assert st is not None and st.start >= min(stamps) and st.end <= max(stamps)
+    # no frames in flight (a degenerate argument) still never reaches before the first result
+    st0 = tp.steady_fps(stamps, 0)
+    assert st0 is not None and st0.start == min(stamps) and st0.results == len(stamps)
+
+
+def test_one_in_flight_drops_first_and_last():
+    stamps = [10.0 + 2.0 * i for i in range(12)]  # latency runs: one frame every 2 s
+    stamps[0] = 8.5  # the cold first frame
+    st = tp.steady_fps(stamps, 1)
+    assert st is not None
+    assert st.results == 10 and st.start == 12.0 and st.end == 30.0
+    assert st.fps == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n,inflight", [(0, 4), (1, 1), (8, 4), (9, 4), (5, 2)])
+def test_too_few_results_give_none(n, inflight):
+    # at most one result left once the burst and the drain are out: no interval to measure
+    stamps = [float(i) for i in range(n)]
+    assert tp.steady_fps(stamps, inflight) is None
+
+
+def test_all_at_once_gives_none():
+    assert tp.steady_fps([3.0] * 20, 4) is None
+
+
+def _args(*extra: str):
+    ap_args = ["--model", "yolov2-tiny", *extra]
+    import argparse
+
+    # the same defaults main() parses, without running anything
+    ns = argparse.Namespace(quick=False, scenarios=None, cpu=0.2, rate="20mbit", model="yolov2-tiny",
+                            weights_seed=0, layers=None, node_arg=[], nodes=None, big_nodes=None,
+                            frames_scale=1.0, grids="5x5", repeat=2)
+    for i in range(0, len(ap_args), 2):
+        key, value = ap_args[i][2:].replace("-", "_"), ap_args[i + 1]
+        cur = getattr(ns, key)
+        setattr(ns, key, type(cur)(value) if cur is not None and not isinstance(cur, bool) else value)
+    return ns
+
+
+def test_plan_cluster_runs_have_60_frames_and_repeats_have_own_keys():
+    runs = tp.plan_runs(_args("--scenarios", "single,scaling,latency,policy"), "fused.cfg")
+    cluster = [r for r in runs if r.kind != "infer" and r.scenario != "latency"]
+    assert cluster and all(r.total_frames >= tp.MIN_FRAMES for r in cluster)
+    assert all(r.total_frames - 2 * r.total_inflight >= 20 for r in cluster)  # a real window
+    one = [r for r in cluster if r.nodes == 1]
+    assert one and all(r.total_frames >= 60 for r in one)
+    # the repeat index is in the key, so --resume keeps both repeats (one key may serve two
+    # scenarios: policy "steal, 1 source" is the scaling run at 6 nodes, run once per repeat)
+    keys = [(r.key(), r.scenario, r.label) for r in runs]
+    assert len(keys) == len(set(keys))
+    assert {r.repeat for r in runs} == {0, 1}
+    assert all(f'"repeat": {r.repeat}' in r.key() for r in runs)
+    by_config = {}
+    for r in runs:
+        by_config.setdefault(tp.config_key({**r.__dict__}), []).append(r.repeat)
+    assert all(sorted(v) == [0, 1] for v in by_config.values())
+    lat = [r for r in runs if r.scenario == "latency"]
+    assert sorted({r.nodes for r in lat}) == [1, 2, 3, 4, 6, 8]
+    assert all(r.max_inflight == 1 and r.frames >= 10 for r in lat)
+    # priority: single, then scaling, then latency; a scenario's repeats back to back
+    order = list(dict.fromkeys(r.scenario for r in runs))
+    assert order[:3] == ["single", "scaling", "latency"]
+    sc = [r.repeat for r in runs if r.scenario == "scaling"]
+    assert sc == sorted(sc)
+
+
+def test_quick_plan_stays_small_but_has_a_window():
+    runs = tp.plan_runs(_args("--quick", "1", "--scenarios", "scaling", "--repeat", "1"), "fused.cfg")
+    assert runs and all(r.total_frames < tp.MIN_FRAMES for r in runs)
+    assert all(r.total_frames - 2 * r.total_inflight >= 2 for r in runs)
+
+
+def _result(label: str, nodes: int, fps: float, repeat: int, scenario: str = "scaling", **kw) -> dict:
+    run = {"scenario": scenario, "label": label, "kind": kw.pop("kind", "stealer"), "nodes": nodes, "frames": 60,
+           "sources": [1], "max_inflight": kw.pop("max_inflight", 4), "fused_only": False, "repeat": repeat,
+           "grid": [5, 5], "scheme": "quad", "policy": "steal"}
+    return {"run": run, "status": "ok", "fps": fps, "fps_all": fps * 1.2, "fps_basis": "steady",
+            "frames_ok": 60, "frames_expected": 60, "mismatches": [], "unverified": 0,
+            "latency_p50": kw.pop("lat", 1.0), "latency_p99": 2.0, "ideal_speedup": 3.0,
+            "startup_seconds": 4.0, "nodes": [], "window": {}, "run_key": f"{label}/{repeat}", **kw}
+
+
+def test_view_gives_median_spread_and_speedup_of_medians():
+    runs = [
+        _result("node 1x1", 1, 0.10, 0, scenario="single"), _result("node 1x1", 1, 0.12, 1, scenario="single"),
+        _result("4 nodes", 4, 0.30, 0), _result("4 nodes", 4, 0.36, 1),
+        _result("1 nodes, 1 in flight", 1, 0.1, 0, scenario="latency", max_inflight=1, lat=8.0),
+        _result("1 nodes, 1 in flight", 1, 0.1, 1, scenario="latency", max_inflight=1, lat=10.0),
+        _result("4 nodes, 1 in flight", 4, 0.3, 0, scenario="latency", max_inflight=1, lat=3.0),
+        _result("4 nodes, 1 in flight", 4, 0.3, 1, scenario="latency", max_inflight=1, lat=3.0),
+    ]
+    v = tp.view({"runs": runs})
+    assert len(v["runs"]) == 4
+    four = next(c for c in v["runs"] if c["run"]["label"] == "4 nodes")
+    assert four["repeats"] == 2 and four["fps"] == pytest.approx(0.33)
+    assert (four["fps_min"], four["fps_max"]) == (0.30, 0.36)
+    assert four["frames_ok"] == four["frames_expected"] == 120 and four["frames_per_run"] == 60
+    assert v["baseline"]["fps"] == pytest.approx(0.11)
+    assert four["speedup"] == pytest.approx(0.33 / 0.11)
+    assert four["efficiency"] == pytest.approx(0.33 / 0.11 / 3.0)
+    lat4 = next(c for c in v["runs"] if c["run"]["label"] == "4 nodes, 1 in flight")
+    assert lat4["latency_ratio"] == pytest.approx(3.0 / 9.0)
+    table = tp.latency_md(v)
+    assert "| 4 | 60 x 2 | 3.00 |" in table and "0.330 (0.300–0.360)" in table
+    md, _, _ = tp.markdown(v)
+    assert "| scaling | 4 nodes | 4 |" in md and "0.300–0.360" in md
+    summary = tp.config_summary(v)
+    assert {c["label"] for c in summary} == {"node 1x1", "4 nodes", "1 nodes, 1 in flight", "4 nodes, 1 in flight"}
