@@ -579,3 +579,22 @@ async def test_two_gateways_that_meet_end_with_one_and_no_result_twice(tiny_net,
     assert loser.results.empty() and winner.results.empty()
     lines = (tmp_path / ("a.jsonl" if loser is a else "b.jsonl")).read_text().splitlines()
     assert lines == [], "the node that stepped down released results"
+
+
+async def test_a_closing_standby_does_not_take_over(tiny_net, tmp_path):
+    """Defect: at close(), every connection's teardown ran the election, so a standby that was
+    shutting down took over as gateway (and told its peers so) on its way out."""
+    gw = Node(tiny_net, config(gateway=True))
+    await gw.start()
+    c = config(peers=[("127.0.0.1", gw.port)])
+    c.standby = True
+    standby = Node(tiny_net, c)
+    await standby.start()
+    try:
+        async with asyncio.timeout(10):
+            while standby.gateway_id != gw.id:
+                await asyncio.sleep(0.01)
+        await standby.close()
+    finally:
+        await gw.close()
+    assert standby.stats.takeovers == 0 and not standby.is_gateway

@@ -112,6 +112,9 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         if self._closed:
             return
         self._closed = True
+        # every connection's teardown below reports its peer lost: a node that is leaving must
+        # not take over as gateway from the one it is leaving
+        self.membership.close()
         self._stopping.set()
         self._work.set()
         if self._lease_timer is not None:

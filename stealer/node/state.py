@@ -27,7 +27,7 @@ from ..roles.strips import StripCache
 from ..roles.worker import WorkerPolicy
 from ..scheduler import TaskRef, WorkQueue
 from ..wire import ClusterKey, Hello
-from ..wire.comm import Server
+from ..wire.server import Server
 from ..wire.messages import FrameDone, Message, StealReply, TailDone, TileAck, TilesIn, TileDone
 from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, parse_plan_key, plan_key
 

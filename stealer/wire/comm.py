@@ -41,51 +41,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import struct
 from collections.abc import Coroutine
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 from stealer.config import DEFAULT_LIMITS, Limits
 from stealer.errors import CommClosedError, FrameAuthError, PeerDeadError, ProtocolError
 from stealer.wire import framing, sockinfo
 from stealer.wire.auth import TAG_BYTES, FrameMac
-from stealer.wire.loop import install_event_loop_policy, run  # re-exported: their old home
 from stealer.wire.messages import Goodbye, Hello, Message, Ping, Pong, Welcome, decode, encode
 
-if TYPE_CHECKING:  # moved out, still importable from here (see __getattr__ below)
-    from stealer.wire.client import connect
-    from stealer.wire.server import Server, ServerStats, serve
-
-__all__ = ["Comm", "Server", "ServerStats", "connect", "install_event_loop_policy", "run", "serve"]
+__all__ = ["Comm", "MAC_OFFLOAD_BYTES", "POST_MAX_BYTES"]
 
 logger = logging.getLogger(__name__)
-
-_MOVED: Final = {
-    "connect": "stealer.wire.client",
-    "Server": "stealer.wire.server",
-    "ServerStats": "stealer.wire.server",
-    "serve": "stealer.wire.server",
-}
-"""Names that used to live here and import this module from their new homes."""
-
-
-def __getattr__(name: str) -> Any:
-    """Keep ``from stealer.wire.comm import Server`` (and the other moved names) working.
-
-    Their new homes import this module, so this one cannot import them at import time
-    (that would be an import cycle); a moved name is looked up in its home the first time
-    it is asked for, then cached here.
-    """
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
 
 T = TypeVar("T")
 
