@@ -173,15 +173,20 @@ class Limits:
 
     result_buffer_bytes: int = 128 * _MiB
     """Byte cap of the fused maps the gateway holds for open frames (being assembled, or
-    waiting for their tail to run). A frame whose map would pass it is released at once, in
-    order, with an error in its result line; stops announced frames from filling memory."""
+    waiting for their tail to run). A frame whose map would pass it waits to be admitted (see
+    ``max_queued_frames``); stops announced frames from filling memory."""
 
     max_queued_frames: int = 64
     """Most frames open at the gateway (announced, not yet released) across all sources. A
-    frame announced past it is released at once, in order, with an error in its result line
-    (sources bound their own frames in flight with ``--max-inflight``, 4 by default, so only
-    a crowd of sources or a misbehaving peer reaches it); stops announced frames from growing
-    the gateway's tables without bound."""
+    frame announced past it (or past ``result_buffer_bytes``) waits its turn, first come first
+    served: its source is told to hold its tasks (back-pressure, FrameWait) until a frame is
+    released and it is admitted (FrameGo). Stops announced frames from growing the gateway's
+    tables and maps without bound, without losing any."""
+
+    max_waiting_frames: int = 4096
+    """Most frames waiting to be admitted at the gateway (a FrameStart each, a few hundred
+    bytes); a frame announced past it is released at once, in order, with an error in its
+    result line. Stops a flood of announcements from growing the waiting line without bound."""
 
     early_tile_bytes: int = 32 * _MiB
     """Byte cap of tile results that reach the gateway before their frame's FrameStart (a
@@ -189,6 +194,12 @@ class Limits:
     placed when the frame is announced; past the cap they are dropped (their lease brings
     them back). The gateway never allocates a frame's fused map for a frame nobody announced,
     so a peer cannot make it allocate one per frame key of its choosing."""
+
+    early_tile_seconds: float = 30.0
+    """How long a tile that came before its frame's FrameStart waits for it. A FrameStart
+    overtaken by its tiles follows within a round trip, or within a takeover's resend; a tile
+    still waiting after this belongs to a frame this gateway will never see (a late copy of a
+    frame an earlier gateway released) and is dropped, so the early buffer never fills with them."""
 
     max_task_attempts: int = 3
     """Times a task may be handed out and fail (its runner reported an error, its lease ran

@@ -19,7 +19,8 @@ from stealer.roles.membership import Follow, MembershipState, Promote, SendClaim
 from stealer.roles.source import SourceState, ToGateway
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
-from stealer.wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
+from stealer.wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameWait, TailDone, TileAck,
+                                   TileDone, TilesIn)
 
 PK = "2x2:4:quad"
 
@@ -80,7 +81,10 @@ def test_early_tiles_are_bounded_and_no_map_is_allocated_for_unannounced_frames(
     for frame in range(100):
         gw.tile_done("evil", tile_msg(plan, "src/0", frame, 0), 0.0)
     assert gw.early_bytes <= 3 * one and gw.stats.early_dropped == 97 and not gw.frames
+    assert sorted(gw.early) == [("src/0", f) for f in (97, 98, 99)]  # the newest are kept
     gw.validate()
+    gw.expire_early(DEFAULT_LIMITS.early_tile_seconds + 1)  # and none waits forever
+    assert not gw.early and gw.early_bytes == 0
 
 
 def test_a_node_speaks_only_for_its_own_sources(plan):
@@ -120,21 +124,24 @@ def test_results_leave_in_order_and_each_exactly_once(plan):
 
 
 @pytest.mark.parametrize("limit, value, error", [
-    pytest.param("max_queued_frames", 2, "max_queued_frames", id="frames"),
+    pytest.param("max_waiting_frames", 1, "max_waiting_frames", id="waiting"),
     pytest.param("result_buffer_bytes", 1, "result_buffer_bytes", id="bytes"),
     pytest.param("max_sources_per_node", 1, "max_sources_per_node", id="sources"),
 ])
 def test_bounds_are_enforced_and_a_refused_frame_is_released_with_an_error(plan, limit, value, error):
-    """Defect: max_queued_frames and result_buffer_bytes were documented, never enforced."""
-    gw = gateway(plan, **{limit: value})
+    """Defect: max_queued_frames and result_buffer_bytes were documented, never enforced. A
+    frame that can never be admitted is released with the reason."""
+    extra = {"max_queued_frames": 1} if limit == "max_waiting_frames" else {}
+    gw = gateway(plan, **{limit: value}, **extra)
     acts = []
     for f in range(3):
         acts += gw.frame_start("src", FrameStart(f"src/{f if limit == 'max_sources_per_node' else 0}", f, PK, 8, 8),
                                0.0)
     gw.validate()
     assert len(gw.frames) <= 2
-    for key in list(gw.frames):  # the admitted frames finish; the refused ones follow in order
-        acts += run_frame(gw, plan, *key)
+    while gw.frames:  # the admitted frames finish (and those that waited); the refused follow in order
+        for key in list(gw.frames):
+            acts += run_frame(gw, plan, *key)
     out = released(acts)
     assert sorted(r["frame"] for r in out) == [0, 1, 2]  # every frame released exactly once
     refused = [r for r in out if "error" in r]
@@ -338,3 +345,37 @@ def test_a_bad_early_tile_costs_its_sender_only(plan):
     assert f.assembly is not None and f.assembly.received == {0} and gw.early_bytes == 0
     with pytest.raises(ProtocolError, match="not a task"):
         gw.tile_done("thief", unknown, 0.0)
+
+
+def test_a_full_gateway_makes_frames_wait_in_order_and_loses_none(plan):
+    """Back-pressure: frames announced while max_queued_frames are open wait their turn (their
+    source holds their tasks), are admitted as frames are released, and come out in order."""
+    gw = gateway(plan, max_queued_frames=2)
+    acts = []
+    for f in range(5):
+        acts += gw.frame_start("src", FrameStart("src/0", f, PK, 8, 8), float(f))
+    assert sorted(gw.frames) == [("src/0", 0), ("src/0", 1)] and list(gw.waiting) == [("src/0", f) for f in (2, 3, 4)]
+    assert [a.msg for a in acts if isinstance(a, g.Notify)] == [FrameWait("src/0", f) for f in (2, 3, 4)]
+    # a tile of a waiting frame waits too, and is placed when the frame is admitted
+    gw.tile_done("thief", tile_msg(plan, "src/0", 3, 0), 5.0)
+    out = run_frame(gw, plan, "src/0", 0)
+    assert g.Notify("src", FrameGo("src/0", 2)) in out and ("src/0", 2) in gw.frames
+    gw.validate()
+    done = released(out)
+    while gw.frames:
+        key = min(gw.frames)
+        step = run_frame(gw, plan, *key)
+        done += released(step)
+    assert [r["frame"] for r in done] == [0, 1, 2, 3, 4] and not any("error" in r for r in done)
+    assert gw.stats.frames_waited == 3 and not gw.waiting and gw.held_bytes == 0
+    assert gw.frames == {} and gw.stats.duplicates_dropped >= 1  # frame 3's early tile was placed first
+
+
+def test_a_source_holds_a_waiting_frames_tasks(plan):
+    q = WorkQueue("src", 30.0)
+    src = SourceState(q, PK, plan)
+    src.new_frame("src/0", frame(0), 0.0)
+    assert src.hold(FrameWait("src/0", 0)) and not q.queue
+    src.validate()
+    assert src.admitted(FrameGo("src/0", 0)) and len(q.queue) == len(plan.tasks)
+    assert not src.admitted(FrameGo("src/0", 0))  # once

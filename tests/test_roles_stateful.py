@@ -24,14 +24,15 @@ from stealer.roles.membership import MembershipState, Promote, SendClaim
 from stealer.roles.source import SourceState
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
-from stealer.wire.messages import FrameDone, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
+from stealer.wire.messages import (FrameDone, FrameFailed, FrameGo, FrameStart, FrameWait, TailDone, TileAck, TileDone,
+                                   TilesIn)
 
 PK = "2x2:4:quad"
 SRC = "src/0"
 LEASE = 30.0
 _text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
 PLAN = make_plan(Network.from_cfg_text(_text, seed=11), (2, 2), 4, scheme="quad")
-LIMITS = DEFAULT_LIMITS.replace(max_queued_frames=6, finished_frames_remembered=64)
+LIMITS = DEFAULT_LIMITS.replace(max_queued_frames=2, finished_frames_remembered=64)  # frames wait too
 
 
 def tile(frame: int, task: int) -> TileDone:
@@ -100,6 +101,10 @@ class Cluster(RuleBasedStateMachine):
             self.source.tiles_in(msg)
         elif isinstance(msg, FrameDone):
             self.source.frame_done(msg)
+        elif isinstance(msg, FrameWait):
+            self.source.hold(msg)
+        elif isinstance(msg, FrameGo):
+            self.source.admitted(msg)
 
     # ---------------------------------------------------------------- rules
     @precondition(lambda self: self.source.inflight.get(SRC, 0) < 4)
@@ -180,7 +185,7 @@ class Cluster(RuleBasedStateMachine):
         self.source.validate()
         for epoch, frames in self.released.items():
             assert len(frames) == len(set(frames)), f"gateway {epoch} released a frame twice: {frames}"
-        assert len(self.gw.frames) <= LIMITS.max_queued_frames
+        assert self.gw.active <= LIMITS.max_queued_frames
 
     def teardown(self) -> None:
         """Faults stop; everything is delivered and run: every frame comes out."""
@@ -205,6 +210,8 @@ class Cluster(RuleBasedStateMachine):
         assert released == set(range(self.frames_made)), (released, self.frames_made)
         last = self.released.get(self.epoch, [])
         assert len(last) == len(set(last))
+        # late copies of frames an earlier gateway released wait a while for a FrameStart
+        self.gw.expire_early(self.now + LIMITS.early_tile_seconds + 1)
         assert not self.gw.frames and not self.gw.early and self.gw.held_bytes == 0
 
 

@@ -41,6 +41,8 @@ from stealer.wire.messages import (
     FrameDone,
     FrameDrop,
     FrameFailed,
+    FrameGo,
+    FrameWait,
     TaskFailed,
     GatewayClaim,
     FrameStart,
@@ -175,6 +177,8 @@ SAMPLES = [
     pytest.param(FrameDrop("n1/0", 9), id="frame-drop"),
     pytest.param(TaskFailed("n1/0", 9, 2, "malformed grant"), id="task-failed"),
     pytest.param(FrameFailed("n1/0", 9, -1, "tail failed"), id="frame-failed"),
+    pytest.param(FrameWait("n1/0", 9), id="frame-wait"),
+    pytest.param(FrameGo("n1/0", 9), id="frame-go"),
 ]
 
 

@@ -17,7 +17,7 @@ from ..roles import membership as mem_role
 from ..roles.worker import status_worth_sending
 from ..scheduler import PeerLoad
 from ..wire import Comm, connect
-from ..wire.messages import FrameDone, GatewayClaim, Goodbye, Message, Status, TileAck, TilesIn
+from ..wire.messages import FrameDone, FrameGo, FrameWait, GatewayClaim, Goodbye, Message, Status, TileAck, TilesIn
 from .config import Peer
 from .state import NodeState
 
@@ -131,7 +131,7 @@ class Peers(NodeState):
             self._work_changed()
         self._give_up_failed("its holders were lost")
         if self.is_gateway:
-            self._carry_out(self.gateway.source_lost(peer.node_id))
+            self._carry_out(self.gateway.source_lost(peer.node_id, time.monotonic()))
         if peer.node_id == self.gateway_id:
             self._gateway_seen.clear()
         self._carry_out_membership(self.membership.peer_lost(peer.node_id))
@@ -234,15 +234,10 @@ class Peers(NodeState):
         with contextlib.suppress(CommClosedError):
             await peer.comm.send(msg)
 
-    def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone) -> None:
-        """Tell a source (this node or a peer) that a tile or a frame is done, without waiting."""
+    def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo) -> None:
+        """Tell a source (this node or a peer) how its tiles and frames stand, without waiting."""
         if node_id == self.id:
-            if isinstance(msg, TileAck):
-                self._on_tile_ack(msg)
-            elif isinstance(msg, TilesIn):
-                self._on_tiles_in(msg)
-            else:
-                self._source_frame_done(msg)
+            self._handlers[type(msg)](None, msg)
             return
         peer = self.peers.get(node_id)
         if peer is None:

@@ -14,7 +14,7 @@ from ..errors import CommClosedError
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
 from ..sources import FrameSource
-from ..wire.messages import FrameDone, FrameDrop, TileAck, TilesIn
+from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameWait, TileAck, TilesIn
 from .state import NodeState
 
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
@@ -112,6 +112,15 @@ class Source(NodeState):
     def _on_tile_ack(self, msg: TileAck) -> None:
         self.source.tile_ack(msg, time.monotonic())
         self._work_changed()
+
+    def _on_frame_wait(self, msg: FrameWait) -> None:
+        if self.source.hold(msg):
+            log.info("frame %d of %s waits: the gateway is full", msg.frame, msg.source)
+            self._work_changed()
+
+    def _on_frame_go(self, msg: FrameGo) -> None:
+        if self.source.admitted(msg):
+            self._work_changed()
 
     def _source_frame_done(self, msg: FrameDone) -> None:
         if not self.source.frame_done(msg):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -40,7 +41,8 @@ from ..config import DEFAULT_LIMITS, Limits
 from ..errors import PlanError, ProtocolError
 from ..ftp.plan import Plan
 from ..scheduler import TAIL, TaskRef
-from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TailDone, TileAck, TileDone, TilesIn
+from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameWait, TailDone, TileAck,
+                             TileDone, TilesIn)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Notify:
     """Post ``msg`` to the node ``node`` (the owner of a frame's source)."""
 
     node: str
-    msg: TileAck | TilesIn | FrameDone
+    msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,7 @@ class GatewayStats:
     frames_partial: int = 0
     frames_failed: int = 0
     frames_refused: int = 0
+    frames_waited: int = 0  # announced while the gateway was full: admitted later (back-pressure)
     duplicates_dropped: int = 0
     early_tiles: int = 0  # tiles that came before their FrameStart and waited for it
     early_dropped: int = 0  # ... and those dropped because the early buffer was full
@@ -163,9 +166,14 @@ class GatewayState:
         self.limits = limits
         self.max_image_side = max_image_side
         self.frames: dict[FrameKey, OpenFrame] = {}
+        # frames announced while the gateway was full, first come first served: (sender, its
+        # FrameStart, when it came); admitted as released frames make room
+        self.waiting: OrderedDict[FrameKey, tuple[str, FrameStart, float]] = OrderedDict()
         self.order = ResultOrder()
         self.finished = RecentKeys(limits.finished_frames_remembered)
-        self.early: dict[FrameKey, list[tuple[str, TileDone]]] = {}
+        # tiles of frames not announced (yet), oldest frame first, and when the first came
+        self.early: OrderedDict[FrameKey, list[tuple[str, TileDone]]] = OrderedDict()
+        self.early_since: dict[FrameKey, float] = {}
         self.early_bytes = 0
         self.held_bytes = 0  # fused maps of open frames
         self.sources: dict[str, set[str]] = {}  # node id -> its sources with frames open here
@@ -198,26 +206,54 @@ class GatewayState:
         if key in self.finished:
             # the source missed the FrameDone (it reconnected, or announced again to be safe)
             return [Notify(sender, FrameDone(*key))]
-        if key in self.frames or self.order.waiting(*key):
+        if key in self.frames or key in self.waiting or self.order.waiting(*key):
             # announced again (a resend, a duplicate): keep what is in, and a frame that is
             # over (refused, say) and waits to be released in order stays over
             return []
-        out: list[Action] = []
         self.order.expect(msg.source, msg.frame)
-        plan = self.plan_of(msg.plan)
-        nbytes = 4 * int(np.prod(plan.output_shape))
-        refusal = self._refusal(sender, msg, nbytes)
+        refusal = self._refusal(sender, msg)
+        if refusal is None and (self.waiting or not self._room(msg)):
+            if len(self.waiting) < self.limits.max_waiting_frames:
+                # back-pressure: the frame waits its turn, announced and in order; its source
+                # holds its tasks until it is admitted
+                self.waiting[key] = (sender, msg, now)
+                self.sources.setdefault(sender, set()).add(msg.source)
+                self.stats.frames_waited += 1
+                return [Notify(sender, FrameWait(*key))]
+            refusal = f"{len(self.waiting)} frames wait to be admitted already (max_waiting_frames)"
         if refusal is not None:
             self.stats.frames_refused += 1
             log.warning("frame %d of %s refused: %s", msg.frame, msg.source, refusal)
             return self._finish(key, {"source": msg.source, "frame": msg.frame, "error": refusal}, now)
-        self.frames[key] = OpenFrame(msg.plan, msg.img_w, msg.img_h, now, nbytes, deadline=msg.deadline > 0)
+        return self._admit(sender, msg, now)
+
+    def _nbytes(self, msg: FrameStart) -> int:
+        return 4 * int(np.prod(self.plan_of(msg.plan).output_shape))
+
+    @property
+    def active(self) -> int:
+        """Frames open and not yet done. A done frame that waits to be released in order holds
+        only its result line, and must not hold a place: the frame it waits for may be the one
+        waiting for the place (measured: a deadlock in the stateful test)."""
+        return sum(1 for f in self.frames.values() if f.result is None)
+
+    def _room(self, msg: FrameStart) -> bool:
+        """Whether the gateway can open one more frame now."""
+        return (self.active < self.limits.max_queued_frames
+                and self.held_bytes + self._nbytes(msg) <= self.limits.result_buffer_bytes)
+
+    def _admit(self, sender: str, msg: FrameStart, started: float, now: float | None = None) -> list[Action]:
+        """Open a frame: from now on its tiles are placed."""
+        key = (msg.source, msg.frame)
+        now = started if now is None else now
+        out: list[Action] = []
+        nbytes = self._nbytes(msg)
+        self.frames[key] = OpenFrame(msg.plan, msg.img_w, msg.img_h, started, nbytes, deadline=msg.deadline > 0)
         self.held_bytes += nbytes
         self.sources.setdefault(sender, set()).add(msg.source)
         if msg.deadline > 0:
             out.append(ArmDeadline(key, now + msg.deadline))
-        for tile_sender, tile in self.early.pop(key, ()):  # tiles that overtook this FrameStart
-            self.early_bytes -= tile.output.nbytes
+        for tile_sender, tile in self._pop_early(key):  # tiles that overtook this FrameStart
             try:
                 out += self.tile_done(tile_sender, tile, now)
             except ProtocolError as exc:  # its sender's fault, not the source's: only the tile goes
@@ -236,7 +272,7 @@ class GatewayState:
                 late.append(ReleaseStrips(sender, key))
             return late
         if f is None:
-            return self._keep_early(sender, msg)
+            return self._keep_early(sender, msg, now)
         if msg.plan != f.plan:
             raise ProtocolError(f"tile of frame {msg.frame} of {msg.source} names plan {msg.plan!r}, "
                                 f"the frame was announced with {f.plan!r}")
@@ -322,7 +358,7 @@ class GatewayState:
         return self._finish(key, {"source": key[0], "frame": key[1],
                                   "error": f"{what} failed: {reason}", "failed_task": task}, now)
 
-    def source_lost(self, node_id: str) -> list[Action]:
+    def source_lost(self, node_id: str, now: float = 0.0) -> list[Action]:
         """The node that owns some sources left: forget their open frames. When it comes back
         (a Wi-Fi blip) it announces them again and queues their tasks again; if it never does,
         nothing of it stays here, and nothing of another source waits for it."""
@@ -335,10 +371,12 @@ class GatewayState:
                 out.append(CancelDeadline(key))
             out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
         for key in [k for k in self.early if owner_of(k[0]) == node_id]:
-            self.early_bytes -= sum(t.output.nbytes for _, t in self.early.pop(key))
+            self._pop_early(key)
+        for key in [k for k in self.waiting if owner_of(k[0]) == node_id]:
+            del self.waiting[key]
         for source in self.sources.pop(node_id, set()):
             self.order.forget(source)
-        return out
+        return out + self._admit_waiting(now)
 
     def deadline_passed(self, key: FrameKey, now: float) -> list[Action]:
         """The frame's tiles are late: finish with the missing ones zeroed, and say so."""
@@ -374,7 +412,9 @@ class GatewayState:
             if f.tail_input is not None:
                 out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
         self.frames.clear()
+        self.waiting.clear()
         self.early.clear()
+        self.early_since.clear()
         self.early_bytes = self.held_bytes = 0
         self.sources.clear()
         self.order = ResultOrder()
@@ -388,29 +428,50 @@ class GatewayState:
         log.warning("node %s sent %s for source %s, which is not its own: refused", sender[:8], what, source)
         return False
 
-    def _refusal(self, sender: str, msg: FrameStart, nbytes: int) -> str | None:
+    def _refusal(self, sender: str, msg: FrameStart) -> str | None:
+        """Why a frame can never be admitted, or None."""
         lim = self.limits
         if not (0 < msg.img_w <= self.max_image_side and 0 < msg.img_h <= self.max_image_side):
             return f"image size {msg.img_w}x{msg.img_h} out of range"
-        if len(self.frames) >= lim.max_queued_frames:
-            return f"the gateway has {len(self.frames)} frames open (max_queued_frames)"
-        if self.held_bytes + nbytes > lim.result_buffer_bytes:
-            return f"the gateway holds {self.held_bytes} bytes of open frames (result_buffer_bytes)"
+        if self._nbytes(msg) > lim.result_buffer_bytes:
+            return f"its fused map ({self._nbytes(msg)} bytes) is over result_buffer_bytes"
         mine = self.sources.get(sender, set())
         if msg.source not in mine and len(mine) >= lim.max_sources_per_node:
             return f"node {sender[:8]} has {len(mine)} sources open (max_sources_per_node)"
         return None
 
-    def _keep_early(self, sender: str, msg: TileDone) -> list[Action]:
+    def _pop_early(self, key: FrameKey) -> list[tuple[str, TileDone]]:
+        tiles = self.early.pop(key, [])
+        self.early_since.pop(key, None)
+        self.early_bytes -= sum(t.output.nbytes for _, t in tiles)
+        return tiles
+
+    def expire_early(self, now: float) -> None:
+        """Forget tiles that waited ``early_tile_seconds`` for a FrameStart that never came (a
+        late copy of a frame an earlier gateway released, say): a FrameStart overtaken by its
+        tiles follows within a round trip, or within a takeover's resend."""
+        limit = now - self.limits.early_tile_seconds
+        while self.early and self.early_since[next(iter(self.early))] < limit:
+            key = next(iter(self.early))
+            self.stats.early_dropped += len(self._pop_early(key))
+
+    def _keep_early(self, sender: str, msg: TileDone, now: float) -> list[Action]:
         """A tile of a frame not announced (yet): its FrameStart may be behind it on another
-        connection. Keep it, within ``early_tile_bytes``, until the frame is announced."""
+        connection. Keep it, within ``early_tile_bytes`` (the oldest frames' tiles go first)
+        and ``early_tile_seconds``, until the frame is announced."""
+        self.expire_early(now)
+        key = (msg.source, msg.frame)
         nbytes = msg.output.nbytes
-        if self.early_bytes + nbytes > self.limits.early_tile_bytes:
+        while self.early_bytes + nbytes > self.limits.early_tile_bytes and self.early:
+            oldest = next(iter(self.early))
+            self.stats.early_dropped += len(self._pop_early(oldest))
+            log.warning("early tiles over %d bytes: dropped those of frame %d of %s (their leases bring "
+                        "them back)", self.limits.early_tile_bytes, oldest[1], oldest[0][:8])
+        if nbytes > self.limits.early_tile_bytes:
             self.stats.early_dropped += 1
-            log.warning("tile %d of frame %d of %s came before its frame and the early buffer is full; "
-                        "dropped (its lease brings it back)", msg.task, msg.frame, msg.source[:8])
             return []
-        self.early.setdefault((msg.source, msg.frame), []).append((sender, msg))
+        self.early.setdefault(key, []).append((sender, msg))
+        self.early_since.setdefault(key, now)
         self.early_bytes += nbytes
         self.stats.early_tiles += 1
         return []
@@ -438,6 +499,7 @@ class GatewayState:
         release every result of its source that is now next in order. A frame stays open (as
         done) until it is released: until then its source keeps it too."""
         out: list[Action] = []
+        self.waiting.pop(key, None)
         f = self.frames.get(key)
         if f is not None:
             self.held_bytes -= f.nbytes
@@ -447,16 +509,14 @@ class GatewayState:
             out += self._strips_gone(key, f)
             if f.deadline:
                 out.append(CancelDeadline(key))
-        for tile_sender, tile in self.early.pop(key, ()):
-            self.early_bytes -= tile.output.nbytes
+        self._pop_early(key)
         out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
         for number, res in self.order.finish(key[0], key[1], result):
             done = (key[0], number)
             gone = self.frames.pop(done, None)
             if gone is not None:  # its bytes were freed when it finished (nbytes is 0 then)
                 self.held_bytes -= gone.nbytes
-            for _, tile in self.early.pop(done, ()):
-                self.early_bytes -= tile.output.nbytes
+            self._pop_early(done)
             self.finished.add(done)
             self.stats.frames_done += 1
             res["released_at"] = round(now, 4)  # gateway clock: for frames/s
@@ -470,16 +530,34 @@ class GatewayState:
             self.sources[owner].discard(key[0])
             if not self.sources[owner]:
                 del self.sources[owner]
+        return out + self._admit_waiting(now)
+
+    def _admit_waiting(self, now: float) -> list[Action]:
+        """Frames that waited, admitted in the order they came while there is room."""
+        out: list[Action] = []
+        while self.waiting:
+            key, (sender, msg, started) = next(iter(self.waiting.items()))
+            if not self._room(msg):
+                break
+            del self.waiting[key]
+            out.append(Notify(sender, FrameGo(*key)))
+            out += self._admit(sender, msg, started, now)
         return out
 
     def validate(self) -> None:
         """Check the invariants (tests call this after every step)."""
         assert self.held_bytes == sum(f.nbytes for f in self.frames.values())
         assert self.early_bytes == sum(t.output.nbytes for ts in self.early.values() for _, t in ts)
+        assert self.early_since.keys() == self.early.keys()
         assert self.early_bytes <= self.limits.early_tile_bytes
-        assert len(self.frames) <= self.limits.max_queued_frames
+        assert self.active <= self.limits.max_queued_frames
         for key in self.early:
             assert key not in self.frames and not self._over(key, None), f"early tiles of {key} wait forever"
+        assert len(self.waiting) <= self.limits.max_waiting_frames
+        for key in self.waiting:
+            assert key not in self.frames and key[1] in self.order.pending(key[0])
+        if self.waiting:  # a frame waits only while there is no room for the first in line
+            assert not self._room(next(iter(self.waiting.values()))[1])
         for key, f in self.frames.items():
             assert key[1] in self.order.pending(key[0]), f"open frame {key} not expected in order"
             assert key not in self.finished

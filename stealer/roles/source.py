@@ -22,7 +22,7 @@ from typing import Callable, Union
 from ..ftp.plan import Plan
 from ..scheduler import TaskRef, WorkQueue
 from ..sources import Frame
-from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameStart, TileAck, TilesIn
+from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameWait, TileAck, TilesIn
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class SourceFrame:
     strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node that keeps it
     failed: tuple[int, str] | None = None  # (task, why): given up, waiting for the gateway's FrameDone
     announced_to: str | None = None  # the gateway that last heard of it (None: none yet)
+    held: bool = False  # the gateway is full: its tasks wait until it is admitted (FrameGo)
+    admitted: bool = False  # FrameGo came (a FrameWait that comes after it is stale)
 
 
 class SourceState:
@@ -111,6 +113,7 @@ class SourceState:
                 out.append(ToGateway(self._start_msg(key, sf)))
                 continue
             self.queue.drop_frame(*key)
+            sf.held = sf.admitted = False
             sf.acked.clear()  # the new gateway holds none of the frame's tiles or strips
             sf.strip_holders.clear()
             if sf.failed is None:
@@ -148,6 +151,30 @@ class SourceState:
         self.inflight[key[0]] -= 1
 
     # -------------------------------------------------------------------- from the gateway
+    def hold(self, msg: FrameWait) -> bool:
+        """The gateway is full and the frame waits its turn there: take its tasks out of the
+        queue (nobody computes a frame the gateway cannot take yet). False if not ours."""
+        sf = self.frames.get((msg.source, msg.frame))
+        if sf is None or sf.failed is not None or sf.held or sf.admitted:
+            return False
+        sf.held = True
+        self.queue.drop_frame(msg.source, msg.frame)
+        sf.acked.clear()
+        sf.strip_holders.clear()
+        return True
+
+    def admitted(self, msg: FrameGo) -> bool:
+        """The frame's turn came: queue its tasks."""
+        sf = self.frames.get((msg.source, msg.frame))
+        if sf is None or sf.admitted:
+            return False
+        sf.admitted = True
+        if not sf.held:  # came before its FrameWait (or none was needed): nothing to queue
+            return False
+        sf.held = False
+        self.queue.add(TaskRef(msg.source, msg.frame, t.id) for t in self.plan.tasks)
+        return True
+
     def tile_ack(self, msg: TileAck, now: float) -> None:
         self.queue.done(TaskRef(msg.source, msg.frame, msg.task), now)
         sf = self.frames.get((msg.source, msg.frame))
@@ -228,5 +255,5 @@ class SourceState:
         for key in queued:
             assert key in self.frames or key[0] not in self.inflight, f"tasks of unknown frame {key}"
         for key, sf in self.frames.items():
-            if sf.failed is not None:
+            if sf.failed is not None or sf.held:
                 assert key not in queued

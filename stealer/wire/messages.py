@@ -1053,3 +1053,21 @@ class FrameFailed(Message, tag="frame-failed", frozen=True):
 
     def __post_init__(self) -> None:
         _check_task_name(self.source, self.frame, self.task)
+
+
+@register
+class FrameWait(Message, tag="frame-wait", frozen=True):
+    """Gateway to source: the gateway is full (``max_queued_frames``, ``result_buffer_bytes``);
+    the frame waits its turn there, announced and in order, and its tasks are not to run yet
+    (back-pressure: nothing is lost and no map is allocated for it). :class:`FrameGo` follows."""
+
+    source: str
+    frame: int
+
+
+@register
+class FrameGo(Message, tag="frame-go", frozen=True):
+    """Gateway to source: a frame that waited is admitted; queue its tasks."""
+
+    source: str
+    frame: int
