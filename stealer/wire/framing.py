@@ -214,7 +214,17 @@ async def read_body(
         If the stream ends before ``n`` bytes (``partial`` holds what arrived).
     """
     chunk = limits.read_chunk_bytes
-    first = await reader.read(min(chunk, n))
+    if n <= chunk:
+        # one chunk at most: wait for all of it in one call (no pieces to join). Liveness
+        # meanwhile comes from the reader's own buffer and the kernel's counters (see
+        # Comm._judge_silence), not from this function's progress calls.
+        data = await reader.readexactly(n)
+        if mac is not None:
+            mac.update(data)
+        if progress is not None:
+            progress()
+        return data
+    first = await reader.read(chunk)
     if not first:
         raise asyncio.IncompleteReadError(b"", n)
     if mac is not None:
