@@ -598,3 +598,26 @@ async def test_a_closing_standby_does_not_take_over(tiny_net, tmp_path):
     finally:
         await gw.close()
     assert standby.stats.takeovers == 0 and not standby.is_gateway
+
+
+async def test_a_1x1_frame_runs_tile_and_tail_on_one_node(tiny_net):
+    """Affinity at 1x1: the node that runs a frame's only tile runs its tail on the fused map
+    in hand, so no fused map crosses a link (the gateway queues no tail) and every frame is
+    still bit-identical to single-device inference."""
+    gw = Node(tiny_net, config(gateway=True, grid=(1, 1), scheme="none"))
+    await gw.start()
+    thief = Node(tiny_net, config(peers=[("127.0.0.1", gw.port)], grid=(1, 1), scheme="none"))
+    await thief.start()
+    src = Node(tiny_net, config(sources=[23], frames=6, peers=[("127.0.0.1", gw.port), ("127.0.0.1", thief.port)],
+                                grid=(1, 1), scheme="none"))
+    await src.start()
+    try:
+        results = await collect(gw, 6)
+    finally:
+        for n in (src, thief, gw):
+            await n.close()
+    assert [r["frame"] for r in results] == list(range(6))
+    assert all(r["output_sha256"] == expected_digest(tiny_net, 23, r["frame"]) for r in results)
+    nodes = (gw, thief, src)
+    assert sum(n.stats.whole_frames for n in nodes) >= 6
+    assert all(n.stats.tails_run == n.stats.whole_frames for n in nodes)  # no tail ran on its own

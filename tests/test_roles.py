@@ -379,3 +379,25 @@ def test_a_source_holds_a_waiting_frames_tasks(plan):
     src.validate()
     assert src.admitted(FrameGo("src/0", 0)) and len(q.queue) == len(plan.tasks)
     assert not src.admitted(FrameGo("src/0", 0))  # once
+
+
+def test_a_whole_frame_result_ends_a_1x1_frame_without_its_map():
+    """Affinity (1x1 grids): the node that ran the frame's only tile runs its tail too and
+    sends the result; the gateway ends the tile's lease (TilesIn) and releases the frame, and a
+    later copy of either result is a duplicate."""
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+    one = make_plan(Network.from_cfg_text(text, seed=11), (1, 1), 4, scheme="none")
+    key = "1x1:4:none"
+    gw = GatewayState("gw", lambda k: one)
+    gw.frame_start("src", FrameStart("src/0", 0, key, 8, 8), 0.0)
+    acts = gw.tail_done("thief", TailDone("src/0", 0, "ab" * 32, whole=True), 1.0)
+    assert g.Notify("src", TilesIn("src/0", 0)) in acts and [r["frame"] for r in released(acts)] == [0]
+    assert not any(isinstance(a, g.QueueTail) for a in acts)
+    again = gw.tail_done("other", TailDone("src/0", 0, "ab" * 32, whole=True), 2.0)
+    assert released(again) == [] and gw.stats.duplicates_dropped == 1
+    # on a grid of several tiles a "whole" result is not taken: the map must be assembled
+    many = gateway(make_plan(Network.from_cfg_text(text, seed=11), (2, 2), 4, scheme="quad"))
+    many.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 0.0)
+    assert released(many.tail_done("thief", TailDone("src/0", 0, "ab" * 32, whole=True), 1.0)) == []
+    gw.validate()
+    many.validate()

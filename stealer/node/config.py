@@ -154,6 +154,7 @@ class Stats:
     frames_dropped: int = 0
     frames_partial: int = 0
     task_errors: int = 0
+    whole_frames: int = 0  # 1x1 frames whose tile and tail ran here back to back (affinity)
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:

@@ -74,12 +74,24 @@ class Kernels(NodeState):
             got = self._null_cache[(key, task_id)] = (zeros, published)
         return got[0], dict(got[1])
 
+    def _compute_whole(self, job: Job, borrowed: dict[int, np.ndarray] | None) -> TailDone:
+        """A 1x1 grid's only tile and then the frame's tail, in this thread, on the fused map
+        in hand (affinity: the map never crosses a link)."""
+        t0 = time.perf_counter()
+        tile, _ = self._compute_tile(job, borrowed)
+        done = self._tail_of(job, tile.output)
+        return TailDone(done.source, done.frame, done.output_sha256, done.detections, time.perf_counter() - t0,
+                        whole=True)
+
     def _compute_tail(self, job: Job) -> TailDone:
+        return self._tail_of(job, job.data)
+
+    def _tail_of(self, job: Job, fused: np.ndarray | None) -> TailDone:
         t0 = time.perf_counter()
         if self.cfg.null_compute:
             return TailDone(job.ref.source, job.ref.frame, "0" * 64)
         _, layers, _ = parse_plan_key(job.plan_key)
-        out = self.net.forward(np.asarray(job.data, np.float32), start=layers)
+        out = self.net.forward(np.asarray(fused, np.float32), start=layers)
         digest = hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()
         dets: list[dict[str, Any]] = []
         last = self.net.layers[-1]

@@ -324,14 +324,20 @@ class GatewayState:
     def tail_done(self, sender: str, msg: TailDone, now: float) -> list[Action]:
         key = (msg.source, msg.frame)
         f = self.frames.get(key)
-        if f is None or f.tail_input is None:
+        out: list[Action] = []
+        if (msg.whole and f is not None and f.tail_input is None and f.result is None
+                and len(self.plan_of(f.plan).tasks) == 1):
+            # the frame's only tile and its tail ran on one node: the tile's lease ends here
+            # too, and its map never came (no tail was queued)
+            out.append(Notify(owner_of(key[0]), TilesIn(*key)))
+        elif f is None or f.tail_input is None:
             self.stats.duplicates_dropped += 1
             return [DropTail(TaskRef(msg.source, msg.frame, TAIL))]
         result: dict[str, Any] = {"source": msg.source, "frame": msg.frame, "latency": round(now - f.started, 4),
                                   "output_sha256": msg.output_sha256, "detections": msg.detections,
                                   "tail_seconds": round(msg.seconds, 4)}
         result.update(f.partial)
-        return self._finish(key, result, now)
+        return out + self._finish(key, result, now)
 
     def frame_drop(self, sender: str, msg: FrameDrop, now: float) -> list[Action]:
         """Deadline mode: the source gave up on a frame before any of its tasks started."""

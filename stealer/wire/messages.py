@@ -990,13 +990,17 @@ class TilesIn(Message, tag="tiles-in", frozen=True):
 
 @register
 class TailDone(Message, tag="tail-done", frozen=True):
-    """A frame's final result: the digest of the network's output, and the detections."""
+    """A frame's final result: the digest of the network's output, and the detections.
+    ``whole``: the sender ran the frame's only tile (a 1x1 grid) and then its tail on the
+    fused map it had in hand, so the map never crossed a link (the gateway gets the result
+    instead of a feature map it would only send on again)."""
 
     source: str
     frame: int
     output_sha256: str
     detections: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    whole: bool = False
 
     def __post_init__(self) -> None:
         _check_task_name(self.source, self.frame, -1)
