@@ -27,6 +27,19 @@ from .launcher import add_run_args, cmd_run
 log = logging.getLogger("stealer")
 
 
+def _inflight_arg(text: str) -> int:
+    """``--max-inflight``: a count of frames, or ``auto`` (0)."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("--max-inflight must be at least 1 (or 'auto')")
+    return value
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -147,7 +160,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(scheme="quad")
     p.add_argument("--frames", type=int, default=None, help="frames per source [unbounded]")
     p.add_argument("--fps", type=float, default=None, help="frame rate per source [as fast as the cluster goes]")
-    p.add_argument("--max-inflight", type=int, default=4, help="frames per source in flight [4]")
+    p.add_argument("--max-inflight", type=_inflight_arg, default=0, metavar="N|auto",
+                   help="frames per source in flight [auto: the computing nodes known + 2, shared by this "
+                        "node's sources]")
     p.add_argument("--deadline", type=float, default=None, metavar="MS",
                    help="real-time mode: finish each frame's tiles within MS milliseconds (missing tiles are "
                         "marked); under overload drop the oldest unstarted frames. Without it nothing is dropped")

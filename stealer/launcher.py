@@ -201,7 +201,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default="quad", choices=["none", "checkerboard", "quad", "wave"])
     p.add_argument("--policy", default="steal", choices=["steal", "share"])
     p.add_argument("--slots", type=int, default=1)
-    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--max-inflight", default="auto", help="frames per source in flight [auto]")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds [600]")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the check against single-device inference")

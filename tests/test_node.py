@@ -621,3 +621,15 @@ async def test_a_1x1_frame_runs_tile_and_tail_on_one_node(tiny_net):
     nodes = (gw, thief, src)
     assert sum(n.stats.whole_frames for n in nodes) >= 6
     assert all(n.stats.tails_run == n.stats.whole_frames for n in nodes)  # no tail ran on its own
+
+
+def test_frames_in_flight_follow_the_nodes_known_by_default(tiny_net):
+    """--max-inflight auto: every computing node has a task to run and one to come; a fixed 4
+    kept half of an 8-node shelf idle at 1x1. An explicit count wins."""
+    node = Node(tiny_net, config(sources=[1, 2]))
+    assert node._inflight_limit() == 2  # alone, two sources: ceil(3 / 2)
+    for i in range(7):
+        node.peers[f"peer{i}"] = None  # type: ignore[assignment]  # only counted here
+    assert node._inflight_limit() == 5  # 8 computing nodes + 2, shared by two sources
+    node.cfg.max_inflight = 7
+    assert node._inflight_limit() == 7

@@ -75,7 +75,7 @@ class NodeConfig:
     scheme: str = "quad"  # "none" = no reuse
     frames: int | None = None  # per source; None = unbounded
     fps: float | None = None
-    max_inflight: int = 4  # frames per source in flight (back-pressure)
+    max_inflight: int = 0  # frames per source in flight (back-pressure); 0: auto (see Source._inflight_limit)
     deadline: float | None = None  # seconds per frame; None: never drop anything
     slots: int = 1  # tasks computed at once; 0: this node computes nothing (a camera-only source)
     null_compute: bool = False  # benchmarks only: tasks "run" without kernels (runtime overhead)

@@ -82,6 +82,7 @@ class Peers(NodeState):
         if old is not None:
             peer.load = old.load
         self.peers[peer.node_id] = peer
+        self._frame_freed.set()  # one more node to keep busy: a source with auto in-flight may start more
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
         self._event({"event": "peer-joined", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         try:

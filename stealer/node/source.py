@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from ..errors import CommClosedError
@@ -44,14 +45,14 @@ class Source(NodeState):
         count = 0
         try:
             while (self.cfg.frames is None or count < self.cfg.frames) and not self._draining:
-                while self.cfg.deadline is None and source.inflight[source_id] >= self.cfg.max_inflight:
+                while self.cfg.deadline is None and source.inflight[source_id] >= self._inflight_limit():
                     self._frame_freed.clear()
                     await self._frame_freed.wait()
                 frame = await loop.run_in_executor(None, next, frames, None)
                 if frame is None:
                     break
                 count += 1
-                if self.cfg.deadline is not None and source.inflight[source_id] >= self.cfg.max_inflight:
+                if self.cfg.deadline is not None and source.inflight[source_id] >= self._inflight_limit():
                     # overload in deadline mode: drop the oldest frame nothing has started on (or
                     # this new one), rather than queueing without bound
                     dropped = source.drop_oldest_unstarted(source_id)
@@ -112,6 +113,17 @@ class Source(NodeState):
     def _on_tile_ack(self, msg: TileAck) -> None:
         self.source.tile_ack(msg, time.monotonic())
         self._work_changed()
+
+    def _inflight_limit(self) -> int:
+        """Frames each of this node's sources keeps in flight: ``--max-inflight``, or by default
+        enough that every node that computes has a task to run and one to come (Little's law:
+        a node can only steal what is in flight), shared between this node's sources. A fixed
+        4 kept half of an 8-node shelf idle at a 1x1 grid. It grows as peers join (the source
+        loop is woken then)."""
+        if self.cfg.max_inflight > 0:
+            return self.cfg.max_inflight
+        computing = (1 if self.cfg.slots > 0 else 0) + len(self.peers)
+        return max(2, math.ceil((computing + 2) / max(1, len(self.cfg.sources))))
 
     def _on_frame_wait(self, msg: FrameWait) -> None:
         if self.source.hold(msg):
