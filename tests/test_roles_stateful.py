@@ -186,6 +186,9 @@ class Cluster(RuleBasedStateMachine):
         for epoch, frames in self.released.items():
             assert len(frames) == len(set(frames)), f"gateway {epoch} released a frame twice: {frames}"
         assert self.gw.active <= LIMITS.max_queued_frames
+        # no task is retried forever: each is given up at its third failed attempt
+        assert all(n < self.queue.max_attempts for n in self.queue.attempts.values())
+        assert all(n < self.tails.max_attempts for n in self.tails.attempts.values())
 
     def teardown(self) -> None:
         """Faults stop; everything is delivered and run: every frame comes out."""
