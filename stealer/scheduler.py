@@ -147,6 +147,15 @@ class WorkQueue:
         self.leases[ref] = Lease(holder, now + self.lease_seconds, now)
         return True
 
+    def restart(self, ref: TaskRef, holder: str, now: float) -> bool:
+        """``holder`` starts the task it fetched ahead of time: its lease (and the age that
+        makes it look like a straggler) count from now. False if it holds no lease on it."""
+        lease = self.leases.get(ref)
+        if lease is None or lease.holder != holder:
+            return False
+        lease.started, lease.deadline = now, now + self.lease_seconds
+        return True
+
     def holder(self, ref: TaskRef) -> str | None:
         lease = self.leases.get(ref)
         return lease.holder if lease else None

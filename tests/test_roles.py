@@ -401,3 +401,30 @@ def test_a_whole_frame_result_ends_a_1x1_frame_without_its_map():
     assert released(many.tail_done("thief", TailDone("src/0", 0, "ab" * 32, whole=True), 1.0)) == []
     gw.validate()
     many.validate()
+
+
+def test_a_prefetched_task_is_not_a_straggler():
+    """Its lease and the straggler clock restart when its holder starts it (TaskStarted)."""
+    q = WorkQueue("src", 30.0)
+    ref = TaskRef("src/0", 0, 0)
+    q.add([ref])
+    q.take("a", 0.0)
+    assert q.restart(ref, "a", 5.0) and not q.restart(ref, "b", 5.0)
+    assert q.speculate("b", 5.5, min_age=1.0) is None  # without the restart it would be copied
+    assert q.speculate("b", 6.5, min_age=1.0) == ref
+    assert q.next_deadline() == 35.0
+
+
+def test_prefetch_when_the_transfer_is_on_the_critical_path():
+    from stealer.roles.worker import WorkerPolicy
+    from stealer.scheduler import PeerLoad
+
+    w = WorkerPolicy()
+    loads = {f"p{i}": PeerLoad(1 if i == 0 else 0, 0) for i in range(7)}  # one task queued, 7 peers
+    assert not w.should_prefetch(draining=False, queued_here=0, assigned=0, loads=loads)
+    assert w.should_prefetch(draining=False, queued_here=0, assigned=0, loads=loads,
+                             transfer_seconds=0.8, compute_seconds=3.5)
+    assert not w.should_prefetch(draining=False, queued_here=0, assigned=0, loads=loads,
+                                 transfer_seconds=0.01, compute_seconds=3.5)
+    assert not w.should_prefetch(draining=False, queued_here=1, assigned=0, loads=loads,
+                                 transfer_seconds=0.8, compute_seconds=3.5)

@@ -44,6 +44,7 @@ from stealer.wire.messages import (
     FrameGo,
     FrameWait,
     TaskFailed,
+    TaskStarted,
     GatewayClaim,
     FrameStart,
     StealReply,
@@ -178,6 +179,7 @@ SAMPLES = [
     pytest.param(TaskFailed("n1/0", 9, 2, "malformed grant"), id="task-failed"),
     pytest.param(FrameFailed("n1/0", 9, -1, "tail failed"), id="frame-failed"),
     pytest.param(FrameWait("n1/0", 9), id="frame-wait"),
+    pytest.param(TaskStarted("n1/0", 9, 3), id="task-started"),
     pytest.param(FrameGo("n1/0", 9), id="frame-go"),
 ]
 

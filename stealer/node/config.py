@@ -128,6 +128,7 @@ class Job:
     region: tuple[int, int, int, int] = (0, 0, 0, 0)
     holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
     strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
+    prefetched: bool = False  # fetched while the slot computed the task before (its lease restarts)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from ..wire.messages import (
     StripsRequest,
     TailDone,
     TaskFailed,
+    TaskStarted,
     TileAck,
     TilesIn,
     TileDone,
@@ -201,6 +202,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             FrameWait: lambda peer, msg: self._from_gateway(peer, msg, self._on_frame_wait),
             FrameGo: lambda peer, msg: self._from_gateway(peer, msg, self._on_frame_go),
             TaskFailed: self._on_task_failed,
+            TaskStarted: self._on_task_started,
             GatewayClaim: self._on_gateway_claim,
             Goodbye: self._on_goodbye,
         }

@@ -76,6 +76,7 @@ class NodeState:
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        self._steal_seconds: float | None = None  # smoothed, request to data in hand
         self._frame_freed = asyncio.Event()
         self._sources_done = asyncio.Event()
         # gateway state: decisions in the pure role machine, timers here

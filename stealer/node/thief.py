@@ -19,6 +19,7 @@ from ..roles.strips import unpack_strips
 from ..scheduler import TAIL, PeerLoad, TaskRef, choose_victim
 from ..wire.messages import (
     Message,
+    TaskStarted,
     RegionReply,
     RegionRequest,
     StealReply,
@@ -60,6 +61,8 @@ class Thief(NodeState):
                 if prefetch is not None:
                     job = await prefetch
                     prefetch = None
+                    if job is not None:
+                        job.prefetched = True
                 if job is None:
                     job = self._take_local()
                 if job is None and self._may_steal():
@@ -116,8 +119,11 @@ class Thief(NodeState):
         return self.worker.may_steal(self._draining)
 
     def _should_prefetch(self) -> bool:
+        ran = self.stats.tiles_run + self.stats.tails_run
         return self.worker.should_prefetch(draining=self._draining, queued_here=len(self.queue),
-                                           assigned=len(self._assigned), loads=self._loads())
+                                           assigned=len(self._assigned), loads=self._loads(),
+                                           transfer_seconds=self._steal_seconds,
+                                           compute_seconds=self.stats.busy_seconds / ran if ran else None)
 
     def _take_possible(self) -> bool:
         return self.worker.take_possible(draining=self._draining, assigned=len(self._assigned),
@@ -162,6 +168,7 @@ class Thief(NodeState):
             rid = next(self._request_ids)
             fut: asyncio.Future[StealReply] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
+            asked = time.monotonic()
             try:
                 peer.comm.post(StealRequest(rid, self._accepts_tails(), speculative))
                 reply = await _reply_within(fut, self.cfg.runtime.steal_timeout)
@@ -175,6 +182,9 @@ class Thief(NodeState):
                     continue
                 self.stats.stolen += 1
                 self.stats.speculative += int(speculative)
+                took = time.monotonic() - asked  # request to data in hand: what a prefetch hides
+                old = self._steal_seconds
+                self._steal_seconds = took if old is None else 0.8 * old + 0.2 * took
                 return job
             self.stats.steal_failures += 1
             peer.load = PeerLoad(0, 0, peer.load.rtt, True, 0 if speculative else peer.load.leased)
@@ -268,6 +278,9 @@ class Thief(NodeState):
         if self.first_task_at is None:
             self.first_task_at = time.time()
             self._event({"event": "first-task", "time": self.first_task_at, "stolen": job.victim != self.id})
+        if job.prefetched and job.victim in self.peers:
+            # its lease and the straggler clock start now, not when it was granted
+            self._post(self.peers[job.victim], TaskStarted(job.ref.source, job.ref.frame, job.ref.task))
         self._running += 1
         try:
             await self._run_job_inner(job)

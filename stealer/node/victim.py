@@ -26,6 +26,7 @@ from ..wire.messages import (
     StripsFetch,
     StripsReply,
     TaskFailed,
+    TaskStarted,
 )
 from .config import Job, Peer
 from .state import NodeState
@@ -160,6 +161,12 @@ class Victim(NodeState):
         meta, data = pack_strips(got)
         self.stats.strips_served += 1
         return StripsReply(msg.request_id, True, meta, data)
+
+    def _on_task_started(self, peer: Peer | None, msg: TaskStarted) -> None:
+        """A thief starts a task it fetched ahead: its lease counts from now."""
+        if peer is not None and self.queue.restart(TaskRef(msg.source, msg.frame, msg.task), peer.node_id,
+                                                   time.monotonic()):
+            self._leases_changed()
 
     def _on_task_failed(self, peer: Peer | None, msg: TaskFailed) -> None:
         """A node could not run a task it took from this node's queue."""

@@ -15,6 +15,11 @@ from typing import Mapping
 from ..scheduler import PeerLoad
 
 
+PREFETCH_TRANSFER_SHARE = 0.1
+"""A task's transfer counts as on the critical path once it takes this share of its compute
+time: below it, idling for the transfer costs less than a task waiting behind another."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerPolicy:
     """Parameters
@@ -51,12 +56,21 @@ class WorkerPolicy:
         return queued_tiles >= self.steal_batch * (peers + 1)
 
     def should_prefetch(self, *, draining: bool, queued_here: int, assigned: int,
-                        loads: Mapping[str, PeerLoad]) -> bool:
-        """Prefetch only from a queue deep enough that taking one more task early leaves work for
-        every other idle node, and never when this node has its own queue."""
+                        loads: Mapping[str, PeerLoad], transfer_seconds: float | None = None,
+                        compute_seconds: float | None = None) -> bool:
+        """Whether to fetch the next task while this one computes. Never with work of its own.
+        When fetching a task takes a visible share of computing one (``transfer_seconds``, a
+        steal measured from request to data in hand, against ``compute_seconds``), the fetch
+        sits on the critical path, so any queued task is worth fetching early: on 20 Mbit/s a
+        1x1 frame's pixels take 0.4-3 s to arrive against 3.5 s of compute. Otherwise only
+        from a queue deep enough that every other node still finds work."""
         if not self.may_steal(draining) or queued_here or assigned:
             return False
-        return sum(p.queued_tiles for p in loads.values()) > len(loads)
+        queued = sum(p.queued_tiles for p in loads.values())
+        if (queued and transfer_seconds is not None and compute_seconds
+                and transfer_seconds >= PREFETCH_TRANSFER_SHARE * compute_seconds):
+            return True
+        return queued > len(loads)
 
     def straggler_victim(self, loads: Mapping[str, PeerLoad], tried: set[str]) -> str | None:
         """With nothing queued anywhere, the peer with the most tasks out (it may hold a straggler)."""

@@ -1060,6 +1060,20 @@ class FrameFailed(Message, tag="frame-failed", frozen=True):
 
 
 @register
+class TaskStarted(Message, tag="task-started", frozen=True):
+    """A thief starts a task it fetched ahead (while computing the one before): its lease and
+    the straggler clock start now, not when it was granted (a prefetched task is not a
+    straggler)."""
+
+    source: str
+    frame: int
+    task: int
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, self.task)
+
+
+@register
 class FrameWait(Message, tag="frame-wait", frozen=True):
     """Gateway to source: the gateway is full (``max_queued_frames``, ``result_buffer_bytes``);
     the frame waits its turn there, announced and in order, and its tasks are not to run yet
