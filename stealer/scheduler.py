@@ -209,8 +209,11 @@ class WorkQueue:
         for ref, lease in self.leases.items():
             if lease.holder == thief or lease.speculated or (ref.is_tail and not accept_tail):
                 continue
+            typical = self.typical.get(ref.is_tail)
+            if typical is None:
+                continue  # no task of its kind has finished yet: nothing to call late
             age = now - lease.started
-            if age < max(min_age, factor * self.typical.get(ref.is_tail, 0.0)):
+            if age < max(min_age, factor * typical):
                 continue
             if best is None or lease.started < best[0]:
                 best = (lease.started, ref)
@@ -232,11 +235,20 @@ class WorkQueue:
             return False
         return sum(1 for r in self.queue if (r.source, r.frame) == (source, frame)) == n_tasks
 
-    def end_tiles(self, source: str, frame: int) -> int:
+    def end_tiles(self, source: str, frame: int, now: float | None = None) -> int:
         """The gateway has every tile of a frame: end their leases and forget queued copies
-        (a requeued tile whose first result was in after all). Its tail, if queued here, stays."""
+        (a requeued tile whose first result was in after all). Its tail, if queued here, stays.
+        With ``now``, the ended leases count toward the typical tile time (most tiles end this
+        way, with no ack of their own: without them a 1x1 grid never learnt its task time, and
+        every lease older than ``straggler_min`` looked like a straggler)."""
         before = len(self.queue) + len(self.leases)
         mine = lambda r: r.source == source and r.frame == frame and not r.is_tail  # noqa: E731
+        if now is not None:
+            for ref, lease in self.leases.items():
+                if mine(ref):
+                    took = max(0.0, now - lease.started)
+                    old = self.typical.get(False)
+                    self.typical[False] = took if old is None else 0.8 * old + 0.2 * took
         if any(mine(r) for r in self.queue):
             self.queue = deque(r for r in self.queue if not mine(r))
         self.leases = {r: l for r, l in self.leases.items() if not mine(r)}

@@ -406,6 +406,7 @@ def test_a_whole_frame_result_ends_a_1x1_frame_without_its_map():
 def test_a_prefetched_task_is_not_a_straggler():
     """Its lease and the straggler clock restart when its holder starts it (TaskStarted)."""
     q = WorkQueue("src", 30.0)
+    q.typical[False] = 0.25  # tiles have been taking 0.25 s
     ref = TaskRef("src/0", 0, 0)
     q.add([ref])
     q.take("a", 0.0)
@@ -428,3 +429,19 @@ def test_prefetch_when_the_transfer_is_on_the_critical_path():
                                  transfer_seconds=0.01, compute_seconds=3.5)
     assert not w.should_prefetch(draining=False, queued_here=1, assigned=0, loads=loads,
                                  transfer_seconds=0.8, compute_seconds=3.5)
+
+
+def test_no_task_is_called_a_straggler_before_one_of_its_kind_finished():
+    """Defect (measured at 1x1: 27 copies for 60 frames at 6 nodes): tiles that end with their
+    frame's TilesIn never fed the typical task time, so every lease older than straggler_min
+    (0.25 s) was copied. Now TilesIn feeds it, and with no typical time nothing is copied."""
+    q = WorkQueue("src", 30.0)
+    refs = [TaskRef("src/0", f, 0) for f in range(3)]
+    q.add(refs)
+    q.take("a", 0.0)
+    assert q.speculate("b", 10.0, min_age=0.25) is None  # nothing finished yet
+    q.end_tiles("src/0", 0, now=4.0)  # the frame's only tile took 4 s
+    assert q.typical[False] == 4.0
+    q.take("a", 4.0)
+    assert q.speculate("b", 9.0, min_age=0.25) is None  # 5 s old: not twice the typical 4 s
+    assert q.speculate("b", 12.5, min_age=0.25) == refs[1]

@@ -107,7 +107,7 @@ class Source(NodeState):
         self._work_changed()
 
     def _on_tiles_in(self, msg: TilesIn) -> None:
-        if self.source.tiles_in(msg):
+        if self.source.tiles_in(msg, time.monotonic()):
             self._work_changed()
 
     def _on_tile_ack(self, msg: TileAck) -> None:

@@ -184,8 +184,8 @@ class SourceState:
                 for sid in msg.strips:
                     sf.strip_holders.setdefault(sid, msg.holder)
 
-    def tiles_in(self, msg: TilesIn) -> bool:
-        return self.queue.end_tiles(msg.source, msg.frame) > 0
+    def tiles_in(self, msg: TilesIn, now: float | None = None) -> bool:
+        return self.queue.end_tiles(msg.source, msg.frame, now) > 0
 
     def frame_done(self, msg: FrameDone) -> bool:
         """The frame's result is out: forget it. False if it was not a frame of this node."""
