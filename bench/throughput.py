@@ -184,9 +184,9 @@ def _sources_for(nodes: int) -> tuple[int, ...]:
 
 
 def _inflight(nodes: int, n_sources: int) -> int:
-    # enough frames in flight that every node has a tile or a tail to run (Little's law: the
-    # tail alone is ~1/3 of a frame's work), without piling up latency
-    return max(2, math.ceil((nodes + 2) / n_sources))
+    # what a node's --max-inflight auto gives (stealer.node.source.Source._inflight_limit):
+    # every node a task to run and one to fetch meanwhile, and two more
+    return max(2, math.ceil((2 * nodes + 2) / n_sources))
 
 
 def _grids(text: str) -> list[tuple[tuple[int, int], str]]:
@@ -210,10 +210,11 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     scale = args.frames_scale
 
     def frames(inflight: int, n_sources: int = 1) -> int:
-        """Frames per source, ``inflight`` being the run's total: at least MIN_FRAMES in all, so
-        that the steady window (what is left after the warm-up burst and the drain, 2 x inflight
-        results) holds most of the run. A quick (smoke) run keeps just a few results in it."""
-        total = max(8, 2 * inflight + 4) if quick else MIN_FRAMES
+        """Frames per source, ``inflight`` being the run's total: MIN_FRAMES in the steady window
+        (what is left after the warm-up burst and the drain, 2 x inflight results) plus those two
+        (with 18 frames in flight, 60 frames in all left 24 in the window: 13 s, too short to
+        trust). A quick (smoke) run keeps just a few results in it."""
+        total = max(8, 2 * inflight + 4) if quick else MIN_FRAMES + 2 * inflight
         return max(3, round(math.ceil(total / n_sources) * scale))
 
     def cluster(n: int, **kw: Any) -> Run:

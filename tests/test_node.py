@@ -624,12 +624,12 @@ async def test_a_1x1_frame_runs_tile_and_tail_on_one_node(tiny_net):
 
 
 def test_frames_in_flight_follow_the_nodes_known_by_default(tiny_net):
-    """--max-inflight auto: every computing node has a task to run and one to come; a fixed 4
-    kept half of an 8-node shelf idle at 1x1. An explicit count wins."""
+    """--max-inflight auto: every computing node has a task to run and one to fetch meanwhile;
+    a fixed 4 kept half of an 8-node shelf idle at 1x1. An explicit count wins."""
     node = Node(tiny_net, config(sources=[1, 2]))
-    assert node._inflight_limit() == 2  # alone, two sources: ceil(3 / 2)
+    assert node._inflight_limit() == 2  # alone, two sources: ceil((2 + 2) / 2)
     for i in range(7):
         node.peers[f"peer{i}"] = None  # type: ignore[assignment]  # only counted here
-    assert node._inflight_limit() == 5  # 8 computing nodes + 2, shared by two sources
+    assert node._inflight_limit() == 9  # 2 x 8 computing nodes + 2, shared by two sources
     node.cfg.max_inflight = 7
     assert node._inflight_limit() == 7

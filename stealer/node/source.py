@@ -116,14 +116,15 @@ class Source(NodeState):
 
     def _inflight_limit(self) -> int:
         """Frames each of this node's sources keeps in flight: ``--max-inflight``, or by default
-        enough that every node that computes has a task to run and one to come (Little's law:
-        a node can only steal what is in flight), shared between this node's sources. A fixed
-        4 kept half of an 8-node shelf idle at a 1x1 grid. It grows as peers join (the source
-        loop is woken then)."""
+        enough that every node that computes has a task to run and one to fetch meanwhile (a
+        node can only steal what is in flight, and prefetches when the transfer is on its
+        critical path), and two more, shared between this node's sources. A fixed 4 kept half
+        of an 8-node shelf idle at a 1x1 grid. It grows as peers join (the source loop is woken
+        then)."""
         if self.cfg.max_inflight > 0:
             return self.cfg.max_inflight
         computing = (1 if self.cfg.slots > 0 else 0) + len(self.peers)
-        return max(2, math.ceil((computing + 2) / max(1, len(self.cfg.sources))))
+        return max(2, math.ceil((2 * computing + 2) / max(1, len(self.cfg.sources))))
 
     def _on_frame_wait(self, msg: FrameWait) -> None:
         if self.source.hold(msg):
