@@ -137,6 +137,10 @@ class ResultOrder:
         """Whether the frame has its result and waits for an earlier frame to be released."""
         return (source, frame) in self._ready
 
+    def has_source(self, source: str) -> bool:
+        """Whether the source has frames announced and not yet released."""
+        return source in self._expected
+
     def sources(self) -> set[str]:
         """Sources with frames announced and not yet released."""
         return set(self._expected)

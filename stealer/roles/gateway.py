@@ -532,7 +532,7 @@ class GatewayState:
             # to start it again on the next one (frames were lost that way in a chaos run).
             out.append(Notify(owner_of(key[0]), FrameDone(*done)))
         owner = owner_of(key[0])
-        if key[0] not in self.order.sources() and owner in self.sources:
+        if not self.order.has_source(key[0]) and owner in self.sources:
             self.sources[owner].discard(key[0])
             if not self.sources[owner]:
                 del self.sources[owner]
