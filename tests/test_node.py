@@ -112,8 +112,9 @@ async def test_grants_carry_the_strips_their_victim_holds(tiny_net):
     for r in results:
         assert r["output_sha256"] == expected_digest(tiny_net, 7, r["frame"]), r
     assert src.stats.strips_granted > 0
-    assert src.stats.batch_grants > 0  # thieves got a second tile unasked from the deep queue
-    assert src.stats.paired > 0 and thief.stats.paired > 0  # ... and nodes ran tiles back to back
+    # (whether a thief gets a second tile unasked, and whether a node runs two back to back,
+    # depends on how deep the queue is at that moment, a race here: test_roles checks those
+    # decisions, test_only_short_tasks_go_two_at_a_time the node's use of them)
     assert sum(n.stats.region_refetches for n in (gw, src, thief)) == 0
 
 

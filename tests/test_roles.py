@@ -445,3 +445,18 @@ def test_no_task_is_called_a_straggler_before_one_of_its_kind_finished():
     q.take("a", 4.0)
     assert q.speculate("b", 9.0, min_age=0.25) is None  # 5 s old: not twice the typical 4 s
     assert q.speculate("b", 12.5, min_age=0.25) == refs[1]
+
+
+def test_two_at_a_time_only_for_short_tasks_from_a_deep_queue():
+    """Pairing and batched steals: tasks shorter than ``short_task`` (by this node's own compute
+    time, or by its leases when it computes nothing), from a queue that still leaves every other
+    node ``steal_batch`` tiles."""
+    from stealer.roles.worker import WorkerPolicy
+
+    w = WorkerPolicy(short_task=0.005, steal_batch=2)
+    assert not w.short_tasks(0, 0.0, None)  # nothing known: one at a time
+    assert w.short_tasks(0, 0.0, 0.02) and not w.short_tasks(0, 0.0, 0.06)  # by leases, 10x slack
+    assert w.short_tasks(10, 0.04, 1.0)  # own compute (4 ms) decides over the leases
+    assert not w.short_tasks(10, 0.06, 0.001)
+    assert w.deep_queue(6, 2) and not w.deep_queue(5, 2)  # 2 per node, 3 nodes
+    assert not w.deep_queue(0, 0) and w.deep_queue(2, 0)
