@@ -9,6 +9,24 @@ arithmetic happens in double and is rounded once to float32 on return:
 * relu:     ``max(x, 0)`` with the rule ``x <= 0 ? +0.0 : x`` (NaN passes through). Darknet's
   own ``x*(x>0)`` gives -0.0 for negative x; the two compare equal.
 
+AlexeyAB darknet (the YOLOv3/v4 models, ``activations.h`` there) writes its activations with
+``float`` constants and ``expf``/``logf``, so these are float32 arithmetic step by step:
+
+* logistic_f32: ``1.f/(1.f + expf(-x))`` (the 2017 ``logistic`` above is done in double; the two
+  differ in the last bit for some x, so each model family gets its own);
+* relu6:    ``min(max(x, 0), 6)`` (AlexeyAB's CPU ``activate()`` has no case for RELU6 and
+  returns 0, a bug; we follow the definition, as its GPU kernel does);
+* swish_f32: ``x * logistic_f32(x)``;
+* mish_f32: ``x * tanh_activate(softplus(x, 20))`` with ``softplus(x, t) = x if x > t, expf(x) if
+  x < -t, else logf(expf(x) + 1)`` and ``tanh_activate(y) = 2/(1 + expf(-2*y)) - 1``, all float.
+
+AlexeyAB's leaky in a conv layer is ``.1f*x`` in AVX blocks of 8 and ``.1*x`` (double) for the
+last up-to-8 elements of the layer: position-dependent, which no tiling can reproduce. We keep the
+double ``.1*x`` of its scalar path (and of 2017 darknet) everywhere.
+
+Numba lowers ``math.exp``/``math.log`` of a float32 to the platform's ``expf``/``logf`` (what a
+reference calls through ctypes), so the float32 formulas match bit for bit on one libm.
+
 ``exp`` is the platform libm's (what Numba's ``math.exp`` lowers to, and what Python's
 ``math.exp`` calls), so a reference written with ``math.exp`` matches bit for bit.
 """
@@ -26,22 +44,35 @@ ACT_LINEAR = 0
 ACT_LEAKY = 1
 ACT_LOGISTIC = 2
 ACT_RELU = 3
+# AlexeyAB darknet's float32 activations have their own range of codes (and ``_f32`` names where
+# a 2017 activation of the same cfg name exists), so a 2017 model's codes and names keep their
+# meaning and an AlexeyAB formula is only ever chosen on purpose (by the cfg parser's flavour).
+ACT_LOGISTIC32 = 8
+ACT_RELU6 = 9
+ACT_SWISH = 10
+ACT_MISH = 11
 
-#: Activation names accepted by the kernels, indexed by their integer code.
+#: 2017 darknet's activation names, indexed by their integer code.
 ACT_NAMES = ("linear", "leaky", "logistic", "relu")
+#: AlexeyAB darknet's float32 activations: name -> code.
+ACT_F32_CODES = {"logistic_f32": ACT_LOGISTIC32, "relu6": ACT_RELU6, "swish_f32": ACT_SWISH, "mish_f32": ACT_MISH}
+#: Every activation name the kernels accept.
+ALL_ACT_NAMES = ACT_NAMES + tuple(ACT_F32_CODES)
+#: AlexeyAB's softplus threshold inside mish (``MISH_THRESHOLD``).
+MISH_THRESHOLD = np.float32(20.0)
 
 
 def _act_code(activation) -> int:
     """Map an activation name or int code to the int code; ValueError otherwise."""
+    codes = {**{n: i for i, n in enumerate(ACT_NAMES)}, **ACT_F32_CODES}
     if isinstance(activation, str):
-        try:
-            return ACT_NAMES.index(activation)
-        except ValueError:
-            raise ValueError(f"activation must be one of {ACT_NAMES} or 0..3, got {activation!r}") from None
-    if isinstance(activation, (int, np.integer)) and not isinstance(activation, (bool, np.bool_)):
-        if 0 <= int(activation) < len(ACT_NAMES):
+        if activation in codes:
+            return codes[activation]
+    elif isinstance(activation, (int, np.integer)) and not isinstance(activation, (bool, np.bool_)):
+        if int(activation) in codes.values():
             return int(activation)
-    raise ValueError(f"activation must be one of {ACT_NAMES} or 0..3, got {activation!r}")
+    raise ValueError(f"activation must be one of {ALL_ACT_NAMES} or their codes "
+                     f"{sorted(codes.values())}, got {activation!r}")
 
 
 @njit(inline="always", **JIT_OPTS)
@@ -61,6 +92,53 @@ def _relu32(v):
     return np.float32(0.0) if v <= 0 else v
 
 
+@njit(inline="always", **JIT_OPTS)
+def _logistic_f32(v):
+    """AlexeyAB ``logistic_activate``: ``1.f/(1.f + expf(-x))``, float32 throughout."""
+    one = np.float32(1.0)
+    return one / (one + math.exp(-v))
+
+
+@njit(inline="always", **JIT_OPTS)
+def _relu6_32(v):
+    """``min_val_cmp(max_val_cmp(x, 0), 6)``: ``(x > 0 ? x : 0)`` then ``(m < 6 ? m : 6)``."""
+    m = v if v > 0 else np.float32(0.0)
+    return m if m < 6 else np.float32(6.0)
+
+
+@njit(inline="always", **JIT_OPTS)
+def _mish32(v):
+    """AlexeyAB ``activate_array_mish`` for one value (float32 throughout)."""
+    if v > MISH_THRESHOLD:
+        sp = v
+    elif v < -MISH_THRESHOLD:
+        sp = math.exp(v)
+    else:
+        sp = math.log(math.exp(v) + np.float32(1.0))
+    t = np.float32(2.0) / (np.float32(1.0) + math.exp(np.float32(-2.0) * sp)) - np.float32(1.0)
+    return v * t
+
+
+@njit(inline="always", **JIT_OPTS)
+def act_scalar(v, act):
+    """One float32 value through activation code ``act`` (the scalar form every path shares)."""
+    if act == ACT_LEAKY:
+        return _leaky32(v)
+    if act == ACT_LOGISTIC:
+        return _logistic32(v)
+    if act == ACT_RELU:
+        return _relu32(v)
+    if act == ACT_LOGISTIC32:
+        return _logistic_f32(v)
+    if act == ACT_RELU6:
+        return _relu6_32(v)
+    if act == ACT_SWISH:
+        return v * _logistic_f32(v)
+    if act == ACT_MISH:
+        return _mish32(v)
+    return v
+
+
 @njit(**JIT_OPTS)
 def _activate_flat(xf, act):
     """In-place activation of a 1-D contiguous float32 array."""
@@ -76,6 +154,9 @@ def _activate_flat(xf, act):
     elif act == ACT_RELU:
         for i in range(n):
             xf[i] = _relu32(xf[i])
+    elif act != ACT_LINEAR:
+        for i in range(n):
+            xf[i] = act_scalar(xf[i], act)
 
 
 def activate(x: np.ndarray, activation: str | int) -> np.ndarray:
@@ -85,7 +166,7 @@ def activate(x: np.ndarray, activation: str | int) -> np.ndarray:
     ----------
     x : ndarray, float32, any shape and memory layout
         Modified in place (non-contiguous arrays go through a contiguous copy that is written back).
-    activation : {"linear", "leaky", "logistic", "relu"} or int code 0..3
+    activation : one of :data:`ALL_ACT_NAMES` or its int code
 
     Returns
     -------

@@ -57,7 +57,7 @@ from numba import njit
 from ._config import JIT_OPTS
 from ._validate import output_array
 from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskload, vrelu, vstore, vzero
-from .activations import ACT_LEAKY, ACT_LOGISTIC, ACT_RELU, _act_code, _logistic32
+from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, _act_code, _logistic32, act_scalar
 
 # Register block: MR output channels x NR pixels (NR = 3 AVX2 vectors). 12 accumulators + 3 B
 # vectors + 1 broadcast = 16 ymm registers.
@@ -236,7 +236,7 @@ def _panel_segments(n0, nc, out_w, pan, seg, g):
 
 
 @njit(**JIT_OPTS)
-def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
+def _pack_b(xf, c_n, h, w, k, sy, sx, dil, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
     """im2col of pixels ``n0 .. n0+nc-1`` (flat output index) and rows ``kk0 .. kk0+kc-1`` into
     panels ``bp[panel][kl][NR]``; positions outside x and lanes past ``nc`` are zero.
 
@@ -246,8 +246,10 @@ def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
     does not fit in L2). For stride 1 a run of pixels on one output row reads a contiguous
     stretch of an input row, so each 8-lane vector is one masked load (lanes outside the image
     or the run are masked off and read as zero): no per-pixel branches. Stride > 1 takes a
-    scalar path.
+    scalar path. ``sy``/``sx`` are the row/column strides, ``dil`` the dilation: tap ``(ky, kx)``
+    of output ``(oy, ox)`` reads input ``(oy*sy - pt + ky*dil, ox*sx - pl + kx*dil)``.
     """
+    s = 1 if sy == 1 and sx == 1 else 0  # 1: the masked-vector path
     hw = h * w
     npan = (nc + NR - 1) // NR
     c0 = kk0 // (k * k)
@@ -268,8 +270,8 @@ def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
                     if nseg[g] == 1 and seg[g, 0, 1] - seg[g, 0, 0] == NR:
                         # Fast path: the panel is one run on one output row; if its input
                         # stretch is inside the image it is three plain vector copies.
-                        iy = seg[g, 0, 2] - pt + ky
-                        off = seg[g, 0, 3] - pl + kx
+                        iy = seg[g, 0, 2] - pt + ky * dil
+                        off = seg[g, 0, 3] - pl + kx * dil
                         if 0 <= iy < h and off >= 0 and off + NR <= w:
                             base = c * hw + iy * w + off
                             vstore(bp, d, vload(xf, base))
@@ -282,10 +284,10 @@ def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
                     for i in range(nseg[g]):
                         j0 = seg[g, i, 0]
                         j1 = seg[g, i, 1]
-                        iy = seg[g, i, 2] - pt + ky
+                        iy = seg[g, i, 2] - pt + ky * dil
                         if iy < 0 or iy >= h:
                             continue
-                        off = seg[g, i, 3] - pl + kx - j0  # lane j reads input column j + off
+                        off = seg[g, i, 3] - pl + kx * dil - j0  # lane j reads input column j + off
                         lo = max(j0, -off)
                         hi = min(j1, w - off)
                         if hi <= lo:
@@ -304,12 +306,12 @@ def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
                     for j in range(NR):
                         bp[d + j] = 0.0
                     for i in range(nseg[g]):
-                        iy = seg[g, i, 2] * s - pt + ky
+                        iy = seg[g, i, 2] * sy - pt + ky * dil
                         if iy < 0 or iy >= h:
                             continue
                         row = c * hw + iy * w
                         for j in range(seg[g, i, 0], seg[g, i, 1]):
-                            ix = (seg[g, i, 3] + j - seg[g, i, 0]) * s - pl + kx
+                            ix = (seg[g, i, 3] + j - seg[g, i, 0]) * sx - pl + kx * dil
                             if 0 <= ix < w:
                                 bp[d + j] = xf[row + ix]
             kx += 1
@@ -328,6 +330,13 @@ def _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, n0, nc, kk0, kc, bp, seg, nseg):
 
 @njit(**JIT_OPTS)
 def _conv2d_exact(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2, kc_blk, nc_blk, mc_blk, order):
+    """:func:`_conv2d_exact_ext` with one stride for both axes and no dilation."""
+    _conv2d_exact_ext(x, w2, bias, k, s, s, 1, pt, pl, out_h, out_w, act, out2, kc_blk, nc_blk, mc_blk, order)
+
+
+@njit(**JIT_OPTS)
+def _conv2d_exact_ext(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2, kc_blk, nc_blk, mc_blk,
+                      order):
     """Blocked exact GEMM driver. ``x`` (C, H, W), ``w2`` (Co, K), ``out2`` (Co, N), all C order.
 
     ``kc_blk``, ``nc_blk`` (multiple of NR), ``mc_blk`` (multiple of MR) are the cache blocking
@@ -351,8 +360,8 @@ def _conv2d_exact(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2, kc_blk, nc
             wedge[r * k_n + kk] = w2[r0 + r, kk]
     biasp = np.zeros(mp, np.float32)
     biasp[:co_n] = bias
-    # micro-kernel epilogue codes: 1 linear, 2 leaky, 3 relu (logistic: linear, then a scalar
-    # pass in _tile over the tile just written, while it is in L1)
+    # micro-kernel epilogue codes: 1 linear, 2 leaky, 3 relu (every other activation: linear, then
+    # a scalar pass in _tile over the tile just written, while it is in L1)
     epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
     kcb = min(kc_blk, k_n)
     ncb = min(nc_blk, (n_n + NR - 1) // NR * NR)
@@ -369,7 +378,7 @@ def _conv2d_exact(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2, kc_blk, nc
         npan = (nc + NR - 1) // NR
         for pc in range(0, k_n, kc_size):
             kc = min(kc_size, k_n - pc)
-            _pack_b(xf, c_n, h, w, k, s, pt, pl, out_w, jc, nc, pc, kc, bp, seg, nseg)
+            _pack_b(xf, c_n, h, w, k, sy, sx, d, pt, pl, out_w, jc, nc, pc, kc, bp, seg, nseg)
             init = pc > 0
             last = pc + kc == k_n
             e = epi if last else 0
@@ -421,11 +430,16 @@ def _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, 
             o = (ir + r) * n_n + jc + j0
             for j in range(nv):
                 cf[o + j] = _logistic32(cf[o + j])
+    elif last and act > ACT_RELU:  # AlexeyAB's float32 activations (codes 8 and up)
+        for r in range(mv):
+            o = (ir + r) * n_n + jc + j0
+            for j in range(nv):
+                cf[o + j] = act_scalar(cf[o + j], act)
 
 
 @njit(**JIT_OPTS)
-def _im2col(x, k, s, pt, pl, out_h, out_w, col):
-    """Plain im2col: ``col[kk, oy*out_w + ox] = X(c, oy*s - pt + ky, ox*s - pl + kx)``."""
+def _im2col(x, k, sy, sx, d, pt, pl, out_h, out_w, col):
+    """Plain im2col: ``col[kk, oy*out_w + ox] = X(c, oy*sy - pt + ky*d, ox*sx - pl + kx*d)``."""
     c_n, h, w = x.shape
     kk2 = k * k
     for c in range(c_n):
@@ -433,14 +447,14 @@ def _im2col(x, k, s, pt, pl, out_h, out_w, col):
             for kx in range(k):
                 row = c * kk2 + ky * k + kx
                 for oy in range(out_h):
-                    iy = oy * s - pt + ky
+                    iy = oy * sy - pt + ky * d
                     base = oy * out_w
                     if iy < 0 or iy >= h:
                         for ox in range(out_w):
                             col[row, base + ox] = 0.0
                     else:
                         for ox in range(out_w):
-                            ix = ox * s - pl + kx
+                            ix = ox * sx - pl + kx * d
                             col[row, base + ox] = x[c, iy, ix] if 0 <= ix < w else 0.0
 
 
@@ -456,12 +470,12 @@ def _epilogue(out2, bias, act):
                 v = v if v > 0 else np.float32(np.float64(v) * 0.1)
             elif act == ACT_RELU:
                 v = np.float32(0.0) if v <= 0 else v
-            elif act == ACT_LOGISTIC:
-                v = _logistic32(v)
+            elif act != ACT_LINEAR:
+                v = act_scalar(v, act)
             out2[co, j] = v
 
 
-def _conv2d_blas(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2):
+def _conv2d_blas(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2):
     """im2col (Numba) + BLAS sgemm (numpy's ``np.dot``, which releases the GIL), then bias and
     activation (Numba). Not tile-invariant.
 
@@ -471,11 +485,11 @@ def _conv2d_blas(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2):
     """
     c_n = x.shape[0]
     n_n = out_h * out_w
-    if k == 1 and s == 1 and pt == 0 and pl == 0 and out_h == x.shape[1] and out_w == x.shape[2]:
+    if k == 1 and sy == 1 and sx == 1 and pt == 0 and pl == 0 and out_h == x.shape[1] and out_w == x.shape[2]:
         col = x.reshape(c_n, n_n)  # 1x1 conv: the input already is the GEMM operand
     else:
         col = np.empty((c_n * k * k, n_n), np.float32)
-        _im2col(x, k, s, pt, pl, out_h, out_w, col)
+        _im2col(x, k, sy, sx, d, pt, pl, out_h, out_w, col)
     np.dot(w2, col, out=out2)
     _epilogue(out2, bias, act)
 
@@ -509,7 +523,7 @@ def conv2d(
     weight: np.ndarray,
     bias: np.ndarray,
     *,
-    stride: int = 1,
+    stride: int | tuple[int, int] = 1,
     pad_top: int = 0,
     pad_left: int = 0,
     out_h: int | None = None,
@@ -517,38 +531,48 @@ def conv2d(
     activation: str | int = "linear",
     out: np.ndarray | None = None,
     exact: bool = True,
+    dilation: int = 1,
+    groups: int = 1,
 ) -> np.ndarray:
     """2-D convolution with bias and activation, darknet semantics, tile-invariant bits.
 
     ``out[co, oy, ox] = act(bias[co] + sum_{c,ky,kx} weight[co, c, ky, kx] *
-    X(c, oy*stride - pad_top + ky, ox*stride - pad_left + kx))`` where ``X`` is ``x`` inside its
-    bounds and 0 outside.
+    X(g*Cg + c, oy*sy - pad_top + ky*d, ox*sx - pad_left + kx*d))`` where ``X`` is ``x`` inside
+    its bounds and 0 outside, ``g = co // (Co/groups)`` the group of output channel ``co`` and
+    ``Cg = C/groups`` the input channels of a group (AlexeyAB darknet's grouped convolution:
+    group ``g`` reads input channels ``g*Cg ..`` with filters ``g*Co/groups ..``).
 
     Parameters
     ----------
     x : ndarray, float32, shape (C, H, W)
         Input map. Made C-contiguous if it is not (a copy).
-    weight : ndarray, float32, shape (Co, C, k, k)
+    weight : ndarray, float32, shape (Co, C/groups, k, k)
         Filters; any square size k >= 1.
     bias : ndarray, float32, shape (Co,)
         Added after the full sum (batch norm is expected to be folded in by the caller).
-    stride : int, default 1
+    stride : int or (sy, sx), default 1
+        One stride for both axes, or the row and column strides (darknet's stride_y, stride_x).
     pad_top, pad_left : int, default 0
         Offset of the first window, in input pixels. Only the top/left padding is given; the
         bottom/right edges are padded with as many zeros as ``out_h``/``out_w`` require (so a
         tile can be padded less than the frame, or not at all). Negative values start the
         first window inside ``x``.
     out_h, out_w : int, optional
-        Output size (>= 1). Default ``(H + 2*pad_top - k)//stride + 1`` (same for W).
-    activation : {"linear", "leaky", "logistic", "relu"} or int code
-        ``ACT_LINEAR``, ``ACT_LEAKY``, ``ACT_LOGISTIC``, ``ACT_RELU``. Darknet formulas in double
-        precision, rounded once to float32 (see :mod:`kernels.activations`).
+        Output size (>= 1). Default ``(H + 2*pad_top - span)//sy + 1`` (same for W) with
+        ``span = (k - 1)*dilation + 1``.
+    activation : str or int code
+        One of :data:`kernels.ALL_ACT_NAMES` (see :mod:`kernels.activations` for each formula).
     out : ndarray, float32, shape (Co, out_h, out_w), C-contiguous, optional
         Destination (for example a contiguous channel slice of a bigger buffer). Must not overlap
         ``x``, ``weight`` or ``bias``.
     exact : bool, default True
         True: the exact, tile-invariant blocked GEMM (see module docstring). False: im2col +
         BLAS sgemm (numpy's); usually a little different in the last bits and *not* tile-invariant.
+    dilation : int, default 1
+        Distance between kernel taps, in input pixels.
+    groups : int, default 1
+        Both C and Co must be divisible by it; ``groups == C == Co`` is a depthwise convolution.
+        Each group is its own exact GEMM, so the bits of an output do not depend on the others.
 
     Returns
     -------
@@ -558,11 +582,11 @@ def conv2d(
     Raises
     ------
     ValueError
-        Wrong type, dtype, number of dimensions or shape; non-positive stride or output size;
-        unknown activation; unusable ``out``.
+        Wrong type, dtype, number of dimensions or shape; non-positive stride, dilation, groups
+        or output size; groups not dividing the channels; unknown activation; unusable ``out``.
     """
     x = _check_f32("x", x, 3, "(C, H, W)")
-    weight = _check_f32("weight", weight, 4, "(Co, C, k, k)")
+    weight = _check_f32("weight", weight, 4, "(Co, C/groups, k, k)")
     bias = _check_f32("bias", bias, 1, "(Co,)")
     c_n, h, w = x.shape
     co_n, wc, k, k2 = weight.shape
@@ -570,33 +594,51 @@ def conv2d(
         raise ValueError(f"x must be non-empty, got shape {x.shape}")
     if co_n < 1 or k < 1:
         raise ValueError(f"weight must be non-empty, got shape {weight.shape}")
-    if wc != c_n or k2 != k:
-        raise ValueError(
-            f"weight shape must be (Co, {c_n}, k, k) for x of shape {x.shape}, got {weight.shape}"
-        )
+    groups = _check_int("groups", groups, 1)
+    dilation = _check_int("dilation", dilation, 1)
+    if c_n % groups or co_n % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({c_n}) and the filters ({co_n})")
+    cg = c_n // groups
+    if wc != cg or k2 != k:
+        per_group = f" and groups={groups}" if groups > 1 else ""
+        raise ValueError(f"weight shape must be (Co, {cg}, k, k) for x of shape {x.shape}{per_group}, "
+                         f"got {weight.shape}")
     if bias.shape != (co_n,):
         raise ValueError(f"bias shape must be ({co_n},) for weight of shape {weight.shape}, got {bias.shape}")
-    stride = _check_int("stride", stride, 1)
+    if isinstance(stride, tuple):
+        if len(stride) != 2:
+            raise ValueError(f"stride must be an int or (stride_y, stride_x), got {stride!r}")
+        sy = _check_int("stride_y", stride[0], 1)
+        sx = _check_int("stride_x", stride[1], 1)
+    else:
+        sy = sx = _check_int("stride", stride, 1)
     pad_top = _check_int("pad_top", pad_top)
     pad_left = _check_int("pad_left", pad_left)
+    span = (k - 1) * dilation + 1
     if out_h is None:
-        out_h = (h + 2 * pad_top - k) // stride + 1
+        out_h = (h + 2 * pad_top - span) // sy + 1
         if out_h < 1:
-            raise ValueError(f"default out_h = (H + 2*pad_top - k)//stride + 1 = {out_h} < 1 "
-                             f"(H={h}, pad_top={pad_top}, k={k}, stride={stride}); pass out_h")
+            raise ValueError(f"default out_h = (H + 2*pad_top - span)//stride + 1 = {out_h} < 1 "
+                             f"(H={h}, pad_top={pad_top}, span={span}, stride={sy}); pass out_h")
     if out_w is None:
-        out_w = (w + 2 * pad_left - k) // stride + 1
+        out_w = (w + 2 * pad_left - span) // sx + 1
         if out_w < 1:
-            raise ValueError(f"default out_w = (W + 2*pad_left - k)//stride + 1 = {out_w} < 1 "
-                             f"(W={w}, pad_left={pad_left}, k={k}, stride={stride}); pass out_w")
+            raise ValueError(f"default out_w = (W + 2*pad_left - span)//stride + 1 = {out_w} < 1 "
+                             f"(W={w}, pad_left={pad_left}, span={span}, stride={sx}); pass out_w")
     out_h = _check_int("out_h", out_h, 1)
     out_w = _check_int("out_w", out_w, 1)
     act = _act_code(activation)
     out = output_array(out, (co_n, out_h, out_w), x=x, weight=weight, bias=bias)
-    w2 = weight.reshape(co_n, c_n * k * k)
-    out2 = out.reshape(co_n, out_h * out_w)  # a view: out is C-contiguous
-    if exact:
-        _conv2d_exact(x, w2, bias, k, stride, pad_top, pad_left, out_h, out_w, act, out2, KC, NC, MC, ORDER)
-    else:
-        _conv2d_blas(x, w2, bias, k, stride, pad_top, pad_left, out_h, out_w, act, out2)
+    og = co_n // groups
+    for g in range(groups):
+        # channel slices of C-contiguous CHW arrays are C-contiguous views: no copies
+        xg = x if groups == 1 else x[g * cg:(g + 1) * cg]
+        w2 = weight[g * og:(g + 1) * og].reshape(og, cg * k * k)
+        bg = bias if groups == 1 else bias[g * og:(g + 1) * og]
+        out2 = out[g * og:(g + 1) * og].reshape(og, out_h * out_w)  # a view: out is C-contiguous
+        if exact:
+            _conv2d_exact_ext(xg, w2, bg, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w, act, out2,
+                              KC, NC, MC, ORDER)
+        else:
+            _conv2d_blas(xg, w2, bg, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w, act, out2)
     return out

@@ -44,8 +44,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .images import load_input, synthetic_frame
-    from .layers import RegionSpec
-    from .region import detect
 
     t0 = time.perf_counter()
     net = load_network(args)
@@ -63,13 +61,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernel") as pool:
         for _ in range(max(1, args.repeat)):
             t1 = time.perf_counter()
-            out = net.forward(x, executor=pool, threads=threads)
+            outs = net.outputs(x, executor=pool, threads=threads)  # every yolo head, or the last layer
             timings.append(time.perf_counter() - t1)
-    last = net.layers[-1]
-    dets = []
-    if isinstance(last, RegionSpec):
-        dets = detect(out, last, img_w=img_w, img_h=img_h, net_w=shape[2], net_h=shape[1],
-                      thresh=args.thresh, nms=args.nms)
+    out = outs[-1]
+    dets = net.detect(outs, img_w=img_w, img_h=img_h, thresh=args.thresh, nms=args.nms)
     gflop = sum(l.flops for l in net.layers) / 1e9
     best = min(timings)
     result = {

@@ -24,7 +24,8 @@ __all__ = ["add_model_args", "load_network", "model_argv", "parse_grid_arg"]
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--cfg`` and either ``--weights`` or ``--random-weights``."""
     p.add_argument("--cfg", default="yolov2",
-                   help="darknet cfg path, or a built-in model: yolov2 (608), yolov2-tiny (416) [yolov2]")
+                   help="darknet cfg path, or a built-in model: yolov2, yolov3, yolov4 (608), yolov2-tiny, "
+                        "yolov3-tiny, yolov4-tiny (416) [yolov2]")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weights", help="darknet .weights file for the cfg")
     g.add_argument("--random-weights", type=int, metavar="SEED", default=None,

@@ -1,20 +1,42 @@
 """Darknet model format: cfg parsing with shape inference, and the binary weights file.
 
-Semantics follow the 2017 darknet that DeepThings builds on (``src/parser.c``):
+Two darknets, two sets of semantics, chosen per model (``ModelSpec.flavour``, see ``_flavour``):
+
+* ``2017``: the darknet DeepThings builds on, which trained YOLOv2 and YOLOv2-tiny. Plain
+  conv/maxpool stacks and cfgs with ``[region]``/``[reorg]`` get it (or ``[net] darknet=2017``).
+* ``alexeyab``: AlexeyAB's darknet (commit 59596d7), where today's YOLOv3/v4 weights come from.
+  Cfgs with ``[shortcut]``, ``[upsample]``, ``[yolo]``, route or conv ``groups``, ``dilation`` or
+  ``stride_x``/``stride_y`` get it (or ``[net] darknet=alexeyab``, a key of ours that darknet
+  ignores). A cfg mixing both without declaring one is refused.
+
+Common to both (``src/parser.c``):
 
 * Every line is stripped of *all* whitespace (darknet's ``strip`` also removes inner spaces, so
   ``anchors = 1, 2`` reads as ``anchors=1,2``). Lines starting with ``#`` or ``;`` are comments.
 * The first of duplicate keys wins (darknet's ``option_find`` returns the first match).
 * ``[net]`` batch is divided by subdivisions.
 * A convolution with no ``activation=`` line is **logistic**; ``pad=1`` means ``padding = size // 2``.
-* ``[maxpool]``: stride defaults to 1, size to stride, padding to ``(size - 1) // 2``; the output is
-  ``(H + 2 * padding) // stride`` and the window starts ``padding`` pixels before ``y * stride``
-  (newer darknet forks use ``padding = size - 1``, ``out = (H + padding - size) // stride + 1``;
-  both agree on even inputs and differ on odd inputs to stride-2 pools; we follow 2017 darknet).
 * Weights: int32 major, minor, revision; ``seen`` is a size_t (8 bytes) when
   ``major * 10 + minor >= 2`` and both are below 1000, else an int32; then per convolutional
   layer: biases, [scales, rolling mean, rolling variance if batch_normalize], weights in
-  (filters, channels, k, k) order. Darknet never checks the file length; we do, both ways.
+  (filters, channels / groups, k, k) order. No other layer kind has weights here (AlexeyAB's
+  weighted shortcuts are refused). Darknet never checks the file length; we do, both ways.
+
+Where they differ:
+
+* Batch norm at inference. 2017: ``(x - mean) / (sqrt(var) + 1e-6)``, the epsilon outside the
+  root. AlexeyAB folds it into the conv at load (``fuse_conv_batchnorm``) with ``sqrt(var +
+  1e-5)`` in double. Each model keeps the rule it was trained with: YOLOv2's numbers are the
+  2017 darknet's, and YOLOv3/v4 weights are AlexeyAB's (see :meth:`ConvParams.folded`).
+* ``[maxpool]``. 2017: stride defaults to 1, size to stride, padding to ``(size - 1) // 2``; the
+  output is ``(H + 2 * padding) // stride`` and the window starts ``padding`` pixels before
+  ``y * stride``. AlexeyAB: padding defaults to ``size - 1``, ``out = (H + padding - size) //
+  stride + 1`` and the window starts ``padding // 2`` before. Both agree on even inputs and
+  differ on odd inputs to stride-2 pools.
+* Activations: AlexeyAB's are float32 formulas (``logistic`` is ``logistic_f32`` there) and add
+  relu6, swish and mish (see :mod:`kernels.activations`).
+* Convolution: AlexeyAB adds ``groups``, ``dilation`` (padding is multiplied by it, and a 1x1
+  kernel ignores it) and ``stride_x``/``stride_y``.
 """
 
 from __future__ import annotations
@@ -32,6 +54,7 @@ import numpy as np
 from .errors import CfgError, WeightsError
 from .layers import (
     ACTIVATIONS,
+    ALEXEYAB_ACTIVATIONS,
     ConvSpec,
     LayerSpec,
     MaxPoolSpec,
@@ -39,6 +62,9 @@ from .layers import (
     ReorgSpec,
     RouteSpec,
     Shape,
+    ShortcutSpec,
+    UpsampleSpec,
+    YoloSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +79,9 @@ SECTION_ALIASES = {
     "route": "route",
     "reorg": "reorg",
     "region": "region",
+    "shortcut": "shortcut",
+    "upsample": "upsample",
+    "yolo": "yolo",
 }
 
 # A cfg bigger than this is not a darknet model file; refuse it before reading it whole.
@@ -91,6 +120,7 @@ class ModelSpec:
     source: str
     net: NetInfo
     layers: tuple[LayerSpec, ...]
+    flavour: str = "2017"  # whose darknet's semantics: "2017" or "alexeyab" (see the module docstring)
 
     @property
     def input_shape(self) -> Shape:
@@ -210,8 +240,249 @@ class _Opts:
             raise CfgError(f"{self.where(key)} {key}= is set; {what} is not supported")
 
 
+FLAVOUR_2017 = "2017"
+FLAVOUR_ALEXEYAB = "alexeyab"
+FLAVOURS = (FLAVOUR_2017, FLAVOUR_ALEXEYAB)
+#: Sections only AlexeyAB darknet (of the two we follow) has; their presence picks its semantics.
+_ALEXEYAB_SECTIONS = ("shortcut", "upsample", "yolo")
+#: Sections only the 2017 darknet of YOLOv2 is followed for here.
+_2017_SECTIONS = ("region", "reorg")
+_NMS_KINDS = ("default", "greedynms")
+
+
+def _flavour(sections: list[Section], source: str) -> str:
+    """Which darknet's semantics a cfg gets: declared by ``[net] darknet=2017|alexeyab`` (a key
+    of ours; darknet ignores unknown keys), else chosen from what the cfg uses.
+
+    AlexeyAB's layer kinds ([shortcut], [upsample], [yolo]) or keys (route ``groups``, conv
+    ``groups``/``dilation``/``stride_x``/``stride_y``) pick AlexeyAB; [region]/[reorg] pick 2017, as
+    does a plain conv/maxpool stack (the existing YOLOv2 behaviour). Both kinds in one cfg without
+    a declaration is an error rather than a guess.
+    """
+    net = sections[0]
+    declared = net.options.get("darknet")
+    net.used.add("darknet")
+    if declared is not None:
+        if declared not in FLAVOURS:
+            raise CfgError(f"{source}:{net.option_lines['darknet']}: [net] darknet={declared!r} is not one of "
+                           f"{', '.join(FLAVOURS)}")
+        return declared
+    new = old = None
+    for sec in sections[1:]:
+        opts = sec.options
+        marked = sec.name in _ALEXEYAB_SECTIONS
+        if sec.name in ("route", "conv"):  # keys 2017 darknet does not have, at a value that matters
+            marked = marked or opts.get("groups", "1") != "1"
+        if sec.name == "conv":
+            marked = marked or opts.get("dilation", "1") != "1" or "stride_x" in opts or "stride_y" in opts
+        if new is None and marked:
+            new = sec
+        if old is None and sec.name in _2017_SECTIONS:
+            old = sec
+    if new is not None and old is not None:
+        raise CfgError(f"{source}: mixes AlexeyAB darknet's [{new.name}] (line {new.line}) with 2017 darknet's "
+                       f"[{old.name}] (line {old.line}); declare darknet=2017 or darknet=alexeyab in [net]")
+    return FLAVOUR_ALEXEYAB if new is not None else FLAVOUR_2017
+
+
+def _layer_refs(o: _Opts, key: str, index: int, what: str) -> tuple[int, ...]:
+    """Absolute indices of a route's ``layers`` or a shortcut's ``from`` (negative = relative),
+    each an earlier layer."""
+    refs = o.ints(key, required=True)
+    if not refs:
+        raise CfgError(f"{o.where(key)} {what} needs at least one layer")
+    sources = tuple(r + index if r < 0 else r for r in refs)
+    for r, s in zip(refs, sources):
+        if not 0 <= s < index:
+            later = " (a later layer or itself)" if s >= index else ""
+            raise CfgError(f"{o.where(key)} layer {index}: {what} to layer {r} (= {s}) is out of range{later}; "
+                           f"it must name one of the layers 0..{index - 1} before it")
+    return sources
+
+
+def _activation(o: _Opts, default: str, flavour: str) -> str:
+    """The kernel activation name for a cfg ``activation=`` under ``flavour``."""
+    name = o.string("activation", default)
+    if flavour == FLAVOUR_ALEXEYAB:
+        if name not in ALEXEYAB_ACTIVATIONS:
+            raise CfgError(f"{o.where('activation')} activation={name!r} is not supported "
+                           f"(supported: {', '.join(ALEXEYAB_ACTIVATIONS)})")
+        return ALEXEYAB_ACTIVATIONS[name]
+    if name not in ACTIVATIONS:
+        hint = " in a 2017 darknet model (add darknet=alexeyab to [net] for AlexeyAB's activations)" \
+            if name in ALEXEYAB_ACTIVATIONS else ""
+        raise CfgError(f"{o.where('activation')} activation={name!r} is not supported{hint} "
+                       f"(supported: {', '.join(ACTIVATIONS)})")
+    return name
+
+
+def _parse_conv(o: _Opts, index: int, shape: Shape, flavour: str) -> ConvSpec:
+    c, h, w = shape
+    filters = o.integer("filters", required=True, minimum=1)
+    size = o.integer("size", required=True, minimum=1)
+    pad_flag = o.integer("pad", 0)
+    padding = o.integer("padding", 0, minimum=0)
+    if pad_flag:
+        padding = size // 2
+    activation = _activation(o, "logistic", flavour)
+    bn = bool(o.integer("batch_normalize", 0))
+    for key, what in (("binary", "binary weights"), ("xnor", "XNOR convolution")):
+        o.unsupported_if_set(key, what)
+    if flavour == FLAVOUR_2017:
+        sy = sx = o.integer("stride", 1, minimum=1)
+        groups = dilation = 1
+        if o.integer("groups", 1) != 1:
+            raise CfgError(f"{o.where('groups')} grouped convolution is not supported in a 2017 darknet model")
+    else:
+        for key, what in (("antialiasing", "antialiasing"), ("share_index", "shared weights"),
+                          ("deform", "deformable convolution"), ("sway", "sway"), ("rotate", "rotate"),
+                          ("stretch", "stretch"), ("stretch_sway", "stretch_sway"), ("coordconv", "coordconv"),
+                          ("cbn", "cross-iteration batch norm")):
+            if key == "share_index":
+                if key in o.sec.options:
+                    raise CfgError(f"{o.where(key)} share_index= is set; shared weights are not supported")
+                continue
+            o.unsupported_if_set(key, what)
+        # parse_convolutional: stride_x/stride_y default to stride unless both are given
+        sx = o.integer("stride_x", -1)
+        sy = o.integer("stride_y", -1)
+        stride = o.integer("stride", 1, minimum=1)
+        sx = stride if sx < 1 else sx
+        sy = stride if sy < 1 else sy
+        groups = o.integer("groups", 1, minimum=1)
+        dilation = o.integer("dilation", 1, minimum=1)
+        if size == 1:
+            dilation = 1  # as darknet: a 1x1 kernel has no taps to spread
+        if c % groups or filters % groups:
+            raise CfgError(f"{o.where('groups')} layer {index}: groups={groups} must divide the {c} input channels "
+                           f"and the {filters} filters")
+    span = (size - 1) * dilation + 1
+    pad = padding * dilation  # AlexeyAB passes l.pad * l.dilation to im2col
+    if h + 2 * pad < span or w + 2 * pad < span:
+        raise CfgError(f"{o.where()} conv {size}x{size} (dilation {dilation}) with padding {pad} does not fit its "
+                       f"{h}x{w} input")
+    ho = (h + 2 * pad - span) // sy + 1
+    wo = (w + 2 * pad - span) // sx + 1
+    if dilation > 1 and (ho, wo) != ((h + 2 * padding - size) // sy + 1, (w + 2 * padding - size) // sx + 1):
+        # darknet sizes the output with the undilated kernel but im2col with the dilated one; where
+        # the two disagree its layer reads past its buffers, so there is no darknet result to match
+        raise CfgError(f"{o.where('dilation')} layer {index}: dilation {dilation} with size {size} and padding "
+                       f"{padding} gives an output size darknet computes inconsistently; not supported")
+    return ConvSpec(index, shape, (filters, ho, wo), filters, size, sy, pad, activation, bn, groups, dilation,
+                    0 if sx == sy else sx)
+
+
+def _parse_maxpool(o: _Opts, index: int, shape: Shape, flavour: str) -> MaxPoolSpec:
+    c, h, w = shape
+    stride = o.integer("stride", 1, minimum=1)
+    size = o.integer("size", stride, minimum=1)
+    if flavour == FLAVOUR_2017:
+        padding = o.integer("padding", (size - 1) // 2, minimum=0)
+        ho = (h + 2 * padding) // stride
+        wo = (w + 2 * padding) // stride
+        origin = padding
+    else:
+        for key, what in (("maxpool_depth", "maxpool over channels"), ("antialiasing", "antialiasing")):
+            o.unsupported_if_set(key, what)
+        if o.integer("stride_x", stride) != stride or o.integer("stride_y", stride) != stride:
+            raise CfgError(f"{o.where()} layer {index}: a maxpool with stride_x/stride_y other than stride is "
+                           "not supported")
+        padding = o.integer("padding", size - 1, minimum=0)
+        ho = (h + padding - size) // stride + 1
+        wo = (w + padding - size) // stride + 1
+        origin = padding // 2  # C's -l.pad / 2 truncates toward zero: -(padding // 2) for padding >= 0
+        if h + padding < size or w + padding < size:
+            ho = wo = 0
+    if ho < 1 or wo < 1:
+        raise CfgError(f"{o.where()} maxpool output of a {h}x{w} input would be empty")
+    return MaxPoolSpec(index, shape, (c, ho, wo), size, stride, origin)
+
+
+def _parse_route(o: _Opts, index: int, layers: list[LayerSpec], flavour: str) -> RouteSpec:
+    sources = _layer_refs(o, "layers", index, "route")
+    src_shapes = [layers[s].out_shape for s in sources]
+    hw = {(sh[1], sh[2]) for sh in src_shapes}
+    if len(hw) != 1:
+        raise CfgError(f"{o.where('layers')} route joins maps of different sizes {src_shapes}")
+    (rh, rw), = hw
+    groups, group_id = 1, 0
+    if flavour == FLAVOUR_ALEXEYAB:
+        groups = o.integer("groups", 1, minimum=1)
+        group_id = o.integer("group_id", 0, minimum=0)
+        if group_id >= groups:
+            raise CfgError(f"{o.where('group_id')} layer {index}: group_id={group_id} must be below groups={groups}")
+        for s, sh in zip(sources, src_shapes):
+            if sh[0] % groups:
+                raise CfgError(f"{o.where('groups')} layer {index}: route groups={groups} does not divide layer "
+                               f"{s}'s {sh[0]} channels")
+    channels = sum(sh[0] // groups for sh in src_shapes)
+    return RouteSpec(index, src_shapes[0], (channels, rh, rw), sources, groups, group_id)
+
+
+def _parse_shortcut(o: _Opts, index: int, shape: Shape, layers: list[LayerSpec]) -> ShortcutSpec:
+    for key in ("weights_type", "weights_normalization"):
+        value = o.string(key, "none")
+        if value != "none":
+            raise CfgError(f"{o.where(key)} layer {index}: shortcut {key}={value} is not supported "
+                           "(only none: a plain sum)")
+    if index == 0:
+        raise CfgError(f"{o.where()} a shortcut cannot be the first layer (it adds to the previous one)")
+    sources = _layer_refs(o, "from", index, "shortcut")
+    for s in sources:
+        sh = layers[s].out_shape
+        if sh[1:] != shape[1:]:
+            raise CfgError(f"{o.where('from')} layer {index}: shortcut from layer {s} ({sh[1]}x{sh[2]}) to a "
+                           f"{shape[1]}x{shape[2]} map; the sizes must match")
+    activation = _activation(o, "linear", FLAVOUR_ALEXEYAB)
+    return ShortcutSpec(index, shape, shape, sources, activation)
+
+
+def _parse_upsample(o: _Opts, index: int, shape: Shape) -> UpsampleSpec:
+    c, h, w = shape
+    stride = o.integer("stride", 2)
+    if stride < 1:
+        raise CfgError(f"{o.where('stride')} layer {index}: upsample stride={stride} (a negative stride is "
+                       "darknet's downsampling) is not supported; it must be >= 1")
+    scale = o.floats("scale")
+    if len(scale) > 1:
+        raise CfgError(f"{o.where('scale')} layer {index}: scale must be one number")
+    return UpsampleSpec(index, shape, (c, h * stride, w * stride), stride, scale[0] if scale else 1.0)
+
+
+def _parse_yolo(o: _Opts, index: int, shape: Shape) -> YoloSpec:
+    c = shape[0]
+    classes = o.integer("classes", 20, minimum=1)
+    total = o.integer("num", 1, minimum=1)
+    mask = o.ints("mask") if "mask" in o.sec.options else tuple(range(total))
+    if not mask or any(not 0 <= m < total for m in mask):
+        raise CfgError(f"{o.where('mask')} layer {index}: mask={','.join(map(str, mask))} must name anchors "
+                       f"0..{total - 1} (num={total})")
+    anchors = o.floats("anchors")
+    if anchors and len(anchors) != 2 * total:
+        raise CfgError(f"{o.where('anchors')} has {len(anchors)} numbers, num={total} needs {2 * total}")
+    if not anchors:
+        anchors = (0.5,) * (2 * total)  # darknet's default biases
+    if c != len(mask) * (classes + 5):
+        raise CfgError(f"{o.where()} layer {index}: yolo expects {len(mask)}*(4+1+{classes}) = "
+                       f"{len(mask) * (classes + 5)} input channels, the previous layer gives {c}")
+    scale = o.floats("scale_x_y")
+    nms_kind = o.string("nms_kind", "default")
+    if nms_kind not in _NMS_KINDS:
+        raise CfgError(f"{o.where('nms_kind')} layer {index}: nms_kind={nms_kind} is not supported "
+                       f"(supported: {', '.join(_NMS_KINDS)})")
+    beta = o.floats("beta_nms")
+    # anchors are darknet floats (atof into float biases)
+    anchors = tuple(float(np.float32(a)) for a in anchors)
+    return YoloSpec(index, shape, shape, classes, mask, anchors, scale[0] if scale else 1.0,
+                    bool(o.integer("new_coords", 0)), nms_kind, beta[0] if beta else 0.6)
+
+
 def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
     """Parse darknet cfg text into a :class:`ModelSpec`, inferring every layer's shapes.
+
+    The semantics are those of the darknet the model comes from (:func:`_flavour` picks it):
+    ``2017`` for YOLOv2 and plain conv/maxpool stacks, ``alexeyab`` for YOLOv3/v4 (see the
+    module docstring for what differs).
 
     Parameters
     ----------
@@ -224,10 +495,12 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
     ------
     CfgError
         With ``file:line`` for unknown sections, missing or malformed keys, unsupported options,
-        or shapes that do not work out (a layer whose output would be empty, a route of mismatched
-        maps, a region whose input channels do not fit its anchors and classes).
+        references to layers that do not exist yet, or shapes that do not work out (a layer whose
+        output would be empty, a route of mismatched maps, a head whose input channels do not fit
+        its anchors and classes, groups that do not divide the channels).
     """
     sections = _read_sections(text, source)
+    flavour = _flavour(sections, source)
     o = _Opts(sections[0], source)
     batch = o.integer("batch", 1, minimum=1)
     subdivisions = o.integer("subdivisions", 1, minimum=1)
@@ -245,57 +518,23 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
         spec: LayerSpec
         if sec.name == "net":
             raise CfgError(f"{source}:{sec.line}: a second [net] section")
+        if flavour == FLAVOUR_2017 and sec.name in _ALEXEYAB_SECTIONS:
+            raise CfgError(f"{source}:{sec.line}: [{sec.name}] is AlexeyAB darknet's; this cfg declares darknet=2017")
+        if flavour == FLAVOUR_ALEXEYAB and sec.name in _2017_SECTIONS:
+            raise CfgError(f"{source}:{sec.line}: [{sec.name}] is supported in 2017 darknet models only "
+                           "(this cfg is read as AlexeyAB darknet's)")
         if sec.name == "conv":
-            filters = o.integer("filters", required=True, minimum=1)
-            size = o.integer("size", required=True, minimum=1)
-            stride = o.integer("stride", 1, minimum=1)
-            pad_flag = o.integer("pad", 0)
-            padding = o.integer("padding", 0, minimum=0)
-            if pad_flag:
-                padding = size // 2
-            activation = o.string("activation", "logistic")
-            if activation not in ACTIVATIONS:
-                raise CfgError(
-                    f"{o.where('activation')} activation={activation!r} is not supported "
-                    f"(supported: {', '.join(ACTIVATIONS)})"
-                )
-            bn = bool(o.integer("batch_normalize", 0))
-            for key, what in (("binary", "binary weights"), ("xnor", "XNOR convolution")):
-                o.unsupported_if_set(key, what)
-            if o.integer("groups", 1) != 1:
-                raise CfgError(f"{o.where('groups')} grouped convolution is not supported")
-            ho = (h + 2 * padding - size) // stride + 1
-            wo = (w + 2 * padding - size) // stride + 1
-            if h + 2 * padding < size or w + 2 * padding < size:
-                raise CfgError(
-                    f"{o.where()} conv {size}x{size} with padding {padding} does not fit its "
-                    f"{h}x{w} input"
-                )
-            spec = ConvSpec(index, shape, (filters, ho, wo), filters, size, stride, padding,
-                            activation, bn)
+            spec = _parse_conv(o, index, shape, flavour)
         elif sec.name == "maxpool":
-            stride = o.integer("stride", 1, minimum=1)
-            size = o.integer("size", stride, minimum=1)
-            padding = o.integer("padding", (size - 1) // 2, minimum=0)
-            ho = (h + 2 * padding) // stride
-            wo = (w + 2 * padding) // stride
-            if ho < 1 or wo < 1:
-                raise CfgError(f"{o.where()} maxpool output of a {h}x{w} input would be empty")
-            spec = MaxPoolSpec(index, shape, (c, ho, wo), size, stride, padding)
+            spec = _parse_maxpool(o, index, shape, flavour)
         elif sec.name == "route":
-            refs = o.ints("layers", required=True)
-            if not refs:
-                raise CfgError(f"{o.where('layers')} route needs at least one layer")
-            sources = tuple(r + index if r < 0 else r for r in refs)
-            for r, s in zip(refs, sources):
-                if not 0 <= s < index:
-                    raise CfgError(f"{o.where('layers')} route to layer {r} (= {s}) is out of range")
-            src_shapes = [layers[s].out_shape for s in sources]
-            hw = {(sh[1], sh[2]) for sh in src_shapes}
-            if len(hw) != 1:
-                raise CfgError(f"{o.where('layers')} route joins maps of different sizes {src_shapes}")
-            (rh, rw), = hw
-            spec = RouteSpec(index, src_shapes[0], (sum(sh[0] for sh in src_shapes), rh, rw), sources)
+            spec = _parse_route(o, index, layers, flavour)
+        elif sec.name == "shortcut":
+            spec = _parse_shortcut(o, index, shape, layers)
+        elif sec.name == "upsample":
+            spec = _parse_upsample(o, index, shape)
+        elif sec.name == "yolo":
+            spec = _parse_yolo(o, index, shape)
         elif sec.name == "reorg":
             stride = o.integer("stride", 1, minimum=1)
             for key in ("reverse", "flatten", "extra"):
@@ -330,7 +569,11 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
         shape = spec.out_shape
     if not layers:
         raise CfgError(f"{source}: no layers after [net]")
-    return ModelSpec(source, net, tuple(layers))
+    heads = [l for l in layers if isinstance(l, YoloSpec)]
+    if len({h.classes for h in heads}) > 1:
+        raise CfgError(f"{source}: the [yolo] layers have different classes= "
+                       f"({', '.join(f'layer {h.index}: {h.classes}' for h in heads)})")
+    return ModelSpec(source, net, tuple(layers), flavour)
 
 
 def parse_cfg(path: str | os.PathLike[str]) -> ModelSpec:
@@ -370,13 +613,18 @@ class ConvParams:
     rolling_mean: np.ndarray | None = None
     rolling_variance: np.ndarray | None = None
 
-    def folded(self) -> tuple[np.ndarray, np.ndarray]:
-        """Weights and bias with batch norm folded in, as darknet's inference computes it.
+    def folded(self, flavour: str = "2017") -> tuple[np.ndarray, np.ndarray]:
+        """Weights and bias with batch norm folded in, by the rule of the model's darknet.
 
-        darknet: ``y = (conv - mean) / (sqrt(var) + 1e-6) * scale + bias`` (the epsilon is added
-        to the square root, in double precision since C's ``sqrt`` is double). Folding gives
-        ``w' = w * k`` and ``b' = bias - mean * k`` with ``k = scale / (sqrt(var) + 1e-6)``,
-        computed in float64 and rounded once to float32.
+        ``"2017"`` (YOLOv2): ``y = (conv - mean) / (sqrt(var) + 1e-6) * scale + bias`` (the
+        epsilon is added to the square root, in double precision since C's ``sqrt`` is double).
+        Folding gives ``w' = w * k`` and ``b' = bias - mean * k`` with ``k = scale / (sqrt(var) +
+        1e-6)``, computed in float64 and rounded once to float32; the weights are scaled in
+        float32 (one rounding of a float32 product).
+
+        ``"alexeyab"`` (YOLOv3/v4): AlexeyAB's ``fuse_conv_batchnorm`` exactly: ``k = scale /
+        sqrt(double(var) + .00001)``, ``w' = float(double(w) * k)``, ``b' = float(bias -
+        double(scale) * mean / sqrt(double(var) + .00001))``.
         """
         if self.scales is None:
             return self.weights.astype(np.float32, copy=True), self.biases.astype(np.float32, copy=True)
@@ -387,6 +635,16 @@ class ConvParams:
         var = self.rolling_variance.astype(np.float64)
         if np.any(var < 0):
             raise WeightsError("batch-norm variance is negative")
+        if flavour == "alexeyab":
+            root = np.sqrt(var + 0.00001)
+            k = self.scales.astype(np.float64) / root
+            b = (self.biases.astype(np.float64)
+                 - self.scales.astype(np.float64) * self.rolling_mean.astype(np.float64) / root).astype(np.float32)
+            w = np.empty(self.weights.shape, np.float32)
+            # filter by filter: a float64 copy of a whole YOLOv4 layer would be 38 MB more on a Pi
+            for f in range(len(w)):
+                w[f] = self.weights[f].astype(np.float64) * k[f]
+            return w, b
         k = self.scales.astype(np.float64) / (np.sqrt(var) + 1e-6)
         # The per-channel factor is computed in double, as darknet does; the weights are scaled
         # in float32 (one rounding of a float32 product) rather than through a float64 copy of
@@ -442,12 +700,12 @@ def read_weights(path: str | os.PathLike[str], spec: ModelSpec) -> dict[int, Con
 
     for layer, _ in _expected_layout(spec):
         n = layer.filters
-        c = layer.in_shape[0]
         biases = take(n)
         scales = mean = var = None
         if layer.batch_normalize:
             scales, mean, var = take(n), take(n), take(n)
-        weights = take(n * c * layer.size * layer.size).reshape(n, c, layer.size, layer.size)
+        shape = layer.weight_shape
+        weights = take(int(np.prod(shape))).reshape(shape)
         params[layer.index] = ConvParams(biases, weights, scales, mean, var)
     return params
 
@@ -462,7 +720,7 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
     rng = np.random.default_rng(seed)
     params: dict[int, ConvParams] = {}
     for layer in spec.conv_layers():
-        n, c, k = layer.filters, layer.in_shape[0], layer.size
+        n, c, k = layer.filters, layer.in_shape[0] // layer.groups, layer.size
         fan_in = c * k * k
         # He-uniform weights, U(-a, a) with a = sqrt(6 / fan_in) (the variance of He-normal),
         # drawn as float32 in place: 4x faster than normal draws for YOLOv2's 51 M parameters,
@@ -496,6 +754,9 @@ def write_weights(path: str | os.PathLike[str], spec: ModelSpec, params: dict[in
                 raise WeightsError(f"layer {layer.index} has batch_normalize=1 but its parameters "
                                    "lack scales, rolling mean or rolling variance")
             parts = [p.biases, p.scales, p.rolling_mean, p.rolling_variance]
+        if tuple(p.weights.shape) != layer.weight_shape or any(a.shape != (layer.filters,) for a in parts):
+            raise WeightsError(f"layer {layer.index}: parameters of shapes {p.weights.shape} and "
+                               f"{[a.shape for a in parts]} do not fit the cfg's {layer.weight_shape}")
         for a in (*parts, p.weights):
             chunks.append(np.ascontiguousarray(a, dtype="<f4").tobytes())
     blob = b"".join(chunks)

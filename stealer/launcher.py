@@ -9,7 +9,6 @@ SHA-256 must match bit for bit).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -174,6 +173,7 @@ def _source_seeds(work: Path, nodes: int, placement: dict[int, list[int]], seed:
 def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict[str, int]) -> int:
     """Recompute every frame on this device and compare output digests; returns mismatches."""
     from .images import synthetic_frame
+    from .network import output_digest
 
     net = load_network(args)
     bad = 0
@@ -183,8 +183,8 @@ def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict
             if r["source"] not in seeds:
                 raise StealerError(f"cannot tell which feed {r['source']} was")
             frame = synthetic_frame(seeds[r["source"]], r["frame"], net.input_shape)
-            out = net.forward(frame, executor=pool, threads=threads)
-            if hashlib.sha256(out.tobytes()).hexdigest() != r["output_sha256"]:
+            outs = net.outputs(frame, executor=pool, threads=threads)  # every yolo head, or the last layer
+            if output_digest(outs) != r["output_sha256"]:
                 bad += 1
                 print(f"frame {r['frame']} of {r['source']}: output differs", file=sys.stderr)
     return bad

@@ -4,6 +4,10 @@ These frozen dataclasses are what the cfg parser produces after shape inference.
 works on them alone, so a plan can be built and tested without weights.
 
 Shapes are (C, H, W). Indices are the darknet layer index (0 = first layer after ``[net]``).
+
+``ConvSpec.activation`` is the *kernel's* activation name (see :mod:`kernels.activations`): the
+parser maps a cfg's name to the formula of the darknet that trained the model, so an AlexeyAB
+``logistic`` is ``logistic_f32`` here and a 2017 ``logistic`` stays ``logistic``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from typing import Union
 
 Shape = tuple[int, int, int]
 
+#: cfg activation names 2017 darknet models may use (the kernel names are the same).
 ACTIVATIONS = ("linear", "leaky", "logistic", "relu")
+#: cfg activation names of AlexeyAB darknet models, and the kernel formula each one runs.
+ALEXEYAB_ACTIVATIONS = {"linear": "linear", "leaky": "leaky", "logistic": "logistic_f32", "relu": "relu",
+                        "relu6": "relu6", "swish": "swish_f32", "mish": "mish_f32"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,15 +34,33 @@ class ConvSpec:
     filters: int
     size: int
     stride: int
-    pad: int  # zero padding on every side, in input pixels (darknet: pad=1 means size//2)
-    activation: str
+    pad: int  # zero padding on every side, in input pixels (darknet: pad=1 means size//2; times dilation)
+    activation: str  # the kernel's name (see the module docstring)
     batch_normalize: bool
+    groups: int = 1  # AlexeyAB: filters and input channels split into this many independent groups
+    dilation: int = 1  # AlexeyAB: distance between kernel taps
+    stride_x: int = 0  # AlexeyAB stride_x when it differs from ``stride`` (then the row stride); 0 = same
 
     kind = "conv"
 
     @property
+    def strides(self) -> tuple[int, int]:
+        """(row stride, column stride)."""
+        return self.stride, self.stride_x or self.stride
+
+    @property
+    def span(self) -> int:
+        """Input pixels one window covers along an axis: ``(size - 1) * dilation + 1``."""
+        return (self.size - 1) * self.dilation + 1
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """(filters, input channels per group, size, size): the order of the weights file."""
+        return (self.filters, self.in_shape[0] // self.groups, self.size, self.size)
+
+    @property
     def n_params(self) -> int:
-        c = self.in_shape[0]
+        c = self.in_shape[0] // self.groups
         extra = 3 * self.filters if self.batch_normalize else 0
         return self.filters * c * self.size * self.size + self.filters + extra
 
@@ -42,13 +68,18 @@ class ConvSpec:
     def flops(self) -> int:
         """Floating-point operations (2 per multiply-accumulate) of the whole layer."""
         co, ho, wo = self.out_shape
-        return 2 * co * ho * wo * self.in_shape[0] * self.size * self.size
+        return 2 * co * ho * wo * (self.in_shape[0] // self.groups) * self.size * self.size
 
 
 @dataclass(frozen=True, slots=True)
 class MaxPoolSpec:
-    """``[maxpool]`` with the 2017 darknet rule: pad = padding (default (size-1)//2) on the top/left,
-    out = (H + 2*padding) // stride; window positions outside the map are skipped, not zero."""
+    """``[maxpool]``: out[c, y, x] = max over the in-map part of the window at
+    ``(y*stride - pad, x*stride - pad)``; positions outside the map are skipped, never zeros.
+
+    ``pad`` is the window origin offset, ``out_shape`` the output size, of whichever rule the
+    model's darknet uses: 2017 ``pad = padding`` (default (size-1)//2), out = (H + 2*padding) //
+    stride; AlexeyAB ``pad = padding // 2`` (padding default size-1), out = (H + padding - size)
+    // stride + 1 (see :mod:`stealer.darknet`)."""
 
     index: int
     in_shape: Shape
@@ -64,12 +95,19 @@ class MaxPoolSpec:
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """``[route]``: channel concatenation of earlier layers' outputs, in the listed order."""
+    """``[route]``: channel concatenation of earlier layers' outputs, in the listed order.
+
+    With AlexeyAB's ``groups``/``group_id`` each source contributes the flat chunk ``group_id``
+    of ``groups`` equal chunks of its buffer, i.e. its channels ``[group_id*C/groups,
+    (group_id+1)*C/groups)`` (the parser requires ``groups`` to divide every source's channels).
+    """
 
     index: int
     in_shape: Shape  # shape of the first source (informational)
     out_shape: Shape
     sources: tuple[int, ...]  # absolute layer indices
+    groups: int = 1
+    group_id: int = 0
 
     kind = "route"
     n_params = 0
@@ -108,4 +146,63 @@ class RegionSpec:
     flops = 0
 
 
-LayerSpec = Union[ConvSpec, MaxPoolSpec, RouteSpec, ReorgSpec, RegionSpec]
+@dataclass(frozen=True, slots=True)
+class UpsampleSpec:
+    """AlexeyAB ``[upsample]``: nearest neighbour by ``stride``, values times ``scale``."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    stride: int
+    scale: float
+
+    kind = "upsample"
+    n_params = 0
+    flops = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ShortcutSpec:
+    """AlexeyAB ``[shortcut]`` without weights: the previous layer's output plus each ``sources``
+    layer's over the flat buffer (up to the shorter length), then ``activation`` (kernel name).
+    The output has the previous layer's shape."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    sources: tuple[int, ...]  # absolute layer indices of the ``from`` layers
+    activation: str
+
+    kind = "shortcut"
+    n_params = 0
+    flops = 0
+
+
+@dataclass(frozen=True, slots=True)
+class YoloSpec:
+    """AlexeyAB ``[yolo]``: one detection head (see :func:`kernels.yolo_activate` and
+    :mod:`stealer.yolo`). ``anchors`` holds all ``total`` anchor pairs; ``mask`` picks this
+    head's ``len(mask)`` of them."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    classes: int
+    mask: tuple[int, ...]
+    anchors: tuple[float, ...]
+    scale_x_y: float
+    new_coords: bool
+    nms_kind: str  # "default" (do_nms_sort) or "greedynms" (DIoU)
+    beta_nms: float
+
+    kind = "yolo"
+    n_params = 0
+    flops = 0
+
+    @property
+    def num(self) -> int:
+        """Anchors of this head (the mask's length)."""
+        return len(self.mask)
+
+
+LayerSpec = Union[ConvSpec, MaxPoolSpec, RouteSpec, ReorgSpec, RegionSpec, UpsampleSpec, ShortcutSpec, YoloSpec]

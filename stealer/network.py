@@ -4,6 +4,10 @@
 about how kernels work inside. Kernels are ``nogil`` and single-threaded per call; a network
 given an executor splits each conv's output channels across it (each thread writes its own
 channel slice, so the result is bit-identical to the single-threaded run).
+
+The layers form a DAG (routes and shortcuts read earlier outputs): the forward pass keeps a
+layer's output only while a later layer in the range still reads it. A model's *outputs* are its
+``[yolo]`` heads' outputs in layer order (YOLOv3/v4), else its last layer's (YOLOv2).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -22,16 +26,23 @@ import kernels
 
 from .darknet import ConvParams, ModelSpec, parse_cfg, parse_cfg_text, random_weights, read_weights
 from .errors import ShapeError
-from .layers import ConvSpec, LayerSpec, MaxPoolSpec, RegionSpec, ReorgSpec, RouteSpec, Shape
+from .layers import (ConvSpec, LayerSpec, MaxPoolSpec, RegionSpec, ReorgSpec, RouteSpec, Shape, ShortcutSpec,
+                     UpsampleSpec, YoloSpec)
+
+if TYPE_CHECKING:
+    from .region import Detection
 
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).with_name("models")
-BUILTIN_MODELS = {"yolov2": MODELS_DIR / "yolov2.cfg", "yolov2-tiny": MODELS_DIR / "yolov2-tiny.cfg"}
+#: Built-in models: YOLOv2 (608) and YOLOv2-tiny (416) in 2017 darknet's semantics; YOLOv3 and
+#: YOLOv4 (608), YOLOv3-tiny and YOLOv4-tiny (416) in AlexeyAB darknet's.
+BUILTIN_MODELS = {name: MODELS_DIR / f"{name}.cfg"
+                  for name in ("yolov2", "yolov2-tiny", "yolov3", "yolov3-tiny", "yolov4", "yolov4-tiny")}
 
 
 def builtin_cfg(name: str) -> Path:
-    """Path of a cfg shipped inside the package (``yolov2`` at 608, ``yolov2-tiny`` at 416)."""
+    """Path of a cfg shipped inside the package (see :data:`BUILTIN_MODELS`)."""
     try:
         return BUILTIN_MODELS[name]
     except KeyError:
@@ -62,11 +73,22 @@ def describe(layer: LayerSpec) -> str:
     if isinstance(layer, ConvSpec):
         act = "" if layer.activation == "linear" else f" {layer.activation}"
         bn = " bn" if layer.batch_normalize else ""
-        return f"conv {layer.size}x{layer.size}/{layer.stride} p{layer.pad} {layer.filters}{bn}{act}"
+        sy, sx = layer.strides
+        stride = f"{sy}" if sy == sx else f"{sy}x{sx}"
+        extra = (f" g{layer.groups}" if layer.groups > 1 else "") + (f" d{layer.dilation}" if layer.dilation > 1 else "")
+        return f"conv {layer.size}x{layer.size}/{stride} p{layer.pad}{extra} {layer.filters}{bn}{act}"
     if isinstance(layer, MaxPoolSpec):
         return f"max {layer.size}x{layer.size}/{layer.stride} p{layer.pad}"
     if isinstance(layer, RouteSpec):
-        return "route " + ",".join(str(s) for s in layer.sources)
+        part = f" [{layer.group_id}/{layer.groups}]" if layer.groups > 1 else ""
+        return "route " + ",".join(str(s) for s in layer.sources) + part
+    if isinstance(layer, ShortcutSpec):
+        act = "" if layer.activation == "linear" else f" {layer.activation}"
+        return "shortcut " + ",".join(str(s) for s in layer.sources) + act
+    if isinstance(layer, UpsampleSpec):
+        return f"upsample x{layer.stride}" + (f" *{layer.scale:g}" if layer.scale != 1 else "")
+    if isinstance(layer, YoloSpec):
+        return f"yolo {layer.num}x(4+1+{layer.classes})"
     if isinstance(layer, ReorgSpec):
         return f"reorg /{layer.stride}"
     if isinstance(layer, RegionSpec):
@@ -115,14 +137,19 @@ class Network:
         self.model_hash = model_hash
         self.conv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for conv in spec.conv_layers():
-            w, b = params[conv.index].folded()
+            # batch norm by the rule of the darknet that trained the model (see ConvParams.folded)
+            w, b = params[conv.index].folded(spec.flavour)
             self.conv[conv.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
-        # Which layers' outputs a later route reads, so forward() keeps only those alive.
-        self._route_refs: dict[int, int] = {}
+        # Which later layers read each layer's output other than through the chain (routes and
+        # shortcuts), so forward() keeps an output only while a layer in its range needs it.
+        self._readers: dict[int, list[int]] = {}
         for layer in spec.layers:
-            if isinstance(layer, RouteSpec):
+            if isinstance(layer, (RouteSpec, ShortcutSpec)):
                 for s in layer.sources:
-                    self._route_refs[s] = max(self._route_refs.get(s, -1), layer.index)
+                    self._readers.setdefault(s, []).append(layer.index)
+        #: Indices of the layers whose outputs are the network's outputs (see outputs()).
+        self.heads: tuple[int, ...] = tuple(l.index for l in spec.layers if isinstance(l, YoloSpec)) \
+            or (len(spec.layers) - 1,)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -188,7 +215,7 @@ class Network:
         (and its heartbeats) later.
         """
         # keys are ("conv", size, stride, activation) and ("max", size, stride)
-        seen: set[tuple[str | int, ...]] = set()
+        seen: set[str | tuple[str | int, ...]] = set()
         for layer in self.layers:
             if isinstance(layer, ConvSpec):
                 key = ("conv", layer.size, layer.stride, layer.activation)
@@ -210,6 +237,16 @@ class Network:
             elif isinstance(layer, RegionSpec):
                 kernels.region_activate(np.zeros(layer.in_shape, np.float32), num=layer.num, coords=layer.coords,
                                         classes=layer.classes, softmax=layer.softmax)
+            elif isinstance(layer, UpsampleSpec) and "up" not in seen:
+                seen.add("up")
+                kernels.upsample2d(np.zeros((1, 2, 2), np.float32), layer.stride, layer.scale)
+            elif isinstance(layer, ShortcutSpec) and ("shortcut", layer.activation) not in seen:
+                seen.add(("shortcut", layer.activation))
+                kernels.shortcut(np.zeros((1, 2, 2), np.float32), [np.zeros((1, 2, 2), np.float32)], layer.activation)
+            elif isinstance(layer, YoloSpec) and "yolo" not in seen:
+                seen.add("yolo")
+                kernels.yolo_activate(np.zeros((layer.num * (5 + layer.classes), 2, 2), np.float32), num=layer.num,
+                                      classes=layer.classes, scale_x_y=layer.scale_x_y, new_coords=layer.new_coords)
 
     # ---------------------------------------------------------------- inference
     def check_input(self, x: np.ndarray, start: int = 0) -> np.ndarray:
@@ -232,38 +269,60 @@ class Network:
         x : ndarray
             float32 (C, H, W), the input of layer ``start``.
         start, stop : int
-            Layer range; ``stop`` defaults to the number of layers.
+            Layer range; ``stop`` defaults to the number of layers. Routes and shortcuts in the
+            range may read layer ``start - 1`` (that is ``x``) and layers inside the range.
         executor, threads : optional
             Split each conv's output channels over ``threads`` workers of ``executor``.
 
         Returns
         -------
         ndarray
-            float32 (C, H, W) output of layer ``stop - 1``.
+            float32 (C, H, W) output of layer ``stop - 1`` (see :meth:`outputs` for all heads).
         """
+        return self._run(x, start, stop, executor, threads, False)[0]
+
+    def outputs(self, x: np.ndarray, start: int = 0, *, executor: Executor | None = None,
+                threads: int = 1) -> list[np.ndarray]:
+        """The network's outputs from layer ``start`` on: every ``[yolo]`` head's output in layer
+        order (YOLOv3/v4), else the last layer's (a list of one)."""
+        if start > self.heads[0]:
+            raise ValueError(f"start={start} is past output layer {self.heads[0]}")
+        return self._run(x, start, None, executor, threads, True)[1]
+
+    def _run(self, x: np.ndarray, start: int, stop: int | None, executor: Executor | None, threads: int,
+             collect: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         n = len(self.layers)
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise ValueError(f"need 0 <= start < stop <= {n}, got start={start} stop={stop}")
         x = self.check_input(x, start)
-        kept: dict[int, np.ndarray] = {}
+        # keep[i]: the last layer in this range that reads output i other than as its input
+        keep = {i: max(j for j in js if j < stop) for i, js in self._readers.items()
+                if i >= start - 1 and any(i < j < stop for j in js)}
+        kept: dict[int, np.ndarray] = {start - 1: x} if start - 1 in keep else {}
+        heads: list[np.ndarray] = []
         for i in range(start, stop):
             layer = self.layers[i]
-            if isinstance(layer, RouteSpec):
-                missing = [s for s in layer.sources if s < start]
+            if isinstance(layer, (RouteSpec, ShortcutSpec)):
+                missing = [s for s in layer.sources if s not in kept]
                 if missing:
-                    raise ValueError(f"layer {i} routes from layer(s) {missing}, before start={start}")
-                parts = [kept[s] for s in layer.sources]
-                y = parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=0)
+                    verb = "routes from" if isinstance(layer, RouteSpec) else "adds"
+                    raise ValueError(f"layer {i} {verb} layer(s) {missing}, before start={start}")
+                if isinstance(layer, RouteSpec):
+                    y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id)
+                else:
+                    y = kernels.shortcut(x, [kept[s] for s in layer.sources], layer.activation)
             else:
                 y = self.run_layer(i, x, executor=executor, threads=threads)
-            if self._route_refs.get(i, -1) > i and self._route_refs[i] < stop:
+            if collect and i in self.heads:
+                heads.append(y)
+            if i in keep:
                 kept[i] = y
-            # forget what no later route needs, so memory stays at a few activations
-            for s in [s for s in kept if self._route_refs[s] <= i]:
+            # forget what no later layer of the range reads, so memory stays at a few activations
+            for s in [s for s in kept if keep[s] <= i]:
                 del kept[s]
             x = y
-        return x
+        return x, heads
 
     def run_layer(self, i: int, x: np.ndarray, *, executor: Executor | None = None,
                   threads: int = 1) -> np.ndarray:
@@ -276,10 +335,12 @@ class Network:
             w, b = self.conv[i]
             co, ho, wo = layer.out_shape
             out = np.empty((co, ho, wo), np.float32)
-            parts = _split(co, threads if executor is not None else 1)
+            # a grouped conv is one call (its groups are the kernel's loop); others split channels
+            parts = _split(co, threads if executor is not None and layer.groups == 1 else 1)
             if len(parts) == 1:
-                kernels.conv2d(x, w, b, stride=layer.stride, pad_top=layer.pad, pad_left=layer.pad,
-                               out_h=ho, out_w=wo, activation=layer.activation, out=out)
+                kernels.conv2d(x, w, b, stride=layer.strides, pad_top=layer.pad, pad_left=layer.pad,
+                               out_h=ho, out_w=wo, activation=layer.activation, out=out,
+                               dilation=layer.dilation, groups=layer.groups)
             else:
                 assert executor is not None
                 futures = [executor.submit(kernels.conv2d, x, w[a:z], b[a:z], stride=layer.stride,
@@ -298,7 +359,48 @@ class Network:
         if isinstance(layer, RegionSpec):
             return kernels.region_activate(x, num=layer.num, coords=layer.coords,
                                            classes=layer.classes, softmax=layer.softmax)
+        if isinstance(layer, UpsampleSpec):
+            return kernels.upsample2d(x, layer.stride, layer.scale)
+        if isinstance(layer, YoloSpec):
+            return kernels.yolo_activate(x, num=layer.num, classes=layer.classes, scale_x_y=layer.scale_x_y,
+                                         new_coords=layer.new_coords)
         raise ValueError(f"layer {i} ({layer.kind}) cannot run on its own")
+
+    def detect(self, outs: Sequence[np.ndarray], *, img_w: int, img_h: int, thresh: float = 0.24,
+               nms: float = 0.45) -> list[Detection]:
+        """Detections from :meth:`outputs`: the region layer's (YOLOv2) or all yolo heads'
+        together (YOLOv3/v4); none for a network without a detection layer."""
+        from .region import detect as region_detect
+        from .yolo import detect_yolo
+
+        _, net_h, net_w = self.input_shape
+        last = self.layers[-1]
+        if isinstance(last, RegionSpec):
+            return region_detect(outs[-1], last, img_w=img_w, img_h=img_h, net_w=net_w, net_h=net_h,
+                                 thresh=thresh, nms=nms)
+        heads = [l for l in self.layers if isinstance(l, YoloSpec)]
+        if not heads:
+            return []
+        # AlexeyAB's test_detector takes nms_kind from the network's last layer
+        kind = last.nms_kind if isinstance(last, YoloSpec) else "default"
+        return detect_yolo(outs, heads, img_w=img_w, img_h=img_h, net_w=net_w, net_h=net_h, thresh=thresh,
+                           nms_thresh=nms, nms_kind=kind)
+
+
+def output_digest(outs: np.ndarray | Sequence[np.ndarray]) -> str:
+    """SHA-256 (hex) of a network's outputs: the bytes of each output in order (for one output,
+    the digest of its bytes, as YOLOv2's runs have always reported)."""
+    digest = hashlib.sha256()
+    for o in [outs] if isinstance(outs, np.ndarray) else outs:
+        digest.update(np.ascontiguousarray(o).tobytes())
+    return digest.hexdigest()
+
+
+def _route(parts: Sequence[np.ndarray], groups: int, group_id: int) -> np.ndarray:
+    """Concatenate the channel chunk ``group_id`` of ``groups`` of every part (a copy)."""
+    if groups > 1:
+        parts = [p[p.shape[0] // groups * group_id:p.shape[0] // groups * (group_id + 1)] for p in parts]
+    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:

@@ -251,3 +251,246 @@ def resize_image(im: np.ndarray, w: int, h: int) -> np.ndarray:
             for col in range(w):
                 resized[k, r, col] = f(resized[k, r, col] + f(dy * part[k, iy + 1, col]))
     return resized
+
+
+# ----------------------------------------------------------------------- AlexeyAB darknet (YOLOv3/v4)
+# Transcribed from AlexeyAB darknet (commit 59596d7): convolutional_layer.c (groups, dilation,
+# stride_x/y through im2col_cpu_ext), batchnorm_layer.c (normalize_cpu's sqrt(var + .00001f)),
+# maxpool_layer.c, route_layer.c, shortcut_layer.c/blas.c, upsample_layer.c, yolo_layer.c, box.c.
+
+
+def conv_forward_ext(x, weights, size, sy, sx, pad, dilation, groups, out_h, out_w):
+    """forward_convolutional_layer's loop over groups with im2col_cpu_ext(pad*dilation, ...) + gemm,
+    float64 (a reference, not a bit-twin). ``pad`` here is already ``l.pad * l.dilation``."""
+    c, h, w = x.shape
+    n = weights.shape[0]
+    cg, m = c // groups, n // groups
+    out = np.zeros((n, out_h, out_w))
+    oy, ox = np.meshgrid(np.arange(out_h), np.arange(out_w), indexing="ij")
+    for g in range(groups):
+        im = x[g * cg:(g + 1) * cg].astype(np.float64)
+        cols = np.zeros((cg * size * size, out_h * out_w))
+        for cc in range(cg * size * size):
+            w_off = cc % size
+            h_off = (cc // size) % size
+            c_im = cc // size // size
+            rows = h_off * dilation + oy * sy - pad
+            colsx = w_off * dilation + ox * sx - pad
+            valid = (rows >= 0) & (colsx >= 0) & (rows < h) & (colsx < w)
+            vals = np.zeros(oy.shape)
+            vals[valid] = im[c_im][rows[valid], colsx[valid]]
+            cols[cc] = vals.ravel()
+        a = weights[g * m:(g + 1) * m].reshape(m, -1).astype(np.float64)
+        out[g * m:(g + 1) * m] = (a @ cols).reshape(m, out_h, out_w)
+    return out
+
+
+def batchnorm_alexeyab(x, scales, mean, var):
+    """normalize_cpu + scale_bias of AlexeyAB: (x - mean) / sqrt(var + .00001f) * scale."""
+    v = (var.astype(np.float32) + np.float32(0.00001)).astype(np.float64)
+    x = (x - mean[:, None, None].astype(np.float64)) / np.sqrt(v)[:, None, None]
+    return x * scales[:, None, None].astype(np.float64)
+
+
+def activate64(x: np.ndarray, act: str) -> np.ndarray:
+    """The AlexeyAB activations in float64 (for the network reference)."""
+    if act == "logistic_f32":
+        return 1.0 / (1.0 + np.exp(-x))
+    if act == "relu6":
+        return np.clip(x, 0, 6)
+    if act == "swish_f32":
+        return x / (1.0 + np.exp(-x))
+    if act == "mish_f32":
+        sp = np.where(x > 20, x, np.where(x < -20, np.exp(np.minimum(x, 20)), np.log1p(np.exp(np.minimum(x, 20)))))
+        return x * np.tanh(sp)
+    return activate(x, act)
+
+
+def forward_alexeyab(spec, params, x: np.ndarray) -> list[np.ndarray]:
+    """AlexeyAB's network forward pass (float64, batch norm unfolded); returns every [yolo]
+    layer's output in order (or the last layer's)."""
+    from stealer.layers import ConvSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec
+    from tests import naive
+
+    outputs: list[np.ndarray] = []
+    heads = []
+    cur = x.astype(np.float64)
+    for layer in spec.layers:
+        if isinstance(layer, ConvSpec):
+            p = params[layer.index]
+            sy, sx = layer.strides
+            y = conv_forward_ext(cur, p.weights, layer.size, sy, sx, layer.pad, layer.dilation, layer.groups,
+                                 layer.out_shape[1], layer.out_shape[2])
+            if layer.batch_normalize:
+                y = batchnorm_alexeyab(y, p.scales, p.rolling_mean, p.rolling_variance)
+            y = activate64(y + p.biases[:, None, None].astype(np.float64), layer.activation)
+        elif isinstance(layer, MaxPoolSpec):
+            # the layer keeps the origin offset; recover darknet's padding: size - 1 unless set
+            c, h, w = cur.shape
+            y = None
+            for padding in (2 * layer.pad, 2 * layer.pad + 1):
+                if ((h + padding - layer.size) // layer.stride + 1, (w + padding - layer.size) // layer.stride + 1) \
+                        == layer.out_shape[1:]:
+                    y = naive.maxpool_alexeyab(cur, layer.size, layer.stride, padding).astype(np.float64)
+                    break
+            assert y is not None
+        elif isinstance(layer, RouteSpec):
+            # forward_route_layer: copy the flat chunk group_id of each input, in order
+            parts = []
+            for s in layer.sources:
+                flat = outputs[s].ravel()
+                part = flat.size // layer.groups
+                parts.append(flat[part * layer.group_id:part * (layer.group_id + 1)])
+            y = np.concatenate(parts).reshape(layer.out_shape)
+        elif isinstance(layer, ShortcutSpec):
+            flat = cur.ravel().copy()
+            for s in layer.sources:
+                add = outputs[s].ravel()
+                k = min(add.size, flat.size)
+                flat[:k] += add[:k]
+            y = activate64(flat.reshape(cur.shape), layer.activation)
+        elif isinstance(layer, UpsampleSpec):
+            y = layer.scale * cur.repeat(layer.stride, axis=1).repeat(layer.stride, axis=2)
+        elif isinstance(layer, YoloSpec):
+            y = cur.copy().reshape(layer.num, 5 + layer.classes, -1)
+            if not layer.new_coords:
+                y[:, 0:2] = 1 / (1 + np.exp(-y[:, 0:2]))
+                y[:, 4:] = 1 / (1 + np.exp(-y[:, 4:]))
+            y[:, 0:2] = y[:, 0:2] * layer.scale_x_y - 0.5 * (layer.scale_x_y - 1)
+            y = y.reshape(cur.shape)
+            heads.append(y)
+        else:
+            raise TypeError(layer)
+        outputs.append(y)
+        cur = y
+    return heads or [cur]
+
+
+class Det:
+    """darknet's ``detection`` struct (the fields the decode and NMS use)."""
+
+    def __init__(self, bbox, objectness, prob):
+        self.bbox = bbox
+        self.objectness = objectness
+        self.prob = prob
+        self.sort_class = 0
+
+
+def get_yolo_detections(out, layer, w, h, netw, neth, thresh):
+    """get_yolo_detections + get_yolo_box + correct_yolo_boxes(letter=1), float32 where C has float."""
+    f = np.float32
+    c, lh, lw = out.shape
+    flat = out.ravel()
+    classes = layer.classes
+
+    def entry_index(location, entry):
+        n = location // (lw * lh)
+        loc = location % (lw * lh)
+        return n * lw * lh * (4 + classes + 1) + entry * lw * lh + loc
+
+    dets = []
+    for i in range(lw * lh):
+        row, col = i // lw, i % lw
+        for n in range(layer.num):
+            obj_index = entry_index(n * lw * lh + i, 4)
+            objectness = flat[obj_index]
+            if objectness > f(thresh):
+                bi = entry_index(n * lw * lh + i, 0)
+                stride = lw * lh
+                an = layer.mask[n]
+                bw_a, bh_a = f(layer.anchors[2 * an]), f(layer.anchors[2 * an + 1])
+                bx = f(f(col + flat[bi]) / f(lw))
+                by = f(f(row + flat[bi + stride]) / f(lh))
+                if layer.new_coords:
+                    bw = f(f(f(f(flat[bi + 2 * stride] * flat[bi + 2 * stride]) * f(4)) * bw_a) / f(netw))
+                    bh = f(f(f(f(flat[bi + 3 * stride] * flat[bi + 3 * stride]) * f(4)) * bh_a) / f(neth))
+                else:
+                    bw = f(math.exp(float(flat[bi + 2 * stride])) * float(bw_a) / netw)
+                    bh = f(math.exp(float(flat[bi + 3 * stride])) * float(bh_a) / neth)
+                prob = []
+                for j in range(classes):
+                    p = f(objectness * flat[entry_index(n * lw * lh + i, 4 + 1 + j)])
+                    prob.append(p if p > f(thresh) else f(0))
+                dets.append(Det([bx, by, bw, bh], objectness, prob))
+    # correct_yolo_boxes, letter = 1, relative = 1
+    if f(netw) / f(w) < f(neth) / f(h):
+        new_w, new_h = netw, (h * netw) // w
+    else:
+        new_h, new_w = neth, (w * neth) // h
+    deltaw, deltah = f(netw - new_w), f(neth - new_h)
+    ratiow, ratioh = f(f(new_w) / f(netw)), f(f(new_h) / f(neth))
+    for d in dets:
+        b = d.bbox
+        b[0] = f((float(b[0]) - float(deltaw) / 2. / netw) / float(ratiow))
+        b[1] = f((float(b[1]) - float(deltah) / 2. / neth) / float(ratioh))
+        b[2] = f(b[2] * f(f(1) / ratiow))
+        b[3] = f(b[3] * f(f(1) / ratioh))
+    return dets
+
+
+def _overlap32(x1, w1, x2, w2):
+    f = np.float32
+    l1 = f(x1 - f(w1 / f(2)))
+    l2 = f(x2 - f(w2 / f(2)))
+    left = l1 if l1 > l2 else l2
+    r1 = f(x1 + f(w1 / f(2)))
+    r2 = f(x2 + f(w2 / f(2)))
+    right = r1 if r1 < r2 else r2
+    return f(right - left)
+
+
+def box_iou32(a, b):
+    f = np.float32
+    w = _overlap32(a[0], a[2], b[0], b[2])
+    h = _overlap32(a[1], a[3], b[1], b[3])
+    inter = f(0) if (w < 0 or h < 0) else f(w * h)
+    union = f(f(f(a[2] * a[3]) + f(b[2] * b[3])) - inter)
+    if inter == 0 or union == 0:
+        return f(0)
+    return f(inter / union)
+
+
+def box_diou32(a, b):
+    f = np.float32
+    top = f(min(float(f(a[1] - f(a[3] / f(2)))), float(f(b[1] - f(b[3] / f(2))))))
+    bot = f(max(float(f(a[1] + f(a[3] / f(2)))), float(f(b[1] + f(b[3] / f(2))))))
+    left = f(min(float(f(a[0] - f(a[2] / f(2)))), float(f(b[0] - f(b[2] / f(2))))))
+    right = f(max(float(f(a[0] + f(a[2] / f(2)))), float(f(b[0] + f(b[2] / f(2))))))
+    w = f(right - left)
+    h = f(bot - top)
+    c = f(f(w * w) + f(h * h))
+    iou = box_iou32(a, b)
+    if c == 0:
+        return iou
+    dx, dy = f(a[0] - b[0]), f(a[1] - b[1])
+    d = f(f(dx * dx) + f(dy * dy))
+    u = f(math.pow(float(f(d / c)), 0.6))
+    return f(iou - u)
+
+
+def nms_alexeyab(dets, classes, thresh, kind="default"):
+    """do_nms_sort / diounms_sort(GREEDY_NMS) on a list of Det, in place, with a stable sort
+    (Python's ``list.sort``) that re-sorts the list left by the previous class."""
+    f = np.float32
+    total = len(dets)
+    k = total - 1
+    i = 0
+    while i <= k:
+        if dets[i].objectness == 0:
+            dets[i], dets[k] = dets[k], dets[i]
+            k -= 1
+            i -= 1
+        i += 1
+    active = dets[:k + 1]
+    for cls in range(classes):
+        active.sort(key=lambda d: -float(d.prob[cls]))
+        for i in range(len(active)):
+            if active[i].prob[cls] == 0:
+                continue
+            a = active[i].bbox
+            for j in range(i + 1, len(active)):
+                b = active[j].bbox
+                test = box_diou32(a, b) if kind == "greedynms" else box_iou32(a, b)
+                if test > f(thresh):
+                    active[j].prob[cls] = f(0)
+    return active + dets[k + 1:]

@@ -202,3 +202,159 @@ def region(x, num, coords, classes, softmax_on=True):
                 view_out = out[o:]
                 softmax(view_in, classes, 1.0, hw, view_out)
     return out.reshape(c, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# AlexeyAB darknet (YOLOv3/v4): float32 activations through the C library's expf/logf, grouped /
+# dilated / strided convolution, its maxpool rule, upsample, shortcut, yolo activations.
+# ----------------------------------------------------------------------------------------------
+
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+
+_libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+for _name in ("expf", "logf"):
+    getattr(_libm, _name).restype = ctypes.c_float
+    getattr(_libm, _name).argtypes = [ctypes.c_float]
+
+F = np.float32
+
+
+def expf(v) -> np.float32:
+    return F(_libm.expf(float(F(v))))
+
+
+def logf(v) -> np.float32:
+    return F(_libm.logf(float(F(v))))
+
+
+def act_f32(v, activation: str) -> np.float32:
+    """AlexeyAB ``activations.h`` for one value, float32 step by step (``activation`` is the
+    kernel name: logistic_f32, relu6, swish_f32, mish_f32, or a 2017 one)."""
+    v = F(v)
+    one = F(1)
+    if activation == "logistic_f32":
+        return F(one / F(one + expf(-v)))
+    if activation == "relu6":
+        m = v if v > 0 else F(0)
+        return m if m < 6 else F(6)
+    if activation == "swish_f32":
+        return F(v * act_f32(v, "logistic_f32"))
+    if activation == "mish_f32":
+        if v > 20:
+            sp = v
+        elif v < -20:
+            sp = expf(v)
+        else:
+            sp = logf(F(expf(v) + one))
+        t = F(F(F(2) / F(one + expf(F(F(-2) * sp)))) - one)  # tanh_activate: 2/(1 + expf(-2*x)) - 1
+        return F(v * t)
+    return act_scalar(v, activation)
+
+
+def activate_f32(x: np.ndarray, activation: str) -> np.ndarray:
+    out = np.empty_like(x)
+    with np.errstate(all="ignore"):
+        for i, v in np.ndenumerate(x):
+            out[i] = act_f32(v, activation)
+    return out
+
+
+def conv2d_ext(x, weight, bias, sy, sx, dilation, groups, pad_top, pad_left, out_h, out_w):
+    """:func:`conv2d` with row/column strides, dilation and groups: group ``g`` of output channels
+    ``[g*Co/groups, ...)`` reads input channels ``[g*C/groups, ...)``; tap ``(ky, kx)`` reads
+    ``X(c, oy*sy - pad_top + ky*dilation, ox*sx - pad_left + kx*dilation)``."""
+    c_n, h, w = x.shape
+    co_n, cg, k, _ = weight.shape
+    og = co_n // groups
+    x64 = x.astype(np.float64)
+    w64 = weight.astype(np.float64)
+    val = np.zeros((co_n, out_h, out_w))
+    mag = np.zeros((co_n, out_h, out_w))
+    for oy in range(out_h):
+        for ox in range(out_w):
+            patch = np.zeros((c_n, k, k))
+            for ky in range(k):
+                for kx in range(k):
+                    iy = oy * sy - pad_top + ky * dilation
+                    ix = ox * sx - pad_left + kx * dilation
+                    if 0 <= iy < h and 0 <= ix < w:
+                        patch[:, ky, kx] = x64[:, iy, ix]
+            for co in range(co_n):
+                g = co // og
+                prod = w64[co] * patch[g * cg:(g + 1) * cg]
+                val[co, oy, ox] = prod.sum() + float(bias[co])
+                mag[co, oy, ox] = np.abs(prod).sum() + abs(float(bias[co]))
+    return val, mag
+
+
+def maxpool_alexeyab(x, size, stride, padding):
+    """AlexeyAB ``forward_maxpool_layer``: out = (h + padding - size)/stride + 1, offsets
+    ``-padding/2`` (C division), ``val = valid ? input : -FLT_MAX``, ``max = (val > max) ? val : max``."""
+    c_n, h, w = x.shape
+    out_h = (h + padding - size) // stride + 1
+    out_w = (w + padding - size) // stride + 1
+    off = -(padding // 2)  # C: -l.pad / 2 truncates toward zero
+    out = np.empty((c_n, out_h, out_w), np.float32)
+    for k in range(c_n):
+        for i in range(out_h):
+            for j in range(out_w):
+                m = F(-FLT_MAX)
+                for n in range(size):
+                    for mm in range(size):
+                        cur_h = off + i * stride + n
+                        cur_w = off + j * stride + mm
+                        valid = 0 <= cur_h < h and 0 <= cur_w < w
+                        val = x[k, cur_h, cur_w] if valid else F(-FLT_MAX)
+                        m = val if val > m else m
+                out[k, i, j] = m
+    return out
+
+
+def upsample(x, stride, scale):
+    """``upsample_cpu(forward=1)``, loops and indices unchanged (flat buffers)."""
+    c, h, w = x.shape
+    flat = x.reshape(-1)
+    out = np.empty(c * h * w * stride * stride, np.float32)
+    for k in range(c):
+        for j in range(h * stride):
+            for i in range(w * stride):
+                in_index = k * w * h + (j // stride) * w + i // stride
+                out_index = k * w * h * stride * stride + j * w * stride + i
+                out[out_index] = F(F(scale) * flat[in_index])
+    return out.reshape(c, h * stride, w * stride)
+
+
+def shortcut(x, adds, activation):
+    """``shortcut_multilayer_cpu`` without weights, then the activation."""
+    src = x.reshape(-1)
+    out = np.empty_like(src)
+    for i in range(src.size):
+        v = src[i]
+        for a in adds:
+            af = a.reshape(-1)
+            if i < af.size:
+                v = F(v + af[i])
+        out[i] = v
+    return activate_f32(out, activation).reshape(x.shape)
+
+
+def yolo(x, num, classes, scale_x_y, new_coords):
+    """``forward_yolo_layer`` (CPU, inference): logistic on x, y and objectness + classes unless
+    new_coords, then ``scal_add_cpu(2*w*h, scale_x_y, -0.5*(scale_x_y - 1))`` on x, y."""
+    c, h, w = x.shape
+    hw = h * w
+    out = x.reshape(-1).copy()
+    alpha = F(scale_x_y)
+    beta = F(-0.5 * float(F(alpha - F(1))))
+    ent = 5 + classes
+    for n in range(num):
+        base = n * ent * hw
+        if not new_coords:
+            for i in range(2 * hw):
+                out[base + i] = act_f32(out[base + i], "logistic_f32")
+            for i in range((1 + classes) * hw):
+                out[base + 4 * hw + i] = act_f32(out[base + 4 * hw + i], "logistic_f32")
+        for i in range(2 * hw):
+            out[base + i] = F(F(out[base + i] * alpha) + beta)
+    return out.reshape(c, h, w)

@@ -95,7 +95,8 @@ def _compute(net: Network, w: Window, src: np.ndarray, src_rect: Rect, g: Rect, 
         layer = net.layers[w.index]
         assert isinstance(layer, ConvSpec)
         kernels.conv2d(src, weight, bias, stride=w.stride, pad_top=pad_top, pad_left=pad_left,
-                       out_h=height(g), out_w=width(g), activation=layer.activation, out=out)
+                       out_h=height(g), out_w=width(g), activation=layer.activation, out=out,
+                       dilation=w.dilation, groups=w.groups)
     else:
         kernels.maxpool2d(src, size=w.size, stride=w.stride, pad_top=pad_top, pad_left=pad_left,
                           out_h=height(g), out_w=width(g), out=out)

@@ -183,24 +183,42 @@ class Window:
     pad: int
     in_shape: tuple[int, int, int]
     out_shape: tuple[int, int, int]
+    dilation: int = 1  # conv: taps ``dilation`` pixels apart, so a window spans (size-1)*dilation+1
+    groups: int = 1  # conv: grouped (same window; only the FLOPs and weights shrink)
 
     @classmethod
     def of(cls, layer: LayerSpec) -> "Window":
-        """The window of a conv or maxpool layer (:class:`PlanError` for any other kind)."""
+        """The window of a conv or maxpool layer (:class:`PlanError` for any other kind, and for a
+        conv whose row and column strides differ: windows here are the same on both axes)."""
         if not isinstance(layer, (ConvSpec, MaxPoolSpec)):
             raise PlanError(f"layer {layer.index} is a {layer.kind}; only conv and maxpool layers can be fused")
+        if isinstance(layer, ConvSpec):
+            if layer.strides[0] != layer.strides[1]:
+                raise PlanError(f"layer {layer.index} is a conv with stride_y {layer.strides[0]} and stride_x "
+                                f"{layer.strides[1]}; only equal strides can be fused")
+            return cls(layer.index, layer.kind, layer.size, layer.stride, layer.pad, tuple(layer.in_shape),  # type: ignore[arg-type]
+                       tuple(layer.out_shape), layer.dilation, layer.groups)  # type: ignore[arg-type]
         return cls(layer.index, layer.kind, layer.size, layer.stride, layer.pad,
                    tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
+
+    @property
+    def span(self) -> int:
+        """Input rows (or columns) one output row's window covers, first tap to last."""
+        return (self.size - 1) * self.dilation + 1
 
     def first(self, y: int) -> int:
         """First input row (unclipped, may be negative) that output row ``y`` reads."""
         return y * self.stride - self.pad
 
     def receptive(self, r: Rect) -> Rect:
-        """Unclipped input rows/columns the output region ``r`` reads (padding included)."""
+        """Unclipped input rows/columns the output region ``r`` reads (padding included).
+
+        For a dilated conv this is the span from the first tap to the last: the rows between taps
+        are not read but are included, so the region is one rectangle; every in-map pixel a tap
+        reads is inside it, which is all the executor needs."""
         if is_empty(r):
             return EMPTY
-        k = self.size
+        k = self.span
         return (self.first(r[0]), self.first(r[1] - 1) + k, self.first(r[2]), self.first(r[3] - 1) + k)
 
     def back(self, r: Rect) -> Rect:
@@ -216,7 +234,7 @@ class Window:
         (comparisons are not counted, as in darknet's and DeepThings' figures)."""
         if self.kind != "conv":
             return 0
-        return 2 * self.in_shape[0] * self.size * self.size * self.out_shape[0]
+        return 2 * (self.in_shape[0] // self.groups) * self.size * self.size * self.out_shape[0]
 
     def flops(self, r: Rect) -> int:
         """FLOPs of computing output region ``r``."""
@@ -235,7 +253,7 @@ class Window:
         """float32 bytes of the folded weights and bias (0 for maxpool)."""
         if self.kind != "conv":
             return 0
-        co, ci = self.out_shape[0], self.in_shape[0]
+        co, ci = self.out_shape[0], self.in_shape[0] // self.groups
         return 4 * (co * ci * self.size * self.size + co)
 
     def in_map(self) -> Rect:
@@ -254,7 +272,7 @@ class Window:
         """
         for axis, (n_in, n_out) in (("row", (self.in_shape[1], self.out_shape[1])),
                                     ("column", (self.in_shape[2], self.out_shape[2]))):
-            if self.first(0) + self.size <= 0 or self.first(n_out - 1) >= n_in:
+            if self.first(0) + self.span <= 0 or self.first(n_out - 1) >= n_in:
                 raise PlanError(
                     f"layer {self.index} ({self.kind} {self.size}/{self.stride} pad {self.pad}) has "
                     f"output {axis}s whose window lies wholly in the padding of its {n_in}-wide input; "

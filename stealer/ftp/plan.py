@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from ..darknet import ModelSpec
 from ..errors import PlanError
-from ..layers import ConvSpec, MaxPoolSpec
+from ..layers import ConvSpec, MaxPoolSpec, RouteSpec, ShortcutSpec
 from .geometry import (Rect, Window, area, bbox, decompose, grid_tiles, height, intersect, is_empty,
                        owned_regions)
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 #: Layers fused by default: DeepThings' choice for YOLOv2 (12 conv + 4 maxpool, 41% of the FLOPs),
-#: cut to the conv/maxpool prefix for networks that have fewer.
+#: cut to :func:`runnable_prefix` for networks that have fewer.
 DEFAULT_FUSED_LAYERS = 16
 SCHEMES = ("none", "checkerboard", "quad", "wave")
 BORROW_MODES = ("halo", "owned")
@@ -255,7 +255,8 @@ class Plan:
             "version": self.version, "source": self.source, "input_shape": list(self.input_shape),
             "grid": list(self.grid), "scheme": self.scheme, "borrow": self.borrow,
             "layers": [{"index": w.index, "kind": w.kind, "size": w.size, "stride": w.stride, "pad": w.pad,
-                        "in_shape": list(w.in_shape), "out_shape": list(w.out_shape)} for w in self.windows],
+                        "in_shape": list(w.in_shape), "out_shape": list(w.out_shape), "dilation": w.dilation,
+                        "groups": w.groups} for w in self.windows],
             "tasks": [{"id": t.id, "tile": list(t.tile), "output": list(t.output), "phase": t.phase,
                        "producers": list(t.producers), "produces": list(t.produces),
                        "consumes": list(t.consumes), "full": variant(t.full), "reuse": variant(t.reuse)}
@@ -290,7 +291,8 @@ class Plan:
                                int(v["working_set"]))
 
             windows = tuple(Window(int(l["index"]), str(l["kind"]), int(l["size"]), int(l["stride"]),
-                                   int(l["pad"]), ints(l["in_shape"]), ints(l["out_shape"]))  # type: ignore[arg-type]
+                                   int(l["pad"]), ints(l["in_shape"]), ints(l["out_shape"]),  # type: ignore[arg-type]
+                                   int(l.get("dilation", 1)), int(l.get("groups", 1)))
                             for l in d["layers"])
             tasks = []
             for t in d["tasks"]:
@@ -311,17 +313,39 @@ class Plan:
 
 # ------------------------------------------------------------------------------------ building
 def fusable_prefix(spec: ModelSpec) -> int:
-    """Number of leading layers that are conv or maxpool (the most that can be fused)."""
+    """Number of leading layers the tiler can run: conv (grouped and dilated too, not with
+    different row and column strides) and maxpool, up to the first layer of any other kind
+    (route, shortcut, upsample, reorg, region, yolo). This is the most a *plan* can fuse; see
+    :func:`runnable_prefix` for the most a runtime can fuse and still run the rest."""
     n = 0
     for layer in spec.layers:
         if not isinstance(layer, (ConvSpec, MaxPoolSpec)):
+            break
+        if isinstance(layer, ConvSpec) and layer.strides[0] != layer.strides[1]:
             break
         n += 1
     return n
 
 
+def runnable_prefix(spec: ModelSpec) -> int:
+    """The most leading layers that can be fused *and* leave a tail that runs from the last fused
+    layer's output alone: :func:`fusable_prefix`, cut before any fused layer (other than the
+    last) whose output a later route or shortcut reads, since the tiles keep only the last map.
+
+    YOLOv2: 17 (its route 25 reads layer 16), YOLOv3-tiny: 9 (route 20 reads layer 8),
+    YOLOv4-tiny: 3, YOLOv3 and YOLOv4: 2.
+    """
+    n = fusable_prefix(spec)
+    readers = [l for l in spec.layers if isinstance(l, (RouteSpec, ShortcutSpec))]
+    while True:  # a cut moves the end, which may put another reader's source inside: repeat
+        cut = min([s + 1 for l in readers if l.index >= n for s in l.sources if s < n - 1], default=n)
+        if cut == n:
+            return n
+        n = cut
+
+
 def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, ...]:
-    """Windows of the first ``layers`` layers (default: 16 or the conv/maxpool prefix if shorter).
+    """Windows of the first ``layers`` layers (default: 16 or :func:`runnable_prefix` if shorter).
 
     Raises
     ------
@@ -331,7 +355,7 @@ def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, .
     """
     prefix = fusable_prefix(spec)
     if layers is None:
-        layers = min(DEFAULT_FUSED_LAYERS, prefix)
+        layers = min(DEFAULT_FUSED_LAYERS, runnable_prefix(spec))
     if layers < 1:
         if prefix == 0:
             raise PlanError(f"{spec.source}: layer 0 is a {spec.layers[0].kind}; nothing can be fused")

@@ -184,9 +184,9 @@ def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
 
 
 def _fusable(net: Network) -> int:
-    from ..ftp.plan import fusable_prefix
+    from ..ftp.plan import runnable_prefix
 
-    return fusable_prefix(net.spec)
+    return runnable_prefix(net.spec)  # the tail must run from the last fused map alone
 
 
 def default_memory() -> int:

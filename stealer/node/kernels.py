@@ -6,7 +6,6 @@ cache, made once per task).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Callable, TypeVar
 
@@ -16,9 +15,8 @@ from ..errors import ProtocolError
 from ..ftp.execute import run_task
 from ..ftp.geometry import height, width
 from ..ftp.plan import Plan
-from ..layers import RegionSpec
 from ..images import letterbox_region
-from ..region import detect
+from ..network import output_digest
 from ..wire.messages import TailDone, TileDone
 from .config import Job, parse_plan_key
 from .state import NodeState
@@ -91,15 +89,10 @@ class Kernels(NodeState):
         if self.cfg.null_compute:
             return TailDone(job.ref.source, job.ref.frame, "0" * 64)
         _, layers, _ = parse_plan_key(job.plan_key)
-        out = self.net.forward(np.asarray(fused, np.float32), start=layers)
-        digest = hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()
-        dets: list[dict[str, Any]] = []
-        last = self.net.layers[-1]
-        if isinstance(last, RegionSpec):
-            shape = self.net.input_shape
-            dets = [d.to_dict() for d in detect(out, last, img_w=job.img_w, img_h=job.img_h,
-                                                net_w=shape[2], net_h=shape[1],
-                                                thresh=self.cfg.thresh, nms=self.cfg.nms)]
+        outs = self.net.outputs(np.asarray(fused, np.float32), start=layers)  # every yolo head, or the last layer
+        digest = output_digest(outs)
+        dets: list[dict[str, Any]] = [d.to_dict() for d in self.net.detect(
+            outs, img_w=job.img_w, img_h=job.img_h, thresh=self.cfg.thresh, nms=self.cfg.nms)]
         return TailDone(job.ref.source, job.ref.frame, digest, dets, time.perf_counter() - t0)
 
 
