@@ -135,16 +135,22 @@ def nms(boxes: np.ndarray, objectness: np.ndarray, probs: np.ndarray, thresh: fl
     order = np.asarray(idx[:k + 1], np.int64)
     test = box_diou if kind == "greedynms" else box_iou
     t = f32(thresh)
+    rows: dict[int, np.ndarray] = {}  # box -> its IoU (or DIoU) with every box, computed once
     for cls in range(probs.shape[1]):
         order = order[np.argsort(-probs[order, cls], kind="stable")]
-        for pos in range(len(order)):
-            a = order[pos]
-            if probs[a, cls] == 0:
+        # Boxes of probability 0 never suppress, and zeroing them again changes nothing, so only
+        # the non-zero prefix of the sorted order takes part; the order of the whole list is kept
+        # for the next class's stable sort, as darknet's in-place qsort keeps it.
+        live = order[probs[order, cls] > 0]
+        alive = np.ones(len(live), bool)
+        for pos in range(len(live)):
+            if not alive[pos]:
                 continue
-            rest = order[pos + 1:]
-            if rest.size == 0:
-                break
-            probs[rest[test(boxes[a], boxes[rest]) > t], cls] = 0
+            a = int(live[pos])
+            if a not in rows:
+                rows[a] = test(boxes[a], boxes)
+            alive[pos + 1:] &= ~(rows[a][live[pos + 1:]] > t)
+        probs[live[~alive], cls] = 0
     return probs
 
 
