@@ -354,8 +354,9 @@ def forward_alexeyab(spec, params, x: np.ndarray) -> list[np.ndarray]:
         elif isinstance(layer, YoloSpec):
             y = cur.copy().reshape(layer.num, 5 + layer.classes, -1)
             if not layer.new_coords:
-                y[:, 0:2] = 1 / (1 + np.exp(-y[:, 0:2]))
-                y[:, 4:] = 1 / (1 + np.exp(-y[:, 4:]))
+                with np.errstate(over="ignore"):  # exp(-x) of a very negative x: inf, logistic 0
+                    y[:, 0:2] = 1 / (1 + np.exp(-y[:, 0:2]))
+                    y[:, 4:] = 1 / (1 + np.exp(-y[:, 4:]))
             y[:, 0:2] = y[:, 0:2] * layer.scale_x_y - 0.5 * (layer.scale_x_y - 1)
             y = y.reshape(cur.shape)
             heads.append(y)
