@@ -405,3 +405,30 @@ async def test_a_bad_payload_fails_the_task_and_the_node_keeps_serving(tiny_net,
     assert bad["left"] == 0
     assert gw.stats.task_errors + thief.stats.task_errors == 2
     assert src.stats.requeued >= 2  # the failures came back to the victim and were queued again
+
+
+def test_infer_computes_the_reference_of_a_jpeg_frame(tmp_path, capsys):
+    """``stealer infer --frame-codec jpeg``: single-device inference on the decoded JPEG (a
+    synthetic frame encoded at the quality, or a .jpg file's own bytes), the reference a jpeg
+    cluster is checked against."""
+    from PIL import Image
+
+    from stealer.cli import main
+    from stealer.images import letterbox, to_float
+    from stealer.network import Network, builtin_cfg
+
+    cfg = tmp_path / "tiny64.cfg"
+    cfg.write_text(builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=64")
+                   .replace("height=416", "height=64"))
+    net = Network.from_random(str(cfg), 0)
+    out = tmp_path / "out.npy"
+    assert main(["infer", "--cfg", str(cfg), "synthetic:3", "--frame-codec", "jpeg", "--jpeg-quality", "70",
+                 "--save-output", str(out)]) == 0
+    assert np.array_equal(np.load(out), net.forward(synthetic_frame(3, 0, net.input_shape, "jpeg", 70)))
+    assert not np.array_equal(np.load(out), net.forward(synthetic_frame(3, 0, net.input_shape)))
+    Image.fromarray(synthetic_pixels(1, 0, (3, 40, 50)).transpose(1, 2, 0)).save(tmp_path / "f.jpg", quality=60)
+    assert main(["infer", "--cfg", str(cfg), str(tmp_path / "f.jpg"), "--frame-codec", "jpeg",
+                 "--save-output", str(out)]) == 0
+    want = net.forward(letterbox(to_float(load_pixels(tmp_path / "f.jpg")), 64, 64))  # the file's own decode
+    assert np.array_equal(np.load(out), want)
+    capsys.readouterr()
