@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Sequence
 
-from .cliargs import add_model_args, load_network, parse_grid_arg
+from .cliargs import add_codec_args, add_model_args, load_network, parse_grid_arg
 from .errors import StealerError
 from .launcher import add_run_args, cmd_run
 
@@ -53,11 +53,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
     shape = net.input_shape
     if args.input in (None, "synthetic") or str(args.input).startswith("synthetic:"):
         seed = int(str(args.input).split(":", 1)[1]) if args.input and ":" in args.input else 0
-        x, img_w, img_h = synthetic_frame(seed, args.frame, shape), shape[2], shape[1]
+        x = synthetic_frame(seed, args.frame, shape, args.frame_codec, args.jpeg_quality)
+        img_w, img_h = shape[2], shape[1]
         source = f"synthetic:{seed}#{args.frame}"
+    elif args.frame_codec == "jpeg" and not str(args.input).lower().endswith(".npy"):
+        x, img_w, img_h = _jpeg_input(args.input, shape, args.jpeg_quality)
+        source = str(args.input)
     else:
         x, img_w, img_h = load_input(args.input, shape)
         source = str(args.input)
+    if args.frame_codec == "jpeg":
+        source += f" (as JPEG, quality {args.jpeg_quality})"
     threads = args.threads or os.cpu_count() or 1
     timings = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernel") as pool:
@@ -99,6 +105,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout)
         print()
     return 0
+
+
+def _jpeg_input(path: str, shape: tuple[int, int, int], quality: int) -> tuple[Any, int, int]:
+    """An image file as a ``--frame-codec jpeg`` source computes on it: the decode of its own
+    bytes for a .jpg file, else of its pixels encoded at ``quality``; letterboxed."""
+    from pathlib import Path
+
+    from .codec import jpeg_frame
+    from .images import letterbox, load_pixels, to_float
+    from .sources import JPEG_SUFFIXES
+
+    p = Path(path)
+    pixels = load_pixels(p)
+    jpeg = p.read_bytes() if p.suffix.lower() in JPEG_SUFFIXES else None
+    pixels, _ = jpeg_frame(pixels, quality, jpeg)
+    return letterbox(to_float(pixels), shape[2], shape[1]), pixels.shape[2], pixels.shape[1]
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -187,6 +209,7 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expect", type=int, default=None, help="gateway: exit after this many results")
     p.add_argument("--stats", help="write this node's statistics as JSON here at exit")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish work at SIGTERM [30]")
+    add_codec_args(p)
     from .config import add_limit_args, add_security_args
 
     add_security_args(p)
@@ -225,6 +248,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         policy=args.policy, speculate=args.speculate, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
+        frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
 
     if cfg.max_memory:
@@ -297,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="run the forward pass this many times [1]")
     p.add_argument("--out", help="write the result as JSON to this file (else to stdout)")
     p.add_argument("--save-output", metavar="NPY", help="save the last layer's output tensor")
+    add_codec_args(p, what="the frame reaches the cluster (jpeg: infer on the decoded JPEG, the reference of a "
+                           "--frame-codec jpeg cluster; the lossless codecs change nothing)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("run", help="a whole cluster on this machine, checked against single-device inference")

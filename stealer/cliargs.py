@@ -18,7 +18,7 @@ from .errors import StealerError
 if TYPE_CHECKING:
     from .network import Network
 
-__all__ = ["add_model_args", "load_network", "model_argv", "parse_grid_arg"]
+__all__ = ["add_codec_args", "add_model_args", "codec_argv", "load_network", "model_argv", "parse_grid_arg"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -58,3 +58,28 @@ def parse_grid_arg(text: str) -> tuple[int, int]:
         return parse_grid(text)
     except StealerError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _jpeg_quality_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 95:
+        raise argparse.ArgumentTypeError(f"JPEG quality {value} out of range (1-95)")
+    return value
+
+
+def add_codec_args(p: argparse.ArgumentParser, what: str = "this node's frames travel to thieves") -> None:
+    """``--frame-codec`` and ``--jpeg-quality`` (see :mod:`stealer.codec`; the names are
+    repeated here so that ``--help`` imports nothing heavy)."""
+    p.add_argument("--frame-codec", choices=["raw", "zstd", "png", "jpeg"], default="raw",
+                   help=f"how {what}: raw pixels, zstd or png (lossless), or jpeg (each frame is "
+                        "JPEG-encoded once and the decoded frame is what is computed on) [raw]")
+    p.add_argument("--jpeg-quality", type=_jpeg_quality_arg, default=90, metavar="Q",
+                   help="with --frame-codec jpeg: encoding quality 1-95 [90]")
+
+
+def codec_argv(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_codec_args` again as argv, for the launcher's child nodes."""
+    return ["--frame-codec", str(args.frame_codec), "--jpeg-quality", str(args.jpeg_quality)]

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .cliargs import add_model_args, load_network, model_argv, parse_grid_arg
+from .cliargs import add_codec_args, add_model_args, codec_argv, load_network, model_argv, parse_grid_arg
 from .errors import StealerError
 
 
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   "--policy", args.policy, "--max-inflight", str(args.max_inflight)]
     if args.layers:
         common += ["--layers", str(args.layers)]
-    common += ["--loopback", "--host", "127.0.0.1"]
+    common += codec_argv(args) + ["--loopback", "--host", "127.0.0.1"]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     # sources go on the non-gateway nodes first (the gateway also runs the tails)
     hosts = list(range(1, nodes)) or [0]
@@ -182,7 +182,9 @@ def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict
         for r in sorted(results, key=lambda r: (r["source"], r["frame"])):
             if r["source"] not in seeds:
                 raise StealerError(f"cannot tell which feed {r['source']} was")
-            frame = synthetic_frame(seeds[r["source"]], r["frame"], net.input_shape)
+            # with jpeg, the frame the cluster computed on is the decoded JPEG
+            frame = synthetic_frame(seeds[r["source"]], r["frame"], net.input_shape, args.frame_codec,
+                                    args.jpeg_quality)
             out = net.forward(frame, executor=pool, threads=threads)
             if hashlib.sha256(out.tobytes()).hexdigest() != r["output_sha256"]:
                 bad += 1
@@ -207,3 +209,4 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="skip the check against single-device inference")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument("--out", help="write results and node statistics as JSON here")
+    add_codec_args(p, what="the sources' frames travel to thieves")

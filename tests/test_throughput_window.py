@@ -163,3 +163,36 @@ def test_view_gives_median_spread_and_speedup_of_medians():
     assert "| scaling | 4 nodes | 4 |" in md and "0.300–0.360" in md
     summary = tp.config_summary(v)
     assert {c["label"] for c in summary} == {"node 1x1", "4 nodes", "1 nodes, 1 in flight", "4 nodes, 1 in flight"}
+
+
+def test_frame_codec_runs_have_their_own_reference_digests():
+    """A jpeg run is checked against inference on the decoded JPEG frames, cached under a key
+    naming codec and quality; lossless codecs compute on the camera's frames, so they share
+    raw's digests (and raw's keys are those of before the codecs: old caches stay valid)."""
+    import hashlib
+
+    from stealer.images import synthetic_frame
+    from stealer.network import Network, builtin_cfg
+
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=64").replace("height=416", "height=64")
+    net = Network.from_cfg_text(text, seed=3)
+    raw = tp.Run("s", "l")
+    assert "frame_codec" not in raw.key() and "jpeg_quality" not in raw.key()
+    assert tp.Run("s", "l", frame_codec="zstd").key() != raw.key()  # its own run, for --resume
+    assert tp.Run("s", "l", frame_codec="zstd").frame_kind == raw.frame_kind == ("raw", 0)
+    jpeg = tp.Run("s", "l", frame_codec="jpeg", jpeg_quality=70)
+    assert jpeg.frame_kind == ("jpeg", 70) and jpeg.key() != raw.key()
+    assert tp.Run("s", "l", kind="dask", frame_codec="jpeg").frame_kind == ("raw", 0)  # dask sends raw frames
+    assert tp.digest_key(net) == tp.digest_key(net, raw.frame_kind)
+    assert len({tp.digest_key(net), tp.digest_key(net, ("jpeg", 70)), tp.digest_key(net, ("jpeg", 90))}) == 3
+    want_raw = hashlib.sha256(net.forward(synthetic_frame(2, 1, net.input_shape)).tobytes()).hexdigest()
+    want_jpeg = hashlib.sha256(net.forward(synthetic_frame(2, 1, net.input_shape, "jpeg", 70)).tobytes()).hexdigest()
+    assert tp.reference_digest(net, 2, 1) == want_raw
+    assert tp.reference_digest(net, 2, 1, ("jpeg", 70)) == want_jpeg != want_raw
+
+
+def test_plan_runs_carry_the_frame_codec():
+    args = _args("--scenarios", "scaling")
+    args.frame_codec, args.jpeg_quality = "jpeg", 80
+    runs = tp.plan_runs(args, "fused.cfg")
+    assert runs and all((r.frame_codec, r.jpeg_quality) == ("jpeg", 80) for r in runs if r.kind == "stealer")

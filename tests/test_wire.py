@@ -187,7 +187,7 @@ SAMPLES = [
 @pytest.mark.parametrize(
     "make, needle",
     [
-        pytest.param(lambda: StealReply(1, True, "n/0", 1, 2), "carries data", id="grant-without-data"),
+        pytest.param(lambda: StealReply(1, True, "n/0", 1, 2), "exactly one", id="grant-without-data"),
         pytest.param(lambda: FrameStart("", 1, "p", 1, 1), "source", id="empty-source"),
         pytest.param(lambda: TileDone("n/0", -1, 0, "p", "full", np.zeros(1, np.float32)),
                      "negative", id="negative-frame"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..codec import DEFAULT_JPEG_QUALITY, check_frame_codec
 from ..config import DEFAULT_LIMITS, Limits
 from ..errors import ProtocolError
 from ..ftp.plan import Plan
@@ -93,6 +94,11 @@ class NodeConfig:
     runtime: RuntimeLimits = field(default_factory=RuntimeLimits)
     secret: bytes | None = field(default=None, repr=False)  # never in repr or logs
     authenticate_frames: bool = False
+    frame_codec: str = "raw"  # how this node's frames travel to thieves (stealer.codec)
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # with frame_codec "jpeg": the frames' encoding quality
+
+    def __post_init__(self) -> None:
+        check_frame_codec(self.frame_codec, self.jpeg_quality)
 
 
 @dataclass
@@ -126,6 +132,12 @@ class Job:
     pixels: np.ndarray | None = None
     pixel_origin: tuple[int, int] = (0, 0)
     region: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # or, instead of ``pixels``, their encoding in a frame codec, decoded in the compute
+    # thread: ``encoded_shape`` is what it must decode to, the region's pixels (zstd, png) or
+    # the whole image that they are cropped from (jpeg)
+    codec: str = "raw"
+    encoded: np.ndarray | None = None
+    encoded_shape: tuple[int, int, int] = (0, 0, 0)
     holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
     strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
     prefetched: bool = False  # fetched while the slot computed the task before (its lease restarts)
@@ -141,6 +153,9 @@ class Stats:
     reuse_fallbacks: int = 0
     small_grants: int = 0  # reuse tiles granted with only their reuse variant's frame region
     pixel_grants: int = 0  # tiles granted as camera pixels (uint8) rather than float32 input
+    encoded_grants: int = 0  # of those, the ones whose pixels travelled in a frame codec (not raw)
+    input_bytes_raw: int = 0  # bytes of the tile inputs granted, as raw pixels (or float32) would be
+    input_bytes_sent: int = 0  # bytes of the same inputs as they were sent (encoded, or raw)
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
     strips_served: int = 0  # strip fetches this node answered from the strips it produced
     strips_granted: int = 0  # grants that carried reuse strips this node holds (no fetch needed)

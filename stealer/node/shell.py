@@ -190,7 +190,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             StripsRequest: self._on_strips_request,
             StripsFetch: lambda peer, msg: self._answer(peer, self._serve_strips(msg), msg.op),
             StripsRelease: lambda peer, msg: self._held.drop((msg.source, msg.frame)),
-            RegionRequest: lambda peer, msg: self._answer(peer, self._grant_region(msg), msg.op),
+            RegionRequest: self._on_region_request,
             FrameStart: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_start),
             TileDone: lambda peer, msg: self._as_gateway(peer, msg, gw.tile_done),
             TailDone: self._on_tail_done,

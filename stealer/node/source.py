@@ -14,7 +14,7 @@ import time
 from ..errors import CommClosedError
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
-from ..sources import FrameSource
+from ..sources import FrameSource, jpeg_frames
 from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameWait, TileAck, TilesIn
 from .state import NodeState
 
@@ -38,6 +38,8 @@ class Source(NodeState):
         source_id = f"{self.id}/{index}"
         loop = asyncio.get_running_loop()
         frames = src.frames(self.net.input_shape)
+        if self.cfg.frame_codec == "jpeg":  # encoded and decoded where the feed is read, off the loop
+            frames = jpeg_frames(frames, self.cfg.jpeg_quality, self.net.input_shape)
         source = self.source
         source.inflight[source_id] = 0
         period = 1.0 / self.cfg.fps if self.cfg.fps else 0.0
@@ -152,7 +154,7 @@ class Source(NodeState):
                 continue
             if not self.queue.take_ref(ref, target, time.monotonic()):
                 continue  # this node's own slot took it already
-            grant = self._grant_for(ref, 0)
+            grant = await self._grant_for(ref, 0)
             if grant is None:
                 continue
             try:
