@@ -218,7 +218,7 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     rate = None if args.rate in (None, "none") else args.rate
     model = dict(model=args.model, weights_seed=args.weights_seed, layers=args.layers,
                  node_args=tuple(a for words in args.node_arg for a in shlex.split(words)),
-                 frame_codec=getattr(args, "frame_codec", "raw"), jpeg_quality=getattr(args, "jpeg_quality", 90))
+                 frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality)
     counts = [int(n) for n in args.nodes.split(",")] if args.nodes else ([1, 4] if quick else [1, 2, 3, 4, 6, 8])
     big = args.big_nodes or (4 if quick else 6)
     scale = args.frames_scale
@@ -1337,7 +1337,7 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
 # --------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: fewer nodes, runs and frames (a few minutes); the steady window then holds "
@@ -1380,6 +1380,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep runs already in --out, run only the missing ones")
     ap.add_argument("--report-only", action="store_true", help="re-render table and plots from --out")
     ap.add_argument("--notes", type=Path, default=None, help="Markdown file appended to the report as Notes")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")

@@ -80,18 +80,8 @@ def test_all_at_once_gives_none():
 
 
 def _args(*extra: str):
-    ap_args = ["--model", "yolov2-tiny", *extra]
-    import argparse
-
-    # the same defaults main() parses, without running anything
-    ns = argparse.Namespace(quick=False, scenarios=None, cpu=0.2, rate="20mbit", model="yolov2-tiny",
-                            weights_seed=0, layers=None, node_arg=[], nodes=None, big_nodes=None,
-                            frames_scale=1.0, grids="5x5", repeat=2)
-    for i in range(0, len(ap_args), 2):
-        key, value = ap_args[i][2:].replace("-", "_"), ap_args[i + 1]
-        cur = getattr(ns, key)
-        setattr(ns, key, type(cur)(value) if cur is not None and not isinstance(cur, bool) else value)
-    return ns
+    """The bench's own parser and defaults, without running anything."""
+    return tp.build_parser().parse_args(["--model", "yolov2-tiny", *extra])
 
 
 def test_plan_cluster_runs_have_60_frames_and_repeats_have_own_keys():
@@ -122,7 +112,7 @@ def test_plan_cluster_runs_have_60_frames_and_repeats_have_own_keys():
 
 
 def test_quick_plan_stays_small_but_has_a_window():
-    runs = tp.plan_runs(_args("--quick", "1", "--scenarios", "scaling", "--repeat", "1"), "fused.cfg")
+    runs = tp.plan_runs(_args("--quick", "--scenarios", "scaling", "--repeat", "1"), "fused.cfg")
     assert runs and all(r.total_frames < tp.MIN_FRAMES for r in runs)
     assert all(r.total_frames - 2 * r.total_inflight >= 2 for r in runs)
 
