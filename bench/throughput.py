@@ -158,7 +158,7 @@ class Run:
     fused_only: bool = False
     node_args: tuple[str, ...] = ()  # appended to every node's command line (e.g. --limit ...)
     repeat: int = 0  # index of this repeat of the configuration (part of the key, for --resume)
-    frame_codec: str = "raw"  # every node's --frame-codec (stealer runs; the dask baseline sends raw)
+    frame_codec: str = "raw"  # every node's --frame-codec (and the dask baseline's: same bytes moved)
     jpeg_quality: int = 90  # every node's --jpeg-quality (with jpeg)
 
     @property
@@ -187,7 +187,7 @@ class Run:
     def frame_kind(self) -> tuple[str, int]:
         """(codec, quality) of the frames computed on, as far as they differ: lossless codecs
         compute on the camera's own frame, so they share raw's reference digests."""
-        if self.kind == "stealer" and self.frame_codec == "jpeg":
+        if self.kind in ("stealer", "dask") and self.frame_codec == "jpeg":
             return "jpeg", self.jpeg_quality
         return "raw", 0
 
@@ -634,7 +634,8 @@ def run_dask(run: Run, work: Path, timeout: float) -> dict[str, Any]:
     client_host = run.sources[0]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", STEALER_DASK_CFG=run.model,
                STEALER_DASK_SEED=str(run.weights_seed), STEALER_DASK_GRID=f"{run.grid[0]}x{run.grid[1]}",
-               STEALER_DASK_LAYERS=str(run.layers or ""), STEALER_DASK_SCHEME=run.scheme)
+               STEALER_DASK_LAYERS=str(run.layers or ""), STEALER_DASK_SCHEME=run.scheme,
+               STEALER_DASK_CODEC=run.frame_codec, STEALER_DASK_JPEG_QUALITY=str(run.jpeg_quality))
     commands: list[str] = []
 
     def spawn(cl: Any) -> list[subprocess.Popen[Any]]:
