@@ -340,7 +340,7 @@ def predictions(candidates: Sequence[CandidatePlan], cluster: Cluster,
                 inflights: Iterable[int] | None = None) -> list[Prediction]:
     """Every candidate at every frames-in-flight count (default 1 .. 2 x computing nodes + 2)."""
     ks = list(inflights) if inflights is not None else list(range(1, 2 * max(1, cluster.computing) + 3))
-    out = []
+    out: list[Prediction] = []
     for cp in candidates:
         base = _base(cp, cluster)
         out.extend(_with_inflight(cp, base, k) for k in ks)
