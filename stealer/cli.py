@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Sequence
 
-from .cliargs import add_codec_args, add_model_args, load_network, parse_grid_arg
+from .cliargs import add_auto_args, add_codec_args, add_model_args, load_network, parse_grid_or_auto
 from .errors import StealerError
 from .launcher import add_run_args, cmd_run
 
@@ -172,7 +172,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
                    help="take over as gateway if the gateway dies (give it --out too)")
     p.add_argument("--source", action="append", default=[], metavar="FEED",
                    help="a frame feed: synthetic[:SEED], images:DIR, video:PATH, camera:N (repeatable)")
-    p.add_argument("--grid", type=parse_grid_arg, default=(5, 5), help="tile grid RxC [5x5]")
+    p.add_argument("--grid", type=parse_grid_or_auto, default=(5, 5),
+                   help="tile grid RxC, or auto: chosen for the cluster, again as nodes come and go [5x5]")
+    add_auto_args(p)
     p.add_argument("--layers", type=int, default=None, help="fused layers [16, or the conv/maxpool prefix]")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--reuse", dest="scheme", action="store_const", const="quad",
@@ -238,10 +240,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     net = load_network(args)
     sources = [open_source(s) for s in args.source]
+    grid_auto = args.grid == "auto"
     cfg = NodeConfig(
         node_id=new_node_id(), host=args.host, port=args.port, gateway=args.gateway,
         standby=args.gateway_standby, sources=sources,
-        grid=args.grid, layers=args.layers, scheme=args.scheme, frames=args.frames, fps=args.fps,
+        grid=(1, 1) if grid_auto else args.grid, layers=args.layers, scheme=args.scheme,
+        grid_auto=grid_auto, objective=args.objective,
+        latency_budget=args.latency_budget / 1000.0 if args.latency_budget else None,
+        link_rate=args.link_mbit * 1e6 / 8, frames=args.frames, fps=args.fps,
         max_inflight=args.max_inflight, slots=args.slots,
         deadline=args.deadline / 1000.0 if args.deadline else None,
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
@@ -252,10 +258,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     )
 
     if cfg.max_memory:
+        from .ftp.auto import candidate_plans
         from .ftp.plan import make_plan
         from .node import memory_needs
 
-        plan = make_plan(net, cfg.grid, cfg.layers, scheme=cfg.scheme)
+        if grid_auto:  # the candidate with the smallest tiles: the planner leaves out what does not fit
+            plan = min(candidate_plans(net.spec, cfg.layers), key=lambda c: c.tile_memory).plan
+        else:
+            plan = make_plan(net, cfg.grid, cfg.layers, scheme=cfg.scheme)
         tile, tail = memory_needs(net, plan)
         if cfg.max_memory < tile:
             log.warning("--max-memory %d B is below what one tile needs (%d B): this node computes nothing",

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .cliargs import add_codec_args, add_model_args, codec_argv, load_network, model_argv, parse_grid_arg
+from .cliargs import (add_auto_args, add_codec_args, add_model_args, auto_argv, codec_argv, load_network,
+                      model_argv, parse_grid_or_auto)
 from .errors import StealerError
 
 
@@ -39,8 +40,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     total = n_sources * args.frames
     work = Path(tempfile.mkdtemp(prefix="stealer-run-"))
     results_path = work / "results.jsonl"
-    common = model_argv(args) + ["--grid", f"{args.grid[0]}x{args.grid[1]}", "--scheme", args.scheme,
-                                  "--policy", args.policy, "--max-inflight", str(args.max_inflight)]
+    grid = "auto" if args.grid == "auto" else f"{args.grid[0]}x{args.grid[1]}"
+    common = model_argv(args) + ["--grid", grid, "--scheme", args.scheme, "--policy", args.policy,
+                                  "--max-inflight", str(args.max_inflight)] + auto_argv(args)
     if args.layers:
         common += ["--layers", str(args.layers)]
     common += codec_argv(args) + ["--loopback", "--host", "127.0.0.1"]
@@ -198,7 +200,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", type=int, default=1, help="synthetic sources [1]")
     p.add_argument("--frames", type=int, default=8, help="frames per source [8]")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed of the first source [0]")
-    p.add_argument("--grid", type=parse_grid_arg, default=(5, 5))
+    p.add_argument("--grid", type=parse_grid_or_auto, default=(5, 5), help="tile grid RxC, or auto [5x5]")
+    add_auto_args(p)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--scheme", default="quad", choices=["none", "checkerboard", "quad", "wave"])
     p.add_argument("--policy", default="steal", choices=["steal", "share"])

@@ -172,7 +172,7 @@ def test_frame_codec_runs_have_their_own_reference_digests():
     assert tp.Run("s", "l", frame_codec="zstd").frame_kind == raw.frame_kind == ("raw", 0)
     jpeg = tp.Run("s", "l", frame_codec="jpeg", jpeg_quality=70)
     assert jpeg.frame_kind == ("jpeg", 70) and jpeg.key() != raw.key()
-    assert tp.Run("s", "l", kind="dask", frame_codec="jpeg").frame_kind == ("raw", 0)  # dask sends raw frames
+    assert tp.Run("s", "l", kind="dask", frame_codec="jpeg").frame_kind == ("jpeg", 90)  # dask gets the same frames
     assert tp.digest_key(net) == tp.digest_key(net, raw.frame_kind)
     assert len({tp.digest_key(net), tp.digest_key(net, ("jpeg", 70)), tp.digest_key(net, ("jpeg", 90))}) == 3
     want_raw = hashlib.sha256(net.forward(synthetic_frame(2, 1, net.input_shape)).tobytes()).hexdigest()

@@ -15,6 +15,7 @@ import numpy as np
 from ..codec import DEFAULT_JPEG_QUALITY, check_frame_codec
 from ..config import DEFAULT_LIMITS, Limits
 from ..errors import ProtocolError
+from ..ftp.auto import tail_memory, tile_memory  # the auto planner counts memory the same way
 from ..ftp.plan import Plan
 from ..network import Network
 from ..scheduler import PeerLoad, TaskRef
@@ -72,6 +73,11 @@ class NodeConfig:
     standby: bool = False  # may take over as gateway when the gateway dies
     sources: list[FrameSource] = field(default_factory=list)
     grid: tuple[int, int] = (5, 5)
+    grid_auto: bool = False  # choose grid, scheme and frames in flight (stealer.ftp.auto); re-plan as peers come and go
+    objective: str = "throughput"  # grid_auto: "throughput" or "latency"
+    latency_budget: float | None = None  # grid_auto: seconds a frame may take (the most fps within it)
+    link_rate: float = 20e6 / 8  # grid_auto: bytes/s assumed for every link (nothing measures it yet)
+    node_speed: float | None = None  # grid_auto: FLOP/s assumed per node; None: this node's measured speed
     layers: int | None = None
     scheme: str = "quad"  # "none" = no reuse
     frames: int | None = None  # per source; None = unbounded
@@ -171,6 +177,8 @@ class Stats:
     frames_partial: int = 0
     task_errors: int = 0
     whole_frames: int = 0  # 1x1 frames whose tile and tail ran here back to back (affinity)
+    flops_run: int = 0  # FLOPs of the tasks this node computed (with busy_seconds: its speed)
+    replans: int = 0  # grid auto: times this source switched plans as the cluster changed
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
@@ -190,12 +198,7 @@ def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
     """Bytes a node needs to run tiles (fused weights + the largest task's working set) and, on
     top of that, to run tails too (the remaining layers' weights + a generous activation bound:
     a layer's input and output, a routed map, and the fused map the tail starts from)."""
-    tile = plan.weight_bytes + plan.totals(reuse=True).max_working_set
-    rest = net.layers[plan.n_layers:]
-    weights = 4 * sum(l.n_params for l in rest)
-    acts = [4 * int(np.prod(l.out_shape)) for l in rest] or [0]
-    fused_out = 4 * int(np.prod(plan.output_shape))
-    return tile, weights + 3 * max(acts) + fused_out
+    return tile_memory(plan), tail_memory(net.layers, plan)
 
 
 def _fusable(net: Network) -> int:

@@ -83,6 +83,7 @@ class Peers(NodeState):
             peer.load = old.load
         self.peers[peer.node_id] = peer
         self._frame_freed.set()  # one more node to keep busy: a source with auto in-flight may start more
+        self._replan()  # grid auto: the next frames are cut for the cluster as it is now
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
         self._event({"event": "peer-joined", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         try:
@@ -136,6 +137,7 @@ class Peers(NodeState):
         if peer.node_id == self.gateway_id:
             self._gateway_seen.clear()
         self._carry_out_membership(self.membership.peer_lost(peer.node_id))
+        self._replan()
 
     def _follow_gateway(self, peer: Peer, epoch: int) -> None:
         self._carry_out_membership(self.membership.claim(peer.node_id, epoch))

@@ -13,6 +13,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from ..errors import CommClosedError, PlanError, ProtocolError
+from ..ftp.auto import candidate_plans
 from ..wire import Hello, serve
 from ..wire.messages import (
     PROTOCOL_VERSION,
@@ -80,6 +81,9 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         # compile or load every kernel and build this node's own plan before joining: both hold
         # the GIL for a while, which would otherwise stall heartbeats once peers are connected
         await self._pool.run(self.net.warm_up)
+        if self.cfg.grid_auto:
+            self._auto_candidates = await self._pool.run(candidate_plans, self.net.spec, self.layers)
+            self._replan()
         await self._pool.run(self._plan, self._own_plan_key)
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
@@ -122,10 +126,14 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         self._work.set()
         if self._lease_timer is not None:
             self._lease_timer.cancel()
+        # taken before the tasks go: a connection this node dialed is served by one of them,
+        # whose end removes its peer, and a comm nobody closes stays up (its peer would go on
+        # seeing this node alive)
+        peers = list(self.peers.values())
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for peer in list(self.peers.values()):
+        for peer in peers:
             with contextlib.suppress(CommClosedError):
                 await peer.comm.close("node stopping")
         if self._discovery is not None:

@@ -1,7 +1,8 @@
 """A data source's side: the frame loop of each of this node's sources (back-pressure, deadline
 drops, waiting for a gateway), carrying out the source machine's messages to the gateway
-(:meth:`SourceState` decides them), the gateway's acknowledgements of tiles and frames, and
-work sharing (policy "share").
+(:meth:`SourceState` decides them), the gateway's acknowledgements of tiles and frames, work
+sharing (policy "share"), and, with ``--grid auto``, re-planning as computing nodes come and go
+(:mod:`stealer.ftp.auto` decides).
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import logging
 import math
 import time
 
-from ..errors import CommClosedError
+from ..errors import CommClosedError, PlanError
+from ..ftp.auto import DEFAULT_NODE_SPEED, Cluster, NodeSpec, choose
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
 from ..sources import FrameSource, jpeg_frames
 from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameWait, TileAck, TilesIn
+from .config import plan_key
 from .state import NodeState
 
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
+
+MIN_SPEED_SAMPLE = 2.0
+"""Seconds of compute before this node's speed counts as measured (FLOPs run / busy seconds):
+over the first tasks, kernel warm-up and small tiles' overheads dominate the figure."""
 
 
 class Source(NodeState):
@@ -64,8 +71,10 @@ class Source(NodeState):
                     self._announce([ToGateway(FrameDrop(source_id, number))])
                     if dropped is None:
                         continue
-                refs = [TaskRef(source_id, frame.number, t.id) for t in source.plan.tasks]
-                self._announce(source.new_frame(source_id, frame, time.monotonic()))
+                started = source.new_frame(source_id, frame, time.monotonic())
+                plan = source.plan_of((source_id, frame.number))  # what the frame was cut with
+                refs = [TaskRef(source_id, frame.number, t.id) for t in plan.tasks]
+                self._announce(started)
                 # kept and queued already: it is announced to the first gateway that appears
                 await self._wait_for_gateway()
                 if self.cfg.policy == "share":
@@ -125,8 +134,72 @@ class Source(NodeState):
         then)."""
         if self.cfg.max_inflight > 0:
             return self.cfg.max_inflight
+        chosen = self._auto_inflight()  # grid auto: the planner's choice for the cluster as it is
+        if chosen is not None:
+            return max(1, math.ceil(chosen / max(1, len(self.cfg.sources))))
         computing = (1 if self.cfg.slots > 0 else 0) + len(self.peers)
         return max(2, math.ceil((2 * computing + 2) / max(1, len(self.cfg.sources))))
+
+    def _computing_nodes(self) -> int:
+        return (1 if self.cfg.slots > 0 else 0) + len(self.peers)
+
+    def _auto_inflight(self) -> int | None:
+        choice = self._auto_choice
+        return choice.best.inflight if choice is not None else None
+
+    def _node_speed(self) -> float:
+        """FLOP/s the planner assumes for every node: ``node_speed`` if configured, else this
+        node's own measured speed once it has computed for a while, else an emulated Pi's.
+        Peers are assumed as fast as this node: their Status messages carry queue counts only."""
+        if self.cfg.node_speed:
+            return self.cfg.node_speed
+        if self.stats.busy_seconds >= MIN_SPEED_SAMPLE and self.stats.flops_run:
+            return self.stats.flops_run / self.stats.busy_seconds
+        return DEFAULT_NODE_SPEED
+
+    def _cluster_now(self) -> Cluster:
+        """The cluster as the planner sees it: this node (the source) first, then its peers with
+        the memory they offered at the handshake; every link at ``link_rate``."""
+        speed = self._node_speed()
+        link = self.cfg.link_rate
+        me = NodeSpec(speed if self.cfg.slots > 0 else 0.0, self.cfg.max_memory, link)
+        ids = sorted(self.peers)
+        nodes = (me, *(NodeSpec(speed, self.peers[i].max_memory, link) for i in ids))
+        gateway = ids.index(self.gateway_id) + 1 if self.gateway_id in ids else 0
+        return Cluster(nodes, source=0, gateway=gateway)
+
+    def _replan(self) -> None:
+        """Grid auto: when the number of computing nodes changed, choose the plan for the
+        cluster as it is now. The next frames are cut with it; frames already started keep
+        theirs (SourceState.set_plan). Pure arithmetic over the plans made at start."""
+        if not self.cfg.grid_auto or not self._auto_candidates or self._closed:
+            return
+        nodes = self._computing_nodes()
+        if nodes == self._planned_nodes:
+            return
+        cluster = self._cluster_now()
+        try:
+            choice = choose(self._auto_candidates, cluster, self.cfg.objective, self.cfg.latency_budget)
+        except PlanError as exc:
+            log.error("grid auto: %s; keeping plan %s", exc, self._own_plan_key)
+            return
+        self._planned_nodes = nodes
+        self._auto_choice = choice
+        best = choice.best
+        key = plan_key(best.grid, self.layers, best.scheme)
+        candidate = next(c for c in self._auto_candidates if (c.grid, c.scheme) == (best.grid, best.scheme))
+        self._plans.setdefault(key, candidate.plan)
+        changed = key != self._own_plan_key
+        self._own_plan_key = key
+        if self._source is not None and self._source.set_plan(key, self._plans[key]):
+            self.stats.replans += 1
+        log.info("grid auto (%s) for %d computing node(s): %s, %d frames in flight, predicted %.3f fps, "
+                 "latency %.2f s (%s)%s", choice.objective, nodes, best.name, best.inflight, best.fps,
+                 best.latency, choice.note, "" if changed else "; plan unchanged")
+        self._event({"event": "plan", "time": time.time(), "plan": key, "nodes": nodes,
+                     "inflight": best.inflight, "fps": round(best.fps, 4), "latency": round(best.latency, 4),
+                     "within_budget": choice.within_budget})
+        self._frame_freed.set()  # the frames-in-flight limit may have grown
 
     def _on_frame_wait(self, msg: FrameWait) -> None:
         if self.source.hold(msg):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 import numpy as np
 
 from ..compute import ComputePool
+from ..ftp.auto import CandidatePlan, Choice
 from ..ftp.plan import Plan, make_plan
 from ..network import Network
 from ..roles import gateway as gw_role
@@ -50,7 +51,15 @@ class NodeState:
         self.on_event = on_event  # milestones for operators and benchmarks (first task, takeover)
         self.first_task_at: float | None = None
         self.layers = config.layers or min(16, _fusable(net))
-        self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)  # this node's frames' plan
+        # the plan this node's next frames are cut with (grid auto: the planner's latest choice;
+        # a frame keeps the plan it was cut with, see SourceState)
+        self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)
+        if config.grid_auto:  # until the planner runs at start: what it gives a lone node
+            self._own_plan_key = plan_key((1, 1), self.layers, "none")
+        self._auto_candidates: list[CandidatePlan] = []  # grid auto: every candidate's plan, made at start
+        self._auto_choice: Choice | None = None  # grid auto: the latest choice
+        self._planned_nodes: int | None = None  # grid auto: computing nodes the choice was made for
+        self._model_flops = sum(l.flops for l in net.layers)
         # who is the gateway, elections and takeovers: decided by the pure membership machine
         self.membership = MembershipState(
             self.id, "gateway" if config.gateway else ("standby" if config.standby else "worker"))
@@ -117,6 +126,7 @@ class NodeState:
 
         # source.py
         def _announce(self, actions: list[ToGateway]) -> None: ...
+        def _replan(self) -> None: ...
         def _on_tiles_in(self, msg: TilesIn) -> None: ...
         def _on_tile_ack(self, msg: TileAck) -> None: ...
         def _source_frame_done(self, msg: FrameDone) -> None: ...

@@ -322,8 +322,10 @@ class Thief(NodeState):
             if job.ref.is_tail:
                 msg = await self._compute(self._compute_tail, job)
                 self.stats.tails_run += 1
+                self.stats.flops_run += self._model_flops - self._plan(job.plan_key).frame_flops
             elif self._runs_whole(job):
                 msg = await self._compute(self._compute_whole, job, None)
+                self.stats.flops_run += self._model_flops
                 self.stats.tiles_run += 1
                 self.stats.tails_run += 1
                 self.stats.whole_frames += 1
@@ -331,7 +333,10 @@ class Thief(NodeState):
                 borrowed = await self._fetch_strips(job)
                 if borrowed is None and job.partial and not await self._fetch_full_region(job):
                     return
-                msg, published = await self._compute(self._compute_tile, job, borrowed)
+                tile, published = await self._compute(self._compute_tile, job, borrowed)
+                msg = tile
+                task = self._plan(job.plan_key).task(job.ref.task)
+                self.stats.flops_run += task.variant(tile.variant == "reuse").flops
                 for sid, arr in published.items():  # kept here, on the loop: the cache is not thread-safe
                     # a copy if it is a view, so a held strip never pins a whole layer buffer
                     self._held.put((job.ref.source, job.ref.frame), sid, arr if arr.base is None else arr.copy())

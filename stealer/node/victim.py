@@ -61,7 +61,7 @@ class TileInput(NamedTuple):
 class Victim(NodeState):
     """Grants, regions, strips served, leases of this node's queue.
 
-    Uses of ``self`` (set in :class:`NodeState`): net, cfg, id, _own_plan_key, peers, queue,
+    Uses of ``self`` (set in :class:`NodeState`): net, cfg, id, peers, queue,
     stats, _lease_timer, gateway, _held, _closed, worker.
     """
 
@@ -116,7 +116,7 @@ class Victim(NodeState):
             return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
                               job.img_w, job.img_h, job.data)
         region, holders = self.source.grant_input(ref)
-        self.stats.small_grants += region != self.source.plan.task(ref.task).full.input_region
+        self.stats.small_grants += region != self.source.plan_of((ref.source, ref.frame)).task(ref.task).full.input_region
         sent = await self._input_payload(self.source.frames[(ref.source, ref.frame)].frame, region)
         meta: list[list[int]] = []
         packed = None
@@ -141,7 +141,7 @@ class Victim(NodeState):
         if sf is None:
             return RegionReply(req.request_id, False)
         try:
-            task = self._plan(self._own_plan_key).task(req.task)
+            task = sf.plan.task(req.task)  # the plan this frame was cut with
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"region of unknown task {req.task}") from None
         sent = await self._input_payload(sf.frame, task.full.input_region)
@@ -194,7 +194,7 @@ class Victim(NodeState):
         if sf is None:
             self.queue.done(ref)
             return None
-        return Job(ref, self._own_plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
+        return Job(ref, sf.plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
                    holders=self.source.holders_of(key, ref.task))
 
     def _ready(self, ref: TaskRef) -> bool:
