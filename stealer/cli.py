@@ -214,6 +214,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
 
     add_security_args(p)
     add_limit_args(p)
+    from .logs import add_log_format_arg
+
+    add_log_format_arg(p)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -250,6 +253,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
         frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
+    from .logs import set_log_node
+
+    set_log_node(cfg.node_id)  # every JSON log line of this process names its node
 
     if cfg.max_memory:
         from .ftp.plan import make_plan
@@ -355,10 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .logs import configure_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, getattr(args, "log_format", "auto"))
     try:
         return int(args.func(args) or 0)
     except StealerError as exc:
