@@ -6,6 +6,7 @@ infer    single-device inference on an image, a .npy tensor or a synthetic frame
 weights  write deterministic random weights in darknet's format
 info     per-layer FLOP, parameter and memory table of a cfg
 plan     fused tile partition of a frame (see stealer.ftp)
+status   a table of running nodes, read from their --metrics endpoints
 """
 
 from __future__ import annotations
@@ -215,7 +216,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     add_security_args(p)
     add_limit_args(p)
     from .logs import add_log_format_arg
+    from .metrics import add_metrics_arg
 
+    add_metrics_arg(p)
     add_log_format_arg(p)
 
 
@@ -253,6 +256,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
         frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
+    cfg.metrics = args.metrics
     from .logs import set_log_node
 
     set_log_node(cfg.node_id)  # every JSON log line of this process names its node
@@ -286,7 +290,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             if early_stop:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
-                              "role": node.role, "model_hash": net.model_hash}), flush=True)
+                              "role": node.role, "model_hash": net.model_hash,
+                              **({"metrics_port": node.metrics.port} if node.metrics else {})}), flush=True)
             # futures of different results (stop.wait() gives True, the others None); only
             # which finishes first matters
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
@@ -338,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a cluster node (the daemon)")
     add_node_args(p)
     p.set_defaults(func=cmd_node)
+
+    from .metrics import add_status_parser
+
+    add_status_parser(sub)
 
     p = sub.add_parser("weights", help="write deterministic random weights in darknet format")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")

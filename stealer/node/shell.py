@@ -81,6 +81,10 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         # the GIL for a while, which would otherwise stall heartbeats once peers are connected
         await self._pool.run(self.net.warm_up)
         await self._pool.run(self._plan, self._own_plan_key)
+        if self.cfg.metrics is not None:  # first: a port in use fails the start with nothing else open
+            from ..metrics import start_metrics
+
+            self.metrics = await start_metrics(self)
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
@@ -132,6 +136,8 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             await self._discovery.close()
         if self._server is not None:
             await self._server.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()
