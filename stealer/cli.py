@@ -215,11 +215,13 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
 
     add_security_args(p)
     add_limit_args(p)
+    from .fleet import add_config_arg
     from .logs import add_log_format_arg
     from .metrics import add_metrics_arg
 
     add_metrics_arg(p)
     add_log_format_arg(p)
+    add_config_arg(p)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -370,10 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .fleet import parse_args
     from .logs import configure_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)  # with --config FILE: the file's options under the command line's
+    except StealerError as exc:
+        print(f"stealer: error: {exc}", file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     configure_logging(level, getattr(args, "log_format", "auto"))
     try:
