@@ -6,6 +6,7 @@ infer    single-device inference on an image, a .npy tensor or a synthetic frame
 weights  write deterministic random weights in darknet's format
 info     per-layer FLOP, parameter and memory table of a cfg
 plan     fused tile partition of a frame (see stealer.ftp)
+status   a table of running nodes, read from their --metrics endpoints
 """
 
 from __future__ import annotations
@@ -216,6 +217,13 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
 
     add_security_args(p)
     add_limit_args(p)
+    from .fleet import add_config_arg
+    from .logs import add_log_format_arg
+    from .metrics import add_metrics_arg
+
+    add_metrics_arg(p)
+    add_log_format_arg(p)
+    add_config_arg(p)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -256,6 +264,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
         frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
+    cfg.metrics = args.metrics
+    from .logs import set_log_node
+
+    set_log_node(cfg.node_id)  # every JSON log line of this process names its node
 
     if cfg.max_memory:
         from .ftp.auto import candidate_plans
@@ -290,7 +302,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             if early_stop:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
-                              "role": node.role, "model_hash": net.model_hash}), flush=True)
+                              "role": node.role, "model_hash": net.model_hash,
+                              **({"metrics_port": node.metrics.port} if node.metrics else {})}), flush=True)
             # futures of different results (stop.wait() gives True, the others None); only
             # which finishes first matters
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
@@ -343,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_args(p)
     p.set_defaults(func=cmd_node)
 
+    from .metrics import add_status_parser
+
+    add_status_parser(sub)
+
     p = sub.add_parser("weights", help="write deterministic random weights in darknet format")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
     p.add_argument("--seed", type=int, default=0)
@@ -365,10 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .fleet import parse_args
+    from .logs import configure_logging
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)  # with --config FILE: the file's options under the command line's
+    except StealerError as exc:
+        print(f"stealer: error: {exc}", file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, getattr(args, "log_format", "auto"))
     try:
         return int(args.func(args) or 0)
     except StealerError as exc:

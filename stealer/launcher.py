@@ -166,7 +166,10 @@ def _source_seeds(work: Path, nodes: int, placement: dict[int, list[int]], seed:
             continue
         for line in first:
             if line.startswith("{") and '"listening"' in line:
-                node_id = json.loads(line)["node_id"]
+                event = json.loads(line)
+                if event.get("event") != "listening":
+                    continue  # one of its JSON log lines (its stderr goes to the same file)
+                node_id = event["node_id"]
                 for k, s in enumerate(placement.get(i, [])):
                     seeds[f"{node_id}/{k}"] = seed + s
                 break

@@ -90,6 +90,7 @@ class NodeConfig:
     policy: str = "steal"
     speculate: bool = True  # idle nodes run copies of stragglers (first result wins)
     out: str | None = None
+    metrics: tuple[str | None, int] | None = None  # --metrics: serve /metrics at (host or default, port)
     discovery: bool = True
     loopback: bool = False
     interfaces: list[str] | None = None

@@ -85,6 +85,10 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             self._auto_candidates = await self._pool.run(candidate_plans, self.net.spec, self.layers)
             self._replan()
         await self._pool.run(self._plan, self._own_plan_key)
+        if self.cfg.metrics is not None:  # first: a port in use fails the start with nothing else open
+            from ..metrics import start_metrics
+
+            self.metrics = await start_metrics(self)
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
@@ -140,6 +144,8 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             await self._discovery.close()
         if self._server is not None:
             await self._server.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()

@@ -34,6 +34,7 @@ from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, pars
 
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
     from ..discovery import Discovery
+    from ..metrics import NodeMetrics  # nor prometheus_client and aiohttp by nodes without --metrics
 
 T = TypeVar("T")
 
@@ -82,6 +83,7 @@ class NodeState:
         self._last_status: tuple[int, int, int] | None = None
         self._server: Server | None = None
         self._discovery: Discovery | None = None
+        self.metrics: NodeMetrics | None = None  # --metrics: its registry and /metrics server
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
