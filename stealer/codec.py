@@ -74,6 +74,11 @@ JPEG_WHOLE_FRACTION: Final = 0.5
 JPEG (smaller than its own pixels, even compressed, and encoded once per frame); a smaller
 one as its pixels with zstd (a 5x5 tile would otherwise carry the whole frame's JPEG)."""
 
+TYPICAL_RATIO: Final = {"raw": 1.0, "zstd": 0.63, "png": 0.62, "jpeg": 0.065}
+"""Bytes on the wire over raw pixel bytes, per codec, measured on 608x608 synthetic camera-like
+frames (``synthetic_pixels``; JPEG at quality 90): what ``--grid auto`` assumes until the
+source has measured its own grants."""
+
 MAX_DECODED_BYTES: Final = 64 * 1024 * 1024
 """Most bytes a payload from a peer may decode to (22 Mpx of RGB, above a 4K camera frame's
 25 MB). A few kilobytes of zstd or JPEG can claim gigabytes; this stops a peer from making

@@ -254,3 +254,15 @@ async def test_source_replans_as_a_peer_joins_and_leaves(tiny_net):
         assert r["output_sha256"] == expected_digest(tiny_net, 5, r["frame"]), r
     assert gw.stats.frames_done == len(cut)
     assert math.isfinite(max(e["latency"] for e in events if e["event"] == "plan"))
+
+
+def test_a_frame_codec_lifts_the_source_uplink_bound():
+    """With raw pixels, 1x1 on 20 Mbit/s is bounded by the source's uplink well before 16 nodes;
+    frames that travel in a tenth of the bytes move the bound out, and the prediction says so."""
+    raw = predict(BY_NAME["1x1"], pis(16), 34)
+    jpeg = predict(BY_NAME["1x1"], pis(16, pixel_ratio=0.065), 34)
+    assert raw.bound == "source uplink" and jpeg.bound != "source uplink"
+    assert jpeg.fps > 1.2 * raw.fps
+    assert predict(BY_NAME["1x1"], pis(1, pixel_ratio=0.065), 4).fps == predict(BY_NAME["1x1"], pis(1), 4).fps
+    with pytest.raises(PlanError, match="pixel ratio"):
+        pis(4, pixel_ratio=0.0)

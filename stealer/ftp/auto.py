@@ -116,10 +116,15 @@ class Cluster:
     gateway: int = 0
     uplink: float | None = None
     downlink: float | None = None
+    pixel_ratio: float = 1.0
+    """Bytes a tile's pixels take on the wire over their raw size: the frame codec's ratio
+    (``--frame-codec``; measured by the source from its grants, or the codec's typical figure)."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
             raise PlanError("a cluster needs at least one node")
+        if not 0 < self.pixel_ratio <= 1.5:
+            raise PlanError(f"pixel ratio {self.pixel_ratio} out of range (0, 1.5]")
         for name, i in (("source", self.source), ("gateway", self.gateway)):
             if not 0 <= i < len(self.nodes):
                 raise PlanError(f"{name} {i} is not one of the {len(self.nodes)} nodes")
@@ -129,9 +134,10 @@ class Cluster:
 
     @classmethod
     def equal(cls, n: int, speed: float = DEFAULT_NODE_SPEED, link: float = DEFAULT_LINK_RATE,
-              memory: int = 0, source: int = 0, gateway: int = 0) -> "Cluster":
+              memory: int = 0, source: int = 0, gateway: int = 0, pixel_ratio: float = 1.0) -> "Cluster":
         """``n`` equal nodes."""
-        return cls(tuple(NodeSpec(speed, memory, link) for _ in range(n)), source, gateway)
+        return cls(tuple(NodeSpec(speed, memory, link) for _ in range(n)), source, gateway,
+                   pixel_ratio=pixel_ratio)
 
     @property
     def computing(self) -> int:
@@ -264,12 +270,13 @@ def _base(cp: CandidatePlan, cluster: Cluster) -> _Base:
     uplink = cluster.uplink or nodes[src].link
     downlink = cluster.downlink or nodes[gw].link
     gw_uplink = nodes[gw].link
+    pixel_bytes = cp.pixel_bytes * cluster.pixel_ratio  # as they travel, in the frame codec
     whole = cp.tasks == 1  # the map stays where the fused block ran (on a node that holds tails)
     strips = cp.strip_bytes if len(tiles) > 1 else 0
     map_bytes = 0 if whole else cp.output_bytes
 
     def a(i: int, holds_tail: bool) -> float:
-        moved = (cp.pixel_bytes if i != src else 0) + strips
+        moved = (pixel_bytes if i != src else 0) + strips
         if i != gw and not (whole and holds_tail):
             moved += cp.output_bytes
         n = nodes[i]
@@ -284,9 +291,9 @@ def _base(cp: CandidatePlan, cluster: Cluster) -> _Base:
     r_a = sum(1 / a(i, True) for i in tails)
     r_b = sum(1 / a(i, False) for i in tiles if i not in tails)
     limits = [(min(r_t, r_t * (r_a + r_b) / (r_a + r_t)), "compute" if r_b == 0 else "tails")]
-    if cp.pixel_bytes:
+    if pixel_bytes:
         own = 1 / a(src, src in tails) if src in tiles else 0.0
-        limits.append((own + uplink / cp.pixel_bytes, "source uplink"))
+        limits.append((own + uplink / pixel_bytes, "source uplink"))
     if map_bytes or (cp.output_bytes and not whole):
         own = 1 / a(gw, gw in tails) if gw in tiles else 0.0
         limits.append((own + downlink / cp.output_bytes, "gateway downlink"))
@@ -304,7 +311,7 @@ def _base(cp: CandidatePlan, cluster: Cluster) -> _Base:
     if whole:
         def whole_on(i: int) -> float:
             n = nodes[i]
-            pixels = cp.pixel_bytes / min(uplink, n.link) if i != src else 0.0
+            pixels = pixel_bytes / min(uplink, n.link) if i != src else 0.0
             result = RESULT_BYTES / min(n.link, downlink) if i != gw else 0.0
             return pixels + (cp.fused_flops + cp.tail_flops) / n.speed + result
         latency = min(whole_on(i) for i in tails)
@@ -315,7 +322,7 @@ def _base(cp: CandidatePlan, cluster: Cluster) -> _Base:
         compute = ratio * cp.plan.frame_flops / devices / (sum(speeds) / devices)
         mean_link = sum(nodes[i].link for i in tiles) / len(tiles)
         away = (len(tiles) - 1) / len(tiles)
-        moves = (cp.pixel_bytes * (away if src in tiles else 1.0) / uplink + strips / (len(tiles) * mean_link)
+        moves = (pixel_bytes * (away if src in tiles else 1.0) / uplink + strips / (len(tiles) * mean_link)
                  + cp.output_bytes * (away if gw in tiles else 1.0) / downlink)
         latency = _overlap(compute, moves) + min(tail_on(i) for i in tails)
     return _Base(fps, bound, latency)

@@ -50,6 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="speed of each node, GFLOP/s [an emulated Pi's, 15.5]")
     auto.add_argument("--node-memory", type=int, default=0, metavar="BYTES",
                       help="memory each node offers for tasks [unlimited]")
+    auto.add_argument("--frame-codec", choices=["raw", "zstd", "png", "jpeg"], default="raw",
+                      help="how frames travel: the tile pixels' bytes are scaled by the codec's typical ratio [raw]")
     from ..cliargs import add_auto_args
 
     add_auto_args(auto)
@@ -180,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_auto(args: argparse.Namespace, spec: Any) -> int:
+    from ..codec import TYPICAL_RATIO
     from .auto import DEFAULT_NODE_SPEED, Cluster, candidate_plans, choose, format_choice
 
     if args.nodes < 1:
@@ -187,7 +190,8 @@ def _run_auto(args: argparse.Namespace, spec: Any) -> int:
     speed = args.node_gflops * 1e9 if args.node_gflops else DEFAULT_NODE_SPEED
     # the source and the gateway on different nodes when there are two or more, as `stealer run` places them
     cluster = Cluster.equal(args.nodes, speed, args.link_mbit * 1e6 / 8, args.node_memory,
-                            source=1 if args.nodes > 1 else 0, gateway=0)
+                            source=1 if args.nodes > 1 else 0, gateway=0,
+                            pixel_ratio=TYPICAL_RATIO[args.frame_codec])
     budget = args.latency_budget / 1000.0 if args.latency_budget else None
     choice = choose(candidate_plans(spec, args.layers), cluster, args.objective, budget)
     if args.json:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 
+from ..codec import TYPICAL_RATIO
 from ..errors import CommClosedError, PlanError
 from ..ftp.auto import DEFAULT_NODE_SPEED, Cluster, NodeSpec, choose
 from ..roles.source import ToGateway
@@ -166,7 +167,16 @@ class Source(NodeState):
         ids = sorted(self.peers)
         nodes = (me, *(NodeSpec(speed, self.peers[i].max_memory, link) for i in ids))
         gateway = ids.index(self.gateway_id) + 1 if self.gateway_id in ids else 0
-        return Cluster(nodes, source=0, gateway=gateway)
+        return Cluster(nodes, source=0, gateway=gateway, pixel_ratio=self._pixel_ratio())
+
+    def _pixel_ratio(self) -> float:
+        """Wire bytes over raw pixel bytes of this node's grants: measured once it has sent a
+        few frames' worth (the codec's ratio depends on the camera's content), else the codec's
+        typical figure."""
+        raw, sent = self.stats.input_bytes_raw, self.stats.input_bytes_sent
+        if raw >= 4 * self.net.input_shape[0] * self.net.input_shape[1] * self.net.input_shape[2] and sent:
+            return min(1.5, sent / raw)
+        return TYPICAL_RATIO[self.cfg.frame_codec]
 
     def _replan(self) -> None:
         """Grid auto: when the number of computing nodes changed, choose the plan for the
