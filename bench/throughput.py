@@ -22,7 +22,8 @@ Scenarios (``--scenarios``, comma list, default all):
 ``policy``    work stealing vs work sharing at 6 nodes, with one source and with a source on
               every node (multi-camera);
 ``hetero``    4 nodes, hosts 0 and 2 at twice the CPU share of hosts 1 and 3;
-``dask``      the Dask distributed baseline (``bench/dask_baseline.py``) at the scaling counts.
+``dask``      the Dask distributed baseline (``bench/dask_baseline.py``) at the scaling counts;
+``codec``     the frame codecs (raw, zstd, jpeg) side by side, 1x1 at the largest node count.
 
 What "frames/s" is. A source starts ``max_inflight`` frames at once and then one more per
 result, so a run has three phases: the warm-up burst (the first ``max_inflight`` results: frames
@@ -87,7 +88,8 @@ if str(ROOT) not in sys.path:
 OUT = ROOT / "bench" / "out"
 RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults")
+SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults",
+             "codec")
 PI_SHARE = 0.2  # CPU share of a Pi-class node: the unit of "speed-up"
 MIN_FRAMES = 60  # per cluster run: enough that the steady window outweighs warm-up and drain
 LATENCY_FRAMES = 12  # per latency run (one in flight: warm-up and drain are one result each)
@@ -238,9 +240,12 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
         kw.setdefault("scheme", default_scheme)
         srcs = kw.pop("sources", _sources_for(n))
         inflight = kw.pop("max_inflight", _inflight(n, len(srcs)))
-        return Run(nodes=n, cpu=kw.pop("cpu", cpu), rate=kw.pop("rate", rate), sources=srcs,
+        # one node sends nothing over a link: its runs are the same whatever the rate (so a run
+        # at another --rate with --resume reuses them, and the baseline stays one measurement)
+        link = kw.pop("rate", rate) if n > 1 else None
+        return Run(nodes=n, cpu=kw.pop("cpu", cpu), rate=link, sources=srcs,
                    frames=kw.pop("frames", frames(inflight * len(srcs), len(srcs))), max_inflight=inflight,
-                   **model, **kw)
+                   **{**model, **kw})
 
     want = set(args.scenarios.split(",")) if args.scenarios else set(SCENARIOS)
     if quick and not args.scenarios:
@@ -302,6 +307,13 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
             runs.append(cluster(big, scenario="policy", label=f"{policy}, 1 source", policy=policy))
             runs.append(cluster(big, scenario="policy", label=f"{policy}, {big} sources", policy=policy,
                                 sources=every, frames=per_src))
+    if "codec" in want:
+        # the frame codecs side by side at the largest count, 1x1 (where the source's uplink
+        # carries every frame's pixels): raw, lossless zstd, and jpeg (computed on the decoded frame)
+        n_codec = max(counts)
+        for codec in ("raw", "zstd", "jpeg"):
+            runs.append(cluster(n_codec, scenario="codec", label=f"{n_codec} nodes 1x1, {codec}", grid=(1, 1),
+                                scheme="none", frame_codec=codec))
     if "hetero" in want:
         fast = 2 * args.cpu
         runs.append(cluster(4, scenario="hetero", label=f"4 nodes, {fast:g}/{args.cpu:g} alternating",
@@ -311,7 +323,8 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
             runs.append(replace(cluster(n, scenario="dask", label=f"dask {n} nodes"), kind="dask"))
     # the most telling runs first, so that a run cut short still has them; the fused block's
     # single-node baseline goes with the fused runs (nothing else needs it)
-    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "grid", "defaults", "fused"]
+    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "codec", "grid", "defaults",
+                "fused"]
 
     def group(r: Run) -> str:
         return "fused" if r.scenario == "single" and r.fused_only else r.scenario

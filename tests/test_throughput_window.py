@@ -186,3 +186,14 @@ def test_plan_runs_carry_the_frame_codec():
     args.frame_codec, args.jpeg_quality = "jpeg", 80
     runs = tp.plan_runs(args, "fused.cfg")
     assert runs and all((r.frame_codec, r.jpeg_quality) == ("jpeg", 80) for r in runs if r.kind == "stealer")
+
+
+def test_codec_scenario_runs_the_codecs_side_by_side_and_one_node_ignores_the_rate():
+    runs = tp.plan_runs(_args("--scenarios", "single,codec", "--nodes", "1,8", "--repeat", "1"), "fused.cfg")
+    codec = [r for r in runs if r.scenario == "codec"]
+    assert [r.frame_codec for r in codec] == ["raw", "zstd", "jpeg"]
+    assert {(r.nodes, r.grid) for r in codec} == {(8, (1, 1))} and len({r.key() for r in codec}) == 3
+    one = [r for r in runs if r.scenario == "single" and r.kind == "stealer"]
+    other_rate = tp.plan_runs(_args("--scenarios", "single", "--rate", "none", "--repeat", "1"), "fused.cfg")
+    assert one and one[0].rate is None
+    assert one[0].key() == next(r for r in other_rate if r.kind == "stealer").key()  # --resume reuses it
