@@ -266,3 +266,31 @@ def test_a_frame_codec_lifts_the_source_uplink_bound():
     assert predict(BY_NAME["1x1"], pis(1, pixel_ratio=0.065), 4).fps == predict(BY_NAME["1x1"], pis(1), 4).fps
     with pytest.raises(PlanError, match="pixel ratio"):
         pis(4, pixel_ratio=0.0)
+
+
+async def test_peers_tell_their_measured_speed_and_the_plan_uses_it(tiny_net):
+    """Each node measures its own FLOP/s and sends it with its Status; the source's planner
+    (grid auto, no fixed node_speed) sees every peer at the speed it measured."""
+    from dataclasses import replace
+
+    from .test_node import FAST_RT
+
+    quick = replace(FAST_RT, speed_sample=0.02)  # measured after 20 ms of compute
+    gw = Node(tiny_net, config(gateway=True, runtime=quick))
+    await gw.start()
+    src = Node(tiny_net, config(sources=[4], frames=30, max_inflight=3, peers=[("127.0.0.1", gw.port)],
+                                runtime=quick, grid_auto=True, link_rate=1e9))
+    try:
+        await src.start()
+        await collect(gw, 30)
+        async with asyncio.timeout(30):  # the gateway's last status may still be on its way
+            while not 0 < gw._speed_told == src.peers[gw.id].load.speed:  # what it said, as it said it
+                await asyncio.sleep(0.01)
+        told, heard = gw._speed_told, src.peers[gw.id].load.speed
+        cluster = src._cluster_now()
+    finally:
+        for n in (src, gw):
+            await n.close()
+    assert gw.stats.busy_seconds >= 0.02 and told > 0
+    assert heard == told
+    assert sorted(n.speed for n in cluster.nodes) == sorted([src._node_speed(), told])

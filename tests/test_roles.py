@@ -493,3 +493,12 @@ def test_a_new_plan_cuts_only_the_frames_after_it(plan):
     src.set_plan(PK, plan)
     src.set_plan(whole_key, whole)
     assert set(src._deps) == {whole_key}
+
+
+def test_a_measured_speed_is_news_when_first_known_or_a_quarter_off():
+    from stealer.roles.worker import speed_worth_telling
+
+    assert not speed_worth_telling(0.0, 0.0)  # nothing measured yet
+    assert speed_worth_telling(0.0, 1e9)
+    assert not speed_worth_telling(1e9, 1.2e9) and not speed_worth_telling(1e9, 0.8e9)
+    assert speed_worth_telling(1e9, 1.3e9) and speed_worth_telling(1e9, 0.7e9)

@@ -57,6 +57,10 @@ class RuntimeLimits:
     second task queued behind the first). Longer tasks go one at a time: a second one would
     only wait, its lease ageing into a straggler's, while another node could run it (measured
     on 0.2-core emulated Pis: more speculative copies, fewer frames/s at 3 and 4 nodes)."""
+    speed_sample: float = 2.0
+    """Seconds of compute before a node's speed (FLOPs run / busy seconds) counts as measured
+    and goes to its peers: over the first tasks, kernel warm-up and small tiles' overheads
+    dominate the figure."""
     straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""

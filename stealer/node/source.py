@@ -24,9 +24,6 @@ from .state import NodeState
 
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
 
-MIN_SPEED_SAMPLE = 2.0
-"""Seconds of compute before this node's speed counts as measured (FLOPs run / busy seconds):
-over the first tasks, kernel warm-up and small tiles' overheads dominate the figure."""
 
 
 class Source(NodeState):
@@ -149,14 +146,16 @@ class Source(NodeState):
         return choice.best.inflight if choice is not None else None
 
     def _node_speed(self) -> float:
-        """FLOP/s the planner assumes for every node: ``node_speed`` if configured, else this
-        node's own measured speed once it has computed for a while, else an emulated Pi's.
-        Peers are assumed as fast as this node: their Status messages carry queue counts only."""
+        """FLOP/s the planner assumes for this node: ``node_speed`` if configured (then for
+        every node, measured or not), else its own measured speed once it has computed for a
+        while, else an emulated Pi's."""
         if self.cfg.node_speed:
             return self.cfg.node_speed
-        if self.stats.busy_seconds >= MIN_SPEED_SAMPLE and self.stats.flops_run:
-            return self.stats.flops_run / self.stats.busy_seconds
-        return DEFAULT_NODE_SPEED
+        return self._measured_speed() or DEFAULT_NODE_SPEED
+
+    def _peer_speed(self, peer_id: str, assumed: float) -> float:
+        """A peer's FLOP/s as it measured them (its last Status), else ``assumed``."""
+        return (0.0 if self.cfg.node_speed else self.peers[peer_id].load.speed) or assumed
 
     def _cluster_now(self) -> Cluster:
         """The cluster as the planner sees it: this node (the source) first, then its peers with
@@ -165,7 +164,8 @@ class Source(NodeState):
         link = self.cfg.link_rate
         me = NodeSpec(speed if self.cfg.slots > 0 else 0.0, self.cfg.max_memory, link)
         ids = sorted(self.peers)
-        nodes = (me, *(NodeSpec(speed, self.peers[i].max_memory, link) for i in ids))
+        # peers as fast as they measured themselves, else as this node
+        nodes = (me, *(NodeSpec(self._peer_speed(i, speed), self.peers[i].max_memory, link) for i in ids))
         gateway = ids.index(self.gateway_id) + 1 if self.gateway_id in ids else 0
         return Cluster(nodes, source=0, gateway=gateway, pixel_ratio=self._pixel_ratio())
 
@@ -185,15 +185,18 @@ class Source(NodeState):
         if not self.cfg.grid_auto or not self._auto_candidates or self._closed:
             return
         nodes = self._computing_nodes()
-        if nodes == self._planned_nodes:
-            return
         cluster = self._cluster_now()
+        # re-plan when nodes join or leave, or one's speed moves by a bucket (about 25%)
+        planned_for = (nodes, tuple(round(math.log(n.speed) / math.log(1.25)) if n.speed > 0 else 0
+                                    for n in cluster.nodes))
+        if planned_for == self._planned_for:
+            return
         try:
             choice = choose(self._auto_candidates, cluster, self.cfg.objective, self.cfg.latency_budget)
         except PlanError as exc:
             log.error("grid auto: %s; keeping plan %s", exc, self._own_plan_key)
             return
-        self._planned_nodes = nodes
+        self._planned_for = planned_for
         self._auto_choice = choice
         best = choice.best
         key = plan_key(best.grid, self.layers, best.scheme)

@@ -59,7 +59,9 @@ class NodeState:
             self._own_plan_key = plan_key((1, 1), self.layers, "none")
         self._auto_candidates: list[CandidatePlan] = []  # grid auto: every candidate's plan, made at start
         self._auto_choice: Choice | None = None  # grid auto: the latest choice
-        self._planned_nodes: int | None = None  # grid auto: computing nodes the choice was made for
+        # grid auto: the cluster the choice was made for (computing nodes, their speeds bucketed)
+        self._planned_for: tuple[int, tuple[int, ...]] | None = None
+        self._speed_told = 0.0  # the measured speed peers were last told in a Status
         self._model_flops = sum(l.flops for l in net.layers)
         # who is the gateway, elections and takeovers: decided by the pure membership machine
         self.membership = MembershipState(
@@ -153,6 +155,13 @@ class NodeState:
                           ) -> tuple[TileDone, dict[int, np.ndarray]]: ...
         def _compute_tail(self, job: Job) -> TailDone: ...
         def _compute_whole(self, job: Job, borrowed: dict[int, np.ndarray] | None) -> TailDone: ...
+
+    def _measured_speed(self) -> float:
+        """FLOP/s over this node's own compute (FLOPs run / busy seconds), once it has computed
+        for ``runtime.speed_sample`` seconds; 0 before."""
+        if self.stats.busy_seconds >= self.cfg.runtime.speed_sample and self.stats.flops_run:
+            return self.stats.flops_run / self.stats.busy_seconds
+        return 0.0
 
     def _plan(self, key: str) -> Plan:
         plan = self._plans.get(key)

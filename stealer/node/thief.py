@@ -18,6 +18,7 @@ from ..codec import MAX_DECODED_BYTES
 from ..errors import CommClosedError, PlanError, ProtocolError, StealerError
 from ..images import pixel_rect
 from ..roles.strips import unpack_strips
+from ..roles.worker import speed_worth_telling
 from ..scheduler import TAIL, PeerLoad, TaskRef, choose_victim
 from ..wire.messages import (
     Message,
@@ -351,6 +352,8 @@ class Thief(NodeState):
             self.stats.task_errors += 1
             self._report_failure(job, f"{type(exc).__name__}: {exc}")
             return
+        if speed_worth_telling(self._speed_told, self._measured_speed()):
+            self._work_changed()  # a status goes out with it (grid auto plans by peers' speeds)
         gw = None if self.is_gateway else self._gateway()
         if gw is not None and _array_bytes(msg) < _POST_DATA_BYTES:
             try:  # a small result is written at once: no task, no wait

@@ -817,6 +817,10 @@ def _check_task_name(source: str, frame: int, task: int) -> None:
         raise ValueError(f"task {task} is invalid")
 
 
+MAX_NODE_SPEED: Final = 1e15
+"""FLOP/s a peer may claim (a petaflop: far beyond any edge device, finite for the planner)."""
+
+
 @register
 class Status(Message, tag="status", frozen=True):
     """How much work the sender has queued (sent whenever it changes); idle nodes pick
@@ -825,6 +829,13 @@ class Status(Message, tag="status", frozen=True):
     queued_tiles: int
     queued_tails: int
     leased: int = 0  # tasks out with other nodes (candidates for speculative copies)
+    speed: float = 0.0  # FLOP/s the sender measured over its own compute; 0: not measured yet
+
+    def __post_init__(self) -> None:
+        if min(self.queued_tiles, self.queued_tails, self.leased) < 0:
+            raise ValueError("negative counts in a status")
+        if not (math.isfinite(self.speed) and 0.0 <= self.speed <= MAX_NODE_SPEED):
+            raise ValueError(f"speed {self.speed} out of range")
 
 
 @register
