@@ -64,7 +64,8 @@ def model_env() -> dict[str, str]:
     e = os.environ
     return {"cfg": e.get("STEALER_DASK_CFG", "yolov2"), "seed": e.get("STEALER_DASK_SEED", "0"),
             "grid": e.get("STEALER_DASK_GRID", "5x5"), "layers": e.get("STEALER_DASK_LAYERS", ""),
-            "scheme": e.get("STEALER_DASK_SCHEME", "quad")}
+            "scheme": e.get("STEALER_DASK_SCHEME", "quad"), "codec": e.get("STEALER_DASK_CODEC", "raw"),
+            "jpeg_quality": e.get("STEALER_DASK_JPEG_QUALITY", "90")}
 
 
 def _net():
@@ -106,10 +107,31 @@ def _count(key: str, seconds: float) -> None:
         c[key + "_seconds"] += seconds
 
 
-def run_tile(task_id: int, region: np.ndarray, *strips: dict[int, np.ndarray]) -> dict[Any, Any]:
+def tile_input(net: Any, payload: dict[str, Any]) -> np.ndarray:
+    """A tile's network input from what the client scattered: the camera pixels of its region
+    (raw, or encoded as a stealer node's grant would be) made back into the float32 input, the
+    way a stealer thief does it (:mod:`stealer.codec`, :func:`stealer.images.letterbox_region`)."""
+    from stealer.codec import decode_jpeg, decode_pixels
+    from stealer.images import letterbox_region, pixel_rect
+
+    _, h, w = net.input_shape
+    img_w, img_h, rect = payload["img_w"], payload["img_h"], payload["rect"]
+    codec, data = payload["codec"], payload["data"]
+    if codec == "raw":
+        pixels = data
+    elif codec == "jpeg":  # the whole frame's JPEG: decode, then crop the region's pixels
+        py0, py1, px0, px1 = pixel_rect(rect, img_w, img_h, w, h)
+        pixels = decode_jpeg(data, (net.input_shape[0], img_h, img_w))[:, py0:py1, px0:px1]
+    else:
+        pixels = decode_pixels(codec, data, payload["shape"])
+    return letterbox_region(pixels, payload["origin"], img_w, img_h, w, h, rect)
+
+
+def run_tile(task_id: int, payload: dict[str, Any], *strips: dict[int, np.ndarray]) -> dict[Any, Any]:
     """One fused tile: output tile under ``"out"``, published strips under their consumer's id."""
     t0 = time.perf_counter()
     net, plan = _net(), _plan()
+    region = tile_input(net, payload)
     task = plan.task(task_id)
     borrowed = None
     if task.reuse is not None and task.consumes:
@@ -166,12 +188,36 @@ def scheduler_stats(dask_scheduler: Any = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- client
-def _submit_frame(client: Any, plan: Plan, frame: np.ndarray, f: int, img_w: int, img_h: int) -> tuple[Any, list[Any]]:
+def tile_payloads(plan: Plan, pixels: np.ndarray, jpeg: bytes | None, codec: str,
+                  net_shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Every tile's input as the client scatters it: the camera pixels its region is made from,
+    in the run's frame codec, chosen per region exactly as a stealer source chooses for a grant
+    (:func:`stealer.codec.grant_codec`), so that the two systems move the same bytes."""
+    from stealer.codec import encode_pixels, grant_codec
+    from stealer.images import pixel_rect
+
+    _, h, w = net_shape
+    img_h, img_w = pixels.shape[1], pixels.shape[2]
+    out = []
+    for t in plan.tasks:  # execution order
+        rect = (t.reuse if t.reuse is not None else t.full).input_region
+        py0, py1, px0, px1 = pixel_rect(rect, img_w, img_h, w, h)
+        region = pixels[:, py0:py1, px0:px1]
+        how = grant_codec(codec, region.nbytes, pixels.nbytes, jpeg is not None)
+        data: Any = np.ascontiguousarray(region)
+        if how == "jpeg":
+            data = jpeg
+        elif how != "raw":
+            data = encode_pixels(how, region)
+        out.append({"codec": how, "data": data, "rect": tuple(rect), "origin": (py0, px0),
+                    "shape": tuple(region.shape), "img_w": img_w, "img_h": img_h})
+    return out
+
+
+def _submit_frame(client: Any, plan: Plan, payloads: list[dict[str, Any]], f: int, img_w: int, img_h: int
+                  ) -> tuple[Any, list[Any]]:
     """Submit one frame's graph; returns the tail future and every future of the frame."""
-    frame_rect = plan.windows[0].in_map()
-    variants = [t.reuse if t.reuse is not None else t.full for t in plan.tasks]  # execution order
-    regions = [np.ascontiguousarray(frame[(slice(None),) + relative(v.input_region, frame_rect)]) for v in variants]
-    region_futs = client.scatter(regions, direct=True, hash=False)
+    region_futs = client.scatter(payloads, direct=True, hash=False)
     tile: dict[int, Any] = {}
     strips: dict[tuple[int, int], Any] = {}
     outs: dict[int, Any] = {}
@@ -205,7 +251,8 @@ def client_main(argv: list[str] | None = None) -> int:
     from distributed import Client, as_completed
 
     from stealer.darknet import parse_cfg
-    from stealer.images import synthetic_frame
+    from stealer.codec import jpeg_frame
+    from stealer.images import synthetic_pixels
     from stealer.network import resolve_cfg
 
     m = model_env()
@@ -223,9 +270,12 @@ def client_main(argv: list[str] | None = None) -> int:
 
     def submit_next() -> None:
         nonlocal nxt
-        frame = synthetic_frame(args.seed, nxt, shape)
+        pixels, jpeg = synthetic_pixels(args.seed, nxt, shape), None
         t0 = time.monotonic()
-        tail, keep = _submit_frame(client, plan, frame, nxt, shape[2], shape[1])
+        if m["codec"] == "jpeg":  # as a jpeg stealer source: encoded once, computed on decoded
+            pixels, jpeg = jpeg_frame(pixels, int(m["jpeg_quality"]))
+        payloads = tile_payloads(plan, pixels, jpeg, m["codec"], shape)
+        tail, keep = _submit_frame(client, plan, payloads, nxt, shape[2], shape[1])
         started[nxt] = (t0, keep)
         ac.add(tail)
         nxt += 1

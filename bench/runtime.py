@@ -72,7 +72,9 @@ async def steal_rtt(net: Network, grid: tuple[int, int], n: int) -> dict:
                         break
                 times.append(time.perf_counter() - t0)
                 assert msg.granted
-                nbytes = (msg.data if msg.data is not None else msg.pixels).nbytes  # float32 or camera pixels
+                # float32, camera pixels, or those encoded (--frame-codec)
+                payload = next(a for a in (msg.data, msg.pixels, msg.encoded) if a is not None)
+                nbytes = payload.nbytes
         finally:
             await comm.close()
     return {"tile_bytes": nbytes, "p50_ms": 1e3 * pct(times, 50), "p99_ms": 1e3 * pct(times, 99),

@@ -22,7 +22,8 @@ Scenarios (``--scenarios``, comma list, default all):
 ``policy``    work stealing vs work sharing at 6 nodes, with one source and with a source on
               every node (multi-camera);
 ``hetero``    4 nodes, hosts 0 and 2 at twice the CPU share of hosts 1 and 3;
-``dask``      the Dask distributed baseline (``bench/dask_baseline.py``) at the scaling counts.
+``dask``      the Dask distributed baseline (``bench/dask_baseline.py``) at the scaling counts;
+``codec``     the frame codecs (raw, zstd, jpeg) side by side, 1x1 at the largest node count.
 
 What "frames/s" is. A source starts ``max_inflight`` frames at once and then one more per
 result, so a run has three phases: the warm-up burst (the first ``max_inflight`` results: frames
@@ -87,7 +88,8 @@ if str(ROOT) not in sys.path:
 OUT = ROOT / "bench" / "out"
 RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults")
+SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults",
+             "codec")
 PI_SHARE = 0.2  # CPU share of a Pi-class node: the unit of "speed-up"
 MIN_FRAMES = 60  # per cluster run: enough that the steady window outweighs warm-up and drain
 LATENCY_FRAMES = 12  # per latency run (one in flight: warm-up and drain are one result each)
@@ -158,6 +160,8 @@ class Run:
     fused_only: bool = False
     node_args: tuple[str, ...] = ()  # appended to every node's command line (e.g. --limit ...)
     repeat: int = 0  # index of this repeat of the configuration (part of the key, for --resume)
+    frame_codec: str = "raw"  # every node's --frame-codec (and the dask baseline's: same bytes moved)
+    jpeg_quality: int = 90  # every node's --jpeg-quality (with jpeg)
 
     @property
     def shares(self) -> list[float | None]:
@@ -176,7 +180,18 @@ class Run:
         d = asdict(self)
         d.pop("scenario")
         d.pop("label")
+        if d["frame_codec"] == "raw":  # runs of before the codecs keep their keys (--resume)
+            d.pop("frame_codec")
+            d.pop("jpeg_quality")
         return json.dumps(d, sort_keys=True)
+
+    @property
+    def frame_kind(self) -> tuple[str, int]:
+        """(codec, quality) of the frames computed on, as far as they differ: lossless codecs
+        compute on the camera's own frame, so they share raw's reference digests."""
+        if self.kind in ("stealer", "dask") and self.frame_codec == "jpeg":
+            return "jpeg", self.jpeg_quality
+        return "raw", 0
 
 
 def _sources_for(nodes: int) -> tuple[int, ...]:
@@ -204,7 +219,8 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     cpu = (args.cpu,)
     rate = None if args.rate in (None, "none") else args.rate
     model = dict(model=args.model, weights_seed=args.weights_seed, layers=args.layers,
-                 node_args=tuple(a for words in args.node_arg for a in shlex.split(words)))
+                 node_args=tuple(a for words in args.node_arg for a in shlex.split(words)),
+                 frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality)
     counts = [int(n) for n in args.nodes.split(",")] if args.nodes else ([1, 4] if quick else [1, 2, 3, 4, 6, 8])
     big = args.big_nodes or (4 if quick else 6)
     scale = args.frames_scale
@@ -224,9 +240,12 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
         kw.setdefault("scheme", default_scheme)
         srcs = kw.pop("sources", _sources_for(n))
         inflight = kw.pop("max_inflight", _inflight(n, len(srcs)))
-        return Run(nodes=n, cpu=kw.pop("cpu", cpu), rate=kw.pop("rate", rate), sources=srcs,
+        # one node sends nothing over a link: its runs are the same whatever the rate (so a run
+        # at another --rate with --resume reuses them, and the baseline stays one measurement)
+        link = kw.pop("rate", rate) if n > 1 else None
+        return Run(nodes=n, cpu=kw.pop("cpu", cpu), rate=link, sources=srcs,
                    frames=kw.pop("frames", frames(inflight * len(srcs), len(srcs))), max_inflight=inflight,
-                   **model, **kw)
+                   **{**model, **kw})
 
     want = set(args.scenarios.split(",")) if args.scenarios else set(SCENARIOS)
     if quick and not args.scenarios:
@@ -288,6 +307,13 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
             runs.append(cluster(big, scenario="policy", label=f"{policy}, 1 source", policy=policy))
             runs.append(cluster(big, scenario="policy", label=f"{policy}, {big} sources", policy=policy,
                                 sources=every, frames=per_src))
+    if "codec" in want:
+        # the frame codecs side by side at the largest count, 1x1 (where the source's uplink
+        # carries every frame's pixels): raw, lossless zstd, and jpeg (computed on the decoded frame)
+        n_codec = max(counts)
+        for codec in ("raw", "zstd", "jpeg"):
+            runs.append(cluster(n_codec, scenario="codec", label=f"{n_codec} nodes 1x1, {codec}", grid=(1, 1),
+                                scheme="none", frame_codec=codec))
     if "hetero" in want:
         fast = 2 * args.cpu
         runs.append(cluster(4, scenario="hetero", label=f"4 nodes, {fast:g}/{args.cpu:g} alternating",
@@ -297,7 +323,8 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
             runs.append(replace(cluster(n, scenario="dask", label=f"dask {n} nodes"), kind="dask"))
     # the most telling runs first, so that a run cut short still has them; the fused block's
     # single-node baseline goes with the fused runs (nothing else needs it)
-    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "grid", "defaults", "fused"]
+    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "codec", "grid", "defaults",
+                "fused"]
 
     def group(r: Run) -> str:
         return "fused" if r.scenario == "single" and r.fused_only else r.scenario
@@ -354,35 +381,48 @@ def network(model: str, seed: int) -> Any:
     return _NETS[key]
 
 
-def digest_key(net: Any) -> str:
-    """Cache key of a model's reference digests: its hash and the synthetic frames' version."""
+def digest_key(net: Any, frame_kind: tuple[str, int] = ("raw", 0)) -> str:
+    """Cache key of a model's reference digests: its hash, the synthetic frames' version and,
+    for a jpeg run, the codec and quality the frames were computed on (:attr:`Run.frame_kind`;
+    raw's key is the one of before the codecs, so its cache stays valid)."""
     from stealer.images import SYNTHETIC_VERSION
 
-    return f"{net.model_hash}/synthetic-v{SYNTHETIC_VERSION}"
+    codec, quality = frame_kind
+    key = f"{net.model_hash}/synthetic-v{SYNTHETIC_VERSION}"
+    return key if codec == "raw" else f"{key}/{codec}-q{quality}"
+
+
+def reference_digest(net: Any, seed: int, frame: int, frame_kind: tuple[str, int] = ("raw", 0),
+                     **forward: Any) -> str:
+    """SHA-256 of single-device inference of synthetic frame ``frame`` of ``seed`` as a node
+    with that frame codec computes on it (for jpeg: the frame encoded and decoded)."""
+    from stealer.images import synthetic_frame
+
+    codec, quality = frame_kind
+    x = synthetic_frame(seed, frame, net.input_shape, codec, quality or 90)  # raw: the quality is unused
+    return hashlib.sha256(net.forward(x, **forward).tobytes()).hexdigest()
 
 
 def expected_digests(runs: list[Run], cache: Path = OUT / "digests.json") -> dict[str, dict[str, str]]:
-    """SHA-256 of single-device inference of every (model, seed, frame) the runs need."""
-    from stealer.images import synthetic_frame
-
+    """SHA-256 of single-device inference of every (model, seed, frame) the runs need, on the
+    frames their codec computes on (cached under :func:`digest_key`)."""
     store: dict[str, dict[str, str]] = json.loads(cache.read_text()) if cache.exists() else {}
-    need: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    need: dict[tuple[str, int, tuple[str, int]], set[tuple[int, int]]] = {}
     for r in runs:
         if r.kind == "infer":
             continue
         for j, _ in enumerate(r.sources):
-            need.setdefault((r.model, r.weights_seed), set()).update((j, f) for f in range(r.frames))
+            need.setdefault((r.model, r.weights_seed, r.frame_kind), set()).update((j, f) for f in range(r.frames))
     threads = os.cpu_count() or 1
     with ThreadPoolExecutor(threads) as pool:
-        for (model, wseed), items in need.items():
+        for (model, wseed, kind), items in need.items():
             net = network(model, wseed)
-            have = store.setdefault(digest_key(net), {})
+            have = store.setdefault(digest_key(net, kind), {})
             todo = sorted(i for i in items if f"{i[0]}:{i[1]}" not in have)
             if todo:
                 log(f"computing {len(todo)} reference digest(s) of {model} on this machine")
             for seed, f in todo:
-                out = net.forward(synthetic_frame(seed, f, net.input_shape), executor=pool, threads=threads)
-                have[f"{seed}:{f}"] = hashlib.sha256(out.tobytes()).hexdigest()
+                have[f"{seed}:{f}"] = reference_digest(net, seed, f, kind, executor=pool, threads=threads)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(store))
     return store
@@ -581,6 +621,8 @@ def run_stealer(run: Run, work: Path, timeout: float) -> dict[str, Any]:
             "--max-inflight", str(run.max_inflight)]
     if run.layers:
         base += ["--layers", str(run.layers)]
+    if run.frame_codec != "raw":
+        base += ["--frame-codec", run.frame_codec, "--jpeg-quality", str(run.jpeg_quality)]
     base += list(run.node_args)
     argvs = []
     for i in range(run.nodes):
@@ -605,7 +647,8 @@ def run_dask(run: Run, work: Path, timeout: float) -> dict[str, Any]:
     client_host = run.sources[0]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", STEALER_DASK_CFG=run.model,
                STEALER_DASK_SEED=str(run.weights_seed), STEALER_DASK_GRID=f"{run.grid[0]}x{run.grid[1]}",
-               STEALER_DASK_LAYERS=str(run.layers or ""), STEALER_DASK_SCHEME=run.scheme)
+               STEALER_DASK_LAYERS=str(run.layers or ""), STEALER_DASK_SCHEME=run.scheme,
+               STEALER_DASK_CODEC=run.frame_codec, STEALER_DASK_JPEG_QUALITY=str(run.jpeg_quality))
     commands: list[str] = []
 
     def spawn(cl: Any) -> list[subprocess.Popen[Any]]:
@@ -709,14 +752,15 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
                     st = dict(w, stolen=None)
         nodes.append({"host": i, "cpu": run.shares[i], "role": st.get("role", "dask" if run.kind == "dask" else "?"),
                       **{k: st.get(k) for k in ("tiles_run", "tails_run", "stolen", "steal_failures", "reuse_fallbacks",
-                                                "requeued", "duplicates_dropped", "speculative", "busy_seconds")},
+                                                "requeued", "duplicates_dropped", "speculative", "busy_seconds",
+                                                "input_bytes_raw", "input_bytes_sent", "encoded_grants")},
                       "stats_ok": bool(st)})
     # --- digests
     if run.kind == "stealer":
         seeds = _seed_of(run, host_ids)
     else:
         seeds = {f"dask/{j}": j for j in range(len(run.sources))}
-    have = digests.get(digest_key(network(run.model, run.weights_seed)), {})
+    have = digests.get(digest_key(network(run.model, run.weights_seed), run.frame_kind), {})
     mismatches, unknown = [], 0
     for r in results:
         seed = seeds.get(r["source"])
@@ -808,6 +852,10 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
         "commands": raw["commands"], "work": str(work),
         "tail_seconds_p50": pct([r["tail_seconds"] for r in results if "tail_seconds" in r], 50),
     }
+    # tile inputs as sent against as raw pixels (--frame-codec): summed over the sources' grants
+    raw_in = sum(nd.get("input_bytes_raw") or 0 for nd in nodes)
+    if raw_in:
+        out["input_bytes_ratio"] = round(sum(nd.get("input_bytes_sent") or 0 for nd in nodes) / raw_in, 4)
     if out["speedup"]:
         out["efficiency"] = out["speedup"] / ideal
         if out["speedup"] > 1.05 * ideal and cap_units > 1:  # (one node is its own baseline)
@@ -1303,7 +1351,7 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
 # --------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: fewer nodes, runs and frames (a few minutes); the steady window then holds "
@@ -1332,6 +1380,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-arg", action="append", default=[],
                     help="extra words for every stealer node's command line, e.g. "
                          "--node-arg='--limit peer_dead_after=5' (repeatable)")
+    ap.add_argument("--frame-codec", choices=["raw", "zstd", "png", "jpeg"], default="raw",
+                    help="every stealer node's --frame-codec; with jpeg the reference digests are computed on the "
+                         "decoded JPEG frames [raw]")
+    ap.add_argument("--jpeg-quality", type=int, default=90, help="every node's --jpeg-quality (with jpeg) [90]")
     ap.add_argument("--timeout", type=float, default=None, help="per run, seconds [from the frame count]")
     ap.add_argument("--out", type=Path, default=OUT / "throughput.json")
     ap.add_argument("--digests", type=Path, default=OUT / "digests.json", help="reference digest cache")
@@ -1342,6 +1394,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep runs already in --out, run only the missing ones")
     ap.add_argument("--report-only", action="store_true", help="re-render table and plots from --out")
     ap.add_argument("--notes", type=Path, default=None, help="Markdown file appended to the report as Notes")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")

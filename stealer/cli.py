@@ -6,6 +6,7 @@ infer    single-device inference on an image, a .npy tensor or a synthetic frame
 weights  write deterministic random weights in darknet's format
 info     per-layer FLOP, parameter and memory table of a cfg
 plan     fused tile partition of a frame (see stealer.ftp)
+status   a table of running nodes, read from their --metrics endpoints
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Sequence
 
-from .cliargs import add_model_args, load_network, parse_grid_arg
+from .cliargs import add_auto_args, add_codec_args, add_model_args, load_network, parse_grid_or_auto
 from .errors import StealerError
 from .launcher import add_run_args, cmd_run
 
@@ -51,11 +52,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
     shape = net.input_shape
     if args.input in (None, "synthetic") or str(args.input).startswith("synthetic:"):
         seed = int(str(args.input).split(":", 1)[1]) if args.input and ":" in args.input else 0
-        x, img_w, img_h = synthetic_frame(seed, args.frame, shape), shape[2], shape[1]
+        x = synthetic_frame(seed, args.frame, shape, args.frame_codec, args.jpeg_quality)
+        img_w, img_h = shape[2], shape[1]
         source = f"synthetic:{seed}#{args.frame}"
+    elif args.frame_codec == "jpeg" and not str(args.input).lower().endswith(".npy"):
+        x, img_w, img_h = _jpeg_input(args.input, shape, args.jpeg_quality)
+        source = str(args.input)
     else:
         x, img_w, img_h = load_input(args.input, shape)
         source = str(args.input)
+    if args.frame_codec == "jpeg":
+        source += f" (as JPEG, quality {args.jpeg_quality})"
     threads = args.threads or os.cpu_count() or 1
     timings = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernel") as pool:
@@ -94,6 +101,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout)
         print()
     return 0
+
+
+def _jpeg_input(path: str, shape: tuple[int, int, int], quality: int) -> tuple[Any, int, int]:
+    """An image file as a ``--frame-codec jpeg`` source computes on it: the decode of its own
+    bytes for a .jpg file, else of its pixels encoded at ``quality``; letterboxed."""
+    from pathlib import Path
+
+    from .codec import jpeg_frame
+    from .images import letterbox, load_pixels, to_float
+    from .sources import JPEG_SUFFIXES
+
+    p = Path(path)
+    pixels = load_pixels(p)
+    jpeg = p.read_bytes() if p.suffix.lower() in JPEG_SUFFIXES else None
+    pixels, _ = jpeg_frame(pixels, quality, jpeg)
+    return letterbox(to_float(pixels), shape[2], shape[1]), pixels.shape[2], pixels.shape[1]
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -145,7 +168,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
                    help="take over as gateway if the gateway dies (give it --out too)")
     p.add_argument("--source", action="append", default=[], metavar="FEED",
                    help="a frame feed: synthetic[:SEED], images:DIR, video:PATH, camera:N (repeatable)")
-    p.add_argument("--grid", type=parse_grid_arg, default=(5, 5), help="tile grid RxC [5x5]")
+    p.add_argument("--grid", type=parse_grid_or_auto, default=(5, 5),
+                   help="tile grid RxC, or auto: chosen for the cluster, again as nodes come and go [5x5]")
+    add_auto_args(p)
     p.add_argument("--layers", type=int, default=None, help="fused layers [16, or the conv/maxpool prefix]")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--reuse", dest="scheme", action="store_const", const="quad",
@@ -182,10 +207,18 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expect", type=int, default=None, help="gateway: exit after this many results")
     p.add_argument("--stats", help="write this node's statistics as JSON here at exit")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish work at SIGTERM [30]")
+    add_codec_args(p)
     from .config import add_limit_args, add_security_args
 
     add_security_args(p)
     add_limit_args(p)
+    from .fleet import add_config_arg
+    from .logs import add_log_format_arg
+    from .metrics import add_metrics_arg
+
+    add_metrics_arg(p)
+    add_log_format_arg(p)
+    add_config_arg(p)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -210,23 +243,36 @@ def cmd_node(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     net = load_network(args)
     sources = [open_source(s) for s in args.source]
+    grid_auto = args.grid == "auto"
     cfg = NodeConfig(
         node_id=new_node_id(), host=args.host, port=args.port, gateway=args.gateway,
         standby=args.gateway_standby, sources=sources,
-        grid=args.grid, layers=args.layers, scheme=args.scheme, frames=args.frames, fps=args.fps,
+        grid=(1, 1) if grid_auto else args.grid, layers=args.layers, scheme=args.scheme,
+        grid_auto=grid_auto, objective=args.objective,
+        latency_budget=args.latency_budget / 1000.0 if args.latency_budget else None,
+        link_rate=args.link_mbit * 1e6 / 8, frames=args.frames, fps=args.fps,
         max_inflight=args.max_inflight, slots=args.slots,
         deadline=args.deadline / 1000.0 if args.deadline else None,
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
         policy=args.policy, speculate=args.speculate, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
+        frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
+    cfg.metrics = args.metrics
+    from .logs import set_log_node
+
+    set_log_node(cfg.node_id)  # every JSON log line of this process names its node
 
     if cfg.max_memory:
+        from .ftp.auto import candidate_plans
         from .ftp.plan import make_plan
         from .node import memory_needs
 
-        plan = make_plan(net, cfg.grid, cfg.layers, scheme=cfg.scheme)
+        if grid_auto:  # the candidate with the smallest tiles: the planner leaves out what does not fit
+            plan = min(candidate_plans(net.spec, cfg.layers), key=lambda c: c.tile_memory).plan
+        else:
+            plan = make_plan(net, cfg.grid, cfg.layers, scheme=cfg.scheme)
         tile, tail = memory_needs(net, plan)
         if cfg.max_memory < tile:
             log.warning("--max-memory %d B is below what one tile needs (%d B): this node computes nothing",
@@ -251,7 +297,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             if early_stop:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
-                              "role": node.role, "model_hash": net.model_hash}), flush=True)
+                              "role": node.role, "model_hash": net.model_hash,
+                              **({"metrics_port": node.metrics.port} if node.metrics else {})}), flush=True)
             # futures of different results (stop.wait() gives True, the others None); only
             # which finishes first matters
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
@@ -292,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="run the forward pass this many times [1]")
     p.add_argument("--out", help="write the result as JSON to this file (else to stdout)")
     p.add_argument("--save-output", metavar="NPY", help="save the last layer's output tensor")
+    add_codec_args(p, what="the frame reaches the cluster (jpeg: infer on the decoded JPEG, the reference of a "
+                           "--frame-codec jpeg cluster; the lossless codecs change nothing)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("run", help="a whole cluster on this machine, checked against single-device inference")
@@ -301,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a cluster node (the daemon)")
     add_node_args(p)
     p.set_defaults(func=cmd_node)
+
+    from .metrics import add_status_parser
+
+    add_status_parser(sub)
 
     p = sub.add_parser("weights", help="write deterministic random weights in darknet format")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
@@ -324,10 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .fleet import parse_args
+    from .logs import configure_logging
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)  # with --config FILE: the file's options under the command line's
+    except StealerError as exc:
+        print(f"stealer: error: {exc}", file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, getattr(args, "log_format", "auto"))
     try:
         return int(args.func(args) or 0)
     except StealerError as exc:

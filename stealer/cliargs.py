@@ -18,7 +18,8 @@ from .errors import StealerError
 if TYPE_CHECKING:
     from .network import Network
 
-__all__ = ["add_model_args", "load_network", "model_argv", "parse_grid_arg"]
+__all__ = ["add_auto_args", "add_codec_args", "add_model_args", "auto_argv", "codec_argv", "load_network",
+           "model_argv", "parse_grid_arg", "parse_grid_or_auto"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,51 @@ def load_network(args: argparse.Namespace) -> Network:
     return Network.from_random(args.cfg, 0 if args.random_weights is None else args.random_weights)
 
 
+def parse_grid_or_auto(text: str) -> tuple[int, int] | str:
+    """``--grid RxC`` or ``--grid auto`` (the planner chooses; see :func:`add_auto_args`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return parse_grid_arg(text)
+
+
+def _budget_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("--latency-budget must be above 0 ms")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def add_auto_args(p: argparse.ArgumentParser) -> None:
+    """What ``--grid auto`` optimizes, and what it assumes of the links."""
+    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput",
+                   help="--grid auto: the most frames/s, or the lowest latency per frame [throughput]")
+    p.add_argument("--latency-budget", type=_budget_ms, default=None, metavar="MS",
+                   help="--grid auto: the most frames/s among the plans predicted to finish a frame within MS")
+    p.add_argument("--link-mbit", type=_positive, default=20.0, metavar="MBIT",
+                   help="--grid auto: link rate assumed for every node, Mbit/s [20]")
+
+
+def auto_argv(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_auto_args` again as argv, for the launcher's child nodes."""
+    out = ["--objective", str(args.objective), "--link-mbit", str(args.link_mbit)]
+    if args.latency_budget is not None:
+        out += ["--latency-budget", str(args.latency_budget)]
+    return out
+
+
 def parse_grid_arg(text: str) -> tuple[int, int]:
     """``--grid RxC`` for argparse: a bad grid is a usage error, not a traceback."""
     from .ftp.plan import parse_grid
@@ -59,3 +105,28 @@ def parse_grid_arg(text: str) -> tuple[int, int]:
         return parse_grid(text)
     except StealerError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _jpeg_quality_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 95:
+        raise argparse.ArgumentTypeError(f"JPEG quality {value} out of range (1-95)")
+    return value
+
+
+def add_codec_args(p: argparse.ArgumentParser, what: str = "this node's frames travel to thieves") -> None:
+    """``--frame-codec`` and ``--jpeg-quality`` (see :mod:`stealer.codec`; the names are
+    repeated here so that ``--help`` imports nothing heavy)."""
+    p.add_argument("--frame-codec", choices=["raw", "zstd", "png", "jpeg"], default="raw",
+                   help=f"how {what}: raw pixels, zstd or png (lossless), or jpeg (each frame is "
+                        "JPEG-encoded once and the decoded frame is what is computed on) [raw]")
+    p.add_argument("--jpeg-quality", type=_jpeg_quality_arg, default=90, metavar="Q",
+                   help="with --frame-codec jpeg: encoding quality 1-95 [90]")
+
+
+def codec_argv(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_codec_args` again as argv, for the launcher's child nodes."""
+    return ["--frame-codec", str(args.frame_codec), "--jpeg-quality", str(args.jpeg_quality)]

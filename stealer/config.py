@@ -226,6 +226,12 @@ class Limits:
     """Most sources (cameras) one node may announce frames for at the gateway; stops a peer
     from making the gateway keep ordering state for source names of its choosing."""
 
+    # ---- operations ----------------------------------------------------------------------
+    status_timeout: float = 5.0
+    """How long ``stealer status`` waits for a node's /metrics (connect and answer): a scrape
+    takes milliseconds, so a node that has not answered in this long is hung or unreachable,
+    and the operator should hear so rather than wait."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -177,13 +177,21 @@ SYNTHETIC_VERSION = 2
 them), so that caches of reference results keyed by it are never used for other frames."""
 
 
-def synthetic_frame(seed: int, index: int, shape: tuple[int, int, int]) -> np.ndarray:
+def synthetic_frame(seed: int, index: int, shape: tuple[int, int, int], frame_codec: str = "raw",
+                    jpeg_quality: int = 90) -> np.ndarray:
     """A deterministic, image-like network input: :func:`synthetic_pixels` as float32 / 255.
 
     The same ``(seed, index, shape)`` always gives the same bits, on every node, so a
     distributed result can be checked against single-device inference of the same frame.
+    With ``frame_codec="jpeg"`` it is the frame a ``--frame-codec jpeg`` source computes on:
+    the pixels encoded at ``jpeg_quality`` and decoded (the lossless codecs change nothing).
     """
-    return to_float(synthetic_pixels(seed, index, shape))
+    pixels = synthetic_pixels(seed, index, shape)
+    if frame_codec == "jpeg":
+        from .codec import jpeg_frame
+
+        pixels, _ = jpeg_frame(pixels, jpeg_quality)
+    return to_float(pixels)
 
 
 def synthetic_pixels(seed: int, index: int, shape: tuple[int, int, int]) -> np.ndarray:

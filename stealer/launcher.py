@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .cliargs import add_model_args, load_network, model_argv, parse_grid_arg
+from .cliargs import (add_auto_args, add_codec_args, add_model_args, auto_argv, codec_argv, load_network,
+                      model_argv, parse_grid_or_auto)
 from .errors import StealerError
 
 
@@ -38,11 +39,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     total = n_sources * args.frames
     work = Path(tempfile.mkdtemp(prefix="stealer-run-"))
     results_path = work / "results.jsonl"
-    common = model_argv(args) + ["--grid", f"{args.grid[0]}x{args.grid[1]}", "--scheme", args.scheme,
-                                  "--policy", args.policy, "--max-inflight", str(args.max_inflight)]
+    grid = "auto" if args.grid == "auto" else f"{args.grid[0]}x{args.grid[1]}"
+    common = model_argv(args) + ["--grid", grid, "--scheme", args.scheme, "--policy", args.policy,
+                                  "--max-inflight", str(args.max_inflight)] + auto_argv(args)
     if args.layers:
         common += ["--layers", str(args.layers)]
-    common += ["--loopback", "--host", "127.0.0.1"]
+    common += codec_argv(args) + ["--loopback", "--host", "127.0.0.1"]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     # sources go on the non-gateway nodes first (the gateway also runs the tails)
     hosts = list(range(1, nodes)) or [0]
@@ -163,7 +165,10 @@ def _source_seeds(work: Path, nodes: int, placement: dict[int, list[int]], seed:
             continue
         for line in first:
             if line.startswith("{") and '"listening"' in line:
-                node_id = json.loads(line)["node_id"]
+                event = json.loads(line)
+                if event.get("event") != "listening":
+                    continue  # one of its JSON log lines (its stderr goes to the same file)
+                node_id = event["node_id"]
                 for k, s in enumerate(placement.get(i, [])):
                     seeds[f"{node_id}/{k}"] = seed + s
                 break
@@ -182,7 +187,9 @@ def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict
         for r in sorted(results, key=lambda r: (r["source"], r["frame"])):
             if r["source"] not in seeds:
                 raise StealerError(f"cannot tell which feed {r['source']} was")
-            frame = synthetic_frame(seeds[r["source"]], r["frame"], net.input_shape)
+            # with jpeg, the frame the cluster computed on is the decoded JPEG
+            frame = synthetic_frame(seeds[r["source"]], r["frame"], net.input_shape, args.frame_codec,
+                                    args.jpeg_quality)
             outs = net.outputs(frame, executor=pool, threads=threads)  # every yolo head, or the last layer
             if output_digest(outs) != r["output_sha256"]:
                 bad += 1
@@ -196,7 +203,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", type=int, default=1, help="synthetic sources [1]")
     p.add_argument("--frames", type=int, default=8, help="frames per source [8]")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed of the first source [0]")
-    p.add_argument("--grid", type=parse_grid_arg, default=(5, 5))
+    p.add_argument("--grid", type=parse_grid_or_auto, default=(5, 5), help="tile grid RxC, or auto [5x5]")
+    add_auto_args(p)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--scheme", default="quad", choices=["none", "checkerboard", "quad", "wave"])
     p.add_argument("--policy", default="steal", choices=["steal", "share"])
@@ -207,3 +215,4 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="skip the check against single-device inference")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument("--out", help="write results and node statistics as JSON here")
+    add_codec_args(p, what="the sources' frames travel to thieves")

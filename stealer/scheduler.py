@@ -298,6 +298,7 @@ class PeerLoad:
     rtt: float = 0.0  # seconds, smoothed round trip of the peer connection
     can_take_tails: bool = True
     leased: int = 0  # tasks the peer has out with other nodes
+    speed: float = 0.0  # FLOP/s the peer measured over its own compute; 0: unknown
 
 
 def choose_victim(loads: Mapping[str, PeerLoad], *, want_tails: bool, tile_seconds: float,

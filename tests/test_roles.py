@@ -460,3 +460,45 @@ def test_two_at_a_time_only_for_short_tasks_from_a_deep_queue():
     assert not w.short_tasks(10, 0.06, 0.001)
     assert w.deep_queue(6, 2) and not w.deep_queue(5, 2)  # 2 per node, 3 nodes
     assert not w.deep_queue(0, 0) and w.deep_queue(2, 0)
+
+
+def test_a_new_plan_cuts_only_the_frames_after_it(plan):
+    """set_plan (grid auto re-planning): frames already started keep their plan in every task,
+    announcement, grant and resend; only the next frames use the new one."""
+    whole_key = "1x1:4:none"
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+    whole = make_plan(Network.from_cfg_text(text, seed=11), (1, 1), 4, scheme="none")
+    q = WorkQueue("src", 30.0)
+    src = SourceState(q, PK, plan)
+    src.new_frame("src/0", frame(0), 0.0)
+    assert src.set_plan(whole_key, whole) and not src.set_plan(whole_key, whole)
+    acts = src.new_frame("src/0", frame(1), 0.0)
+    assert acts == [ToGateway(FrameStart("src/0", 1, whole_key, 8, 8))]
+    assert sorted(r.task for r in q.queue if r.frame == 0) == [t.id for t in plan.tasks]
+    assert [r.task for r in q.queue if r.frame == 1] == [0]
+    src.validate()
+    # the old frame's reuse tile still waits for its producers and is granted by its own plan
+    consumer = next(t for t in plan.tasks if t.consumes and t.reuse is not None)
+    ref = TaskRef("src/0", 0, consumer.id)
+    assert not src.ready(ref)
+    assert src.grant_input(ref)[0] == consumer.full.input_region
+    assert src.grant_input(TaskRef("src/0", 1, 0))[0] == whole.tasks[0].full.input_region
+    # a new gateway hears of each frame with its own plan
+    for key in (("src/0", 0), ("src/0", 1)):
+        src.announced(key, "gw1")
+    assert [a.msg.plan for a in src.gateway_changed("gw2")] == [PK, whole_key]
+    src.validate()
+    # the old plan's dependencies go once its last frame is done
+    src.frame_done(FrameDone("src/0", 0))
+    src.set_plan(PK, plan)
+    src.set_plan(whole_key, whole)
+    assert set(src._deps) == {whole_key}
+
+
+def test_a_measured_speed_is_news_when_first_known_or_a_quarter_off():
+    from stealer.roles.worker import speed_worth_telling
+
+    assert not speed_worth_telling(0.0, 0.0)  # nothing measured yet
+    assert speed_worth_telling(0.0, 1e9)
+    assert not speed_worth_telling(1e9, 1.2e9) and not speed_worth_telling(1e9, 0.8e9)
+    assert speed_worth_telling(1e9, 1.3e9) and speed_worth_telling(1e9, 0.7e9)

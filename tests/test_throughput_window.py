@@ -80,18 +80,8 @@ def test_all_at_once_gives_none():
 
 
 def _args(*extra: str):
-    ap_args = ["--model", "yolov2-tiny", *extra]
-    import argparse
-
-    # the same defaults main() parses, without running anything
-    ns = argparse.Namespace(quick=False, scenarios=None, cpu=0.2, rate="20mbit", model="yolov2-tiny",
-                            weights_seed=0, layers=None, node_arg=[], nodes=None, big_nodes=None,
-                            frames_scale=1.0, grids="5x5", repeat=2)
-    for i in range(0, len(ap_args), 2):
-        key, value = ap_args[i][2:].replace("-", "_"), ap_args[i + 1]
-        cur = getattr(ns, key)
-        setattr(ns, key, type(cur)(value) if cur is not None and not isinstance(cur, bool) else value)
-    return ns
+    """The bench's own parser and defaults, without running anything."""
+    return tp.build_parser().parse_args(["--model", "yolov2-tiny", *extra])
 
 
 def test_plan_cluster_runs_have_60_frames_and_repeats_have_own_keys():
@@ -122,7 +112,7 @@ def test_plan_cluster_runs_have_60_frames_and_repeats_have_own_keys():
 
 
 def test_quick_plan_stays_small_but_has_a_window():
-    runs = tp.plan_runs(_args("--quick", "1", "--scenarios", "scaling", "--repeat", "1"), "fused.cfg")
+    runs = tp.plan_runs(_args("--quick", "--scenarios", "scaling", "--repeat", "1"), "fused.cfg")
     assert runs and all(r.total_frames < tp.MIN_FRAMES for r in runs)
     assert all(r.total_frames - 2 * r.total_inflight >= 2 for r in runs)
 
@@ -163,3 +153,47 @@ def test_view_gives_median_spread_and_speedup_of_medians():
     assert "| scaling | 4 nodes | 4 |" in md and "0.300–0.360" in md
     summary = tp.config_summary(v)
     assert {c["label"] for c in summary} == {"node 1x1", "4 nodes", "1 nodes, 1 in flight", "4 nodes, 1 in flight"}
+
+
+def test_frame_codec_runs_have_their_own_reference_digests():
+    """A jpeg run is checked against inference on the decoded JPEG frames, cached under a key
+    naming codec and quality; lossless codecs compute on the camera's frames, so they share
+    raw's digests (and raw's keys are those of before the codecs: old caches stay valid)."""
+    import hashlib
+
+    from stealer.images import synthetic_frame
+    from stealer.network import Network, builtin_cfg
+
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=64").replace("height=416", "height=64")
+    net = Network.from_cfg_text(text, seed=3)
+    raw = tp.Run("s", "l")
+    assert "frame_codec" not in raw.key() and "jpeg_quality" not in raw.key()
+    assert tp.Run("s", "l", frame_codec="zstd").key() != raw.key()  # its own run, for --resume
+    assert tp.Run("s", "l", frame_codec="zstd").frame_kind == raw.frame_kind == ("raw", 0)
+    jpeg = tp.Run("s", "l", frame_codec="jpeg", jpeg_quality=70)
+    assert jpeg.frame_kind == ("jpeg", 70) and jpeg.key() != raw.key()
+    assert tp.Run("s", "l", kind="dask", frame_codec="jpeg").frame_kind == ("jpeg", 90)  # dask gets the same frames
+    assert tp.digest_key(net) == tp.digest_key(net, raw.frame_kind)
+    assert len({tp.digest_key(net), tp.digest_key(net, ("jpeg", 70)), tp.digest_key(net, ("jpeg", 90))}) == 3
+    want_raw = hashlib.sha256(net.forward(synthetic_frame(2, 1, net.input_shape)).tobytes()).hexdigest()
+    want_jpeg = hashlib.sha256(net.forward(synthetic_frame(2, 1, net.input_shape, "jpeg", 70)).tobytes()).hexdigest()
+    assert tp.reference_digest(net, 2, 1) == want_raw
+    assert tp.reference_digest(net, 2, 1, ("jpeg", 70)) == want_jpeg != want_raw
+
+
+def test_plan_runs_carry_the_frame_codec():
+    args = _args("--scenarios", "scaling")
+    args.frame_codec, args.jpeg_quality = "jpeg", 80
+    runs = tp.plan_runs(args, "fused.cfg")
+    assert runs and all((r.frame_codec, r.jpeg_quality) == ("jpeg", 80) for r in runs if r.kind == "stealer")
+
+
+def test_codec_scenario_runs_the_codecs_side_by_side_and_one_node_ignores_the_rate():
+    runs = tp.plan_runs(_args("--scenarios", "single,codec", "--nodes", "1,8", "--repeat", "1"), "fused.cfg")
+    codec = [r for r in runs if r.scenario == "codec"]
+    assert [r.frame_codec for r in codec] == ["raw", "zstd", "jpeg"]
+    assert {(r.nodes, r.grid) for r in codec} == {(8, (1, 1))} and len({r.key() for r in codec}) == 3
+    one = [r for r in runs if r.scenario == "single" and r.kind == "stealer"]
+    other_rate = tp.plan_runs(_args("--scenarios", "single", "--rate", "none", "--repeat", "1"), "fused.cfg")
+    assert one and one[0].rate is None
+    assert one[0].key() == next(r for r in other_rate if r.kind == "stealer").key()  # --resume reuses it

@@ -187,7 +187,7 @@ SAMPLES = [
 @pytest.mark.parametrize(
     "make, needle",
     [
-        pytest.param(lambda: StealReply(1, True, "n/0", 1, 2), "carries data", id="grant-without-data"),
+        pytest.param(lambda: StealReply(1, True, "n/0", 1, 2), "exactly one", id="grant-without-data"),
         pytest.param(lambda: FrameStart("", 1, "p", 1, 1), "source", id="empty-source"),
         pytest.param(lambda: TileDone("n/0", -1, 0, "p", "full", np.zeros(1, np.float32)),
                      "negative", id="negative-frame"),
@@ -295,8 +295,8 @@ def test_unknown_fields_are_ignored_and_defaults_fill_in() -> None:
     older = raw_frame({"op": "goodbye", "f": {}, "a": [], "n": []})
     assert decode(*parse_body(body_of(older))) == Goodbye("")
     # ... and array-form messages (new fields go last):
-    newer = raw_frame(_msg("status", 3, 1, 2, [1], "added"))
-    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2)
+    newer = raw_frame(_msg("status", 3, 1, 2, 1.5e10, [1], "added"))
+    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2, 1.5e10)
     older = raw_frame(_msg("status", 3, 1))
     assert decode(*parse_body(body_of(older))) == Status(3, 1)
     # a newer peer's new array field: its buffer is skipped
@@ -543,3 +543,11 @@ def test_limits_validation_and_replace() -> None:
         DEFAULT_LIMITS.replace(max_frame_bytes=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.handshake_timeout = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("fields", [(3, 1, 2, -1.0), (3, 1, 2, float("inf")), (3, 1, 2, float("nan")),
+                                    (3, 1, 2, 1e16), (-1, 0), (0, 0, -2)])
+def test_a_status_with_a_speed_or_count_out_of_range_is_refused(fields) -> None:
+    """A peer's speed feeds the planner (grid auto) and its counts the victim choice: bounded."""
+    with pytest.raises(ProtocolError):
+        decode(*parse_body(body_of(raw_frame(_msg("status", *fields)))))

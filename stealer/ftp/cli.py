@@ -5,6 +5,9 @@ set and the overlap data it borrows and publishes; in total: executed FLOPs rela
 frame (with and without reuse), the largest per-task working set against the unpartitioned one,
 and the bytes moved per frame (input tiles, overlap strips, output tiles). ``--json`` prints the
 same figures plus the whole plan (:meth:`stealer.ftp.plan.Plan.to_dict`).
+
+``--grid auto`` prints instead every candidate's predicted frames/s and latency on ``--nodes``
+equal nodes (:mod:`stealer.ftp.auto`) and the one ``--objective`` / ``--latency-budget`` choose.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="fused tile partition of a frame: regions, FLOPs, memory, bytes",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
-    p.add_argument("--grid", default="5x5", help="tiles of the last fused layer's output, ROWSxCOLS [5x5]")
+    p.add_argument("--grid", default="5x5",
+                   help="tiles of the last fused layer's output, ROWSxCOLS, or auto: the candidates' "
+                        "predictions for a cluster and the choice [5x5]")
     p.add_argument("--layers", type=int, default=None,
                    help="number of fused layers from layer 0 [16, or the conv/maxpool prefix if shorter]")
     p.add_argument("--reuse", action="store_true", help="order tasks for data reuse between neighbouring tiles")
@@ -39,6 +44,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="WxH", default=None, help="override the cfg's input width x height")
     p.add_argument("--regions", action="store_true", help="also print every task's regions at every fused layer")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    auto = p.add_argument_group("--grid auto")
+    auto.add_argument("--nodes", type=int, default=8, help="equal computing nodes, the source and gateway among them [8]")
+    auto.add_argument("--node-gflops", type=float, default=None,
+                      help="speed of each node, GFLOP/s [an emulated Pi's, 15.5]")
+    auto.add_argument("--node-memory", type=int, default=0, metavar="BYTES",
+                      help="memory each node offers for tasks [unlimited]")
+    auto.add_argument("--frame-codec", choices=["raw", "zstd", "png", "jpeg"], default="raw",
+                      help="how frames travel: the tile pixels' bytes are scaled by the codec's typical ratio [raw]")
+    from ..cliargs import add_auto_args
+
+    add_auto_args(auto)
     p.set_defaults(func=run)
     return p
 
@@ -151,6 +167,8 @@ def _task_regions(plan: Plan, task: Task, reuse: bool) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run the ``plan`` subcommand; :class:`PlanError` (exit 2 in the main CLI) for bad arguments."""
     spec = _load_spec(args.cfg, args.size)
+    if str(args.grid).strip().lower() == "auto":
+        return _run_auto(args, spec)
     grid = parse_grid(args.grid)
     plan = make_plan(spec, grid, args.layers, scheme=args.scheme if args.reuse else "none", borrow=args.borrow)
     if args.json:
@@ -160,6 +178,35 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_plan(plan, args.reuse, args.regions))
+    return 0
+
+
+def _run_auto(args: argparse.Namespace, spec: Any) -> int:
+    from ..codec import TYPICAL_RATIO
+    from .auto import DEFAULT_NODE_SPEED, Cluster, candidate_plans, choose, format_choice
+
+    if args.nodes < 1:
+        raise PlanError(f"--nodes must be at least 1, got {args.nodes}")
+    speed = args.node_gflops * 1e9 if args.node_gflops else DEFAULT_NODE_SPEED
+    # the source and the gateway on different nodes when there are two or more, as `stealer run` places them
+    cluster = Cluster.equal(args.nodes, speed, args.link_mbit * 1e6 / 8, args.node_memory,
+                            source=1 if args.nodes > 1 else 0, gateway=0,
+                            pixel_ratio=TYPICAL_RATIO[args.frame_codec])
+    budget = args.latency_budget / 1000.0 if args.latency_budget else None
+    choice = choose(candidate_plans(spec, args.layers), cluster, args.objective, budget)
+    if args.json:
+        rows = [{"grid": list(p.grid), "scheme": p.scheme, "inflight": p.inflight, "fps": p.fps,
+                 "latency": p.latency if p.feasible else None, "single_latency": p.single_latency if p.feasible else None,
+                 "bound": p.bound, "why": p.why} for p in choice.predictions]
+        b = choice.best
+        json.dump({"objective": choice.objective, "latency_budget": budget, "within_budget": choice.within_budget,
+                   "note": choice.note, "choice": {"grid": list(b.grid), "scheme": b.scheme, "inflight": b.inflight,
+                                                   "fps": b.fps, "latency": b.latency},
+                   "predictions": rows}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{spec.source}: {args.nodes} node(s) at {speed / 1e9:.1f} GFLOP/s, links {args.link_mbit:g} Mbit/s")
+        print(format_choice(choice))
     return 0
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..codec import DEFAULT_JPEG_QUALITY, check_frame_codec
 from ..config import DEFAULT_LIMITS, Limits
 from ..errors import ProtocolError
+from ..ftp.auto import tail_memory, tile_memory  # the auto planner counts memory the same way
 from ..ftp.plan import Plan
 from ..network import Network
 from ..scheduler import PeerLoad, TaskRef
@@ -55,6 +57,10 @@ class RuntimeLimits:
     second task queued behind the first). Longer tasks go one at a time: a second one would
     only wait, its lease ageing into a straggler's, while another node could run it (measured
     on 0.2-core emulated Pis: more speculative copies, fewer frames/s at 3 and 4 nodes)."""
+    speed_sample: float = 2.0
+    """Seconds of compute before a node's speed (FLOPs run / busy seconds) counts as measured
+    and goes to its peers: over the first tasks, kernel warm-up and small tiles' overheads
+    dominate the figure."""
     straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""
@@ -71,6 +77,11 @@ class NodeConfig:
     standby: bool = False  # may take over as gateway when the gateway dies
     sources: list[FrameSource] = field(default_factory=list)
     grid: tuple[int, int] = (5, 5)
+    grid_auto: bool = False  # choose grid, scheme and frames in flight (stealer.ftp.auto); re-plan as peers come and go
+    objective: str = "throughput"  # grid_auto: "throughput" or "latency"
+    latency_budget: float | None = None  # grid_auto: seconds a frame may take (the most fps within it)
+    link_rate: float = 20e6 / 8  # grid_auto: bytes/s assumed for every link (nothing measures it yet)
+    node_speed: float | None = None  # grid_auto: FLOP/s assumed per node; None: this node's measured speed
     layers: int | None = None
     scheme: str = "quad"  # "none" = no reuse
     frames: int | None = None  # per source; None = unbounded
@@ -83,6 +94,7 @@ class NodeConfig:
     policy: str = "steal"
     speculate: bool = True  # idle nodes run copies of stragglers (first result wins)
     out: str | None = None
+    metrics: tuple[str | None, int] | None = None  # --metrics: serve /metrics at (host or default, port)
     discovery: bool = True
     loopback: bool = False
     interfaces: list[str] | None = None
@@ -93,6 +105,11 @@ class NodeConfig:
     runtime: RuntimeLimits = field(default_factory=RuntimeLimits)
     secret: bytes | None = field(default=None, repr=False)  # never in repr or logs
     authenticate_frames: bool = False
+    frame_codec: str = "raw"  # how this node's frames travel to thieves (stealer.codec)
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # with frame_codec "jpeg": the frames' encoding quality
+
+    def __post_init__(self) -> None:
+        check_frame_codec(self.frame_codec, self.jpeg_quality)
 
 
 @dataclass
@@ -126,6 +143,12 @@ class Job:
     pixels: np.ndarray | None = None
     pixel_origin: tuple[int, int] = (0, 0)
     region: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # or, instead of ``pixels``, their encoding in a frame codec, decoded in the compute
+    # thread: ``encoded_shape`` is what it must decode to, the region's pixels (zstd, png) or
+    # the whole image that they are cropped from (jpeg)
+    codec: str = "raw"
+    encoded: np.ndarray | None = None
+    encoded_shape: tuple[int, int, int] = (0, 0, 0)
     holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
     strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
     prefetched: bool = False  # fetched while the slot computed the task before (its lease restarts)
@@ -141,6 +164,9 @@ class Stats:
     reuse_fallbacks: int = 0
     small_grants: int = 0  # reuse tiles granted with only their reuse variant's frame region
     pixel_grants: int = 0  # tiles granted as camera pixels (uint8) rather than float32 input
+    encoded_grants: int = 0  # of those, the ones whose pixels travelled in a frame codec (not raw)
+    input_bytes_raw: int = 0  # bytes of the tile inputs granted, as raw pixels (or float32) would be
+    input_bytes_sent: int = 0  # bytes of the same inputs as they were sent (encoded, or raw)
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
     strips_served: int = 0  # strip fetches this node answered from the strips it produced
     strips_granted: int = 0  # grants that carried reuse strips this node holds (no fetch needed)
@@ -156,6 +182,8 @@ class Stats:
     frames_partial: int = 0
     task_errors: int = 0
     whole_frames: int = 0  # 1x1 frames whose tile and tail ran here back to back (affinity)
+    flops_run: int = 0  # FLOPs of the tasks this node computed (with busy_seconds: its speed)
+    replans: int = 0  # grid auto: times this source switched plans as the cluster changed
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:
@@ -175,12 +203,7 @@ def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
     """Bytes a node needs to run tiles (fused weights + the largest task's working set) and, on
     top of that, to run tails too (the remaining layers' weights + a generous activation bound:
     a layer's input and output, a routed map, and the fused map the tail starts from)."""
-    tile = plan.weight_bytes + plan.totals(reuse=True).max_working_set
-    rest = net.layers[plan.n_layers:]
-    weights = 4 * sum(l.n_params for l in rest)
-    acts = [4 * int(np.prod(l.out_shape)) for l in rest] or [0]
-    fused_out = 4 * int(np.prod(plan.output_shape))
-    return tile, weights + 3 * max(acts) + fused_out
+    return tile_memory(plan), tail_memory(net.layers, plan)
 
 
 def _fusable(net: Network) -> int:

@@ -111,5 +111,7 @@ class GatewayShell(NodeState):
         if self.results.full():  # nobody reads them in-process: the oldest unread go
             self.results.get_nowait()
         self.results.put_nowait(res)
+        if self.metrics is not None:
+            self.metrics.frame_released(res)
         if self.on_result is not None:
             self.on_result(res)

@@ -15,7 +15,8 @@ from ..errors import ProtocolError
 from ..ftp.execute import run_task
 from ..ftp.geometry import height, width
 from ..ftp.plan import Plan
-from ..images import letterbox_region
+from ..codec import decode_jpeg, decode_pixels
+from ..images import letterbox_region, pixel_rect
 from ..network import output_digest
 from ..wire.messages import TailDone, TileDone
 from .config import Job, parse_plan_key
@@ -47,9 +48,10 @@ class Kernels(NodeState):
             return TileDone(job.ref.source, job.ref.frame, job.ref.task, job.plan_key, "null", zeros,
                             sorted(published)), published
         data = job.data
-        if job.pixels is not None:  # back to the network input, bit for bit (in this worker thread)
-            _, h, w = self.net.input_shape
-            data = letterbox_region(job.pixels, job.pixel_origin, job.img_w, job.img_h, w, h, job.region)
+        _, h, w = self.net.input_shape
+        pixels = job.pixels if job.encoded is None else _decoded_pixels(job, w, h)
+        if pixels is not None:  # back to the network input, bit for bit (in this worker thread)
+            data = letterbox_region(pixels, job.pixel_origin, job.img_w, job.img_h, w, h, job.region)
         if data is None:
             raise ProtocolError(f"{job.ref}: a tile without input data")
         res = run_task(self.net, plan, job.ref.task, data, borrowed, check=False)
@@ -94,6 +96,17 @@ class Kernels(NodeState):
         dets: list[dict[str, Any]] = [d.to_dict() for d in self.net.detect(
             outs, img_w=job.img_w, img_h=job.img_h, thresh=self.cfg.thresh, nms=self.cfg.nms)]
         return TailDone(job.ref.source, job.ref.frame, digest, dets, time.perf_counter() - t0)
+
+
+def _decoded_pixels(job: Job, net_w: int, net_h: int) -> np.ndarray:
+    """The pixels of a job whose input came encoded (checked by the thief: the codec is known
+    and ``encoded_shape`` bounded); a payload that does not decode to them raises
+    ProtocolError, which fails this task only."""
+    assert job.encoded is not None
+    if job.codec == "jpeg":  # the whole image: crop the region's pixels out of it
+        py0, py1, px0, px1 = pixel_rect(job.region, job.img_w, job.img_h, net_w, net_h)
+        return decode_jpeg(job.encoded, job.encoded_shape)[:, py0:py1, px0:px1]
+    return decode_pixels(job.codec, job.encoded, job.encoded_shape)
 
 
 def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import CommClosedError, ProtocolError
 from ..roles import membership as mem_role
-from ..roles.worker import status_worth_sending
+from ..roles.worker import speed_worth_telling, status_worth_sending
 from ..scheduler import PeerLoad
 from ..wire import Comm, connect
 from ..wire.messages import FrameDone, FrameGo, FrameWait, GatewayClaim, Goodbye, Message, Status, TileAck, TilesIn
@@ -83,10 +83,11 @@ class Peers(NodeState):
             peer.load = old.load
         self.peers[peer.node_id] = peer
         self._frame_freed.set()  # one more node to keep busy: a source with auto in-flight may start more
+        self._replan()  # grid auto: the next frames are cut for the cluster as it is now
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
         self._event({"event": "peer-joined", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         try:
-            await comm.send(Status(*self._queued()))
+            await comm.send(Status(*self._queued(), speed=self._measured_speed()))
             self._carry_out_membership(self.membership.peer_joined(peer.node_id, peer.role))
             while True:
                 msg = await comm.recv()
@@ -136,6 +137,7 @@ class Peers(NodeState):
         if peer.node_id == self.gateway_id:
             self._gateway_seen.clear()
         self._carry_out_membership(self.membership.peer_lost(peer.node_id))
+        self._replan()
 
     def _follow_gateway(self, peer: Peer, epoch: int) -> None:
         self._carry_out_membership(self.membership.claim(peer.node_id, epoch))
@@ -180,9 +182,12 @@ class Peers(NodeState):
 
     def _on_status(self, peer: Peer | None, msg: Status) -> None:
         if peer is not None:
-            peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0, True, msg.leased)
+            peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0, True, msg.leased,
+                                 msg.speed)
             if msg.queued_tiles or msg.queued_tails or msg.leased:
                 self._work.set()
+            if msg.speed:
+                self._replan()  # grid auto: a peer measured (or changed) its speed
 
     async def _to_gateway(self, msg: Message) -> None:
         if self.is_gateway:
@@ -261,11 +266,13 @@ class Peers(NodeState):
     def _send_status(self) -> None:
         self._status_dirty = False
         status = self._queued()
-        if not status_worth_sending(self._last_status, status):
+        speed = self._measured_speed()  # rides on the queue counts, or is news of its own
+        if not status_worth_sending(self._last_status, status) and not speed_worth_telling(self._speed_told, speed):
             return
         self._last_status = status
+        self._speed_told = speed
         for peer in list(self.peers.values()):
-            self._post(peer, Status(*status))
+            self._post(peer, Status(*status, speed=speed))
 
 
 _POST_DATA_BYTES = 48 << 10  # answers with less array data than this are posted (see Comm.post)

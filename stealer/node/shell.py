@@ -13,6 +13,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from ..errors import CommClosedError, PlanError, ProtocolError
+from ..ftp.auto import candidate_plans
 from ..wire import Hello, serve
 from ..wire.messages import (
     PROTOCOL_VERSION,
@@ -80,7 +81,14 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         # compile or load every kernel and build this node's own plan before joining: both hold
         # the GIL for a while, which would otherwise stall heartbeats once peers are connected
         await self._pool.run(self.net.warm_up)
+        if self.cfg.grid_auto:
+            self._auto_candidates = await self._pool.run(candidate_plans, self.net.spec, self.layers)
+            self._replan()
         await self._pool.run(self._plan, self._own_plan_key)
+        if self.cfg.metrics is not None:  # first: a port in use fails the start with nothing else open
+            from ..metrics import start_metrics
+
+            self.metrics = await start_metrics(self)
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
@@ -122,16 +130,22 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         self._work.set()
         if self._lease_timer is not None:
             self._lease_timer.cancel()
+        # taken before the tasks go: a connection this node dialed is served by one of them,
+        # whose end removes its peer, and a comm nobody closes stays up (its peer would go on
+        # seeing this node alive)
+        peers = list(self.peers.values())
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for peer in list(self.peers.values()):
+        for peer in peers:
             with contextlib.suppress(CommClosedError):
                 await peer.comm.close("node stopping")
         if self._discovery is not None:
             await self._discovery.close()
         if self._server is not None:
             await self._server.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()
@@ -190,7 +204,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             StripsRequest: self._on_strips_request,
             StripsFetch: lambda peer, msg: self._answer(peer, self._serve_strips(msg), msg.op),
             StripsRelease: lambda peer, msg: self._held.drop((msg.source, msg.frame)),
-            RegionRequest: lambda peer, msg: self._answer(peer, self._grant_region(msg), msg.op),
+            RegionRequest: self._on_region_request,
             FrameStart: lambda peer, msg: self._as_gateway(peer, msg, gw.frame_start),
             TileDone: lambda peer, msg: self._as_gateway(peer, msg, gw.tile_done),
             TailDone: self._on_tail_done,

@@ -1,7 +1,8 @@
 """A data source's side: the frame loop of each of this node's sources (back-pressure, deadline
 drops, waiting for a gateway), carrying out the source machine's messages to the gateway
-(:meth:`SourceState` decides them), the gateway's acknowledgements of tiles and frames, and
-work sharing (policy "share").
+(:meth:`SourceState` decides them), the gateway's acknowledgements of tiles and frames, work
+sharing (policy "share"), and, with ``--grid auto``, re-planning as computing nodes come and go
+(:mod:`stealer.ftp.auto` decides).
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import logging
 import math
 import time
 
-from ..errors import CommClosedError
+from ..codec import TYPICAL_RATIO
+from ..errors import CommClosedError, PlanError
+from ..ftp.auto import DEFAULT_NODE_SPEED, Cluster, NodeSpec, choose
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
-from ..sources import FrameSource
+from ..sources import FrameSource, jpeg_frames
 from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameWait, TileAck, TilesIn
+from .config import plan_key
 from .state import NodeState
 
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
+
 
 
 class Source(NodeState):
@@ -38,6 +43,8 @@ class Source(NodeState):
         source_id = f"{self.id}/{index}"
         loop = asyncio.get_running_loop()
         frames = src.frames(self.net.input_shape)
+        if self.cfg.frame_codec == "jpeg":  # encoded and decoded where the feed is read, off the loop
+            frames = jpeg_frames(frames, self.cfg.jpeg_quality, self.net.input_shape)
         source = self.source
         source.inflight[source_id] = 0
         period = 1.0 / self.cfg.fps if self.cfg.fps else 0.0
@@ -62,8 +69,10 @@ class Source(NodeState):
                     self._announce([ToGateway(FrameDrop(source_id, number))])
                     if dropped is None:
                         continue
-                refs = [TaskRef(source_id, frame.number, t.id) for t in source.plan.tasks]
-                self._announce(source.new_frame(source_id, frame, time.monotonic()))
+                started = source.new_frame(source_id, frame, time.monotonic())
+                plan = source.plan_of((source_id, frame.number))  # what the frame was cut with
+                refs = [TaskRef(source_id, frame.number, t.id) for t in plan.tasks]
+                self._announce(started)
                 # kept and queued already: it is announced to the first gateway that appears
                 await self._wait_for_gateway()
                 if self.cfg.policy == "share":
@@ -123,8 +132,87 @@ class Source(NodeState):
         then)."""
         if self.cfg.max_inflight > 0:
             return self.cfg.max_inflight
+        chosen = self._auto_inflight()  # grid auto: the planner's choice for the cluster as it is
+        if chosen is not None:
+            return max(1, math.ceil(chosen / max(1, len(self.cfg.sources))))
         computing = (1 if self.cfg.slots > 0 else 0) + len(self.peers)
         return max(2, math.ceil((2 * computing + 2) / max(1, len(self.cfg.sources))))
+
+    def _computing_nodes(self) -> int:
+        return (1 if self.cfg.slots > 0 else 0) + len(self.peers)
+
+    def _auto_inflight(self) -> int | None:
+        choice = self._auto_choice
+        return choice.best.inflight if choice is not None else None
+
+    def _node_speed(self) -> float:
+        """FLOP/s the planner assumes for this node: ``node_speed`` if configured (then for
+        every node, measured or not), else its own measured speed once it has computed for a
+        while, else an emulated Pi's."""
+        if self.cfg.node_speed:
+            return self.cfg.node_speed
+        return self._measured_speed() or DEFAULT_NODE_SPEED
+
+    def _peer_speed(self, peer_id: str, assumed: float) -> float:
+        """A peer's FLOP/s as it measured them (its last Status), else ``assumed``."""
+        return (0.0 if self.cfg.node_speed else self.peers[peer_id].load.speed) or assumed
+
+    def _cluster_now(self) -> Cluster:
+        """The cluster as the planner sees it: this node (the source) first, then its peers with
+        the memory they offered at the handshake; every link at ``link_rate``."""
+        speed = self._node_speed()
+        link = self.cfg.link_rate
+        me = NodeSpec(speed if self.cfg.slots > 0 else 0.0, self.cfg.max_memory, link)
+        ids = sorted(self.peers)
+        # peers as fast as they measured themselves, else as this node
+        nodes = (me, *(NodeSpec(self._peer_speed(i, speed), self.peers[i].max_memory, link) for i in ids))
+        gateway = ids.index(self.gateway_id) + 1 if self.gateway_id in ids else 0
+        return Cluster(nodes, source=0, gateway=gateway, pixel_ratio=self._pixel_ratio())
+
+    def _pixel_ratio(self) -> float:
+        """Wire bytes over raw pixel bytes of this node's grants: measured once it has sent a
+        few frames' worth (the codec's ratio depends on the camera's content), else the codec's
+        typical figure."""
+        raw, sent = self.stats.input_bytes_raw, self.stats.input_bytes_sent
+        if raw >= 4 * self.net.input_shape[0] * self.net.input_shape[1] * self.net.input_shape[2] and sent:
+            return min(1.5, sent / raw)
+        return TYPICAL_RATIO[self.cfg.frame_codec]
+
+    def _replan(self) -> None:
+        """Grid auto: when the number of computing nodes changed, choose the plan for the
+        cluster as it is now. The next frames are cut with it; frames already started keep
+        theirs (SourceState.set_plan). Pure arithmetic over the plans made at start."""
+        if not self.cfg.grid_auto or not self._auto_candidates or self._closed:
+            return
+        nodes = self._computing_nodes()
+        cluster = self._cluster_now()
+        # re-plan when nodes join or leave, or one's speed moves by a bucket (about 25%)
+        planned_for = (nodes, tuple(round(math.log(n.speed) / math.log(1.25)) if n.speed > 0 else 0
+                                    for n in cluster.nodes))
+        if planned_for == self._planned_for:
+            return
+        try:
+            choice = choose(self._auto_candidates, cluster, self.cfg.objective, self.cfg.latency_budget)
+        except PlanError as exc:
+            log.error("grid auto: %s; keeping plan %s", exc, self._own_plan_key)
+            return
+        self._planned_for = planned_for
+        self._auto_choice = choice
+        best = choice.best
+        key = plan_key(best.grid, self.layers, best.scheme)
+        candidate = next(c for c in self._auto_candidates if (c.grid, c.scheme) == (best.grid, best.scheme))
+        self._plans.setdefault(key, candidate.plan)
+        changed = key != self._own_plan_key
+        self._own_plan_key = key
+        if self._source is not None and self._source.set_plan(key, self._plans[key]):
+            self.stats.replans += 1
+        log.info("grid auto (%s) for %d computing node(s): %s, %d frames in flight, predicted %.3f fps, "
+                 "latency %.2f s (%s)%s", choice.objective, nodes, best.name, best.inflight, best.fps,
+                 best.latency, choice.note, "" if changed else "; plan unchanged")
+        self._event({"event": "plan", "time": time.time(), "plan": key, "nodes": nodes,
+                     "inflight": best.inflight, "fps": round(best.fps, 4), "latency": round(best.latency, 4),
+                     "within_budget": choice.within_budget})
+        self._frame_freed.set()  # the frames-in-flight limit may have grown
 
     def _on_frame_wait(self, msg: FrameWait) -> None:
         if self.source.hold(msg):
@@ -152,7 +240,7 @@ class Source(NodeState):
                 continue
             if not self.queue.take_ref(ref, target, time.monotonic()):
                 continue  # this node's own slot took it already
-            grant = self._grant_for(ref, 0)
+            grant = await self._grant_for(ref, 0)
             if grant is None:
                 continue
             try:

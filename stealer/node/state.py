@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 import numpy as np
 
 from ..compute import ComputePool
+from ..ftp.auto import CandidatePlan, Choice
 from ..ftp.plan import Plan, make_plan
 from ..network import Network
 from ..roles import gateway as gw_role
@@ -33,6 +34,7 @@ from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, pars
 
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
     from ..discovery import Discovery
+    from ..metrics import NodeMetrics  # nor prometheus_client and aiohttp by nodes without --metrics
 
 T = TypeVar("T")
 
@@ -50,7 +52,17 @@ class NodeState:
         self.on_event = on_event  # milestones for operators and benchmarks (first task, takeover)
         self.first_task_at: float | None = None
         self.layers = config.layers or min(16, _fusable(net))
-        self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)  # this node's frames' plan
+        # the plan this node's next frames are cut with (grid auto: the planner's latest choice;
+        # a frame keeps the plan it was cut with, see SourceState)
+        self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)
+        if config.grid_auto:  # until the planner runs at start: what it gives a lone node
+            self._own_plan_key = plan_key((1, 1), self.layers, "none")
+        self._auto_candidates: list[CandidatePlan] = []  # grid auto: every candidate's plan, made at start
+        self._auto_choice: Choice | None = None  # grid auto: the latest choice
+        # grid auto: the cluster the choice was made for (computing nodes, their speeds bucketed)
+        self._planned_for: tuple[int, tuple[int, ...]] | None = None
+        self._speed_told = 0.0  # the measured speed peers were last told in a Status
+        self._model_flops = sum(l.flops for l in net.layers)
         # who is the gateway, elections and takeovers: decided by the pure membership machine
         self.membership = MembershipState(
             self.id, "gateway" if config.gateway else ("standby" if config.standby else "worker"))
@@ -73,6 +85,7 @@ class NodeState:
         self._last_status: tuple[int, int, int] | None = None
         self._server: Server | None = None
         self._discovery: Discovery | None = None
+        self.metrics: NodeMetrics | None = None  # --metrics: its registry and /metrics server
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
@@ -117,12 +130,13 @@ class NodeState:
 
         # source.py
         def _announce(self, actions: list[ToGateway]) -> None: ...
+        def _replan(self) -> None: ...
         def _on_tiles_in(self, msg: TilesIn) -> None: ...
         def _on_tile_ack(self, msg: TileAck) -> None: ...
         def _source_frame_done(self, msg: FrameDone) -> None: ...
 
         # victim.py
-        def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None: ...
+        async def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None: ...
         def _local_job(self, ref: TaskRef) -> Job | None: ...
         def _ready(self, ref: TaskRef) -> bool: ...
         def _near(self, node_id: str) -> Callable[[TaskRef], bool]: ...
@@ -141,6 +155,13 @@ class NodeState:
                           ) -> tuple[TileDone, dict[int, np.ndarray]]: ...
         def _compute_tail(self, job: Job) -> TailDone: ...
         def _compute_whole(self, job: Job, borrowed: dict[int, np.ndarray] | None) -> TailDone: ...
+
+    def _measured_speed(self) -> float:
+        """FLOP/s over this node's own compute (FLOPs run / busy seconds), once it has computed
+        for ``runtime.speed_sample`` seconds; 0 before."""
+        if self.stats.busy_seconds >= self.cfg.runtime.speed_sample and self.stats.flops_run:
+            return self.stats.flops_run / self.stats.busy_seconds
+        return 0.0
 
     def _plan(self, key: str) -> Plan:
         plan = self._plans.get(key)

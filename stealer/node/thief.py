@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any, TypeVar
 
 import numpy as np
 
+from ..codec import MAX_DECODED_BYTES
 from ..errors import CommClosedError, PlanError, ProtocolError, StealerError
 from ..images import pixel_rect
 from ..roles.strips import unpack_strips
+from ..roles.worker import speed_worth_telling
 from ..scheduler import TAIL, PeerLoad, TaskRef, choose_victim
 from ..wire.messages import (
     Message,
@@ -243,24 +246,42 @@ class Thief(NodeState):
 
     def _take_tile_input(self, job: Job, msg: StealReply | RegionReply) -> None:
         """Put a tile's input from a grant (or region reply) into the job, checking that pixels
-        are exactly the rectangle the network-input region is made from before any use."""
+        are exactly the rectangle the network-input region is made from before any use. Encoded
+        pixels are checked as far as their metadata goes (codec, size bound, origin) and decoded
+        later, in the compute thread (:meth:`Kernels._compute_tile`): a bad payload is then this
+        task's failure, reported to its owner."""
         _, h, w = self.net.input_shape
         if len(msg.region) != 4 or not (0 <= msg.region[0] <= msg.region[1] <= h
                                         and 0 <= msg.region[2] <= msg.region[3] <= w):
             raise ProtocolError(f"tile region {msg.region!r} outside the {h}x{w} input")
         region = (msg.region[0], msg.region[1], msg.region[2], msg.region[3])
-        job.region, job.data, job.pixels = region, msg.data, None
-        if msg.pixels is None:
+        job.region, job.data, job.pixels, job.encoded, job.codec = region, msg.data, None, None, "raw"
+        if msg.pixels is None and msg.encoded is None:
             return
         if not (0 < job.img_w <= MAX_IMAGE_SIDE and 0 < job.img_h <= MAX_IMAGE_SIDE):
             raise ProtocolError(f"image size {job.img_w}x{job.img_h} out of range")
         py0, py1, px0, px1 = pixel_rect(region, job.img_w, job.img_h, w, h)
-        want = (self.net.input_shape[0], py1 - py0, px1 - px0)
-        if (msg.pixels.dtype != np.uint8 or msg.pixels.shape != want
-                or list(msg.pixel_origin) != [py0, px0]):
-            raise ProtocolError(f"pixels {msg.pixels.dtype} {msg.pixels.shape} at {msg.pixel_origin} "
-                                f"are not the {want} uint8 at {[py0, px0]} that region {list(region)} needs")
-        job.pixels, job.pixel_origin = msg.pixels, (py0, px0)
+        channels = self.net.input_shape[0]
+        want = (channels, py1 - py0, px1 - px0)
+        if list(msg.pixel_origin) != [py0, px0]:
+            raise ProtocolError(f"pixels at {msg.pixel_origin} are not at {[py0, px0]}, where region "
+                                f"{list(region)} needs them")
+        job.pixel_origin = (py0, px0)
+        if msg.encoded is not None:
+            # what the payload must decode to: the region's pixels, or the whole image for jpeg
+            shape = (channels, job.img_h, job.img_w) if msg.codec == "jpeg" else want
+            if msg.encoded.dtype != np.uint8 or msg.encoded.ndim != 1:
+                raise ProtocolError(f"encoded input {msg.encoded.dtype} {msg.encoded.shape} is not flat uint8")
+            if math.prod(shape) > MAX_DECODED_BYTES or math.prod(want) == 0:
+                raise ProtocolError(f"{msg.codec} input of {shape} pixels: empty, or more than a peer may "
+                                    f"make this node decode ({MAX_DECODED_BYTES} B)")
+            job.codec, job.encoded, job.encoded_shape = msg.codec, msg.encoded, shape
+            return
+        assert msg.pixels is not None
+        if msg.pixels.dtype != np.uint8 or msg.pixels.shape != want:
+            raise ProtocolError(f"pixels {msg.pixels.dtype} {msg.pixels.shape} are not the {want} uint8 "
+                                f"that region {list(region)} needs")
+        job.pixels = msg.pixels
 
     def _report_failure(self, job: Job, reason: str) -> None:
         """A task in hand failed: its owner counts the attempt now (not when the lease ends)."""
@@ -302,8 +323,10 @@ class Thief(NodeState):
             if job.ref.is_tail:
                 msg = await self._compute(self._compute_tail, job)
                 self.stats.tails_run += 1
+                self.stats.flops_run += self._model_flops - self._plan(job.plan_key).frame_flops
             elif self._runs_whole(job):
                 msg = await self._compute(self._compute_whole, job, None)
+                self.stats.flops_run += self._model_flops
                 self.stats.tiles_run += 1
                 self.stats.tails_run += 1
                 self.stats.whole_frames += 1
@@ -311,7 +334,10 @@ class Thief(NodeState):
                 borrowed = await self._fetch_strips(job)
                 if borrowed is None and job.partial and not await self._fetch_full_region(job):
                     return
-                msg, published = await self._compute(self._compute_tile, job, borrowed)
+                tile, published = await self._compute(self._compute_tile, job, borrowed)
+                msg = tile
+                task = self._plan(job.plan_key).task(job.ref.task)
+                self.stats.flops_run += task.variant(tile.variant == "reuse").flops
                 for sid, arr in published.items():  # kept here, on the loop: the cache is not thread-safe
                     # a copy if it is a view, so a held strip never pins a whole layer buffer
                     self._held.put((job.ref.source, job.ref.frame), sid, arr if arr.base is None else arr.copy())
@@ -326,6 +352,8 @@ class Thief(NodeState):
             self.stats.task_errors += 1
             self._report_failure(job, f"{type(exc).__name__}: {exc}")
             return
+        if speed_worth_telling(self._speed_told, self._measured_speed()):
+            self._work_changed()  # a status goes out with it (grid auto plans by peers' speeds)
         gw = None if self.is_gateway else self._gateway()
         if gw is not None and _array_bytes(msg) < _POST_DATA_BYTES:
             try:  # a small result is written at once: no task, no wait
@@ -437,7 +465,7 @@ class Thief(NodeState):
         if peer is not None:
             reply = await self._request(peer, lambda rid: RegionRequest(rid, job.ref.source, job.ref.frame,
                                                                         job.ref.task), self.cfg.runtime.steal_timeout)
-        if not isinstance(reply, RegionReply) or not reply.found or (reply.data is None and reply.pixels is None):
+        if not isinstance(reply, RegionReply) or not reply.found:  # found: it carries an input (its check)
             log.warning("%s: reuse strips gone and no full region from its owner; dropped here", job.ref)
             return False
         self._take_tile_input(job, reply)

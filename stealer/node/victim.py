@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Callable, Final, NamedTuple
 
 import numpy as np
 
+from ..codec import encode_pixels, grant_codec
 from ..errors import PlanError, ProtocolError
 from ..images import pixel_rect
 from ..roles.strips import pack_strips
@@ -33,23 +34,46 @@ from .state import NodeState
 
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
 
+_INLINE_ENCODE_BYTES: Final = 64 * 1024
+"""Pixels up to this size are zstd-encoded on the event loop (well under a millisecond on a
+Pi); bigger regions, and PNG always, in a worker thread, so that the loop keeps serving
+every other peer meanwhile."""
+
+
+class TileInput(NamedTuple):
+    """A network-input rectangle of a frame as it travels: exactly one of ``data`` (float32),
+    ``pixels`` (raw uint8) and ``encoded`` (in ``codec``); ``raw_bytes`` is what raw pixels
+    (or the float32 data) would have taken."""
+
+    data: np.ndarray | None
+    pixels: np.ndarray | None
+    origin: list[int]
+    codec: str
+    encoded: np.ndarray | None
+    raw_bytes: int
+
+    @property
+    def sent_bytes(self) -> int:
+        arr = self.data if self.data is not None else self.pixels if self.pixels is not None else self.encoded
+        return 0 if arr is None else arr.nbytes
+
 
 class Victim(NodeState):
     """Grants, regions, strips served, leases of this node's queue.
 
-    Uses of ``self`` (set in :class:`NodeState`): net, cfg, id, _own_plan_key, peers, queue,
+    Uses of ``self`` (set in :class:`NodeState`): net, cfg, id, peers, queue,
     stats, _lease_timer, gateway, _held, _closed, worker.
     """
 
     async def _on_steal_request(self, peer: Peer | None, msg: StealRequest) -> None:
         assert peer is not None
-        reply = self._grant(peer, msg)
+        reply = await self._grant(peer, msg)
         await self._respond(peer, reply, msg.op)
         if reply is not None and reply.granted and not msg.speculative:
             for _ in range(self.cfg.runtime.steal_batch - 1):
-                await self._respond(peer, self._extra_grant(peer), msg.op)
+                await self._respond(peer, await self._extra_grant(peer), msg.op)
 
-    def _grant(self, peer: Peer, req: StealRequest) -> StealReply | None:
+    async def _grant(self, peer: Peer, req: StealRequest) -> StealReply | None:
         """A thief asks: lease it the first task it can run, with that task's input data."""
         if self.peers.get(peer.node_id) is not peer:
             return None  # it left while the request waited: no lease
@@ -66,9 +90,9 @@ class Victim(NodeState):
             return StealReply(req.request_id, False)
         self._work_changed()
         # if it is not delivered, the lease brings it back
-        return self._grant_for(ref, req.request_id) or StealReply(req.request_id, False)
+        return await self._grant_for(ref, req.request_id) or StealReply(req.request_id, False)
 
-    def _extra_grant(self, peer: Peer) -> StealReply | None:
+    async def _extra_grant(self, peer: Peer) -> StealReply | None:
         """Another tile for a thief that just got one, if the queue is deep enough that every
         other node still finds work here (``steal_batch`` per node)."""
         if not self._short_tasks() or not self.worker.deep_queue(self.queue.queued_tiles, len(self.peers)):
@@ -79,12 +103,12 @@ class Victim(NodeState):
             return None
         self._work_changed()
         self.stats.batch_grants += 1
-        return self._grant_for(ref, 0)
+        return await self._grant_for(ref, 0)
 
-    def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None:
+    async def _grant_for(self, ref: TaskRef, request_id: int) -> StealReply | None:
         """A task leased to a peer, with the data it needs: for a tile, the input region the
-        source machine chooses (:meth:`SourceState.grant_input`) and the strips this node holds
-        of those it consumes; for a tail, the fused output."""
+        source machine chooses (:meth:`SourceState.grant_input`), in this node's frame codec,
+        and the strips this node holds of those it consumes; for a tail, the fused output."""
         job = self._local_job(ref)
         if job is None:
             return None
@@ -92,9 +116,8 @@ class Victim(NodeState):
             return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
                               job.img_w, job.img_h, job.data)
         region, holders = self.source.grant_input(ref)
-        self.stats.small_grants += region != self.source.plan.task(ref.task).full.input_region
-        data, pixels, origin = self._input_payload(self.source.frames[(ref.source, ref.frame)].frame, region)
-        self.stats.pixel_grants += pixels is not None
+        self.stats.small_grants += region != self.source.plan_of((ref.source, ref.frame)).task(ref.task).full.input_region
+        sent = await self._input_payload(self.source.frames[(ref.source, ref.frame)].frame, region)
         meta: list[list[int]] = []
         packed = None
         if holders.get(self.id):
@@ -105,30 +128,56 @@ class Victim(NodeState):
                 self.stats.strips_granted += 1
                 holders = {n: ids for n, ids in holders.items() if n != self.id}
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
-                          list(region), job.img_w, job.img_h, data, pixels, origin, holders, meta, packed)
+                          list(region), job.img_w, job.img_h, sent.data, sent.pixels, sent.origin, holders, meta,
+                          packed, sent.codec, sent.encoded)
 
-    def _grant_region(self, req: RegionRequest) -> RegionReply:
+    async def _on_region_request(self, peer: Peer | None, req: RegionRequest) -> None:
+        if peer is not None:
+            await self._respond(peer, await self._grant_region(req), req.op)
+
+    async def _grant_region(self, req: RegionRequest) -> RegionReply:
         """A thief's reuse strips are gone: send it the task's full region after all."""
         sf = self.source.frames.get((req.source, req.frame))
         if sf is None:
             return RegionReply(req.request_id, False)
         try:
-            task = self._plan(self._own_plan_key).task(req.task)
+            task = sf.plan.task(req.task)  # the plan this frame was cut with
         except (KeyError, IndexError, PlanError):
             raise ProtocolError(f"region of unknown task {req.task}") from None
-        data, pixels, origin = self._input_payload(sf.frame, task.full.input_region)
-        return RegionReply(req.request_id, True, list(task.full.input_region), data, pixels, origin)
+        sent = await self._input_payload(sf.frame, task.full.input_region)
+        return RegionReply(req.request_id, True, list(task.full.input_region), sent.data, sent.pixels, sent.origin,
+                           sent.codec, sent.encoded)
 
-    def _input_payload(self, frame: Frame, rect: tuple[int, int, int, int]
-                       ) -> tuple[np.ndarray | None, np.ndarray | None, list[int]]:
+    async def _input_payload(self, frame: Frame, rect: tuple[int, int, int, int]) -> TileInput:
         """A network-input rectangle of one of this node's frames as it travels: the camera
-        pixels it is made from when the frame has them (a quarter of the bytes), else float32."""
+        pixels it is made from when the frame has them (a quarter of the bytes), in this node's
+        frame codec (:func:`stealer.codec.grant_codec` decides), else float32. Counted in the
+        stats (bytes as raw pixels, bytes sent)."""
         if frame.pixels is None:
             y0, y1, x0, x1 = rect
-            return np.ascontiguousarray(frame.data[:, y0:y1, x0:x1]), None, []
-        _, h, w = self.net.input_shape
-        py0, py1, px0, px1 = pixel_rect(rect, frame.img_w, frame.img_h, w, h)
-        return None, np.ascontiguousarray(frame.pixels[:, py0:py1, px0:px1]), [py0, px0]
+            data = np.ascontiguousarray(frame.data[:, y0:y1, x0:x1])
+            sent = TileInput(data, None, [], "raw", None, data.nbytes)
+        else:
+            _, h, w = self.net.input_shape
+            py0, py1, px0, px1 = pixel_rect(rect, frame.img_w, frame.img_h, w, h)
+            pixels = frame.pixels[:, py0:py1, px0:px1]
+            origin = [py0, px0]
+            codec = grant_codec(self.cfg.frame_codec, pixels.nbytes, frame.pixels.nbytes, frame.jpeg is not None)
+            if codec == "raw":
+                sent = TileInput(None, np.ascontiguousarray(pixels), origin, "raw", None, pixels.nbytes)
+            elif codec == "jpeg":
+                assert frame.jpeg is not None  # grant_codec chooses jpeg only then
+                sent = TileInput(None, None, origin, "jpeg", np.frombuffer(frame.jpeg, np.uint8), pixels.nbytes)
+            elif codec == "zstd" and pixels.nbytes <= _INLINE_ENCODE_BYTES:
+                sent = TileInput(None, None, origin, codec, encode_pixels(codec, pixels), pixels.nbytes)
+            else:
+                encoded = await asyncio.get_running_loop().run_in_executor(None, encode_pixels, codec, pixels)
+                sent = TileInput(None, None, origin, codec, encoded, pixels.nbytes)
+            self.stats.pixel_grants += 1
+            self.stats.encoded_grants += codec != "raw"
+        self.stats.input_bytes_raw += sent.raw_bytes
+        self.stats.input_bytes_sent += sent.sent_bytes
+        return sent
 
     def _local_job(self, ref: TaskRef) -> Job | None:
         """The job of a task taken from this node's queue; None if its frame is gone meanwhile
@@ -145,7 +194,7 @@ class Victim(NodeState):
         if sf is None:
             self.queue.done(ref)
             return None
-        return Job(ref, self._own_plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
+        return Job(ref, sf.plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
                    holders=self.source.holders_of(key, ref.task))
 
     def _ready(self, ref: TaskRef) -> bool:

@@ -5,6 +5,10 @@ Events in (a new frame, the gateway's acks and frame ends, a new gateway, a task
 actions out (:class:`ToGateway` messages); the queue it fills is the node's
 :class:`~stealer.scheduler.WorkQueue`, a pure structure too. No I/O, no awaits, no clock.
 
+Each frame keeps the plan it was cut with (:meth:`SourceState.set_plan` changes the plan of the
+frames that come after, never of one already started): every task, grant and announcement of a
+frame reads its own plan, so a frame is never cut with one plan and assembled with another.
+
 A frame stays here from the moment the camera hands it over until the gateway's
 :class:`FrameDone` (its result was released), whatever happens between: a gateway that dies
 takes nothing with it, because on every new gateway each unfinished frame is announced again
@@ -44,6 +48,8 @@ SourceAction = Union[ToGateway]
 class SourceFrame:
     frame: Frame
     started: float
+    plan_key: str
+    plan: Plan
     acked: set[int] = field(default_factory=set)  # tiles the gateway has (their strips with it)
     strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node that keeps it
     failed: tuple[int, str] | None = None  # (task, why): given up, waiting for the gateway's FrameDone
@@ -60,7 +66,7 @@ class SourceState:
     queue : WorkQueue
         The node's queue: this role adds its frames' tile tasks and takes them out again.
     plan_key : str
-        The plan this node's frames are cut with.
+        The plan this node's frames are cut with (until :meth:`set_plan`).
     plan : Plan
     deadline : float
         Seconds per frame for the gateway's deadline mode (0: none).
@@ -68,31 +74,55 @@ class SourceState:
 
     def __init__(self, queue: WorkQueue, plan_key: str, plan: Plan, deadline: float = 0.0) -> None:
         self.queue = queue
-        self.plan_key = plan_key
-        self.plan = plan
         self.deadline = deadline
         self.frames: dict[FrameKey, SourceFrame] = {}
         self.inflight: dict[str, int] = {}
         self.resent = 0
-        reuse = [t for t in plan.tasks if t.reuse is not None and t.consumes]
-        # looked up on every take of a queue scan: kept here once
-        self.producers: dict[int, frozenset[int]] = {t.id: frozenset(t.producers) for t in reuse}
-        self.consumes: dict[int, tuple[int, ...]] = {t.id: t.consumes for t in reuse}
+        # per plan key: each reuse task's producers and the strips it consumes, looked up on
+        # every take of a queue scan, so kept here once per plan
+        self._deps: dict[str, tuple[dict[int, frozenset[int]], dict[int, tuple[int, ...]]]] = {}
+        self.plan_key = plan_key
+        self.plan = plan
+        self.set_plan(plan_key, plan)
+
+    def set_plan(self, plan_key: str, plan: Plan) -> bool:
+        """Cut the frames that come from now on with ``plan``; the frames already here keep
+        theirs. False if it is the plan in use already."""
+        changed = plan_key != self.plan_key
+        self.plan_key, self.plan = plan_key, plan
+        if plan_key not in self._deps:
+            reuse = [t for t in plan.tasks if t.reuse is not None and t.consumes]
+            self._deps[plan_key] = ({t.id: frozenset(t.producers) for t in reuse},
+                                    {t.id: t.consumes for t in reuse})
+        in_use = {sf.plan_key for sf in self.frames.values()} | {plan_key}
+        for key in [k for k in self._deps if k not in in_use]:
+            del self._deps[key]
+        return changed
+
+    def plan_of(self, key: FrameKey) -> Plan:
+        """The plan frame ``key`` was cut with (KeyError: not a frame of this node)."""
+        return self.frames[key].plan
+
+    def _producers(self, sf: SourceFrame) -> dict[int, frozenset[int]]:
+        return self._deps[sf.plan_key][0]
+
+    def _consumes(self, sf: SourceFrame) -> dict[int, tuple[int, ...]]:
+        return self._deps[sf.plan_key][1]
 
     # -------------------------------------------------------------------- frames
     def _start_msg(self, key: FrameKey, sf: SourceFrame) -> FrameStart | FrameFailed:
         if sf.failed is not None:
             return FrameFailed(key[0], key[1], sf.failed[0], sf.failed[1])
-        return FrameStart(key[0], key[1], self.plan_key, sf.frame.img_w, sf.frame.img_h, self.deadline)
+        return FrameStart(key[0], key[1], sf.plan_key, sf.frame.img_w, sf.frame.img_h, self.deadline)
 
     def new_frame(self, source_id: str, frame: Frame, now: float) -> list[SourceAction]:
         """A camera frame: keep it, queue its tasks, announce it to the gateway."""
         key = (source_id, frame.number)
         if key in self.frames:
             return []
-        sf = self.frames[key] = SourceFrame(frame, now)
+        sf = self.frames[key] = SourceFrame(frame, now, self.plan_key, self.plan)
         self.inflight[source_id] = self.inflight.get(source_id, 0) + 1
-        self.queue.add(TaskRef(source_id, frame.number, t.id) for t in self.plan.tasks)
+        self.queue.add(TaskRef(source_id, frame.number, t.id) for t in sf.plan.tasks)
         return [ToGateway(self._start_msg(key, sf))]
 
     def announced(self, key: FrameKey, gateway: str) -> None:
@@ -117,7 +147,7 @@ class SourceState:
             sf.acked.clear()  # the new gateway holds none of the frame's tiles or strips
             sf.strip_holders.clear()
             if sf.failed is None:
-                self.queue.add(TaskRef(key[0], key[1], t.id) for t in self.plan.tasks)
+                self.queue.add(TaskRef(key[0], key[1], t.id) for t in sf.plan.tasks)
             out.append(ToGateway(self._start_msg(key, sf)))
             self.resent += 1
         return out
@@ -138,9 +168,9 @@ class SourceState:
     def drop_oldest_unstarted(self, source_id: str) -> FrameKey | None:
         """Deadline mode, overloaded: forget the oldest frame of the source nothing has started
         on, and return it (the gateway is told with :class:`FrameDrop`)."""
-        n_tasks = len(self.plan.tasks)
         for key in sorted(k for k in self.frames if k[0] == source_id):
-            if self.frames[key].failed is None and self.queue.untouched(key[0], key[1], n_tasks):
+            sf = self.frames[key]
+            if sf.failed is None and self.queue.untouched(key[0], key[1], len(sf.plan.tasks)):
                 self.queue.drop_frame(*key)
                 self._forget(key)
                 return key
@@ -172,7 +202,7 @@ class SourceState:
         if not sf.held:  # came before its FrameWait (or none was needed): nothing to queue
             return False
         sf.held = False
-        self.queue.add(TaskRef(msg.source, msg.frame, t.id) for t in self.plan.tasks)
+        self.queue.add(TaskRef(msg.source, msg.frame, t.id) for t in sf.plan.tasks)
         return True
 
     def tile_ack(self, msg: TileAck, now: float) -> None:
@@ -203,7 +233,7 @@ class SourceState:
         sf = self.frames.get((ref.source, ref.frame))
         if ref.is_tail or sf is None:
             return True
-        producers = self.producers.get(ref.task)
+        producers = self._producers(sf).get(ref.task)
         return producers is None or sf.acked.issuperset(producers)
 
     def near(self, node_id: str, me: str) -> Callable[[TaskRef], bool]:
@@ -213,14 +243,14 @@ class SourceState:
             sf = self.frames.get((ref.source, ref.frame))
             if ref.is_tail or sf is None:
                 return True
-            return all(sf.strip_holders.get(s) in (node_id, me) for s in self.consumes.get(ref.task, ()))
+            return all(sf.strip_holders.get(s) in (node_id, me) for s in self._consumes(sf).get(ref.task, ()))
         return near
 
     def holders_of(self, key: FrameKey, task_id: int) -> dict[str, list[int]] | None:
         """Where the strips a reuse tile of this node's frame consumes are (node id -> strip
         ids), as the gateway's acks said; None if any is unknown (then the gateway is asked)."""
         sf = self.frames.get(key)
-        consumes = self.consumes.get(task_id)
+        consumes = self._consumes(sf).get(task_id) if sf is not None else None
         if sf is None or not consumes:
             return None
         by_node: dict[str, list[int]] = {}
@@ -239,7 +269,7 @@ class SourceState:
         Shipping the small region when it will do cuts a camera's upload several times over
         (at 5x5 on YOLOv2 a reuse tile reads 3-40 KB of frame instead of 350-630 KB), which is
         what a Wi-Fi link is short of."""
-        task = self.plan.task(ref.task)
+        task = self.plan_of((ref.source, ref.frame)).task(ref.task)
         if task.reuse is None or not task.consumes or not self.ready(ref):
             return task.full.input_region, {}
         return task.reuse.input_region, self.holders_of((ref.source, ref.frame), ref.task) or {}
@@ -257,3 +287,8 @@ class SourceState:
         for key, sf in self.frames.items():
             if sf.failed is not None or sf.held:
                 assert key not in queued
+            assert sf.plan_key in self._deps, f"{key}: no dependencies kept for its plan {sf.plan_key}"
+        for ref in self.queue.queue:
+            kept = self.frames.get((ref.source, ref.frame))
+            if kept is not None and not ref.is_tail:
+                assert 0 <= ref.task < len(kept.plan.tasks), f"{ref} is not a task of its frame's plan {kept.plan_key}"

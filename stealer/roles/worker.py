@@ -105,3 +105,13 @@ def status_worth_sending(last: tuple[int, ...] | None, now: tuple[int, ...]) -> 
         if abs(a - b) >= max(2, a // 4):
             return True
     return False
+
+
+SPEED_NEWS_SHARE = 0.25
+"""A node's measured speed is news to its peers when first measured or once it moves by this
+share from what they were last told: the planner buckets speeds about this coarsely."""
+
+
+def speed_worth_telling(told: float, measured: float) -> bool:
+    """Whether peers should hear this node's measured FLOP/s (0: not measured yet)."""
+    return measured > 0 and (told == 0 or abs(measured - told) > SPEED_NEWS_SHARE * told)

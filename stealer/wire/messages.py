@@ -68,6 +68,7 @@ import msgspec
 import numpy as np
 from msgspec import field
 
+from stealer.codec import WIRE_CODECS
 from stealer.config import DEFAULT_LIMITS, Limits
 from stealer.errors import ProtocolError
 
@@ -98,10 +99,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 4
+PROTOCOL_VERSION: Final = 5
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
 older peer cannot handle by ignoring unknown fields. 4: msgspec array-form headers
-(protocol 3 sent every message in the map envelope that only stable messages keep)."""
+(protocol 3 sent every message in the map envelope that only stable messages keep). 5: a
+tile's input may travel encoded (``codec``, ``encoded`` of :class:`StealReply` and
+:class:`RegionReply`), which an older thief would take for a grant without data."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
@@ -790,6 +793,21 @@ def decode(
 # same plan (same model, checked at the handshake).
 
 
+def _check_tile_input(data: np.ndarray | None, pixels: np.ndarray | None, origin: list[int], codec: str,
+                      encoded: np.ndarray | None) -> None:
+    """A tile's (or tail's) input comes one way: ``data``, ``pixels``, or ``encoded`` in a
+    known ``codec`` other than raw (the arrays themselves are checked by the thief, which
+    knows the shapes the task needs)."""
+    if (data is not None) + (pixels is not None) + (encoded is not None) != 1:
+        raise ValueError("a tile's input comes as exactly one of data, pixels and encoded")
+    if codec not in WIRE_CODECS:
+        raise ValueError(f"unknown frame codec {codec[:16]!r}")
+    if (codec != "raw") != (encoded is not None):
+        raise ValueError(f"codec {codec!r} with{'' if encoded is not None else 'out'} encoded input")
+    if len(origin) not in (0, 2):
+        raise ValueError(f"pixel_origin has {len(origin)} values, not 2")
+
+
 def _check_task_name(source: str, frame: int, task: int) -> None:
     if not 1 <= len(source) <= 128:
         raise ValueError("source must have 1..128 characters")
@@ -797,6 +815,10 @@ def _check_task_name(source: str, frame: int, task: int) -> None:
         raise ValueError(f"frame {frame} is negative")
     if task < -1:
         raise ValueError(f"task {task} is invalid")
+
+
+MAX_NODE_SPEED: Final = 1e15
+"""FLOP/s a peer may claim (a petaflop: far beyond any edge device, finite for the planner)."""
 
 
 @register
@@ -807,6 +829,13 @@ class Status(Message, tag="status", frozen=True):
     queued_tiles: int
     queued_tails: int
     leased: int = 0  # tasks out with other nodes (candidates for speculative copies)
+    speed: float = 0.0  # FLOP/s the sender measured over its own compute; 0: not measured yet
+
+    def __post_init__(self) -> None:
+        if min(self.queued_tiles, self.queued_tails, self.leased) < 0:
+            raise ValueError("negative counts in a status")
+        if not (math.isfinite(self.speed) and 0.0 <= self.speed <= MAX_NODE_SPEED):
+            raise ValueError(f"speed {self.speed} out of range")
 
 
 @register
@@ -828,7 +857,11 @@ class StealReply(Message, tag="steal-reply", frozen=True):
     :class:`RegionRequest` if the strips turn out to be gone). It comes as ``data`` (float32),
     or as ``pixels``: the camera's uint8 pixels it is letterboxed from, whose top-left pixel is
     ``pixel_origin`` (y, x) of the ``img_w`` x ``img_h`` image (a quarter of the bytes; see
-    :func:`stealer.images.letterbox_region`). For a tail, ``data`` is the fused block's output."""
+    :func:`stealer.images.letterbox_region`), or as ``encoded`` (flat uint8) in the frame
+    codec ``codec`` (:mod:`stealer.codec`): ``zstd``/``png``, those pixels losslessly;
+    ``jpeg``, the whole image's JPEG, which the thief decodes and crops to the pixels at
+    ``pixel_origin``. Exactly one of ``data``, ``pixels``, ``encoded``. For a tail, ``data`` is
+    the fused block's output."""
 
     request_id: int
     granted: bool
@@ -849,12 +882,13 @@ class StealReply(Message, tag="steal-reply", frozen=True):
     holders: dict[str, list[int]] = field(default_factory=dict)
     strips_meta: list[list[int]] = field(default_factory=list)
     strips: np.ndarray | None = None
+    codec: str = "raw"
+    encoded: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.granted:
             _check_task_name(self.source, self.frame, self.task)
-            if self.data is None and self.pixels is None:
-                raise ValueError("a granted steal carries data or pixels")
+            _check_tile_input(self.data, self.pixels, self.pixel_origin, self.codec, self.encoded)
 
 
 @register
@@ -932,9 +966,9 @@ class RegionRequest(Message, tag="region-request", frozen=True):
 
 @register
 class RegionReply(Message, tag="region-reply", frozen=True):
-    """The full variant's input region of the task (``region`` y0, y1, x0, x1, as ``data`` or
-    ``pixels`` like a :class:`StealReply`), or ``found`` false if the owner no longer holds the
-    frame (it finished, or was dropped)."""
+    """The full variant's input region of the task (``region`` y0, y1, x0, x1, as ``data``,
+    ``pixels`` or ``encoded`` like a :class:`StealReply`), or ``found`` false if the owner no
+    longer holds the frame (it finished, or was dropped)."""
 
     request_id: int
     found: bool
@@ -942,6 +976,12 @@ class RegionReply(Message, tag="region-reply", frozen=True):
     data: np.ndarray | None = None
     pixels: np.ndarray | None = None
     pixel_origin: list[int] = field(default_factory=list)
+    codec: str = "raw"
+    encoded: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.found:
+            _check_tile_input(self.data, self.pixels, self.pixel_origin, self.codec, self.encoded)
 
 
 @register
