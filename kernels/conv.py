@@ -57,7 +57,7 @@ from numba import njit
 from ._config import JIT_OPTS
 from ._validate import output_array
 from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskload, vrelu, vstore, vzero
-from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, _act_code, _logistic32, act_scalar
+from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, _act_code, _activate_flat, _logistic32, act_scalar
 
 # Register block: MR output channels x NR pixels (NR = 3 AVX2 vectors). 12 accumulators + 3 B
 # vectors + 1 broadcast = 16 ymm registers.
@@ -337,7 +337,9 @@ def _conv2d_exact(x, w2, bias, k, s, pt, pl, out_h, out_w, act, out2, kc_blk, nc
 @njit(**JIT_OPTS)
 def _conv2d_exact_ext(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2, kc_blk, nc_blk, mc_blk,
                       order):
-    """Blocked exact GEMM driver. ``x`` (C, H, W), ``w2`` (Co, K), ``out2`` (Co, N), all C order.
+    """Blocked exact GEMM driver with row/column strides ``sy``/``sx`` and dilation ``d``; ``act``
+    is a 2017 code (0..3): :func:`conv2d` applies AlexeyAB's float32 activations after it.
+    ``x`` (C, H, W), ``w2`` (Co, K), ``out2`` (Co, N), all C order.
 
     ``kc_blk``, ``nc_blk`` (multiple of NR), ``mc_blk`` (multiple of MR) are the cache blocking
     sizes (arguments rather than constants so tests can force many small blocks). They change
@@ -360,8 +362,9 @@ def _conv2d_exact_ext(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2
             wedge[r * k_n + kk] = w2[r0 + r, kk]
     biasp = np.zeros(mp, np.float32)
     biasp[:co_n] = bias
-    # micro-kernel epilogue codes: 1 linear, 2 leaky, 3 relu (every other activation: linear, then
-    # a scalar pass in _tile over the tile just written, while it is in L1)
+    # micro-kernel epilogue codes: 1 linear, 2 leaky, 3 relu (logistic: linear, then a scalar
+    # pass in _tile over the tile just written, while it is in L1; the AlexeyAB activations never
+    # reach here, see conv2d)
     epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
     kcb = min(kc_blk, k_n)
     ncb = min(nc_blk, (n_n + NR - 1) // NR * NR)
@@ -430,11 +433,7 @@ def _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, 
             o = (ir + r) * n_n + jc + j0
             for j in range(nv):
                 cf[o + j] = _logistic32(cf[o + j])
-    elif last and act > ACT_RELU:  # AlexeyAB's float32 activations (codes 8 and up)
-        for r in range(mv):
-            o = (ir + r) * n_n + jc + j0
-            for j in range(nv):
-                cf[o + j] = act_scalar(cf[o + j], act)
+
 
 
 @njit(**JIT_OPTS)
@@ -636,7 +635,14 @@ def conv2d(
         w2 = weight[g * og:(g + 1) * og].reshape(og, cg * k * k)
         bg = bias if groups == 1 else bias[g * og:(g + 1) * og]
         out2 = out[g * og:(g + 1) * og].reshape(og, out_h * out_w)  # a view: out is C-contiguous
-        if exact:
+        if exact and act > ACT_RELU:
+            # AlexeyAB's float32 activations run as a pass over the finished group rather than in
+            # the tile loop: code in that loop (even in a branch never taken) cost YOLOv2's 3x3
+            # layers ~8%; the bits are the same, one scalar function of the same sums either way
+            _conv2d_exact_ext(xg, w2, bg, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w, ACT_LINEAR,
+                              out2, KC, NC, MC, ORDER)
+            _activate_flat(out2.reshape(-1), act)
+        elif exact:
             _conv2d_exact_ext(xg, w2, bg, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w, act, out2,
                               KC, NC, MC, ORDER)
         else:
