@@ -54,3 +54,14 @@ async def test_cluster_runs_a_tiled_prefix_and_the_dag_tail_exactly(name, size, 
         assert r["output_sha256"] == digest, r
         assert r["detections"] == dets
     assert sum(n.stats.tiles_run for n in (gw, src, thief)) >= 4 * grid[0] * grid[1]
+
+
+def test_fusing_past_what_the_tail_can_run_from_is_a_clear_error():
+    """yolov3-tiny's route reads layer 8: fusing 10 layers would leave a tail without that map.
+    The node refuses at start, naming the limit, instead of failing at its first tail."""
+    from stealer.errors import ConfigError
+
+    net = small_network("yolov3-tiny", 96)
+    with pytest.raises(ConfigError, match="--layers 10: at most 9 leading layers"):
+        Node(net, config(layers=10))
+    assert Node(net, config(layers=9)).layers == 9

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 import numpy as np
 
 from ..compute import ComputePool
+from ..errors import ConfigError
 from ..ftp.auto import CandidatePlan, Choice
 from ..ftp.plan import Plan, make_plan
 from ..network import Network
@@ -51,7 +52,11 @@ class NodeState:
         self.on_result = on_result
         self.on_event = on_event  # milestones for operators and benchmarks (first task, takeover)
         self.first_task_at: float | None = None
-        self.layers = config.layers or min(16, _fusable(net))
+        most = _fusable(net)
+        if config.layers is not None and config.layers > most:  # caught here, not when the first tail fails to run
+            raise ConfigError(f"--layers {config.layers}: at most {most} leading layers of this model can be "
+                              f"fused and leave a tail that runs from the last fused map alone")
+        self.layers = config.layers or min(16, most)
         # the plan this node's next frames are cut with (grid auto: the planner's latest choice;
         # a frame keeps the plan it was cut with, see SourceState)
         self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)
