@@ -25,7 +25,6 @@ from .state import NodeState
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
 
 
-
 class Source(NodeState):
     """The source loop, frames announced to the gateway, work sharing.
 
@@ -179,8 +178,8 @@ class Source(NodeState):
         return TYPICAL_RATIO[self.cfg.frame_codec]
 
     def _replan(self) -> None:
-        """Grid auto: when the number of computing nodes changed, choose the plan for the
-        cluster as it is now. The next frames are cut with it; frames already started keep
+        """Grid auto: when computing nodes joined or left, or one's measured speed moved,
+        choose the plan for the cluster as it is now. The next frames are cut with it; frames already started keep
         theirs (SourceState.set_plan). Pure arithmetic over the plans made at start."""
         if not self.cfg.grid_auto or not self._auto_candidates or self._closed:
             return
