@@ -197,3 +197,10 @@ def test_codec_scenario_runs_the_codecs_side_by_side_and_one_node_ignores_the_ra
     other_rate = tp.plan_runs(_args("--scenarios", "single", "--rate", "none", "--repeat", "1"), "fused.cfg")
     assert one and one[0].rate is None
     assert one[0].key() == next(r for r in other_rate if r.kind == "stealer").key()  # --resume reuses it
+
+
+def test_hetero_runs_the_grid_and_whole_frames():
+    runs = tp.plan_runs(_args("--scenarios", "hetero", "--repeat", "1"), "fused.cfg")
+    assert sorted(r.grid for r in runs) == [(1, 1), (5, 5)] and {r.cpu for r in runs} == {(0.4, 0.2)}
+    runs = tp.plan_runs(_args("--scenarios", "hetero", "--repeat", "1", "--grid", "1x1"), "fused.cfg")
+    assert [r.grid for r in runs] == [(1, 1)]
