@@ -1079,7 +1079,7 @@ def latency_md(report: dict[str, Any]) -> str:
         scheme = "" if tuple(g) == (1, 1) else (" reuse" if r["run"]["scheme"] != "none" else " no reuse")
         check = "ok" if r.get("status") == "ok" and not r["mismatches"] and r["frames_ok"] == r["frames_expected"] \
             else f"**{len(r['mismatches'])} MISMATCH, {r['frames_ok']}/{r['frames_expected']}**"
-        rows.append(f"| {n} | {g[0]}x{g[1]}{scheme} | {r['run']['rate'] or 'unshaped'} | "
+        rows.append(f"| {n} | {g[0]}x{g[1]}{scheme} | {r['run'].get('rate') or 'unshaped'} | "
                     f"{r.get('frames_per_run')} x {r.get('repeats', 1)} | {_f(r.get('latency_p50'))} | "
                     f"{_f(r.get('latency_p99'))} | {_f(r.get('latency_ratio'))} | {_f(r.get('fps'), 3)} | "
                     f"{_f(sc['fps'], 3) + ' (' + _spread(sc) + ')' if sc else '–'} | "
@@ -1285,8 +1285,8 @@ def targets(report: dict[str, Any]) -> str:
             f"(ideal {_f(r and r.get('ideal_speedup'))}, {r['run']['grid'][0]}x{r['run']['grid'][1]})" if r else "not run",
             (r["speedup"] >= want) if r and r.get("speedup") else None, _worst_term(r))
     lat = [r for r in report["runs"] if r["run"]["scenario"] == "latency" and r.get("latency_ratio")]
-    for rate in dict.fromkeys(r["run"]["rate"] for r in lat if r["run"]["nodes"] > 1):
-        at = [r for r in lat if r["run"]["rate"] == rate and r["run"]["nodes"] == max(x["run"]["nodes"] for x in lat)]
+    for rate in dict.fromkeys(r["run"].get("rate") for r in lat if r["run"]["nodes"] > 1):
+        at = [r for r in lat if r["run"].get("rate") == rate and r["run"]["nodes"] == max(x["run"]["nodes"] for x in lat)]
         if at:
             best = min(at, key=lambda r: r["latency_ratio"])
             g = best["run"]["grid"]
