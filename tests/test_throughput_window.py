@@ -148,7 +148,7 @@ def test_view_gives_median_spread_and_speedup_of_medians():
     lat4 = next(c for c in v["runs"] if c["run"]["label"] == "4 nodes, 1 in flight")
     assert lat4["latency_ratio"] == pytest.approx(3.0 / 9.0)
     table = tp.latency_md(v)
-    assert "| 4 | 60 x 2 | 3.00 |" in table and "0.330 (0.300–0.360)" in table
+    assert "| 4 | 5x5 reuse | unshaped | 60 x 2 | 3.00 |" in table and "0.330 (0.300–0.360)" in table
     md, _, _ = tp.markdown(v)
     assert "| scaling | 4 nodes | 4 |" in md and "0.300–0.360" in md
     summary = tp.config_summary(v)
