@@ -182,11 +182,12 @@ class Peers(NodeState):
 
     def _on_status(self, peer: Peer | None, msg: Status) -> None:
         if peer is not None:
+            speed_before = peer.load.speed
             peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0, True, msg.leased,
                                  msg.speed)
             if msg.queued_tiles or msg.queued_tails or msg.leased:
                 self._work.set()
-            if msg.speed:
+            if msg.speed != speed_before:
                 self._replan()  # grid auto: a peer measured (or changed) its speed
 
     async def _to_gateway(self, msg: Message) -> None:
