@@ -19,8 +19,8 @@ from stealer.roles.membership import Follow, MembershipState, Promote, SendClaim
 from stealer.roles.source import SourceState, ToGateway
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
-from stealer.wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameWait, TailDone, TileAck,
-                                   TileDone, TilesIn)
+from stealer.wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait,
+                                   TailDone, TileAck, TileDone, TilesIn)
 
 PK = "2x2:4:quad"
 
@@ -63,7 +63,9 @@ def test_tiles_before_their_frame_start_wait_and_the_frame_is_released(plan):
     acts = []
     for t in plan.tasks:
         acts += gw.tile_done("thief", tile_msg(plan, "src/0", 0, t.id), 0.0)
-    assert not acts and gw.stats.early_tiles == len(plan.tasks) and not gw.frames  # no map allocated
+    # no map allocated; the source is asked, once, to announce the frame again
+    assert acts == [g.Notify("src", FrameUnknown("src/0", 0))]
+    assert gw.stats.early_tiles == len(plan.tasks) and not gw.frames and gw.stats.frames_unknown == 1
     acts = gw.frame_start("src", FrameStart("src/0", 0, PK, 8, 8), 1.0)
     assert [a for a in acts if isinstance(a, g.QueueTail)] == [g.QueueTail(TaskRef("src/0", 0, TAIL))]
     acts = gw.tail_done("thief", TailDone("src/0", 0, "ab" * 32), 2.0)
@@ -379,6 +381,79 @@ def test_a_source_holds_a_waiting_frames_tasks(plan):
     src.validate()
     assert src.admitted(FrameGo("src/0", 0)) and len(q.queue) == len(plan.tasks)
     assert not src.admitted(FrameGo("src/0", 0))  # once
+
+
+def test_a_whole_frame_result_before_its_frame_start_is_kept_and_its_source_asked_again():
+    """Defect (8 emulated Pis, 1x1, 20 Mbit/s): a frame's announcement was lost with a
+    connection its source never saw replaced, so the gateway dropped the frame's whole-frame
+    result as a duplicate, three times over three 30 s leases, and released the frame as
+    failed. Now the result waits for the FrameStart, the source is told to announce the frame
+    again (once), and the frame is released with that first result."""
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96").replace("height=416", "height=96")
+    one = make_plan(Network.from_cfg_text(text, seed=11), (1, 1), 4, scheme="none")
+    key = "1x1:4:none"
+    gw = GatewayState("gw", lambda k: one)
+    acts = gw.tail_done("thief", TailDone("src/0", 0, "ab" * 32, whole=True), 1.0)
+    assert acts == [g.Notify("src", FrameUnknown("src/0", 0))] and not gw.frames
+    assert gw.tail_done("other", TailDone("src/0", 0, "cd" * 32, whole=True), 1.5) == []  # asked once
+    gw.validate()
+    acts = gw.frame_start("src", FrameStart("src/0", 0, key, 8, 8), 2.0)
+    assert [(r["frame"], r["output_sha256"]) for r in released(acts)] == [(0, "ab" * 32)]  # the first result
+    assert g.Notify("src", TilesIn("src/0", 0)) in acts and g.Notify("src", FrameDone("src/0", 0)) in acts
+    assert gw.stats.duplicates_dropped == 1 and not gw.early and gw.early_bytes == 0
+    gw.validate()
+    # a result of a frame already released stays a duplicate (no request to announce it)
+    assert gw.tail_done("late", TailDone("src/0", 0, "ab" * 32, whole=True), 3.0) == [
+        g.DropTail(TaskRef("src/0", 0, TAIL))]
+    # and one whose FrameStart never comes is forgotten after early_tile_seconds
+    gw.tail_done("thief", TailDone("src/0", 1, "ab" * 32, whole=True), 4.0)
+    gw.expire_early(4.0 + DEFAULT_LIMITS.early_tile_seconds + 1)
+    assert not gw.early and gw.early_bytes == 0
+    gw.validate()
+
+
+def test_the_source_announces_a_frame_again_when_the_gateway_does_not_know_it(plan):
+    q = WorkQueue("src", 30.0)
+    src = SourceState(q, PK, plan)
+    src.new_frame("src/0", frame(0), 0.0)
+    src.announced(("src/0", 0), "gw")
+    queued = list(q.queue)
+    assert src.frame_unknown(FrameUnknown("src/0", 0)) == [ToGateway(FrameStart("src/0", 0, PK, 8, 8))]
+    assert list(q.queue) == queued  # its tasks and leases stand: only the announcement is sent
+    assert src.frame_unknown(FrameUnknown("src/0", 7)) == []  # not a frame it has
+
+
+def test_a_lost_announcement_costs_no_lease_and_no_attempt(plan):
+    """Source and gateway machines wired together: the frame's FrameStart is lost (a replaced
+    connection) and nothing else goes wrong. The frame is released without an error, and
+    without waiting for a lease: before, its results were kept as early tiles until they
+    expired, every lease ran out in turn, and the frame was given up."""
+    q = WorkQueue("src", 30.0, max_attempts=3)
+    src = SourceState(q, PK, plan)
+    gw = gateway(plan)
+    src.new_frame("src/0", frame(0), 0.0)  # its FrameStart is lost on the way
+    src.announced(("src/0", 0), "gw")
+    to_source = []
+    while (ref := q.take("thief", 1.0)) is not None:
+        to_source += [a.msg for a in gw.tile_done("thief", tile_msg(plan, "src/0", 0, ref.task), 1.0)
+                      if isinstance(a, g.Notify)]
+    assert to_source == [FrameUnknown("src/0", 0)]
+    again = [a.msg for m in to_source for a in src.frame_unknown(m)]
+    acts = []
+    for m in again:
+        acts += gw.frame_start("src", m, 2.0)
+    assert [a for a in acts if isinstance(a, g.QueueTail)] == [g.QueueTail(TaskRef("src/0", 0, TAIL))]
+    for m in [a.msg for a in acts if isinstance(a, g.Notify)]:
+        if isinstance(m, TilesIn):
+            src.tiles_in(m, 2.0)
+        elif isinstance(m, TileAck):
+            src.tile_ack(m, 2.0)
+    assert not q.leases and not q.attempts  # every tile's lease ended at once, none failed
+    acts = gw.tail_done("gw", TailDone("src/0", 0, "ab" * 32), 3.0)
+    assert [(r["frame"], "error" in r) for r in released(acts)] == [(0, False)]
+    assert src.frame_done(FrameDone("src/0", 0)) and not src.frames
+    gw.validate()
+    src.validate()
 
 
 def test_a_whole_frame_result_ends_a_1x1_frame_without_its_map():

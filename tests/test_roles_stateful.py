@@ -24,8 +24,8 @@ from stealer.roles.membership import MembershipState, Promote, SendClaim
 from stealer.roles.source import SourceState
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
-from stealer.wire.messages import (FrameDone, FrameFailed, FrameGo, FrameStart, FrameWait, TailDone, TileAck, TileDone,
-                                   TilesIn)
+from stealer.wire.messages import (FrameDone, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TailDone, TileAck,
+                                   TileDone, TilesIn)
 
 PK = "2x2:4:quad"
 SRC = "src/0"
@@ -105,6 +105,8 @@ class Cluster(RuleBasedStateMachine):
             self.source.hold(msg)
         elif isinstance(msg, FrameGo):
             self.source.admitted(msg)
+        elif isinstance(msg, FrameUnknown):
+            self.announce(self.source.frame_unknown(msg))
 
     # ---------------------------------------------------------------- rules
     @precondition(lambda self: self.source.inflight.get(SRC, 0) < 4)
@@ -167,6 +169,15 @@ class Cluster(RuleBasedStateMachine):
         ref = self.tails.take("a", self.now)
         if ref is not None:
             self.to_gateway.append(("a", TailDone(ref.source, ref.frame, "ab" * 32)))
+
+    @rule(i=st.integers(0, 63))
+    def frame_start_lost(self, i: int) -> None:
+        """An announcement is lost with a connection that was replaced (both sides dialled at
+        once) or cut, while the source saw no gateway change: the gateway learns of the frame
+        only from its results (FrameUnknown)."""
+        starts = [k for k, (_, m) in enumerate(self.to_gateway) if isinstance(m, FrameStart)]
+        if starts:
+            del self.to_gateway[starts[i % len(starts)]]
 
     @rule()
     def gateway_dies_and_a_standby_takes_over(self) -> None:

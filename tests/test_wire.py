@@ -42,6 +42,7 @@ from stealer.wire.messages import (
     FrameDrop,
     FrameFailed,
     FrameGo,
+    FrameUnknown,
     FrameWait,
     TaskFailed,
     TaskStarted,
@@ -181,6 +182,7 @@ SAMPLES = [
     pytest.param(FrameWait("n1/0", 9), id="frame-wait"),
     pytest.param(TaskStarted("n1/0", 9, 3), id="task-started"),
     pytest.param(FrameGo("n1/0", 9), id="frame-go"),
+    pytest.param(FrameUnknown("n1/0", 9), id="frame-unknown"),
 ]
 
 

@@ -17,7 +17,8 @@ from ..roles import membership as mem_role
 from ..roles.worker import speed_worth_telling, status_worth_sending
 from ..scheduler import PeerLoad
 from ..wire import Comm, connect
-from ..wire.messages import FrameDone, FrameGo, FrameWait, GatewayClaim, Goodbye, Message, Status, TileAck, TilesIn
+from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, GatewayClaim, Goodbye, Message, Status, TileAck,
+                             TilesIn)
 from .config import Peer
 from .state import NodeState
 
@@ -241,7 +242,7 @@ class Peers(NodeState):
         with contextlib.suppress(CommClosedError):
             await peer.comm.send(msg)
 
-    def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo) -> None:
+    def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown) -> None:
         """Tell a source (this node or a peer) how its tiles and frames stand, without waiting."""
         if node_id == self.id:
             self._handlers[type(msg)](None, msg)

@@ -18,7 +18,7 @@ from ..ftp.auto import DEFAULT_NODE_SPEED, Cluster, NodeSpec, choose
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
 from ..sources import FrameSource, jpeg_frames
-from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameWait, TileAck, TilesIn
+from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameUnknown, FrameWait, TileAck, TilesIn
 from .config import plan_key
 from .state import NodeState
 
@@ -217,6 +217,13 @@ class Source(NodeState):
         if self.source.hold(msg):
             log.info("frame %d of %s waits: the gateway is full", msg.frame, msg.source)
             self._work_changed()
+
+    def _on_frame_unknown(self, msg: FrameUnknown) -> None:
+        actions = self.source.frame_unknown(msg)
+        if actions:
+            log.info("the gateway has results of frame %d of %s but not its announcement: announcing it again",
+                     msg.frame, msg.source)
+        self._announce(actions)
 
     def _on_frame_go(self, msg: FrameGo) -> None:
         if self.source.admitted(msg):

@@ -30,7 +30,8 @@ from ..roles.worker import WorkerPolicy
 from ..scheduler import TaskRef, WorkQueue
 from ..wire import ClusterKey, Hello
 from ..wire.server import Server
-from ..wire.messages import FrameDone, FrameGo, FrameWait, Message, StealReply, TailDone, TileAck, TilesIn, TileDone
+from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, Message, StealReply, TailDone, TileAck, TilesIn,
+                             TileDone)
 from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, parse_plan_key, plan_key
 
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
@@ -130,7 +131,8 @@ class NodeState:
         async def _respond(self, peer: Peer, reply: Message | None, what: str) -> None: ...
         def _post(self, peer: Peer, msg: Message) -> None: ...
         async def _send_quietly(self, peer: Peer, msg: Message) -> None: ...
-        def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo) -> None: ...
+        def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown
+                    ) -> None: ...
         def _work_changed(self) -> None: ...
 
         # source.py

@@ -41,8 +41,8 @@ from ..config import DEFAULT_LIMITS, Limits
 from ..errors import PlanError, ProtocolError
 from ..ftp.plan import Plan
 from ..scheduler import TAIL, TaskRef
-from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameWait, TailDone, TileAck,
-                             TileDone, TilesIn)
+from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TailDone,
+                             TileAck, TileDone, TilesIn)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Notify:
     """Post ``msg`` to the node ``node`` (the owner of a frame's source)."""
 
     node: str
-    msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo
+    msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +141,7 @@ class GatewayStats:
     duplicates_dropped: int = 0
     early_tiles: int = 0  # tiles that came before their FrameStart and waited for it
     early_dropped: int = 0  # ... and those dropped because the early buffer was full
+    frames_unknown: int = 0  # frames whose results came first: their sources were asked to announce them again
     foreign_refused: int = 0  # messages about another node's sources, refused
 
 
@@ -171,8 +172,9 @@ class GatewayState:
         self.waiting: OrderedDict[FrameKey, tuple[str, FrameStart, float]] = OrderedDict()
         self.order = ResultOrder()
         self.finished = RecentKeys(limits.finished_frames_remembered)
-        # tiles of frames not announced (yet), oldest frame first, and when the first came
-        self.early: OrderedDict[FrameKey, list[tuple[str, TileDone]]] = OrderedDict()
+        # results (tiles, whole-frame tails) of frames not announced (yet), oldest frame
+        # first, and when the first came
+        self.early: OrderedDict[FrameKey, list[tuple[str, TileDone | TailDone]]] = OrderedDict()
         self.early_since: dict[FrameKey, float] = {}
         self.early_bytes = 0
         self.held_bytes = 0  # fused maps of open frames
@@ -253,11 +255,14 @@ class GatewayState:
         self.sources.setdefault(sender, set()).add(msg.source)
         if msg.deadline > 0:
             out.append(ArmDeadline(key, now + msg.deadline))
-        for tile_sender, tile in self._pop_early(key):  # tiles that overtook this FrameStart
+        for tile_sender, tile in self._pop_early(key):  # results that overtook this FrameStart
             try:
-                out += self.tile_done(tile_sender, tile, now)
+                if isinstance(tile, TailDone):
+                    out += self.tail_done(tile_sender, tile, now)
+                else:
+                    out += self.tile_done(tile_sender, tile, now)
             except ProtocolError as exc:  # its sender's fault, not the source's: only the tile goes
-                log.warning("tile %d of frame %d of %s from %s dropped: %s", tile.task, tile.frame,
+                log.warning("%s of frame %d of %s from %s dropped: %s", tile.op, tile.frame,
                             tile.source[:8], tile_sender[:8], exc)
         return out
 
@@ -325,6 +330,12 @@ class GatewayState:
         key = (msg.source, msg.frame)
         f = self.frames.get(key)
         out: list[Action] = []
+        if msg.whole and f is None and not self._over(key, f) and key not in self.waiting:
+            # the frame's result overtook its FrameStart, or the FrameStart was lost with a
+            # connection (its source never saw the gateway change): keep the result and have
+            # the source announce the frame again, or its lease would only bring it back to
+            # be dropped here again (measured: a frame given up after three 30 s leases)
+            return self._keep_early(sender, msg, now)
         if (msg.whole and f is not None and f.tail_input is None and f.result is None
                 and len(self.plan_of(f.plan).tasks) == 1):
             # the frame's only tile and its tail ran on one node: the tile's lease ends here
@@ -446,10 +457,10 @@ class GatewayState:
             return f"node {sender[:8]} has {len(mine)} sources open (max_sources_per_node)"
         return None
 
-    def _pop_early(self, key: FrameKey) -> list[tuple[str, TileDone]]:
+    def _pop_early(self, key: FrameKey) -> list[tuple[str, TileDone | TailDone]]:
         tiles = self.early.pop(key, [])
         self.early_since.pop(key, None)
-        self.early_bytes -= sum(t.output.nbytes for _, t in tiles)
+        self.early_bytes -= sum(_early_nbytes(t) for _, t in tiles)
         return tiles
 
     def expire_early(self, now: float) -> None:
@@ -461,13 +472,15 @@ class GatewayState:
             key = next(iter(self.early))
             self.stats.early_dropped += len(self._pop_early(key))
 
-    def _keep_early(self, sender: str, msg: TileDone, now: float) -> list[Action]:
-        """A tile of a frame not announced (yet): its FrameStart may be behind it on another
-        connection. Keep it, within ``early_tile_bytes`` (the oldest frames' tiles go first)
-        and ``early_tile_seconds``, until the frame is announced."""
+    def _keep_early(self, sender: str, msg: TileDone | TailDone, now: float) -> list[Action]:
+        """A result of a frame not announced (yet): its FrameStart may be behind it on another
+        connection, or lost with a connection its source did not see go. Keep it, within
+        ``early_tile_bytes`` (the oldest frames' results go first) and ``early_tile_seconds``,
+        until the frame is announced, and ask the frame's source, once per frame, to announce
+        it again (:class:`FrameUnknown`; a duplicate announcement is ignored)."""
         self.expire_early(now)
         key = (msg.source, msg.frame)
-        nbytes = msg.output.nbytes
+        nbytes = _early_nbytes(msg)
         while self.early_bytes + nbytes > self.limits.early_tile_bytes and self.early:
             oldest = next(iter(self.early))
             self.stats.early_dropped += len(self._pop_early(oldest))
@@ -476,11 +489,15 @@ class GatewayState:
         if nbytes > self.limits.early_tile_bytes:
             self.stats.early_dropped += 1
             return []
+        first = key not in self.early
         self.early.setdefault(key, []).append((sender, msg))
         self.early_since.setdefault(key, now)
         self.early_bytes += nbytes
         self.stats.early_tiles += 1
-        return []
+        if not first:
+            return []
+        self.stats.frames_unknown += 1
+        return [Notify(owner_of(key[0]), FrameUnknown(*key))]
 
     def _tiles_in(self, key: FrameKey, f: OpenFrame) -> list[Action]:
         """Every tile is in (or the deadline passed): the tail becomes a task, and the source
@@ -553,7 +570,7 @@ class GatewayState:
     def validate(self) -> None:
         """Check the invariants (tests call this after every step)."""
         assert self.held_bytes == sum(f.nbytes for f in self.frames.values())
-        assert self.early_bytes == sum(t.output.nbytes for ts in self.early.values() for _, t in ts)
+        assert self.early_bytes == sum(_early_nbytes(t) for ts in self.early.values() for _, t in ts)
         assert self.early_since.keys() == self.early.keys()
         assert self.early_bytes <= self.limits.early_tile_bytes
         assert self.active <= self.limits.max_queued_frames
@@ -568,3 +585,9 @@ class GatewayState:
             assert key[1] in self.order.pending(key[0]), f"open frame {key} not expected in order"
             assert key not in self.finished
             assert f.result is None or (f.tail_input is None and f.nbytes == 0)
+
+
+def _early_nbytes(msg: TileDone | TailDone) -> int:
+    """Bytes an early result holds: a tile's fused map; a whole frame's result is a digest and
+    its detections (counted at a nominal size, so the byte cap still bounds how many)."""
+    return msg.output.nbytes if isinstance(msg, TileDone) else 1024

@@ -26,7 +26,8 @@ from typing import Callable, Union
 from ..ftp.plan import Plan
 from ..scheduler import TaskRef, WorkQueue
 from ..sources import Frame
-from ..wire.messages import FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameWait, TileAck, TilesIn
+from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TileAck,
+                             TilesIn)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,18 @@ class SourceState:
         sf.held = False
         self.queue.add(TaskRef(msg.source, msg.frame, t.id) for t in sf.plan.tasks)
         return True
+
+    def frame_unknown(self, msg: FrameUnknown) -> list[SourceAction]:
+        """The gateway has a result of the frame but no FrameStart (it was lost with a
+        connection this node did not see replaced or cut): announce it again, and nothing
+        else (its tasks and leases stand; the gateway kept the result). Nothing for a frame
+        this node no longer has."""
+        key = (msg.source, msg.frame)
+        sf = self.frames.get(key)
+        if sf is None:
+            return []
+        self.resent += 1
+        return [ToGateway(self._start_msg(key, sf))]
 
     def tile_ack(self, msg: TileAck, now: float) -> None:
         self.queue.done(TaskRef(msg.source, msg.frame, msg.task), now)

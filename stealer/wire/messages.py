@@ -99,12 +99,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
 older peer cannot handle by ignoring unknown fields. 4: msgspec array-form headers
 (protocol 3 sent every message in the map envelope that only stable messages keep). 5: a
 tile's input may travel encoded (``codec``, ``encoded`` of :class:`StealReply` and
-:class:`RegionReply`), which an older thief would take for a grant without data."""
+:class:`RegionReply`), which an older thief would take for a grant without data. 6:
+:class:`FrameUnknown` (an older source would drop the connection on it)."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
@@ -1126,6 +1127,17 @@ class FrameWait(Message, tag="frame-wait", frozen=True):
 @register
 class FrameGo(Message, tag="frame-go", frozen=True):
     """Gateway to source: a frame that waited is admitted; queue its tasks."""
+
+    source: str
+    frame: int
+
+
+@register
+class FrameUnknown(Message, tag="frame-unknown", frozen=True):
+    """Gateway to source: a result of this frame came and the gateway holds no FrameStart for
+    it (the announcement was lost with a connection that was replaced or cut, or is still
+    behind the result): announce it again. The gateway keeps the result meanwhile, so a
+    whole-frame result is not computed twice; a duplicate announcement is ignored."""
 
     source: str
     frame: int
