@@ -506,6 +506,27 @@ def test_prefetch_when_the_transfer_is_on_the_critical_path():
                                  transfer_seconds=0.8, compute_seconds=3.5)
 
 
+def test_a_worker_without_a_gateway_takes_no_work_from_peers():
+    """Defect: a worker that had declared the gateway dead (a false alarm at start-up) kept
+    stealing whole frames it could not deliver, each waiting out its lease; the same frame
+    went to it three times and was given up. Without a gateway it neither steals, prefetches
+    nor counts peers' work as takeable (or its compute loop would spin)."""
+    from stealer.roles.worker import WorkerPolicy
+    from stealer.scheduler import PeerLoad
+
+    w = WorkerPolicy()
+    loads = {"p0": PeerLoad(3, 0)}
+    assert w.may_steal(False, has_gateway=True) and not w.may_steal(False, has_gateway=False)
+    assert not w.take_possible(draining=False, assigned=0, queued=0, queued_tails=0, accepts_tails=True,
+                               loads=loads, has_gateway=False)
+    assert w.take_possible(draining=False, assigned=0, queued=0, queued_tails=0, accepts_tails=True, loads=loads)
+    # its own queue's work is still its own to run (a source keeps computing its frames)
+    assert w.take_possible(draining=False, assigned=0, queued=2, queued_tails=0, accepts_tails=True,
+                           loads=loads, has_gateway=False)
+    assert not w.should_prefetch(draining=False, queued_here=0, assigned=0, loads=loads, transfer_seconds=0.8,
+                                 compute_seconds=3.5, has_gateway=False)
+
+
 def test_no_task_is_called_a_straggler_before_one_of_its_kind_finished():
     """Defect (measured at 1x1: 27 copies for 60 frames at 6 nodes): tiles that end with their
     frame's TilesIn never fed the typical task time, so every lease older than straggler_min

@@ -154,6 +154,7 @@ class Peers(NodeState):
                 if self.cfg.out and self._out_file is None:
                     self._out_file = open(self.cfg.out, "a", buffering=1)
                 self._gateway_seen.set()
+                self._work.set()  # a slot that would not steal without a gateway may now
                 for peer in list(self.peers.values()):
                     self._post(peer, GatewayClaim(act.epoch))
                 log.warning("this node is the gateway now (epoch %d)", act.epoch)
@@ -172,6 +173,7 @@ class Peers(NodeState):
                 if peer is not None:
                     peer.role = "gateway"
                 self._gateway_seen.set()
+                self._work.set()  # a slot that would not steal without a gateway may now
                 self._announce(self.source.gateway_changed(act.node))
 
     def _on_gateway_claim(self, peer: Peer | None, msg: GatewayClaim) -> None:

@@ -118,20 +118,25 @@ class Thief(NodeState):
         return self.worker.short_tasks(self.stats.tiles_run + self.stats.tails_run, self.stats.busy_seconds,
                                        self.queue.typical.get(False))
 
+    def _has_gateway(self) -> bool:
+        return self.is_gateway or self._gateway_seen.is_set()
+
     def _may_steal(self) -> bool:
-        return self.worker.may_steal(self._draining)
+        return self.worker.may_steal(self._draining, self._has_gateway())
 
     def _should_prefetch(self) -> bool:
         ran = self.stats.tiles_run + self.stats.tails_run
         return self.worker.should_prefetch(draining=self._draining, queued_here=len(self.queue),
                                            assigned=len(self._assigned), loads=self._loads(),
                                            transfer_seconds=self._steal_seconds,
-                                           compute_seconds=self.stats.busy_seconds / ran if ran else None)
+                                           compute_seconds=self.stats.busy_seconds / ran if ran else None,
+                                           has_gateway=self._has_gateway())
 
     def _take_possible(self) -> bool:
         return self.worker.take_possible(draining=self._draining, assigned=len(self._assigned),
                                          queued=len(self.queue), queued_tails=self.queue.queued_tails,
-                                         accepts_tails=self._accepts_tails(), loads=self._loads())
+                                         accepts_tails=self._accepts_tails(), loads=self._loads(),
+                                         has_gateway=self._has_gateway())
 
     def _take_local(self) -> Job | None:
         if self._assigned:

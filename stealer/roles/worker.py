@@ -39,8 +39,12 @@ class WorkerPolicy:
     short_task: float = 0.005
     steal_batch: int = 2
 
-    def may_steal(self, draining: bool) -> bool:
-        return self.policy == "steal" and not draining
+    def may_steal(self, draining: bool, has_gateway: bool = True) -> bool:
+        """Whether to ask peers for work. Not while draining, and not while this node knows no
+        gateway: it could not deliver what it ran, and each task it took would wait out its
+        lease (a worker that lost the gateway to a false alarm at start-up took the same frame
+        three times, and the frame was given up)."""
+        return self.policy == "steal" and not draining and has_gateway
 
     def short_tasks(self, ran: int, busy_seconds: float, typical_tile: float | None) -> bool:
         """Whether tasks compute in less than ``short_task`` on average: by this node's own
@@ -57,14 +61,14 @@ class WorkerPolicy:
 
     def should_prefetch(self, *, draining: bool, queued_here: int, assigned: int,
                         loads: Mapping[str, PeerLoad], transfer_seconds: float | None = None,
-                        compute_seconds: float | None = None) -> bool:
+                        compute_seconds: float | None = None, has_gateway: bool = True) -> bool:
         """Whether to fetch the next task while this one computes. Never with work of its own.
         When fetching a task takes a visible share of computing one (``transfer_seconds``, a
         steal measured from request to data in hand, against ``compute_seconds``), the fetch
         sits on the critical path, so any queued task is worth fetching early: on 20 Mbit/s a
         1x1 frame's pixels take 0.4-3 s to arrive against 3.5 s of compute. Otherwise only
         from a queue deep enough that every other node still finds work."""
-        if not self.may_steal(draining) or queued_here or assigned:
+        if not self.may_steal(draining, has_gateway) or queued_here or assigned:
             return False
         queued = sum(p.queued_tiles for p in loads.values())
         if (queued and transfer_seconds is not None and compute_seconds
@@ -80,12 +84,12 @@ class WorkerPolicy:
         return max(cands)[1] if cands else None
 
     def take_possible(self, *, draining: bool, assigned: int, queued: int, queued_tails: int,
-                      accepts_tails: bool, loads: Mapping[str, PeerLoad]) -> bool:
+                      accepts_tails: bool, loads: Mapping[str, PeerLoad], has_gateway: bool = True) -> bool:
         """Whether a task this node may run is queued here or (by the last word) at a peer. Must
         agree with what the slot's take and steal accept, or the compute loop would spin."""
         if assigned or queued - (0 if accepts_tails else queued_tails) > 0:
             return True
-        if not self.may_steal(draining):
+        if not self.may_steal(draining, has_gateway):
             return False
         return any(p.queued_tiles or (accepts_tails and p.queued_tails) for p in loads.values())
 
