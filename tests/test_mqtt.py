@@ -63,14 +63,14 @@ class Broker:
     """A mosquitto on 127.0.0.1:``port`` with persistence in ``workdir`` (saved at every
     change, so a subscriber's persistent session survives a SIGKILL and a restart)."""
 
-    def __init__(self, exe: str, workdir: Path) -> None:
+    def __init__(self, exe: str, workdir: Path, extra: str = "allow_anonymous true\n") -> None:
         self.exe = exe
         self.workdir = workdir
         self.port = free_port()
         self.log = workdir / "mosquitto.log"
         self.conf = workdir / "mosquitto.conf"
         user = f"user {getpass.getuser()}\n"  # as root, mosquitto would switch to a user who cannot write here
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{extra}persistence true\n"
                              f"persistence_location {workdir}/\nautosave_interval 1\nautosave_on_changes true\n"
                              f"log_dest stderr\n{user}")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -339,3 +339,43 @@ def test_options_topics_and_credentials(tmp_path):
     assert topic_for(DEFAULT_TOPIC, "ab12/0") == "stealer/results/ab12/0"
     assert topic_for("t/{source}", "a+b#c") == "t/a_b_c"
     assert topic_for("all", "ab12/0") == "all"
+
+
+async def test_credentials_from_a_file_are_used_and_a_refusal_is_counted(tiny_net, tmp_path, caplog):
+    """A broker that needs a user name and password: the right ones publish, a wrong password
+    is refused (logged, counted, retried), never fatal."""
+    exe, passwd = mosquitto_binary(), shutil.which("mosquitto_passwd")
+    if exe is None or passwd is None:
+        pytest.skip("no mosquitto / mosquitto_passwd binary (apt-get install mosquitto)")
+    pwfile = tmp_path / "passwd"
+    subprocess.run([passwd, "-b", "-c", str(pwfile), "cam", "right horse"], check=True, capture_output=True)
+    b = Broker(exe, tmp_path, extra=f"allow_anonymous false\npassword_file {pwfile}\n")
+    try:
+        b.start()
+    except (RuntimeError, OSError) as e:
+        b.stop(signal.SIGKILL)
+        pytest.skip(f"mosquitto cannot be started: {e}")
+    gws: list[Node] = []
+    src = None
+    try:
+        good = Node(tiny_net, config(gateway=True, mqtt=MqttConfig("127.0.0.1", b.port, username="cam",
+                                                                   password="right horse")))
+        bad = Node(tiny_net, config(mqtt=MqttConfig("127.0.0.1", b.port, username="cam", password="wrong"),
+                                    standby=True))
+        for n in (good, bad):
+            await n.start()
+            gws.append(n)
+        src = Node(tiny_net, config(sources=[3], frames=2, peers=[("127.0.0.1", good.port)]))
+        await src.start()
+        await released(good, 2)
+        await until("both results confirmed", lambda: good.mqtt.stats.published == 2)
+        await until("the wrong password refused twice", lambda: bad.mqtt.stats.refused >= 2)
+        assert bad.mqtt.stats.connects == 0 and not bad.mqtt.connected
+    finally:
+        for n in [src, *gws]:
+            if n is not None:
+                await n.close()
+        b.stop(signal.SIGKILL)
+    assert "refused the connection: Not authorized" in caplog.text
+    assert caplog.text.count("refused the connection") == 1  # once, not at every retry
+    assert "wrong" not in caplog.text and "right horse" not in caplog.text
