@@ -217,6 +217,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     from .metrics import add_metrics_arg
 
     add_metrics_arg(p)
+    from .outputs.mqtt import add_mqtt_args
+
+    add_mqtt_args(p)
     add_log_format_arg(p)
     add_config_arg(p)
 
@@ -241,6 +244,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.authenticate_frames and secret is None:
         raise ConfigError("--authenticate-frames needs a cluster secret (--secret-file or STEALER_SECRET)")
     limits = limits_from_args(args)
+    from .outputs.mqtt import mqtt_config_from_args
+
+    mqtt = mqtt_config_from_args(args)  # ConfigError (a bad topic, an unreadable password file): one line, first
     net = load_network(args)
     sources = [open_source(s) for s in args.source]
     grid_auto = args.grid == "auto"
@@ -260,6 +266,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
     cfg.metrics = args.metrics
+    cfg.mqtt = mqtt
+    if cfg.mqtt is not None and not (args.gateway or args.gateway_standby):
+        log.warning("--mqtt: only the gateway (or a standby once it takes over) publishes results; ignored here")
     from .logs import set_log_node
 
     set_log_node(cfg.node_id)  # every JSON log line of this process names its node

@@ -232,6 +232,42 @@ class Limits:
     takes milliseconds, so a node that has not answered in this long is hung or unreachable,
     and the operator should hear so rather than wait."""
 
+    status_interval: float = 1.0
+    """``stealer status`` scrapes each node twice this far apart to show bytes in and out
+    per second (``--interval``; 0 there shows totals): long enough for a busy link's rate to
+    be more than one frame's burst, short enough to wait for at a terminal."""
+
+    # ---- outputs: --mqtt (stealer.outputs.mqtt) ----------------------------------------
+    mqtt_queue: int = 1000
+    """Results waiting for the MQTT broker (unreachable, or slower than the cluster) at the
+    gateway; past it the oldest waiting result is dropped, counted (``mqtt_dropped``) and
+    logged. About an hour of YOLOv2 on a shelf of Pis, or a minute of a tiny model on a PC,
+    at a few KiB each: a broker restart or a Wi-Fi outage is ridden out, a broker that is
+    gone for good does not grow the gateway's memory without bound."""
+
+    mqtt_inflight: int = 32
+    """Results handed to the MQTT client and not yet confirmed (PUBACK at QoS 1/2, written at
+    QoS 0): enough to keep a link with a few tens of milliseconds of round trip full at the
+    frame rates of a cluster; the rest wait in ``mqtt_queue`` where they are counted."""
+
+    mqtt_keepalive: float = 30.0
+    """MQTT keepalive (PINGREQ) interval: a broker that went away without closing the TCP
+    connection (power cut, Wi-Fi) is noticed within about 1.5x this."""
+
+    mqtt_connect_timeout: float = 5.0
+    """One attempt to reach the MQTT broker gives up after this long (a host that drops SYNs)."""
+
+    mqtt_reconnect_min: float = 1.0
+    """First wait before reconnecting to the MQTT broker; it doubles on each failure ..."""
+
+    mqtt_reconnect_max: float = 30.0
+    """... up to this, so a broker that is down for hours costs one attempt every 30 s, and
+    one that restarts in seconds is back within seconds."""
+
+    mqtt_flush_timeout: float = 5.0
+    """At shutdown, results still waiting for the MQTT broker get this long to be confirmed
+    before they are counted as dropped (and logged)."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -58,6 +58,12 @@ __all__ = [
     "status_table",
 ]
 
+TASK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Task compute time histogram bounds (seconds): a tiny model's 3x3 tile takes about a
+millisecond on a PC, a YOLOv2-608 tail ten seconds and more on a Pi."""
+
+_TASK_KINDS = {"_compute_tile": "tile", "_compute_tail": "tail", "_compute_whole": "whole"}
+
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 """Frame latency histogram bounds (seconds): a tiny model on a PC finishes a frame in tens of
 milliseconds, YOLOv2-608 on a few Pis in seconds to tens of seconds; p50/p99 are read from
@@ -85,6 +91,17 @@ _STATS_HELP = {
     "duplicates_dropped": "Repeated results of a task dropped by the gateway",
     "input_bytes_sent": "Bytes of tile inputs granted, as sent (encoded, or raw)",
     "input_bytes_raw": "Bytes of the same tile inputs as raw pixels (or float32) would be",
+    "lease_expiries": "Leases of this node's queue that ran out (the tasks were queued again)",
+    "peers_lost": "Connections to peers that ended (a peer left, died or was cut off)",
+}
+
+_MQTT_HELP = {
+    "published": "Results confirmed by the MQTT broker (PUBACK at QoS 1/2, written at QoS 0)",
+    "dropped": "Results not delivered to the MQTT broker: queue overflow, QoS-0 in transit at a disconnect, "
+               "unconfirmed at shutdown",
+    "connects": "Connections to the MQTT broker (the first and every reconnect)",
+    "disconnects": "Connections to the MQTT broker lost",
+    "refused": "Connection attempts the MQTT broker refused (credentials, authorization)",
 }
 
 
@@ -132,7 +149,13 @@ class NodeMetrics:
             "stealer_frame_latency_seconds",
             "Frame latency at the gateway, FrameStart to tail done (the latency of each result line)",
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_NodeCollector(node, self.started))
+        self.task_seconds: Histogram = Histogram(
+            "stealer_task_seconds", "Compute time of the tasks this node ran, in its compute threads",
+            labelnames=["kind"], buckets=TASK_BUCKETS, registry=self.registry)
+        # bytes of connections to peers that have ended, so the node's totals never go back
+        self.gone_bytes_in = 0
+        self.gone_bytes_out = 0
+        self.registry.register(_NodeCollector(node, self))
         ProcessCollector(registry=self.registry)  # memory and CPU of the process (Linux /proc)
         self.host = ""
         self.port = 0
@@ -145,6 +168,17 @@ class NodeMetrics:
         latency = result.get("latency")
         if isinstance(latency, (int, float)) and math.isfinite(latency):
             self.latency.observe(latency)
+
+    def task_ran(self, fn: object, seconds: float) -> None:
+        """A compute thread ran ``fn`` (a tile, a tail, or both of a 1x1 frame) in ``seconds``."""
+        kind = _TASK_KINDS.get(getattr(fn, "__name__", ""))
+        if kind is not None:  # benchmarks' null tasks and warm-ups are not tasks
+            self.task_seconds.labels(kind).observe(seconds)
+
+    def peer_gone(self, peer: Any) -> None:
+        """A peer's connection ended: its bytes stay in the node's totals."""
+        self.gone_bytes_in += peer.comm.bytes_in
+        self.gone_bytes_out += peer.comm.bytes_out
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
@@ -202,9 +236,10 @@ async def start_metrics(node: NodeState) -> NodeMetrics:
 class _NodeCollector:
     """The node's live numbers, read at scrape time (on the event loop, so consistent)."""
 
-    def __init__(self, node: NodeState, started: float) -> None:
+    def __init__(self, node: NodeState, metrics: NodeMetrics) -> None:
         self.node = node
-        self.started = started
+        self.metrics = metrics
+        self.started = metrics.started
 
     def describe(self) -> list[Metric]:
         return []  # names are read at scrape time (fields added to Stats later appear by themselves)
@@ -259,6 +294,30 @@ class _NodeCollector:
             if peer.comm.srtt is not None:
                 rtt.add_metric([peer_id[:8]], peer.comm.srtt)
         yield rtt
+        # bytes per peer (bounded: Limits.max_connections peers at most), and the node's totals
+        # (peers gone included); a peer that reconnects starts its series again from 0,
+        # which rate() reads as a counter reset
+        received = CounterMetricFamily("stealer_peer_bytes_received", "Bytes of whole frames read from each "
+                                       "peer's connection, since it was made", labels=["peer"])
+        sent = CounterMetricFamily("stealer_peer_bytes_sent", "Bytes of whole frames written to each peer's "
+                                   "connection, since it was made", labels=["peer"])
+        total_in, total_out = self.metrics.gone_bytes_in, self.metrics.gone_bytes_out
+        for peer_id, peer in node.peers.items():
+            received.add_metric([peer_id[:8]], peer.comm.bytes_in)
+            sent.add_metric([peer_id[:8]], peer.comm.bytes_out)
+            total_in += peer.comm.bytes_in
+            total_out += peer.comm.bytes_out
+        yield received
+        yield sent
+        yield CounterMetricFamily("stealer_bytes_received", "Bytes read from peers' connections (frames, "
+                                  "handshakes included)", value=total_in)
+        yield CounterMetricFamily("stealer_bytes_sent", "Bytes written to peers' connections", value=total_out)
+        mqtt = node.mqtt
+        if mqtt is not None:
+            for name, value in _numbers(mqtt.stats):
+                yield CounterMetricFamily(f"stealer_mqtt_{name}", _MQTT_HELP.get(name, f"MQTT: {name}"), value=value)
+            yield gauge("mqtt_queued", "Results waiting for the MQTT broker or not yet confirmed by it", mqtt.queued)
+            yield gauge("mqtt_connected", "1 while the MQTT broker is connected", 1.0 if mqtt.connected else 0.0)
 
 
 def _numbers(stats: object) -> Iterable[tuple[str, float]]:
@@ -275,6 +334,9 @@ def add_status_parser(sub: Any) -> None:
     p = sub.add_parser("status", help="a table of running nodes, read from their --metrics endpoints")
     p.add_argument("targets", nargs="*", metavar="HOST:PORT", default=[DEFAULT_STATUS_TARGET],
                    help=f"nodes' --metrics addresses [{DEFAULT_STATUS_TARGET}]")
+    p.add_argument("--interval", type=float, default=DEFAULT_LIMITS.status_interval, metavar="SECONDS",
+                   help="scrape twice this far apart for bytes in/out per second; 0: one scrape, byte totals "
+                        f"[{DEFAULT_LIMITS.status_interval:g}]")
     p.set_defaults(func=cmd_status)
 
 
@@ -355,11 +417,14 @@ def status_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     Columns: the node's id and role, peers connected, tasks queued, tiles and tails computed,
     tasks stolen and steal requests that brought none (misses), frames released (at the
     gateway), dropped and partial, busy share of the compute slots, frame latency p50/p99 (at
-    the gateway, from the histogram), uptime.
+    the gateway, from the histogram), uptime, and bytes from and to peers: per second when
+    the parsed metrics carry ``rate_in``/``rate_out`` (two scrapes, :func:`with_rates`),
+    else the totals (columns ``in``/``out``).
     """
+    rates = bool(rows) and all("rate_in" in m for _, m in rows)
     head = (f"{'target':<21} {'node':<8} {'role':<8} {'peers':>5} {'queued':>6} {'tiles':>6} {'tails':>6} "
             f"{'stolen':>6} {'misses':>6} {'frames':>6} {'dropped':>7} {'partial':>7} {'busy':>5} "
-            f"{'p50 s':>7} {'p99 s':>7} {'up':>6}")
+            f"{'p50 s':>7} {'p99 s':>7} {'up':>6} {'in/s' if rates else 'in':>7} {'out/s' if rates else 'out':>7}")
     lines = [head]
     for target, m in rows:
         v, info = m["values"], m["info"]
@@ -379,8 +444,35 @@ def status_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
             f"{n('stealer_stolen_total'):>6} {n('stealer_steal_failures_total'):>6} "
             f"{n('stealer_frames_done_total'):>6} {n('stealer_frames_dropped_total'):>7} "
             f"{n('stealer_frames_partial_total'):>7} {'-' if busy is None else f'{100 * busy:.0f}%':>5} "
-            f"{secs(m['p50']):>7} {secs(m['p99']):>7} {_duration(v.get('stealer_uptime_seconds')):>6}")
+            f"{secs(m['p50']):>7} {secs(m['p99']):>7} {_duration(v.get('stealer_uptime_seconds')):>6} "
+            f"{_size(m.get('rate_in') if rates else v.get('stealer_bytes_received_total')):>7} "
+            f"{_size(m.get('rate_out') if rates else v.get('stealer_bytes_sent_total')):>7}")
     return "\n".join(lines)
+
+
+def _size(n: float | None) -> str:
+    """Bytes (or bytes per second) in 4 significant characters: 812, 12.3k, 4.5M, 1.2G."""
+    if n is None or math.isnan(n):
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def with_rates(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """``second`` with ``rate_in``/``rate_out``: bytes per second from peers and to them
+    between two scrapes of one node, over the node's own uptime between them (so the time
+    the scrapes took does not count). Nothing is added if the node restarted in between."""
+    a, b = first["values"], second["values"]
+    dt = b.get("stealer_uptime_seconds", 0.0) - a.get("stealer_uptime_seconds", 0.0)
+    if dt <= 0 or first["info"].get("node_id") != second["info"].get("node_id"):
+        return second
+    out = dict(second)
+    for key, name in (("rate_in", "stealer_bytes_received_total"), ("rate_out", "stealer_bytes_sent_total")):
+        if name in a and name in b:
+            out[key] = max(0.0, b[name] - a[name]) / dt
+    return out
 
 
 def _duration(seconds: float | None) -> str:
@@ -394,12 +486,26 @@ def _duration(seconds: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the table; a target that cannot be read is one line on stderr, exit status 1."""
+    """Print the table; a target that cannot be read is one line on stderr, exit status 1.
+
+    With ``--interval`` above 0 each target is read twice, that far apart, for its byte rates
+    (all targets' first reads, one wait, all second reads)."""
+    interval = getattr(args, "interval", 0.0)
+    first: dict[str, dict[str, Any]] = {}
+    if interval > 0:
+        for target in args.targets:
+            try:
+                first[target] = parse_metrics(fetch_metrics(target))
+            except (StealerError, ValueError):
+                pass  # reported by the second read below
+        if first:
+            time.sleep(interval)
     rows: list[tuple[str, dict[str, Any]]] = []
     failed = 0
     for target in args.targets:
         try:
-            rows.append((target, parse_metrics(fetch_metrics(target))))
+            m = parse_metrics(fetch_metrics(target))
+            rows.append((target, with_rates(first[target], m) if target in first else m))
         except StealerError as exc:
             print(f"stealer status: {exc}", file=sys.stderr)
             failed += 1

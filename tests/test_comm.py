@@ -531,3 +531,36 @@ def test_comm_imports_none_of_its_dependants() -> None:
     }
     for dependant in ("handshake", "client", "server"):
         assert f"stealer.wire.{dependant}" not in imported
+
+
+@pytest.mark.parametrize("macs", [False, True], ids=["plain", "frame-macs"])
+async def test_byte_counters_count_every_whole_frame_both_ways(macs: bool) -> None:
+    """``bytes_in``/``bytes_out`` (served per peer on /metrics) count whole frames: what one
+    side wrote is what the other read, and it is the frames' length as encoded, with their
+    MAC tags, for sent and posted frames alike."""
+    from stealer.wire.auth import TAG_BYTES
+
+    quiet = FAST.replace(heartbeat_interval=30.0, peer_dead_after=60.0)  # no Pings meanwhile
+    kw: dict[str, object] = dict(secret=b"correct horse battery staple 1234", authenticate_frames=True) if macs else {}
+    async with server(limits=quiet, **kw) as srv, \
+            await connect("127.0.0.1", srv.port, hello("c"), limits=quiet, **kw) as comm:
+        await comm.send(TensorMsg("first", np.zeros(3, np.uint8)))
+        await comm.recv()
+        (far,) = srv.comms
+        assert comm.bytes_out > 0 and far.bytes_in > 0  # the handshake and the first frame
+        before = (comm.bytes_out, comm.bytes_in, far.bytes_in, far.bytes_out)
+        msgs = [TensorMsg(f"m{i}", np.arange(10 + 1000 * i, dtype=np.float32)) for i in range(6)]
+        want = 0
+        for i, msg in enumerate(msgs):
+            header, buffers = encode(msg, quiet)
+            want += sum(memoryview(p).nbytes for p in frame_pieces(header, buffers, quiet)) + (TAG_BYTES if macs else 0)
+            if i % 2:
+                comm.post(msg)
+            else:
+                await comm.send(msg)
+        for _ in msgs:
+            await comm.recv()  # every echo read: the server read and wrote every frame
+        sent, got, far_in, far_out = (comm.bytes_out - before[0], comm.bytes_in - before[1],
+                                      far.bytes_in - before[2], far.bytes_out - before[3])
+        assert sent == want == far_in
+        assert far_out == want == got  # the echoes are the same frames

@@ -124,6 +124,24 @@ async def test_scraped_counters_are_the_nodes_stats_and_the_histogram_counts_rel
             assert 0 <= got[("stealer_busy_fraction", ())] <= 1
             assert got[("stealer_server_accepted_total", ())] == node._server.stats.accepted
             assert ("process_resident_memory_bytes", ()) in got
+            # tasks: one observation per task run here (a 1x1 frame's tile and tail are one)
+            counts = {k: got.get(("stealer_task_seconds_count", (("kind", k),)), 0) for k in ("tile", "tail", "whole")}
+            assert counts["tile"] + counts["tail"] + 2 * counts["whole"] == node.stats.tiles_run + node.stats.tails_run
+            assert sum(got.get(("stealer_task_seconds_sum", (("kind", k),)), 0) for k in counts) == \
+                pytest.approx(node.stats.busy_seconds)
+            # bytes: per peer (one here), and the node's total is their sum (no peer has left)
+            (other,) = node.peers
+            peer_in = got[("stealer_peer_bytes_received_total", (("peer", other[:8]),))]
+            peer_out = got[("stealer_peer_bytes_sent_total", (("peer", other[:8]),))]
+            assert 0 < peer_in <= node.peers[other].comm.bytes_in and 0 < peer_out <= node.peers[other].comm.bytes_out
+            assert got[("stealer_bytes_received_total", ())] == peer_in
+            assert got[("stealer_bytes_sent_total", ())] == peer_out
+        # what the gateway read from the source (scraped first) the source had written by its scrape
+        gw_got, src_got = samples(texts[gw.id]), samples(texts[src.id])
+        assert gw_got[("stealer_peer_bytes_received_total", (("peer", src.id[:8]),))] <= \
+            src_got[("stealer_peer_bytes_sent_total", (("peer", gw.id[:8]),))]
+        # the source's tiles went to the gateway: far more than heartbeats and handshakes
+        assert src_got[("stealer_bytes_sent_total", ())] > 9 * frames * 100
         gw_got = samples(texts[gw.id])
         assert gw.stats.frames_done == frames
         assert gw_got[("stealer_frame_latency_seconds_count", ())] == frames
@@ -149,6 +167,7 @@ async def test_scraped_counters_are_the_nodes_stats_and_the_histogram_counts_rel
     assert row["node"] == gw.id[:8] and row["role"] == "gateway" and row["frames"] == str(frames)
     assert row["tails"] == str(gw.stats.tails_run) and row["stolen"] == str(gw.stats.stolen)
     assert float(row["p50"]) > 0 and float(row["p99"]) >= float(row["p50"])
+    assert row["in/s"] != "-" and row["out/s"] != "-"  # two scrapes (the heartbeats alone move bytes)
     src_row = lines[2].split()
     assert src_row[1] == src.id[:8] and src_row[2] == "worker"
 
@@ -258,3 +277,20 @@ stats = "stats.json"
     # the file's frames = 9 was overridden by --frames 3 (the drain at SIGTERM finishes every
     # frame already started, so with 9 there would be more)
     assert json.loads((tmp_path / "stats.json").read_text())["frames_done"] == 3
+
+
+def test_status_rates_come_from_two_scrapes_over_the_nodes_own_uptime():
+    from stealer.metrics import status_table, with_rates
+
+    def parsed(node_id, up, got, put):
+        return {"info": {"node_id": node_id, "role": "worker"}, "p50": math.nan, "p99": math.nan,
+                "values": {"stealer_uptime_seconds": up, "stealer_bytes_received_total": got,
+                           "stealer_bytes_sent_total": put}}
+
+    m = with_rates(parsed("a", 10.0, 1000, 50), parsed("a", 12.0, 25_000, 2_050))
+    assert m["rate_in"] == 12_000 and m["rate_out"] == 1000
+    assert "rate_in" not in with_rates(parsed("a", 10.0, 0, 0), parsed("b", 1.0, 9, 9))  # restarted: another node
+    table = status_table([("h:1", m)]).splitlines()
+    assert table[0].split()[-2:] == ["in/s", "out/s"] and table[1].split()[-2:] == ["12.0k", "1.0k"]
+    table = status_table([("h:1", parsed("a", 1.0, 4_500_000, 812))]).splitlines()  # one scrape: totals
+    assert table[0].split()[-2:] == ["in", "out"] and table[1].split()[-2:] == ["4.5M", "812"]

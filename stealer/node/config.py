@@ -18,6 +18,7 @@ from ..errors import ProtocolError
 from ..ftp.auto import tail_memory, tile_memory  # the auto planner counts memory the same way
 from ..ftp.plan import Plan
 from ..network import Network
+from ..outputs.mqtt import MqttConfig
 from ..scheduler import PeerLoad, TaskRef
 from ..sources import FrameSource
 from ..wire import Comm
@@ -95,6 +96,7 @@ class NodeConfig:
     speculate: bool = True  # idle nodes run copies of stragglers (first result wins)
     out: str | None = None
     metrics: tuple[str | None, int] | None = None  # --metrics: serve /metrics at (host or default, port)
+    mqtt: MqttConfig | None = None  # --mqtt: the gateway (or a standby once it takes over) publishes results
     discovery: bool = True
     loopback: bool = False
     interfaces: list[str] | None = None
@@ -176,6 +178,8 @@ class Stats:
     duplicates_dropped: int = 0
     frames_done: int = 0
     requeued: int = 0
+    lease_expiries: int = 0  # leases of this node's queue that ran out (their tasks queued again)
+    peers_lost: int = 0  # connections to peers that ended (a peer left, died or was cut off)
     takeovers: int = 0
     frames_resent: int = 0
     frames_dropped: int = 0

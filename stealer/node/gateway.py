@@ -25,7 +25,7 @@ class GatewayShell(NodeState):
     """Gateway actions, deadlines and results.
 
     Uses of ``self`` (set in :class:`NodeState`): id, on_result, peers, queue, stats, results,
-    gateway, _deadline_timers, _held, _out_file.
+    gateway, _deadline_timers, _held, _out_file, metrics, mqtt.
     """
 
     def _as_gateway(self, peer: Peer | None, msg: Message,
@@ -113,5 +113,7 @@ class GatewayShell(NodeState):
         self.results.put_nowait(res)
         if self.metrics is not None:
             self.metrics.frame_released(res)
+        if self.mqtt is not None:
+            self.mqtt.publish(res)
         if self.on_result is not None:
             self.on_result(res)

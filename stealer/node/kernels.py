@@ -36,6 +36,8 @@ class Kernels(NodeState):
         (not the time it waited in the thread's queue behind the task before it)."""
         value, seconds = await self._pool.run(_timed, fn, *args)
         self.stats.busy_seconds += seconds
+        if self.metrics is not None:
+            self.metrics.task_ran(fn, seconds)
         return value
 
     def _compute_tile(self, job: Job, borrowed: dict[int, np.ndarray] | None

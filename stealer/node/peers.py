@@ -127,6 +127,9 @@ class Peers(NodeState):
 
     def _peer_lost(self, peer: Peer) -> None:
         self._event({"event": "peer-lost", "time": time.time(), "peer": peer.node_id, "role": peer.role})
+        self.stats.peers_lost += 1
+        if self.metrics is not None:
+            self.metrics.peer_gone(peer)
         requeued = self.queue.peer_lost(peer.node_id)
         if requeued:
             self.stats.requeued += len(requeued)

@@ -90,6 +90,11 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             from ..metrics import start_metrics
 
             self.metrics = await start_metrics(self)
+        if self.cfg.mqtt is not None and (self.cfg.gateway or self.cfg.standby):
+            from ..outputs.mqtt import MqttPublisher
+
+            self.mqtt = MqttPublisher(self.cfg.mqtt, self.id, self.cfg.limits)
+            self.mqtt.start()  # a broker that is down is retried in the background, never fatal
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
@@ -147,6 +152,8 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             await self._server.close()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.mqtt is not None:  # after the tasks: every result released by now is accounted for
+            await self.mqtt.close()
         self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()

@@ -37,6 +37,7 @@ from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, pars
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
     from ..discovery import Discovery
     from ..metrics import NodeMetrics  # nor prometheus_client and aiohttp by nodes without --metrics
+    from ..outputs.mqtt import MqttPublisher  # nor paho by nodes without --mqtt
 
 T = TypeVar("T")
 
@@ -92,6 +93,7 @@ class NodeState:
         self._server: Server | None = None
         self._discovery: Discovery | None = None
         self.metrics: NodeMetrics | None = None  # --metrics: its registry and /metrics server
+        self.mqtt: MqttPublisher | None = None  # --mqtt (gateway or standby): publishes released results
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}

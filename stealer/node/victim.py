@@ -255,6 +255,7 @@ class Victim(NodeState):
         late = self.queue.expire(time.monotonic())
         if late:
             self.stats.requeued += len(late)
+            self.stats.lease_expiries += len(late)
             log.warning("%d lease(s) ran out; queued again", len(late))
         self._give_up_failed("its lease ran out")
         self._work_changed()

@@ -192,6 +192,10 @@ class Comm:
         self.rtt: float | None = None
         self.srtt: float | None = None
         self.authenticated = False
+        # whole frames read and written (length prefix, body and MAC tag), the handshake
+        # included: /metrics serves them per peer; plain ints, counted on the event loop
+        self.bytes_in = 0
+        self.bytes_out = 0
         self._max_frame = limits.max_frame_bytes if established else limits.max_handshake_frame_bytes
         self._send_mac: FrameMac | None = None
         self._recv_mac: FrameMac | None = None
@@ -399,6 +403,7 @@ class Comm:
         except OSError as e:
             self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
             raise self._closed_error() from e
+        self.bytes_out += sum(memoryview(p).nbytes for p in pieces)
         if mac is not None:
             mac.advance()
 
@@ -499,11 +504,13 @@ class Comm:
             if mac is not None:
                 self._writer.writelines([data, mac.tag((data,))])
                 mac.advance()
+                self.bytes_out += TAG_BYTES
             else:
                 self._writer.write(data)
         except OSError as e:
             self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
             raise self._closed_error() from e
+        self.bytes_out += len(data)
         self._last_send = self._loop.time()
 
     def _write_held(self) -> None:
@@ -554,6 +561,7 @@ class Comm:
                         )
                 mid_frame = self._mid_frame = False
                 self._touch()
+                self.bytes_in += _U32.size + n + (TAG_BYTES if mac is not None else 0)
                 header, buffers = framing.parse_body(body, self.limits)
                 return decode(header, buffers, self.limits)
             except ProtocolError as e:
