@@ -222,6 +222,10 @@ class Comm:
         # the stream buffer's size when we last looked: growth = bytes arrived unread
         self._seen_buffered = 0
         self._ping_seq = 0
+        # bytes of whole frames written to / read from this connection (length prefix, body,
+        # MAC), since it opened: the dashboard's bytes in/out per second per node
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self._pings: dict[int, float] = {}  # unanswered Ping seq -> loop time sent
         # drain() then waits until the kernel has taken every byte, so a caller may
         # reuse (mutate) the arrays it sent as soon as send() returns: transports
@@ -401,6 +405,7 @@ class Comm:
             raise self._closed_error() from e
         if mac is not None:
             mac.advance()
+        self.bytes_sent += sum(memoryview(p).nbytes for p in pieces)
 
     def post(self, msg: Message) -> None:
         """Send a small message now without waiting: for control messages (requests, acks,
@@ -499,8 +504,10 @@ class Comm:
             if mac is not None:
                 self._writer.writelines([data, mac.tag((data,))])
                 mac.advance()
+                self.bytes_sent += TAG_BYTES
             else:
                 self._writer.write(data)
+            self.bytes_sent += len(data)
         except OSError as e:
             self._mark_closed(f"connection lost while sending: {e!r}", abort=True)
             raise self._closed_error() from e
@@ -554,6 +561,7 @@ class Comm:
                         )
                 mid_frame = self._mid_frame = False
                 self._touch()
+                self.bytes_received += 4 + n + (TAG_BYTES if mac is not None else 0)
                 header, buffers = framing.parse_body(body, self.limits)
                 return decode(header, buffers, self.limits)
             except ProtocolError as e:
