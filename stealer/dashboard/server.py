@@ -196,8 +196,9 @@ class Dashboard:
             }
             if s is not None:
                 pin, pout = self._rate(peer_id, peer.status_at, s.bytes_in, s.bytes_out)
-                row.update(busy=round(s.busy, 4), tasks=s.tasks_run, stolen=s.stolen, **{"in": round(pin),
-                                                                                        "out": round(pout)})
+                # its speed as it last reported it (a failed steal resets the victim's PeerLoad)
+                row.update(busy=round(s.busy, 4), tasks=s.tasks_run, stolen=s.stolen, speed=s.speed,
+                           **{"in": round(pin), "out": round(pout)})
             rows.append(row)
         for gone in set(self._rates) - {r["id"] for r in rows}:
             del self._rates[gone]

@@ -27,7 +27,8 @@ function bytes(n) {
 }
 function rate(n) {
   if (n === null || n === undefined) return "–";
-  return (n === 0 ? "0 B" : bytes(n)) + "/s";
+  if (n < 1024) return n.toFixed(0) + " B/s";
+  return n < 1048576 ? (n / 1024).toFixed(0) + " KB/s" : (n / 1048576).toFixed(1) + " MB/s";
 }
 function pct(x) { return x === null || x === undefined ? "–" : Math.round(100 * x) + "%"; }
 function num(x) { return x === null || x === undefined ? "–" : String(x); }
@@ -70,7 +71,7 @@ function renderNodes(nodes) {
       ["busy", pct(n.busy)],
       ["cores · speed", n.cores + " · " + (n.speed ? (n.speed / 1e9).toFixed(2) + " GFLOP/s" : "not measured")],
       ["memory offered", bytes(n.memory)],
-      ["tasks run · stolen", num(n.tasks) + " · " + num(n.stolen)],
+      ["tasks · stolen", num(n.tasks) + " · " + num(n.stolen)],
       ["queued", num(n.queued)],
       ["in · out", rate(n.in) + " · " + rate(n.out)],
       ["last seen", n.self ? "this node" : ago(n.seen) + (n.rtt !== null ? " · rtt " + secs(n.rtt) : "")],
@@ -197,6 +198,7 @@ function describe(e) {
     case "takeover": return "this node took over as the gateway, epoch " + e.epoch;
     case "plan": return "plan " + e.plan + " for " + e.nodes + " node(s), predicted " + e.fps + " fps";
     case "starting": return "node started on port " + e.port;
+    case "first-task": return "first task computed" + (e.stolen ? " (stolen)" : "");
     default: return JSON.stringify(e);
   }
 }
