@@ -7,6 +7,7 @@ weights  write deterministic random weights in darknet's format
 info     per-layer FLOP, parameter and memory table of a cfg
 plan     fused tile partition of a frame (see stealer.ftp)
 status   a table of running nodes, read from their --metrics endpoints
+dashboard-url  the URL of a node's --http dashboard, with its token
 """
 
 from __future__ import annotations
@@ -220,6 +221,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     from .outputs.mqtt import add_mqtt_args
 
     add_mqtt_args(p)
+    from .dashboard import add_http_arg
+
+    add_http_arg(p)
     add_log_format_arg(p)
     add_config_arg(p)
 
@@ -269,6 +273,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     cfg.mqtt = mqtt
     if cfg.mqtt is not None and not (args.gateway or args.gateway_standby):
         log.warning("--mqtt: only the gateway (or a standby once it takes over) publishes results; ignored here")
+    cfg.http = args.http
     from .logs import set_log_node
 
     set_log_node(cfg.node_id)  # every JSON log line of this process names its node
@@ -307,7 +312,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                 stop.set()
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
                               "role": node.role, "model_hash": net.model_hash,
-                              **({"metrics_port": node.metrics.port} if node.metrics else {})}), flush=True)
+                              **({"metrics_port": node.metrics.port} if node.metrics else {}),
+                              **({"http_port": node.dashboard.port} if node.dashboard else {})}), flush=True)
             # futures of different results (stop.wait() gives True, the others None); only
             # which finishes first matters
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
@@ -363,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .metrics import add_status_parser
 
     add_status_parser(sub)
+    from .dashboard import add_dashboard_url_parser
+
+    add_dashboard_url_parser(sub)
 
     p = sub.add_parser("weights", help="write deterministic random weights in darknet format")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")

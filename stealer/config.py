@@ -267,6 +267,39 @@ class Limits:
     mqtt_flush_timeout: float = 5.0
     """At shutdown, results still waiting for the MQTT broker get this long to be confirmed
     before they are counted as dropped (and logged)."""
+    # ---- dashboard (--http) and frame previews -------------------------------------------
+    preview_max_bytes: int = 96 * 1024
+    """Largest frame preview (a downscaled JPEG, :class:`~stealer.wire.messages.Preview`) a
+    gateway accepts from a source; a 320-px JPEG at quality 75 is 10-30 KB. Bounds what a
+    peer can make the gateway decode and keep per source."""
+
+    preview_side: int = 320
+    """Longest side (pixels) of a frame preview: big enough to see what the camera sees with
+    its boxes, small enough that previews cost a 20 Mbit/s link nothing (< 1%)."""
+
+    preview_interval: float = 0.5
+    """A source sends the gateway at most one preview per source this often (2/s), and only
+    while the gateway wants them (it serves a dashboard)."""
+
+    preview_sources: int = 64
+    """Most sources whose latest annotated frame the gateway keeps (one JPEG each); the
+    least recently updated goes first. Stops source names of a peer's choosing from growing it."""
+
+    dashboard_report_interval: float = 1.0
+    """While the gateway serves a dashboard, every node sends it a Status this often (its
+    counters, busy share and bytes), so that idle nodes show as alive with current numbers;
+    the dashboard's plots advance by the same step."""
+
+    dashboard_history: int = 600
+    """Per-second samples (frames/s, latency p50/p99) the dashboard keeps: the last ten
+    minutes, in a ring, so the gateway's memory does not grow with uptime."""
+
+    dashboard_events: int = 100
+    """Recent events (peers lost, tasks queued again, takeovers, plans) the dashboard keeps."""
+
+    dashboard_clients: int = 32
+    """Most dashboard pages open at once (server-sent event streams); one more is refused
+    (503). Each holds a small queue of updates, dropped oldest-first for a slow reader."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

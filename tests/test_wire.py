@@ -50,6 +50,7 @@ from stealer.wire.messages import (
     FrameStart,
     StealReply,
     StealRequest,
+    Preview,
     Status,
     RegionReply,
     RegionRequest,
@@ -139,6 +140,8 @@ SAMPLES = [
     ),
     pytest.param(TensorMsg("scalar", np.array(3, dtype=np.int32)), id="tensor-0d"),
     pytest.param(Status(3, 1), id="status"),
+    pytest.param(Status(3, 1, 2, 1e9, 0.25, 40, 7, 2**40, 12345, True), id="status-dashboard"),
+    pytest.param(Preview("n1/0", 7, 640, 480, np.frombuffer(b"\xff\xd8jpeg\xff\xd9", np.uint8)), id="preview"),
     pytest.param(StealRequest(7, accept_tail=False), id="steal"),
     pytest.param(StealReply(7, False), id="steal-reply-none"),
     pytest.param(
@@ -191,6 +194,9 @@ SAMPLES = [
     [
         pytest.param(lambda: StealReply(1, True, "n/0", 1, 2), "exactly one", id="grant-without-data"),
         pytest.param(lambda: FrameStart("", 1, "p", 1, 1), "source", id="empty-source"),
+        pytest.param(lambda: Status(1, 1, busy=1.5), "busy", id="busy-over-one"),
+        pytest.param(lambda: Status(1, 1, bytes_in=-1), "out of range", id="negative-bytes"),
+        pytest.param(lambda: Preview("n/0", 1, 0, 480, np.zeros(1, np.uint8)), "image size", id="preview-no-width"),
         pytest.param(lambda: TileDone("n/0", -1, 0, "p", "full", np.zeros(1, np.float32)),
                      "negative", id="negative-frame"),
     ],
@@ -297,8 +303,8 @@ def test_unknown_fields_are_ignored_and_defaults_fill_in() -> None:
     older = raw_frame({"op": "goodbye", "f": {}, "a": [], "n": []})
     assert decode(*parse_body(body_of(older))) == Goodbye("")
     # ... and array-form messages (new fields go last):
-    newer = raw_frame(_msg("status", 3, 1, 2, 1.5e10, [1], "added"))
-    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2, 1.5e10)
+    newer = raw_frame(_msg("status", 3, 1, 2, 1.5e10, 0.5, 4, 1, 10, 20, True, [1], "added"))
+    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2, 1.5e10, 0.5, 4, 1, 10, 20, True)
     older = raw_frame(_msg("status", 3, 1))
     assert decode(*parse_body(body_of(older))) == Status(3, 1)
     # a newer peer's new array field: its buffer is skipped

@@ -22,6 +22,7 @@ from ..outputs.mqtt import MqttConfig
 from ..scheduler import PeerLoad, TaskRef
 from ..sources import FrameSource
 from ..wire import Comm
+from ..wire.messages import Status
 
 
 MAX_IMAGE_SIDE = 1 << 14
@@ -97,6 +98,7 @@ class NodeConfig:
     out: str | None = None
     metrics: tuple[str | None, int] | None = None  # --metrics: serve /metrics at (host or default, port)
     mqtt: MqttConfig | None = None  # --mqtt: the gateway (or a standby once it takes over) publishes results
+    http: tuple[str | None, int] | None = None  # --http: serve the dashboard at (host or default, port)
     discovery: bool = True
     loopback: bool = False
     interfaces: list[str] | None = None
@@ -123,6 +125,8 @@ class Peer:
     dialer: str = ""  # node id of the side that opened the connection
     answering: int = 0  # its requests being answered in the background
     load: PeerLoad = field(default_factory=lambda: PeerLoad(0, 0))
+    status: Status | None = None  # its last Status (the dashboard shows its counters)
+    status_at: float = 0.0  # time.time() that Status came
 
     @property
     def is_gateway(self) -> bool:

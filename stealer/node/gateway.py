@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..errors import PlanError, ProtocolError
 from ..roles import gateway as gw_role
 from ..scheduler import TAIL, TaskRef
-from ..wire.messages import Message, StripsRelease, StripsReply, StripsRequest, TailDone
+from ..wire.messages import Message, Preview, StripsRelease, StripsReply, StripsRequest, TailDone
 from .config import Peer
 from .state import NodeState
 
@@ -104,6 +104,22 @@ class GatewayShell(NodeState):
         holders = self.gateway.strip_locations((msg.source, msg.frame), task.consumes)
         return StripsReply(msg.request_id, holders is not None, holders=holders or {})
 
+    def _on_preview(self, peer: Peer | None, msg: Preview) -> None:
+        """A source's frame preview, for the dashboard: only of the sender's own sources, only
+        as big as ``preview_max_bytes``, only while this node is the gateway with a dashboard."""
+        sender = peer.node_id if peer is not None else self.id
+        if self.dashboard is None or not self.is_gateway:
+            return
+        if gw_role.owner_of(msg.source) != sender:
+            log.warning("preview of %s from %s refused: not its source", msg.source, sender[:8])
+            return
+        limit = self.cfg.limits.preview_max_bytes
+        if msg.jpeg.nbytes > limit:
+            log.warning("preview of %s from %s refused: %d B > preview_max_bytes %d B", msg.source, sender[:8],
+                        msg.jpeg.nbytes, limit)
+            return
+        self.dashboard.frames.preview(msg.source, msg.frame, msg.img_w, msg.img_h, msg.jpeg.tobytes())
+
     def _emit_result(self, res: dict[str, Any]) -> None:
         self.stats.frames_done += 1
         if self._out_file is not None:
@@ -115,5 +131,7 @@ class GatewayShell(NodeState):
             self.metrics.frame_released(res)
         if self.mqtt is not None:
             self.mqtt.publish(res)
+        if self.dashboard is not None:
+            self.dashboard.frame_released(res)
         if self.on_result is not None:
             self.on_result(res)

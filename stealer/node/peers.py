@@ -88,7 +88,7 @@ class Peers(NodeState):
         log.info("peer %s (%s) connected", peer.node_id[:8], peer.role)
         self._event({"event": "peer-joined", "time": time.time(), "peer": peer.node_id, "role": peer.role})
         try:
-            await comm.send(Status(*self._queued(), speed=self._measured_speed()))
+            await comm.send(self._status_msg())
             self._carry_out_membership(self.membership.peer_joined(peer.node_id, peer.role))
             while True:
                 msg = await comm.recv()
@@ -104,6 +104,8 @@ class Peers(NodeState):
             log.warning("peer %s sent a bad message, dropping it: %s", peer.node_id[:8], exc)
             comm.abort(str(exc))
         finally:
+            self._link_bytes_closed[0] += comm.bytes_in
+            self._link_bytes_closed[1] += comm.bytes_out
             if self.peers.get(peer.node_id) is peer:
                 del self.peers[peer.node_id]
                 self._peer_lost(peer)
@@ -124,6 +126,8 @@ class Peers(NodeState):
     def _event(self, event: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(event)
+        if self.dashboard is not None:
+            self.dashboard.event(event)
 
     def _peer_lost(self, peer: Peer) -> None:
         self._event({"event": "peer-lost", "time": time.time(), "peer": peer.node_id, "role": peer.role})
@@ -134,6 +138,8 @@ class Peers(NodeState):
         if requeued:
             self.stats.requeued += len(requeued)
             log.warning("peer %s left holding %d task(s); queued them again", peer.node_id[:8], len(requeued))
+            self._event({"event": "requeued", "time": time.time(), "tasks": len(requeued), "peer": peer.node_id,
+                         "why": "holder lost"})
             self._work_changed()
         self._give_up_failed("its holders were lost")
         if self.is_gateway:
@@ -188,6 +194,7 @@ class Peers(NodeState):
 
     def _on_status(self, peer: Peer | None, msg: Status) -> None:
         if peer is not None:
+            peer.status, peer.status_at = msg, time.time()
             speed_before = peer.load.speed
             peer.load = PeerLoad(msg.queued_tiles, msg.queued_tails, peer.comm.rtt or 0.0, True, msg.leased,
                                  msg.speed)
@@ -278,8 +285,48 @@ class Peers(NodeState):
             return
         self._last_status = status
         self._speed_told = speed
+        msg = self._status_msg(status, speed)
         for peer in list(self.peers.values()):
-            self._post(peer, Status(*status, speed=speed))
+            self._post(peer, msg)
+
+    def _status_msg(self, queued: tuple[int, int, int] | None = None, speed: float | None = None) -> Status:
+        """This node's Status: its queue, its speed, and what a dashboard shows of it."""
+        b_in, b_out = self._link_bytes()
+        st = self.stats
+        return Status(*(queued or self._queued()), speed=self._measured_speed() if speed is None else speed,
+                      busy=self._busy_share(), tasks_run=st.tiles_run + st.tails_run, stolen=st.stolen,
+                      bytes_in=b_in, bytes_out=b_out, watching=self.dashboard is not None)
+
+    def _link_bytes(self) -> tuple[int, int]:
+        """Bytes received and sent over every connection this node has had."""
+        b_in, b_out = self._link_bytes_closed
+        for peer in self.peers.values():
+            b_in += peer.comm.bytes_in
+            b_out += peer.comm.bytes_out
+        return b_in, b_out
+
+    def _busy_share(self) -> float:
+        """Share of the compute slots' time spent computing over the last few reports (since
+        start before the first): a task's time counts when it ends, so a window of several
+        seconds keeps the figure from jumping between 0 and 1 with each long task."""
+        slots = self.cfg.slots
+        if not slots:
+            return 0.0
+        now, busy = time.monotonic(), self.stats.busy_seconds
+        t0, b0 = self._busy_marks[0] if self._busy_marks else (self._started_at, 0.0)
+        return min(1.0, max(0.0, (busy - b0) / (slots * (now - t0)))) if now > t0 else 0.0
+
+    async def _report_loop(self) -> None:
+        """Every ``dashboard_report_interval``: mark the busy time (for :meth:`_busy_share`) and,
+        while the gateway serves a dashboard, send it this node's Status (an idle node sends
+        none otherwise). Nothing is sent to a gateway that does not watch."""
+        interval = self.cfg.limits.dashboard_report_interval
+        while not self._closed:
+            await asyncio.sleep(interval)
+            self._busy_marks.append((time.monotonic(), self.stats.busy_seconds))
+            gw = self._gateway()
+            if gw is not None and gw.status is not None and gw.status.watching:
+                self._post(gw, self._status_msg())
 
 
 _POST_DATA_BYTES = 48 << 10  # answers with less array data than this are posted (see Comm.post)

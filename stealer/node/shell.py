@@ -27,6 +27,7 @@ from ..wire.messages import (
     GatewayClaim,
     Goodbye,
     Message,
+    Preview,
     RegionReply,
     RegionRequest,
     StealReply,
@@ -86,10 +87,24 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             self._auto_candidates = await self._pool.run(candidate_plans, self.net.spec, self.layers)
             self._replan()
         await self._pool.run(self._plan, self._own_plan_key)
-        if self.cfg.metrics is not None:  # first: a port in use fails the start with nothing else open
+        shared = self.cfg.http is not None and self.cfg.http == self.cfg.metrics and self.cfg.http[1] != 0
+        if self.cfg.metrics is not None and not shared:  # first: a port in use fails the start with nothing else open
             from ..metrics import start_metrics
 
             self.metrics = await start_metrics(self)
+        if self.cfg.http is not None:
+            from ..dashboard.server import start_dashboard
+
+            if shared:  # one port for both: the dashboard's server serves /metrics
+                from ..metrics import NodeMetrics
+
+                self.metrics = NodeMetrics(self)
+            try:
+                self.dashboard = await start_dashboard(self, self.metrics if shared else None)
+            except BaseException:
+                if self.metrics is not None:
+                    await self.metrics.close()
+                raise
         if self.cfg.mqtt is not None and (self.cfg.gateway or self.cfg.standby):
             from ..outputs.mqtt import MqttPublisher
 
@@ -108,6 +123,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         # probed (about 1.5 s) can already be dialled and stolen from
         for slot in range(self.cfg.slots):
             self._spawn(self._compute_loop(slot), f"compute {slot}")
+        self._spawn(self._report_loop(), "report")
         if self.cfg.sources:
             self._spawn(self._run_sources(), "sources")
         else:
@@ -150,6 +166,8 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             await self._discovery.close()
         if self._server is not None:
             await self._server.close()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         if self.metrics is not None:
             await self.metrics.close()
         if self.mqtt is not None:  # after the tasks: every result released by now is accounted for
@@ -228,6 +246,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             TaskStarted: self._on_task_started,
             GatewayClaim: self._on_gateway_claim,
             Goodbye: self._on_goodbye,
+            Preview: self._on_preview,
         }
 
     async def _dispatch(self, peer: Peer | None, msg: Message) -> None:

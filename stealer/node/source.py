@@ -12,13 +12,15 @@ import logging
 import math
 import time
 
+import numpy as np
+
 from ..codec import TYPICAL_RATIO
-from ..errors import CommClosedError, PlanError
+from ..errors import CommClosedError, PlanError, StealerError
 from ..ftp.auto import DEFAULT_NODE_SPEED, Cluster, NodeSpec, choose
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
-from ..sources import FrameSource, jpeg_frames
-from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameUnknown, FrameWait, TileAck, TilesIn
+from ..sources import Frame, FrameSource, jpeg_frames
+from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameUnknown, FrameWait, Preview, TileAck, TilesIn
 from .config import plan_key
 from .state import NodeState
 
@@ -72,6 +74,7 @@ class Source(NodeState):
                 plan = source.plan_of((source_id, frame.number))  # what the frame was cut with
                 refs = [TaskRef(source_id, frame.number, t.id) for t in plan.tasks]
                 self._announce(started)
+                self._preview_candidate(source_id, frame)
                 # kept and queued already: it is announced to the first gateway that appears
                 await self._wait_for_gateway()
                 if self.cfg.policy == "share":
@@ -230,11 +233,63 @@ class Source(NodeState):
             self._work_changed()
 
     def _source_frame_done(self, msg: FrameDone) -> None:
+        self._preview_done(msg)
         if not self.source.frame_done(msg):
             return
         self._frame_freed.set()
         self._idle_changed.set()
         self._work_changed()
+
+    # ------------------------------------------------------------------ frame previews
+    def _previews_wanted(self) -> bool:
+        """Whether the gateway serves a dashboard (it said so in its Status; or it is this node)."""
+        if self.is_gateway:
+            return self.dashboard is not None
+        gw = self._gateway()
+        return gw is not None and gw.status is not None and gw.status.watching
+
+    def _preview_candidate(self, source_id: str, frame: Frame) -> None:
+        """A new frame of a source: keep it to preview once its result is out, if previews are
+        wanted, the source's last one went ``preview_interval`` ago, and none waits (a frame
+        picked while another waits would, with a latency above the interval, replace it
+        before it is done, every time)."""
+        if not self._previews_wanted():
+            self._preview_wait.pop(source_id, None)
+            return
+        waiting = self._preview_wait.get(source_id)
+        if waiting is not None and (source_id, waiting.number) in self.source.frames:
+            return
+        if time.monotonic() - self._preview_sent.get(source_id, -math.inf) < self.cfg.limits.preview_interval:
+            return
+        self._preview_wait[source_id] = frame
+
+    def _preview_done(self, msg: FrameDone) -> None:
+        frame = self._preview_wait.get(msg.source)
+        if frame is None or frame.number != msg.frame:
+            return
+        del self._preview_wait[msg.source]
+        self._preview_sent[msg.source] = time.monotonic()
+        self._spawn(self._send_preview(msg.source, frame), "preview")
+
+    async def _send_preview(self, source_id: str, frame: Frame) -> None:
+        """Downscale and JPEG-encode the frame off the loop, and give it to the gateway."""
+        from ..dashboard.frames import preview_jpeg
+
+        limits = self.cfg.limits
+        image = frame.pixels if frame.pixels is not None else frame.data
+        try:
+            jpeg = await asyncio.get_running_loop().run_in_executor(
+                None, preview_jpeg, image, limits.preview_side, limits.preview_max_bytes)
+        except StealerError as exc:
+            log.info("no preview of frame %d of %s: %s", frame.number, source_id, exc)
+            return
+        msg = Preview(source_id, frame.number, frame.img_w, frame.img_h, np.frombuffer(jpeg, np.uint8))
+        if self.is_gateway:
+            self._handlers[Preview](None, msg)
+            return
+        gw = self._gateway()
+        if gw is not None and self._previews_wanted():
+            self._post(gw, msg)
 
     async def _share(self, refs: list[TaskRef]) -> None:
         """Policy "share" (the baseline of MoDNN and DeepThings' comparison): hand a frame's tiles

@@ -11,7 +11,9 @@ part that defines them, and mypy checks each definition against its declaration.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import numpy as np
@@ -28,16 +30,18 @@ from ..roles.source import SourceState, ToGateway
 from ..roles.strips import StripCache
 from ..roles.worker import WorkerPolicy
 from ..scheduler import TaskRef, WorkQueue
+from ..sources import Frame
 from ..wire import ClusterKey, Hello
 from ..wire.server import Server
-from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, Message, StealReply, TailDone, TileAck, TilesIn,
-                             TileDone)
+from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, Message, Preview, StealReply, TailDone,
+                             TileAck, TileDone, TilesIn)
 from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, parse_plan_key, plan_key
 
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
     from ..discovery import Discovery
     from ..metrics import NodeMetrics  # nor prometheus_client and aiohttp by nodes without --metrics
     from ..outputs.mqtt import MqttPublisher  # nor paho by nodes without --mqtt
+    from ..dashboard.server import Dashboard  # nor the dashboard by nodes without --http
 
 T = TypeVar("T")
 
@@ -94,6 +98,14 @@ class NodeState:
         self._discovery: Discovery | None = None
         self.metrics: NodeMetrics | None = None  # --metrics: its registry and /metrics server
         self.mqtt: MqttPublisher | None = None  # --mqtt (gateway or standby): publishes released results
+        self.dashboard: Dashboard | None = None  # --http: the dashboard and its server
+        self._started_at = time.monotonic()
+        self._link_bytes_closed = [0, 0]  # bytes in, out of connections already closed
+        self._busy_marks: collections.deque[tuple[float, float]] = collections.deque(maxlen=6)  # (t, busy s)
+        # frame previews (only while the gateway wants them): the frame of each source waiting
+        # for its result to go out as a preview, and when each source last sent one
+        self._preview_wait: dict[str, Frame] = {}
+        self._preview_sent: dict[str, float] = {}
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
@@ -136,6 +148,9 @@ class NodeState:
         def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown
                     ) -> None: ...
         def _work_changed(self) -> None: ...
+        async def _report_loop(self) -> None: ...
+        def _link_bytes(self) -> tuple[int, int]: ...
+        def _busy_share(self) -> float: ...
 
         # source.py
         def _announce(self, actions: list[ToGateway]) -> None: ...
@@ -157,6 +172,7 @@ class NodeState:
 
         # gateway.py
         def _carry_out(self, actions: list[gw_role.Action]) -> None: ...
+        def _on_preview(self, peer: Peer | None, msg: Preview) -> None: ...
 
         # kernels.py
         async def _compute(self, fn: Callable[..., T], *args: Any) -> T: ...

@@ -257,5 +257,6 @@ class Victim(NodeState):
             self.stats.requeued += len(late)
             self.stats.lease_expiries += len(late)
             log.warning("%d lease(s) ran out; queued again", len(late))
+            self._event({"event": "requeued", "time": time.time(), "tasks": len(late), "why": "lease ran out"})
         self._give_up_failed("its lease ran out")
         self._work_changed()

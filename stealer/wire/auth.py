@@ -267,6 +267,12 @@ class ClusterKey:
             return secret
         return cls(secret)
 
+    def label_mac(self, label: bytes, person: bytes, digest_size: int = 16) -> bytes:
+        """A keyed BLAKE2b of a fixed ``label`` (``person``: its purpose, at most 16 bytes),
+        for tokens derived from the secret (the dashboard's): it reveals nothing about the
+        key, and with its own ``person`` it can never equal a handshake proof."""
+        return hashlib.blake2b(label, key=self._key, person=person, digest_size=digest_size).digest()
+
     def server_proof(self, t: Transcript) -> bytes:
         """The server's proof over transcript ``t``."""
         return _mac(self._key, _P_SERVER, t.encode())

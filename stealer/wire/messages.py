@@ -105,7 +105,9 @@ older peer cannot handle by ignoring unknown fields. 4: msgspec array-form heade
 (protocol 3 sent every message in the map envelope that only stable messages keep). 5: a
 tile's input may travel encoded (``codec``, ``encoded`` of :class:`StealReply` and
 :class:`RegionReply`), which an older thief would take for a grant without data. 6:
-:class:`FrameUnknown` (an older source would drop the connection on it)."""
+:class:`FrameUnknown` (a result came before its frame's announcement: announce it again),
+the :class:`Preview` message (frame previews for the gateway's dashboard), and dashboard
+fields of :class:`Status`; an older peer would drop the connection on the new messages."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
@@ -831,12 +833,47 @@ class Status(Message, tag="status", frozen=True):
     queued_tails: int
     leased: int = 0  # tasks out with other nodes (candidates for speculative copies)
     speed: float = 0.0  # FLOP/s the sender measured over its own compute; 0: not measured yet
+    # what a dashboard shows of the sender (protocol 6): its counters since it started, the
+    # share of its compute slots' time spent computing, and the bytes of every connection it
+    # has had (the receiver turns those into rates)
+    busy: float = 0.0
+    tasks_run: int = 0
+    stolen: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    # the sender serves a dashboard: as the gateway it wants frame previews (Preview) from
+    # sources and a Status from every node each dashboard_report_interval
+    watching: bool = False
 
     def __post_init__(self) -> None:
-        if min(self.queued_tiles, self.queued_tails, self.leased) < 0:
-            raise ValueError("negative counts in a status")
+        counts = (self.queued_tiles, self.queued_tails, self.leased, self.tasks_run, self.stolen,
+                  self.bytes_in, self.bytes_out)
+        if min(counts) < 0 or max(counts) >= 2**63:
+            raise ValueError("counts in a status out of range")
         if not (math.isfinite(self.speed) and 0.0 <= self.speed <= MAX_NODE_SPEED):
             raise ValueError(f"speed {self.speed} out of range")
+        if not (math.isfinite(self.busy) and 0.0 <= self.busy <= 1.0):
+            raise ValueError(f"busy {self.busy} out of range")
+
+
+@register
+class Preview(Message, tag="preview", frozen=True):
+    """Source to gateway, only while the gateway is ``watching``: a downscaled JPEG of one
+    frame of the sender's own source (at most one per ``preview_interval``, at most
+    ``preview_max_bytes``, its longest side ``preview_side``), sent once the frame's result
+    is out; the gateway draws the frame's detections on it for its dashboard.
+    ``img_w`` x ``img_h`` is the camera image the detections' pixel boxes refer to."""
+
+    source: str
+    frame: int
+    img_w: int
+    img_h: int
+    jpeg: np.ndarray  # uint8, flat: the JPEG file's bytes
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, 0)
+        if not (1 <= self.img_w <= 1 << 16 and 1 <= self.img_h <= 1 << 16):
+            raise ValueError(f"image size {self.img_w}x{self.img_h} out of range")
 
 
 @register
