@@ -527,6 +527,17 @@ def test_a_worker_without_a_gateway_takes_no_work_from_peers():
                                  compute_seconds=3.5, has_gateway=False)
 
 
+def test_a_refused_steal_forgets_the_peers_queue_but_not_its_speed():
+    """Defect: a refused steal reset the peer's speed to 0, so its next status looked like a
+    speed change and re-ran the grid-auto planner."""
+    from stealer.roles.worker import refused_steal
+    from stealer.scheduler import PeerLoad
+
+    load = PeerLoad(3, 1, 0.01, False, 4, 2.5e9)
+    assert refused_steal(load, speculative=False) == PeerLoad(0, 0, 0.01, True, 4, 2.5e9)
+    assert refused_steal(load, speculative=True) == PeerLoad(0, 0, 0.01, True, 0, 2.5e9)
+
+
 def test_no_task_is_called_a_straggler_before_one_of_its_kind_finished():
     """Defect (measured at 1x1: 27 copies for 60 frames at 6 nodes): tiles that end with their
     frame's TilesIn never fed the typical task time, so every lease older than straggler_min

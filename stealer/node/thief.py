@@ -18,7 +18,7 @@ from ..codec import MAX_DECODED_BYTES
 from ..errors import CommClosedError, PlanError, ProtocolError, StealerError
 from ..images import pixel_rect
 from ..roles.strips import unpack_strips
-from ..roles.worker import speed_worth_telling
+from ..roles.worker import refused_steal, speed_worth_telling
 from ..scheduler import TAIL, PeerLoad, TaskRef, choose_victim
 from ..wire.messages import (
     Message,
@@ -195,7 +195,7 @@ class Thief(NodeState):
                 self._steal_seconds = took if old is None else 0.8 * old + 0.2 * took
                 return job
             self.stats.steal_failures += 1
-            peer.load = PeerLoad(0, 0, peer.load.rtt, True, 0 if speculative else peer.load.leased)
+            peer.load = refused_steal(peer.load, speculative)
             if speculative:
                 # nothing old enough yet: look again once a lease could have become a straggler
                 asyncio.get_running_loop().call_later(self.cfg.runtime.straggler_min, self._work.set)

@@ -9,6 +9,7 @@ copy one; the node shell's compute loop only carries that out. No I/O, no clock.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -119,3 +120,12 @@ share from what they were last told: the planner buckets speeds about this coars
 def speed_worth_telling(told: float, measured: float) -> bool:
     """Whether peers should hear this node's measured FLOP/s (0: not measured yet)."""
     return measured > 0 and (told == 0 or abs(measured - told) > SPEED_NEWS_SHARE * told)
+
+
+def refused_steal(load: PeerLoad, speculative: bool) -> PeerLoad:
+    """What a thief knows of a peer that had nothing to give: nothing queued there now (and,
+    after a refused speculative steal, no straggler either). What the peer measured of its
+    speed still stands: reset to 0, its next status looked like a speed change and re-ran the
+    grid-auto planner."""
+    return dataclasses.replace(load, queued_tiles=0, queued_tails=0, can_take_tails=True,
+                               leased=0 if speculative else load.leased)
