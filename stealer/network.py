@@ -143,19 +143,27 @@ class Network:
         Raw parameters per conv layer index (batch norm is folded here, once).
     model_hash : str
         Identifies cfg + weights, so that peers with different models refuse to work together.
+    partial : bool
+        ``params`` may leave weighted layers out (a node that holds only some layers' weights,
+        see :mod:`stealer.shard`); running a layer without them raises a clear error.
     """
 
-    def __init__(self, spec: ModelSpec, params: dict[int, ConvParams], model_hash: str) -> None:
+    def __init__(self, spec: ModelSpec, params: dict[int, ConvParams], model_hash: str, *,
+                 partial: bool = False) -> None:
         self.spec = spec
         self.model_hash = model_hash
         self.conv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for conv in spec.conv_layers():
+            if partial and conv.index not in params:
+                continue
             # batch norm by the rule of the darknet that trained the model (see ConvParams.folded)
             w, b = params[conv.index].folded(spec.flavour)
             self.conv[conv.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
         #: [connected] layers' folded (weights (outputs, inputs), bias), as ``conv`` for conv layers.
         self.fc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for fc in (l for l in spec.layers if isinstance(l, ConnectedSpec)):
+            if partial and fc.index not in params:
+                continue
             w, b = params[fc.index].folded(spec.flavour)
             self.fc[fc.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
         # Which later layers read each layer's output other than through the chain (routes and
