@@ -51,7 +51,6 @@ mish) and its own rounding on both sides: ``L * that + 2u |out|``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -67,8 +66,13 @@ from .darknet import ModelSpec, ParamOffsets, header_nbytes, param_offsets
 from .errors import PlanError, StealerError, WeightsError
 from .layers import ConnectedSpec, ConvSpec
 from .network import Network
+from .placement import channels_of, layer_weight_bytes, shardable, split_channels
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ParityWeights", "Recovery", "Shard", "ShardWeights", "ShardWorker", "ShardedNetwork", "activation_slack",
+           "channels_of", "gather", "layer_weight_bytes", "parity_of", "read_parity", "read_shards", "recover",
+           "recovery_tolerance", "run_rows", "shardable", "shards_of", "slice_network", "split_channels"]
 
 #: Unit roundoff of float32.
 U32 = 2.0**-24
@@ -76,36 +80,6 @@ U32 = 2.0**-24
 _LIPSCHITZ = {"swish_f32": 1.1, "mish_f32": 1.1}
 
 ShardableSpec = ConvSpec | ConnectedSpec
-
-
-def split_channels(n: int, k: int) -> list[tuple[int, int]]:
-    """``k`` contiguous ranges covering ``range(n)``, sizes differing by at most one (the first
-    ``n % k`` ranges have the extra channel).
-
-    Raises
-    ------
-    PlanError
-        ``k < 1`` or ``k > n`` (a shard of no channels).
-    """
-    if k < 1 or k > n:
-        raise PlanError(f"cannot split {n} channels into {k} shards (need 1 <= shards <= channels)")
-    base, extra = divmod(n, k)
-    out, a = [], 0
-    for s in range(k):
-        z = a + base + (1 if s < extra else 0)
-        out.append((a, z))
-        a = z
-    return out
-
-
-def channels_of(layer: ShardableSpec) -> int:
-    """Output channels of a shardable layer."""
-    return layer.filters if isinstance(layer, ConvSpec) else layer.outputs
-
-
-def shardable(layer: object) -> bool:
-    """Whether a layer can be split by output channels here: conv with ``groups == 1``, or connected."""
-    return isinstance(layer, ConnectedSpec) or (isinstance(layer, ConvSpec) and layer.groups == 1)
 
 
 def _shardable_layer(spec: ModelSpec, index: int) -> ShardableSpec:
@@ -558,11 +532,3 @@ def slice_network(net: Network, layer: int, start: int, stop: int) -> ShardWeigh
     table = net.conv if layer in net.conv else net.fc
     w, b = table[layer]
     return ShardWeights(layer, start, stop, w[start:stop].copy(), b[start:stop].copy())
-
-
-def layer_weight_bytes(layer: object) -> int:
-    """Folded float32 bytes a layer's weights take in memory (weights and bias; batch norm folded)."""
-    if isinstance(layer, (ConvSpec, ConnectedSpec)):
-        n = channels_of(layer)
-        return 4 * (n * int(math.prod(layer.weight_shape[1:])) + n)
-    return 0
