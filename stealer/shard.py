@@ -233,7 +233,11 @@ def read_shards(path: str | os.PathLike[str], spec: ModelSpec,
         reader.bytes_read = 16
         offsets = param_offsets(spec, hdr)
         for index, start, stop in requests:
-            layer = _shardable_layer(spec, index)
+            whole = 0 <= index < len(spec.layers) and isinstance(spec.layers[index], (ConvSpec, ConnectedSpec)) \
+                and (start, stop) == (0, channels_of(spec.layers[index]))  # type: ignore[arg-type]
+            # a whole layer of any kind (a grouped conv too); a part only of a shardable layer
+            layer = spec.layers[index] if whole else _shardable_layer(spec, index)
+            assert isinstance(layer, (ConvSpec, ConnectedSpec))
             n = channels_of(layer)
             if not 0 <= start < stop <= n:
                 raise PlanError(f"layer {index}: channel range [{start}, {stop}) is not inside its {n} channels")

@@ -343,6 +343,17 @@ def test_sharded_vgg_like_is_bit_exact_and_recovers(tmp_path, coded):
             sn.forward(x)
 
 
+def test_a_grouped_conv_is_read_whole_and_kept_on_the_coordinator(tmp_path):
+    text = ALEXEYAB + "[convolutional]\nfilters=14\nsize=3\npad=1\ngroups=7\nactivation=leaky\n"
+    spec, net, path = model(tmp_path, text)
+    with pytest.raises(PlanError, match="grouped conv"):
+        read_shards(path, spec, [(2, 0, 7)])
+    x = np.random.default_rng(0).random(spec.input_shape, dtype=np.float32)
+    with ShardedNetwork(spec, path, {0: 3, 1: 2}, coded=True) as sn:
+        assert 2 in sn.conv and 0 not in sn.conv
+        assert same_bits(sn.forward(x), net.forward(x))
+
+
 def test_sharded_yolov2_tiny_tail(tmp_path):
     text = tiny_yolov2_tail()
     spec, net, path = model(tmp_path, text, seed=2)
