@@ -6,6 +6,7 @@ infer    single-device inference on an image, a .npy tensor or a synthetic frame
 weights  write deterministic random weights in darknet's format
 info     per-layer FLOP, parameter and memory table of a cfg
 plan     fused tile partition of a frame (see stealer.ftp)
+place    which node holds which layers, shards and tiles, by memory (see stealer.placement)
 status   a table of running nodes, read from their --metrics endpoints
 dashboard-url  the URL of a node's --http dashboard, with its token
 """
@@ -383,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    from .placement import add_place_parser
+
+    add_place_parser(sub)
 
     ftp_cli: ModuleType | None  # None only in a broken install: then there is no plan command
     try:

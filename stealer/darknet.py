@@ -55,7 +55,11 @@ from .errors import CfgError, WeightsError
 from .layers import (
     ACTIVATIONS,
     ALEXEYAB_ACTIVATIONS,
+    ConnectedSpec,
     ConvSpec,
+    CostSpec,
+    CropSpec,
+    DropoutSpec,
     LayerSpec,
     MaxPoolSpec,
     RegionSpec,
@@ -63,6 +67,7 @@ from .layers import (
     RouteSpec,
     Shape,
     ShortcutSpec,
+    SoftmaxSpec,
     UpsampleSpec,
     YoloSpec,
 )
@@ -82,6 +87,13 @@ SECTION_ALIASES = {
     "shortcut": "shortcut",
     "upsample": "upsample",
     "yolo": "yolo",
+    "connected": "connected",
+    "conn": "connected",
+    "dropout": "dropout",
+    "softmax": "softmax",
+    "soft": "softmax",
+    "crop": "crop",
+    "cost": "cost",
 }
 
 # A cfg bigger than this is not a darknet model file; refuse it before reading it whole.
@@ -128,6 +140,10 @@ class ModelSpec:
 
     def conv_layers(self) -> list[ConvSpec]:
         return [l for l in self.layers if isinstance(l, ConvSpec)]
+
+    def weighted_layers(self) -> list[ConvSpec | ConnectedSpec]:
+        """The layers with parameters in the weights file, in file order (conv and connected)."""
+        return [l for l in self.layers if isinstance(l, (ConvSpec, ConnectedSpec))]
 
     def n_params(self) -> int:
         return sum(l.n_params for l in self.layers)
@@ -246,7 +262,7 @@ FLAVOURS = (FLAVOUR_2017, FLAVOUR_ALEXEYAB)
 #: Sections only AlexeyAB darknet (of the two we follow) has; their presence picks its semantics.
 _ALEXEYAB_SECTIONS = ("shortcut", "upsample", "yolo")
 #: Sections only the 2017 darknet of YOLOv2 is followed for here.
-_2017_SECTIONS = ("region", "reorg")
+_2017_SECTIONS = ("region", "reorg", "connected", "dropout", "softmax", "crop", "cost")
 _NMS_KINDS = ("default", "greedynms")
 
 
@@ -370,6 +386,48 @@ def _parse_conv(o: _Opts, index: int, shape: Shape, flavour: str) -> ConvSpec:
                        f"{padding} gives an output size darknet computes inconsistently; not supported")
     return ConvSpec(index, shape, (filters, ho, wo), filters, size, sy, pad, activation, bn, groups, dilation,
                     0 if sx == sy else sx)
+
+
+def _parse_connected(o: _Opts, index: int, shape: Shape) -> ConnectedSpec:
+    """2017 ``parse_connected``: ``output`` (default 1), ``activation`` (default logistic),
+    ``batch_normalize``; the input is the previous layer's output flattened."""
+    outputs = o.integer("output", 1, minimum=1)
+    activation = _activation(o, "logistic", FLAVOUR_2017)
+    bn = bool(o.integer("batch_normalize", 0))
+    return ConnectedSpec(index, shape, (outputs, 1, 1), outputs, activation, bn)
+
+
+def _parse_softmax(o: _Opts, index: int, shape: Shape) -> SoftmaxSpec:
+    """2017 ``parse_softmax``: ``groups`` (default 1, dividing the inputs), ``temperature`` (1).
+    ``spatial`` is read by darknet but its CPU forward pass ignores it; ``tree`` is refused."""
+    c, h, w = shape
+    groups = o.integer("groups", 1, minimum=1)
+    if (c * h * w) % groups:
+        raise CfgError(f"{o.where('groups')} layer {index}: softmax groups={groups} does not divide its "
+                       f"{c * h * w} inputs")
+    temp = o.floats("temperature")
+    if len(temp) > 1 or (temp and temp[0] == 0):
+        raise CfgError(f"{o.where('temperature')} layer {index}: temperature must be one non-zero number")
+    if o.string("tree", "") != "":
+        raise CfgError(f"{o.where('tree')} hierarchical softmax (tree=) is not supported")
+    o.string("spatial", "0")
+    return SoftmaxSpec(index, shape, shape, groups, float(np.float32(temp[0])) if temp else 1.0)
+
+
+def _parse_crop(o: _Opts, index: int, shape: Shape) -> CropSpec:
+    """2017 ``parse_crop`` and ``forward_crop_layer`` when not training: no flip, the centred
+    window ``((H - crop_height)/2, (W - crop_width)/2)``, values ``x*2 - 1`` (``x`` with
+    ``noadjust=1``). The training-only keys (flip, angle, saturation, exposure, shift) are ignored."""
+    c, h, w = shape
+    ch = o.integer("crop_height", 1, minimum=1)
+    cw = o.integer("crop_width", 1, minimum=1)
+    if ch > h or cw > w:
+        raise CfgError(f"{o.where()} layer {index}: a {ch}x{cw} crop of a {h}x{w} input")
+    for key in ("flip", "angle", "saturation", "exposure", "shift"):
+        o.string(key, "0")
+    noadjust = bool(o.integer("noadjust", 0))
+    return CropSpec(index, shape, (c, ch, cw), (h - ch) // 2, (w - cw) // 2,
+                    1.0 if noadjust else 2.0, 0.0 if noadjust else -1.0)
 
 
 def _parse_maxpool(o: _Opts, index: int, shape: Shape, flavour: str) -> MaxPoolSpec:
@@ -535,6 +593,18 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> ModelSpec:
             spec = _parse_upsample(o, index, shape)
         elif sec.name == "yolo":
             spec = _parse_yolo(o, index, shape)
+        elif sec.name == "connected":
+            spec = _parse_connected(o, index, shape)
+        elif sec.name == "dropout":
+            prob = o.floats("probability")
+            spec = DropoutSpec(index, shape, shape, prob[0] if prob else 0.5)
+        elif sec.name == "softmax":
+            spec = _parse_softmax(o, index, shape)
+        elif sec.name == "crop":
+            spec = _parse_crop(o, index, shape)
+        elif sec.name == "cost":
+            o.string("type", "sse")  # training only (see CostSpec)
+            spec = CostSpec(index, shape, shape)
         elif sec.name == "reorg":
             stride = o.integer("stride", 1, minimum=1)
             for key in ("reverse", "flatten", "extra"):
@@ -605,10 +675,10 @@ def _seen_is_size_t(major: int, minor: int) -> bool:
 
 @dataclass
 class ConvParams:
-    """Raw parameters of one convolutional layer, as stored in the weights file."""
+    """Raw parameters of one convolutional (or connected) layer, as stored in the weights file."""
 
     biases: np.ndarray
-    weights: np.ndarray  # (filters, channels, k, k)
+    weights: np.ndarray  # (filters, channels, k, k); a [connected] layer's: (outputs, inputs)
     scales: np.ndarray | None = None
     rolling_mean: np.ndarray | None = None
     rolling_variance: np.ndarray | None = None
@@ -649,13 +719,54 @@ class ConvParams:
         # The per-channel factor is computed in double, as darknet does; the weights are scaled
         # in float32 (one rounding of a float32 product) rather than through a float64 copy of
         # all 51 M YOLOv2 weights, which would cost 400 MB and a second of a Pi's start-up.
-        w = self.weights.astype(np.float32) * k.astype(np.float32)[:, None, None, None]
+        w = self.weights.astype(np.float32) * k.astype(np.float32).reshape((-1,) + (1,) * (self.weights.ndim - 1))
         b = (self.biases.astype(np.float64) - self.rolling_mean.astype(np.float64) * k).astype(np.float32)
         return w, b
 
 
-def _expected_layout(spec: ModelSpec) -> list[tuple[ConvSpec, int]]:
-    return [(l, l.n_params) for l in spec.conv_layers()]
+def _expected_layout(spec: ModelSpec) -> list[tuple[ConvSpec | ConnectedSpec, int]]:
+    return [(l, l.n_params) for l in spec.weighted_layers()]
+
+
+@dataclass(frozen=True)
+class ParamOffsets:
+    """Where one layer's arrays start in a weights file, in bytes from the file's start (``-1``
+    for batch-norm arrays of a layer without batch norm). Each per-channel array holds
+    ``filters`` float32; ``weights`` holds ``filters`` rows of ``row`` float32, output by output."""
+
+    biases: int
+    scales: int
+    mean: int
+    variance: int
+    weights: int
+    filters: int
+    row: int  # float32 per output channel of the weights (C/groups*k*k, or a connected layer's inputs)
+
+
+def param_offsets(spec: ModelSpec, header: int) -> dict[int, ParamOffsets]:
+    """Byte offsets of every weighted layer's arrays, for a file whose header is ``header`` bytes.
+
+    Conv (``load_convolutional_weights``): biases, [scales, rolling mean, rolling variance],
+    weights. Connected (``load_connected_weights``): biases, weights, [scales, rolling mean,
+    rolling variance]. Both darknets, 2017 ``src/parser.c``.
+    """
+    out: dict[int, ParamOffsets] = {}
+    pos = header
+    for layer in spec.weighted_layers():
+        n = layer.filters if isinstance(layer, ConvSpec) else layer.outputs
+        row = int(np.prod(layer.weight_shape[1:]))
+        bn = layer.batch_normalize
+        biases = pos
+        if isinstance(layer, ConvSpec):
+            scales, mean, var = ((pos + 4 * n, pos + 8 * n, pos + 12 * n) if bn else (-1, -1, -1))
+            weights = pos + (16 if bn else 4) * n
+        else:
+            weights = pos + 4 * n
+            end = weights + 4 * n * row
+            scales, mean, var = ((end, end + 4 * n, end + 8 * n) if bn else (-1, -1, -1))
+        out[layer.index] = ParamOffsets(biases, scales, mean, var, weights, n, row)
+        pos += 4 * layer.n_params
+    return out
 
 
 def read_weights(path: str | os.PathLike[str], spec: ModelSpec) -> dict[int, ConvParams]:
@@ -685,6 +796,8 @@ def read_weights(path: str | os.PathLike[str], spec: ModelSpec) -> dict[int, Con
             f"({len(spec.conv_layers())} conv layers, {spec.n_params()} parameters, "
             f"{hdr}-byte header for version {major}.{minor}.{revision}), file has {len(data)} bytes"
         )
+    if _is_transposed(major, minor) and any(isinstance(l, ConnectedSpec) for l in spec.layers):
+        log.info("%s: version %d.%d stores connected weights transposed (inputs x outputs)", p, major, minor)
     floats = np.frombuffer(data, dtype="<f4", offset=hdr)
     if not np.all(np.isfinite(floats)):
         bad = int(np.flatnonzero(~np.isfinite(floats))[0])
@@ -699,15 +812,33 @@ def read_weights(path: str | os.PathLike[str], spec: ModelSpec) -> dict[int, Con
         return out
 
     for layer, _ in _expected_layout(spec):
+        scales = mean = var = None
+        if isinstance(layer, ConnectedSpec):
+            # load_connected_weights: biases, weights, then batch norm; transposed files (major or
+            # minor above 1000) hold the matrix as inputs x outputs
+            n = layer.outputs
+            biases = take(n)
+            if _is_transposed(major, minor):
+                weights = np.ascontiguousarray(take(n * layer.inputs).reshape(layer.inputs, n).T)
+            else:
+                weights = take(n * layer.inputs).reshape(layer.weight_shape)
+            if layer.batch_normalize:
+                scales, mean, var = take(n), take(n), take(n)
+            params[layer.index] = ConvParams(biases, weights, scales, mean, var)
+            continue
         n = layer.filters
         biases = take(n)
-        scales = mean = var = None
         if layer.batch_normalize:
             scales, mean, var = take(n), take(n), take(n)
         shape = layer.weight_shape
         weights = take(int(np.prod(shape))).reshape(shape)
         params[layer.index] = ConvParams(biases, weights, scales, mean, var)
     return params
+
+
+def _is_transposed(major: int, minor: int) -> bool:
+    """2017 ``load_weights_upto``: ``transpose = (major > 1000) || (minor > 1000)``."""
+    return major > 1000 or minor > 1000
 
 
 def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
@@ -719,6 +850,10 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
     """
     rng = np.random.default_rng(seed)
     params: dict[int, ConvParams] = {}
+    for fc in (l for l in spec.layers if isinstance(l, ConnectedSpec)):
+        # drawn from a generator of its own so that adding [connected] support left the random
+        # weights of every conv-only model exactly as they were
+        params[fc.index] = _random_connected(fc, np.random.default_rng([seed, fc.index]))
     for layer in spec.conv_layers():
         n, c, k = layer.filters, layer.in_shape[0] // layer.groups, layer.size
         fan_in = c * k * k
@@ -739,14 +874,32 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[int, ConvParams]:
     return params
 
 
+def _random_connected(layer: ConnectedSpec, rng: np.random.Generator) -> ConvParams:
+    """He-uniform weights (outputs, inputs) and near-identity batch norm, as for conv layers."""
+    n, c = layer.outputs, layer.inputs
+    weights = rng.random((n, c), dtype=np.float32)
+    weights -= np.float32(0.5)
+    weights *= np.float32(2.0 * math.sqrt(6.0 / c))
+    biases = rng.standard_normal(n, dtype=np.float32) * np.float32(0.1)
+    if not layer.batch_normalize:
+        return ConvParams(biases, weights)
+    scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    mean = rng.standard_normal(n, dtype=np.float32) * np.float32(0.1)
+    var = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    return ConvParams(biases, weights, scales, mean, var)
+
+
 def write_weights(path: str | os.PathLike[str], spec: ModelSpec, params: dict[int, ConvParams],
                   *, version: tuple[int, int, int] = (0, 2, 0), seen: int = 0) -> int:
     """Write ``params`` in darknet's binary format; returns the number of bytes written."""
     major, minor, revision = version
     chunks: list[bytes] = [struct.pack("<3i", major, minor, revision)]
     chunks.append(struct.pack("<Q" if _seen_is_size_t(major, minor) else "<i", seen))
-    for layer in spec.conv_layers():
+    if _is_transposed(major, minor) and any(isinstance(l, ConnectedSpec) for l in spec.layers):
+        raise WeightsError(f"version {major}.{minor} would mean transposed connected weights; not written")
+    for layer in spec.weighted_layers():
         p = params[layer.index]
+        n = layer.filters if isinstance(layer, ConvSpec) else layer.outputs
         parts: Iterable[np.ndarray] = [p.biases]
         if layer.batch_normalize:
             # A real check, not an assert: under python -O a None here would be written as one NaN.
@@ -754,10 +907,13 @@ def write_weights(path: str | os.PathLike[str], spec: ModelSpec, params: dict[in
                 raise WeightsError(f"layer {layer.index} has batch_normalize=1 but its parameters "
                                    "lack scales, rolling mean or rolling variance")
             parts = [p.biases, p.scales, p.rolling_mean, p.rolling_variance]
-        if tuple(p.weights.shape) != layer.weight_shape or any(a.shape != (layer.filters,) for a in parts):
+        if tuple(p.weights.shape) != layer.weight_shape or any(a.shape != (n,) for a in parts):
             raise WeightsError(f"layer {layer.index}: parameters of shapes {p.weights.shape} and "
                                f"{[a.shape for a in parts]} do not fit the cfg's {layer.weight_shape}")
-        for a in (*parts, p.weights):
+        parts = list(parts)
+        # conv: biases, [bn], weights; connected: biases, weights, [bn] (see param_offsets)
+        order = [*parts, p.weights] if isinstance(layer, ConvSpec) else [parts[0], p.weights, *parts[1:]]
+        for a in order:
             chunks.append(np.ascontiguousarray(a, dtype="<f4").tobytes())
     blob = b"".join(chunks)
     Path(path).write_bytes(blob)

@@ -75,3 +75,8 @@ class PeerDeadError(CommClosedError):
 
 class DiscoveryError(StealerError):
     """mDNS discovery could not start (no usable interface, name conflict, socket error)."""
+
+
+class PlacementError(PlanError):
+    """No placement of a model's layers, shards and tiles fits the nodes' memory; the message
+    names the layer and the memory it needs."""

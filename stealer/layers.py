@@ -205,4 +205,104 @@ class YoloSpec:
         return len(self.mask)
 
 
-LayerSpec = Union[ConvSpec, MaxPoolSpec, RouteSpec, ReorgSpec, RegionSpec, UpsampleSpec, ShortcutSpec, YoloSpec]
+@dataclass(frozen=True, slots=True)
+class ConnectedSpec:
+    """2017 darknet ``[connected]``: ``out[o] = act(b[o] + sum_i w[o, i] * in[i])`` over the previous
+    layer's output flattened in C order (C, H, W): ``inputs = C*H*W``. The output is (outputs, 1, 1).
+
+    Weights file order (``load_connected_weights``): biases, weights (outputs x inputs, row-major:
+    output by output), then scales, rolling mean, rolling variance if ``batch_normalize``."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    outputs: int
+    activation: str  # the kernel's name
+    batch_normalize: bool
+
+    kind = "connected"
+
+    @property
+    def inputs(self) -> int:
+        c, h, w = self.in_shape
+        return c * h * w
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(outputs, inputs): the order of the weights file."""
+        return (self.outputs, self.inputs)
+
+    @property
+    def n_params(self) -> int:
+        return self.outputs * self.inputs + self.outputs + (3 * self.outputs if self.batch_normalize else 0)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.outputs * self.inputs
+
+
+@dataclass(frozen=True, slots=True)
+class DropoutSpec:
+    """2017 darknet ``[dropout]``: the identity at inference (``forward_dropout_layer`` returns when
+    not training, and its output buffer is its input's)."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    probability: float
+
+    kind = "dropout"
+    n_params = 0
+    flops = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SoftmaxSpec:
+    """2017 darknet ``[softmax]``: darknet's ``softmax`` (float32 sum, exp in double) over each of
+    ``groups`` consecutive chunks of the flat input, with ``temperature``."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    groups: int
+    temperature: float
+
+    kind = "softmax"
+    n_params = 0
+    flops = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CropSpec:
+    """2017 darknet ``[crop]`` at inference: the centred ``out_shape`` window starting at
+    (``top``, ``left``), each value ``x * scale + trans`` (2, -1; or 1, 0 with ``noadjust=1``)."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    top: int
+    left: int
+    scale: float
+    trans: float
+
+    kind = "crop"
+    n_params = 0
+    flops = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CostSpec:
+    """2017 darknet ``[cost]``: a training loss. At inference it passes its input on: darknet's
+    ``get_network_output_layer`` skips trailing cost layers, so the network's output is its input."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+
+    kind = "cost"
+    n_params = 0
+    flops = 0
+
+
+LayerSpec = Union[ConvSpec, MaxPoolSpec, RouteSpec, ReorgSpec, RegionSpec, UpsampleSpec, ShortcutSpec, YoloSpec,
+                  ConnectedSpec, DropoutSpec, SoftmaxSpec, CropSpec, CostSpec]

@@ -26,8 +26,8 @@ import kernels
 
 from .darknet import ConvParams, ModelSpec, parse_cfg, parse_cfg_text, random_weights, read_weights
 from .errors import ShapeError
-from .layers import (ConvSpec, LayerSpec, MaxPoolSpec, RegionSpec, ReorgSpec, RouteSpec, Shape, ShortcutSpec,
-                     UpsampleSpec, YoloSpec)
+from .layers import (ConnectedSpec, ConvSpec, CostSpec, CropSpec, DropoutSpec, LayerSpec, MaxPoolSpec, RegionSpec, ReorgSpec,
+                     RouteSpec, Shape, ShortcutSpec, SoftmaxSpec, UpsampleSpec, YoloSpec)
 
 if TYPE_CHECKING:
     from .region import Detection
@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).with_name("models")
 #: Built-in models: YOLOv2 (608) and YOLOv2-tiny (416) in 2017 darknet's semantics; YOLOv3 and
-#: YOLOv4 (608), YOLOv3-tiny and YOLOv4-tiny (416) in AlexeyAB darknet's.
+#: YOLOv4 (608), YOLOv3-tiny and YOLOv4-tiny (416) in AlexeyAB darknet's; the classifiers
+#: ``alexnet`` (227) and ``vgg-16`` (256, cropped to 224) as 2017 darknet's ``cfg/`` has them.
 BUILTIN_MODELS = {name: MODELS_DIR / f"{name}.cfg"
-                  for name in ("yolov2", "yolov2-tiny", "yolov3", "yolov3-tiny", "yolov4", "yolov4-tiny")}
+                  for name in ("yolov2", "yolov2-tiny", "yolov3", "yolov3-tiny", "yolov4", "yolov4-tiny",
+                               "alexnet", "vgg-16")}
 
 
 def builtin_cfg(name: str) -> Path:
@@ -93,6 +95,17 @@ def describe(layer: LayerSpec) -> str:
         return f"reorg /{layer.stride}"
     if isinstance(layer, RegionSpec):
         return f"region {layer.num}x({layer.coords}+1+{layer.classes})"
+    if isinstance(layer, ConnectedSpec):
+        act = "" if layer.activation == "linear" else f" {layer.activation}"
+        return f"connected {layer.outputs}{' bn' if layer.batch_normalize else ''}{act}"
+    if isinstance(layer, DropoutSpec):
+        return f"dropout {layer.probability:g}"
+    if isinstance(layer, CostSpec):
+        return "cost (training only)"
+    if isinstance(layer, SoftmaxSpec):
+        return "softmax" + (f" g{layer.groups}" if layer.groups > 1 else "")
+    if isinstance(layer, CropSpec):
+        return f"crop {layer.out_shape[1]}x{layer.out_shape[2]}"
     return layer.kind  # pragma: no cover
 
 
@@ -130,16 +143,29 @@ class Network:
         Raw parameters per conv layer index (batch norm is folded here, once).
     model_hash : str
         Identifies cfg + weights, so that peers with different models refuse to work together.
+    partial : bool
+        ``params`` may leave weighted layers out (a node that holds only some layers' weights,
+        see :mod:`stealer.shard`); running a layer without them raises a clear error.
     """
 
-    def __init__(self, spec: ModelSpec, params: dict[int, ConvParams], model_hash: str) -> None:
+    def __init__(self, spec: ModelSpec, params: dict[int, ConvParams], model_hash: str, *,
+                 partial: bool = False) -> None:
         self.spec = spec
         self.model_hash = model_hash
         self.conv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for conv in spec.conv_layers():
+            if partial and conv.index not in params:
+                continue
             # batch norm by the rule of the darknet that trained the model (see ConvParams.folded)
             w, b = params[conv.index].folded(spec.flavour)
             self.conv[conv.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
+        #: [connected] layers' folded (weights (outputs, inputs), bias), as ``conv`` for conv layers.
+        self.fc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for fc in (l for l in spec.layers if isinstance(l, ConnectedSpec)):
+            if partial and fc.index not in params:
+                continue
+            w, b = params[fc.index].folded(spec.flavour)
+            self.fc[fc.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
         # Which later layers read each layer's output other than through the chain (routes and
         # shortcuts), so forward() keeps an output only while a layer in its range needs it.
         self._readers: dict[int, list[int]] = {}
@@ -201,9 +227,10 @@ class Network:
         does not need the tail's 190 MB of YOLOv2 weights). Returns the bytes released; running
         those layers afterwards raises a clear error."""
         freed = 0
-        for i in [i for i in self.conv if i >= start]:
-            w, b = self.conv.pop(i)
-            freed += w.nbytes + b.nbytes
+        for table in (self.conv, self.fc):
+            for i in [i for i in table if i >= start]:
+                w, b = table.pop(i)
+                freed += w.nbytes + b.nbytes
         self._dropped_from = min(getattr(self, "_dropped_from", start), start)
         return freed
 
@@ -243,6 +270,13 @@ class Network:
             elif isinstance(layer, ShortcutSpec) and ("shortcut", layer.activation) not in seen:
                 seen.add(("shortcut", layer.activation))
                 kernels.shortcut(np.zeros((1, 2, 2), np.float32), [np.zeros((1, 2, 2), np.float32)], layer.activation)
+            elif isinstance(layer, ConnectedSpec) and ("fc", layer.activation) not in seen:
+                seen.add(("fc", layer.activation))
+                kernels.connected(np.zeros(2, np.float32), np.zeros((9, 2), np.float32), np.zeros(9, np.float32),
+                                  activation=layer.activation)
+            elif isinstance(layer, SoftmaxSpec) and "softmax" not in seen:
+                seen.add("softmax")
+                kernels.softmax(np.zeros(2, np.float32))
             elif isinstance(layer, YoloSpec) and "yolo" not in seen:
                 seen.add("yolo")
                 kernels.yolo_activate(np.zeros((layer.num * (5 + layer.classes), 2, 2), np.float32), num=layer.num,
@@ -361,6 +395,17 @@ class Network:
                                            classes=layer.classes, softmax=layer.softmax)
         if isinstance(layer, UpsampleSpec):
             return kernels.upsample2d(x, layer.stride, layer.scale)
+        if isinstance(layer, ConnectedSpec):
+            if i not in self.fc:
+                raise ValueError(f"layer {i}'s weights were dropped on this node (--max-memory)")
+            w, b = self.fc[i]
+            return kernels.connected(x, w, b, activation=layer.activation).reshape(layer.out_shape)
+        if isinstance(layer, (DropoutSpec, CostSpec)):
+            return x  # the identity at inference (darknet's dropout output is its input buffer)
+        if isinstance(layer, SoftmaxSpec):
+            return kernels.softmax(x, groups=layer.groups, temperature=layer.temperature)
+        if isinstance(layer, CropSpec):
+            return crop(x, layer)
         if isinstance(layer, YoloSpec):
             return kernels.yolo_activate(x, num=layer.num, classes=layer.classes, scale_x_y=layer.scale_x_y,
                                          new_coords=layer.new_coords)
@@ -394,6 +439,14 @@ def output_digest(outs: np.ndarray | Sequence[np.ndarray]) -> str:
     for o in [outs] if isinstance(outs, np.ndarray) else outs:
         digest.update(np.ascontiguousarray(o).tobytes())
     return digest.hexdigest()
+
+
+def crop(x: np.ndarray, layer: CropSpec) -> np.ndarray:
+    """2017 ``forward_crop_layer`` at inference: the centred window, ``x*scale + trans`` in float32
+    (``x*2`` is exact, so the one rounding is the add's, with or without FMA contraction in C)."""
+    _, h, w = layer.out_shape
+    window = x[:, layer.top:layer.top + h, layer.left:layer.left + w]
+    return window * np.float32(layer.scale) + np.float32(layer.trans)
 
 
 def _route(parts: Sequence[np.ndarray], groups: int, group_id: int) -> np.ndarray:

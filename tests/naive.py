@@ -358,3 +358,42 @@ def yolo(x, num, classes, scale_x_y, new_coords):
         for i in range(2 * hw):
             out[base + i] = F(F(out[base + i] * alpha) + beta)
     return out.reshape(c, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fully connected (2017 [connected]) as the kernel specifies it: one fma chain per output
+# ----------------------------------------------------------------------------------------------
+
+
+def fma32(a, b, c) -> np.float32:
+    """IEEE float32 ``fma(a, b, c)``, correctly rounded, from exact float64 pieces.
+
+    ``a*b`` of two float32 is exact in float64; ``s = p + c`` is rounded once to float64 with its
+    exact error ``e`` (Knuth's two-sum). Rounding ``s`` to float32 is then correct except when
+    ``s`` lies exactly halfway between two float32, where the sign of ``e`` says which way the exact
+    sum lies (the only place double rounding could differ from one rounding).
+    """
+    p = float(np.float32(a)) * float(np.float32(b))
+    c = float(np.float32(c))
+    s = p + c
+    bb = s - p
+    e = (p - (s - bb)) + (c - bb)
+    r = np.float32(s)
+    if e != 0 and np.isfinite(r):
+        lo, hi = (r, np.nextafter(r, np.float32(np.inf))) if float(r) <= s else (np.nextafter(r, np.float32(-np.inf)), r)
+        if float(hi) - s == s - float(lo):  # s is a float32 midpoint: the exact value is off it by e
+            r = hi if e > 0 else lo
+    return np.float32(r)
+
+
+def connected(x, weight, bias):
+    """Pre-activation ``connected`` outputs: ``acc = fma(w[o, i], x[i], acc)`` from +0.0 over i in
+    order, then ``acc + bias[o]`` in float32 (the kernel's specified arithmetic)."""
+    xf = np.asarray(x, np.float32).reshape(-1)
+    out = np.empty(weight.shape[0], np.float32)
+    for o in range(weight.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(xf.size):
+            acc = fma32(weight[o, i], xf[i], acc)
+        out[o] = np.float32(acc + bias[o])
+    return out

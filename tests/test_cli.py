@@ -54,10 +54,10 @@ def test_infer_on_npy_and_image(tmp_path):
 
 def test_bad_inputs_give_one_clear_line(tmp_path):
     bad = tmp_path / "bad.cfg"
-    bad.write_text("[net]\nwidth=8\nheight=8\nchannels=3\n[convolutional]\nfilters=4\nsize=3\n[dropout]\n")
+    bad.write_text("[net]\nwidth=8\nheight=8\nchannels=3\n[convolutional]\nfilters=4\nsize=3\n[lstm]\n")
     r = run("infer", "--cfg", str(bad), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"{bad}:8: unknown section [dropout]" in r.stderr
+    assert f"{bad}:8: unknown section [lstm]" in r.stderr
     cfg = small_tiny_cfg(tmp_path)
     (tmp_path / "short.weights").write_bytes(b"\0" * 100)
     r = run("infer", "--cfg", str(cfg), "--weights", str(tmp_path / "short.weights"), cwd=tmp_path)

@@ -103,10 +103,10 @@ def test_worker_killed_mid_run_loses_no_frame(small_cfg, tmp_path, how):
 
 def test_bad_model_gives_a_clear_error(tmp_path):
     bad = tmp_path / "bad.cfg"
-    bad.write_text("[net]\nwidth=8\nheight=8\nchannels=3\n[maxpool]\nsize=2\nstride=2\n[crop]\n")
+    bad.write_text("[net]\nwidth=8\nheight=8\nchannels=3\n[maxpool]\nsize=2\nstride=2\n[lstm]\n")
     r = subprocess.run([sys.executable, "-m", "stealer", "node", "--cfg", str(bad), "--no-discovery"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "unknown section [crop]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "unknown section [lstm]" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.root

@@ -93,7 +93,7 @@ def test_maxpool_output_size_2017_rule(h, size, stride, pad, expect):
 @pytest.mark.parametrize(
     "body, needle",
     [
-        ("[softmax]\n", "t.cfg:5: unknown section [softmax]"),
+        ("[lstm]\n", "t.cfg:5: unknown section [lstm]"),
         ("[convolutional]\nsize=3\n", "missing required key 'filters'"),
         ("[convolutional]\nfilters=x\nsize=3\n", "t.cfg:6: [conv] filters='x' is not an integer"),
         ("[convolutional]\nfilters=2\nsize=3\nactivation=swish\n", "activation='swish' is not supported"),
