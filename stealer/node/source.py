@@ -255,28 +255,33 @@ class Source(NodeState):
 
     def _preview_candidate(self, source_id: str, frame: Frame) -> None:
         """A new frame of a source: keep it to preview once its result is out, if previews are
-        wanted and either of every frame, or the source's last one went the interval ago and
-        none waits (a frame picked while another waits would, with a latency above the
-        interval, replace it before it is done, every time)."""
+        wanted (not of every frame: those are taken when they are done), the source's last one
+        went the interval ago, and none waits (a frame picked while another waits would, with
+        a latency above the interval, replace it before it is done, every time)."""
         wants = self._previews_wanted()
-        mine = [key for key in self._preview_wait if key[0] == source_id]
-        for key in mine:  # forget frames that ended without a result (dropped, failed)
-            if wants is None or key not in self.source.frames:
-                del self._preview_wait[key]
-        if wants is None:
+        if wants is None or wants[1] == 0.0:
+            self._preview_wait.pop(source_id, None)
             return
-        interval = wants[1]
-        if interval > 0:
-            if any(key in self._preview_wait for key in mine):
-                return
-            if time.monotonic() - self._preview_sent.get(source_id, -math.inf) < interval:
-                return
-        self._preview_wait[(source_id, frame.number)] = frame
+        waiting = self._preview_wait.get(source_id)
+        if waiting is not None and (source_id, waiting.number) in self.source.frames:
+            return
+        if time.monotonic() - self._preview_sent.get(source_id, -math.inf) < wants[1]:
+            return
+        self._preview_wait[source_id] = frame
 
     def _preview_done(self, msg: FrameDone) -> None:
-        frame = self._preview_wait.pop((msg.source, msg.frame), None)
-        if frame is None:
-            return
+        """A frame's result is out: preview it if it was picked, or if the gateway wants every
+        frame (before the source forgets the frame)."""
+        waiting = self._preview_wait.get(msg.source)
+        if waiting is not None and waiting.number == msg.frame:
+            del self._preview_wait[msg.source]
+            frame = waiting
+        else:
+            wants = self._previews_wanted()
+            sf = self.source.frames.get((msg.source, msg.frame))
+            if wants is None or wants[1] != 0.0 or sf is None:
+                return
+            frame = sf.frame
         self._preview_sent[msg.source] = time.monotonic()
         out = self._preview_out.get(msg.source)
         if out is None:  # one sender per source: previews go in frame order

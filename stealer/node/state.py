@@ -108,11 +108,10 @@ class NodeState:
         self._started_at = time.monotonic()
         self._link_bytes_closed = [0, 0]  # bytes in, out of connections already closed
         self._busy_marks: collections.deque[tuple[float, float]] = collections.deque(maxlen=6)  # (t, busy s)
-        # frame previews (only while the gateway wants them): the frames waiting for their
-        # result to go out as a preview, by (source, frame) (one per source, or with previews
-        # of every frame each one in flight), when each source last sent one, and the previews
-        # of each source being encoded and sent, in frame order (at most video_queue)
-        self._preview_wait: dict[tuple[str, int], Frame] = {}
+        # frame previews (only while the gateway wants them): the frame of each source waiting
+        # for its result to go out as a preview, when each source last sent one, and the
+        # previews of each source being encoded and sent, in frame order (at most video_queue)
+        self._preview_wait: dict[str, Frame] = {}
         self._preview_sent: dict[str, float] = {}
         self._preview_out: dict[str, collections.deque[Frame]] = {}
         self._connecting: set[str] = set()

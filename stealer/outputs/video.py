@@ -241,8 +241,8 @@ class VideoOut:
         cv2 = self.cv2
         first = track.sample[0]
         width, height = first.width, first.height
-        if self.fourcc == "mp4v":  # MPEG-4 wants even sizes
-            width, height = max(2, width - width % 2), max(2, height - height % 2)
+        # even sizes: both codecs' 4:2:0 colour wants them (OpenCV would round MJPG down anyway)
+        width, height = max(2, width - width % 2), max(2, height - height % 2)
         track.size = (width, height)
         track.fps = self.cfg.fps or _measured_fps(track.sample)
         writer = cv2.VideoWriter(track.path, cv2.VideoWriter_fourcc(*self.fourcc), track.fps, track.size)
