@@ -290,3 +290,21 @@ async def test_the_dashboard_port_serves_the_streams_under_mjpeg(tiny_net):
         assert gw.frames.side == DEFAULT_LIMITS.mjpeg_side and gw.frames.interval == DEFAULT_LIMITS.mjpeg_interval
     finally:
         await gw.close()
+
+
+def test_stealer_run_passes_the_output_options_to_its_gateway(tmp_path):
+    from stealer.cli import build_parser
+    from stealer.launcher import gateway_outputs_argv
+
+    parser = build_parser()
+    video = str(tmp_path / "{source}.avi")
+    given = ["--http", ":8080", "--metrics", "[::1]:9100", "--mjpeg", "0.0.0.0:8081", "--video-out", video,
+             "--video-side", "640", "--mqtt", "broker.local:1884", "--mqtt-topic", "t/{source}", "--mqtt-qos", "0",
+             "--mqtt-username", "u", "--mqtt-tls"]
+    run = parser.parse_args(["run", *given])
+    node = parser.parse_args(["node", "--gateway", *gateway_outputs_argv(run)])
+    for dest in ("http", "metrics", "mjpeg", "video_out", "video_side", "mqtt", "mqtt_topic", "mqtt_qos",
+                 "mqtt_username", "mqtt_tls", "mqtt_client_id", "mqtt_password_file", "mqtt_ca"):
+        assert getattr(node, dest) == getattr(run, dest), dest
+    assert node.http == (None, 8080) and node.metrics == ("::1", 9100) and node.mqtt == ("broker.local", 1884)
+    assert gateway_outputs_argv(parser.parse_args(["run"])) == []

@@ -117,7 +117,7 @@ def video_config_from_args(args: argparse.Namespace) -> VideoConfig | None:
     """The ``--video-out`` settings, or None; checks OpenCV is there (ConfigError if not)."""
     if args.video_out is None:
         return None
-    cfg = VideoConfig(args.video_out, args.video_side, args.fps)
+    cfg = VideoConfig(args.video_out, args.video_side, getattr(args, "fps", None))  # `stealer run`: no --fps
     _cv2()
     return cfg
 
