@@ -225,6 +225,11 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     from .dashboard import add_http_arg
 
     add_http_arg(p)
+    from .outputs.mjpeg import add_mjpeg_arg
+    from .outputs.video import add_video_args
+
+    add_mjpeg_arg(p)
+    add_video_args(p)
     add_log_format_arg(p)
     add_config_arg(p)
 
@@ -252,6 +257,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .outputs.mqtt import mqtt_config_from_args
 
     mqtt = mqtt_config_from_args(args)  # ConfigError (a bad topic, an unreadable password file): one line, first
+    from .outputs.video import video_config_from_args
+
+    video = video_config_from_args(args)  # ConfigError (no OpenCV, not .avi/.mp4): one line, before the model loads
     net = load_network(args)
     sources = [open_source(s) for s in args.source]
     grid_auto = args.grid == "auto"
@@ -275,6 +283,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     if cfg.mqtt is not None and not (args.gateway or args.gateway_standby):
         log.warning("--mqtt: only the gateway (or a standby once it takes over) publishes results; ignored here")
     cfg.http = args.http
+    cfg.mjpeg = args.mjpeg
+    cfg.video = video
+    for name, value in (("--mjpeg", cfg.mjpeg), ("--video-out", cfg.video)):
+        if value is not None and not (args.gateway or args.gateway_standby):
+            log.warning("%s: only the gateway (or a standby once it takes over) has annotated frames; ignored here",
+                        name)
     from .logs import set_log_node
 
     set_log_node(cfg.node_id)  # every JSON log line of this process names its node
@@ -314,7 +328,9 @@ def cmd_node(args: argparse.Namespace) -> int:
             print(json.dumps({"event": "listening", "node_id": node.id, "port": node.port,
                               "role": node.role, "model_hash": net.model_hash,
                               **({"metrics_port": node.metrics.port} if node.metrics else {}),
-                              **({"http_port": node.dashboard.port} if node.dashboard else {})}), flush=True)
+                              **({"http_port": node.dashboard.port} if node.dashboard else {}),
+                              **({"mjpeg_port": node.mjpeg.port or (node.dashboard.port if node.dashboard else 0)}
+                                 if node.mjpeg else {})}), flush=True)
             # futures of different results (stop.wait() gives True, the others None); only
             # which finishes first matters
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]

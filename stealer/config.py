@@ -285,6 +285,31 @@ class Limits:
     """Most sources whose latest annotated frame the gateway keeps (one JPEG each); the
     least recently updated goes first. Stops source names of a peer's choosing from growing it."""
 
+    mjpeg_side: int = 640
+    """Longest side (pixels) of the previews a gateway asks for when it serves ``--mjpeg``: a
+    live stream worth watching full screen on a laptop, a quarter of a 1280-px frame's bytes."""
+
+    mjpeg_interval: float = 0.1
+    """With ``--mjpeg``, sources send a preview per source at most this often (10/s): every
+    frame of a Pi shelf (1-5 frames/s), and a cap on a fast PC's link and JPEG encoding."""
+
+    mjpeg_clients: int = 8
+    """Most ``--mjpeg`` streams open at once; one more is refused (503). Each holds at most
+    two frames waiting; a client that reads slower than frames come loses frames, counted."""
+
+    video_queue: int = 32
+    """Annotated frames waiting for the ``--video-out`` writer thread (and previews waiting to
+    be drawn per source); past it frames are dropped and counted (``video_dropped``), so a
+    slow disk costs frames, never the gateway's memory."""
+
+    video_files: int = 16
+    """Most sources ``--video-out`` writes a file for; frames of further sources are dropped
+    (a peer's choice of source names must not open files without bound)."""
+
+    video_flush_timeout: float = 5.0
+    """At drain, the frames whose results are out but whose previews are still on their way
+    get this long to reach the ``--video-out`` file before it is finalized."""
+
     dashboard_report_interval: float = 1.0
     """While the gateway serves a dashboard, every node sends it a Status this often (its
     counters, busy share and bytes), so that idle nodes show as alive with current numbers;
@@ -300,6 +325,11 @@ class Limits:
     dashboard_clients: int = 32
     """Most dashboard pages open at once (server-sent event streams); one more is refused
     (503). Each holds a small queue of updates, dropped oldest-first for a slow reader."""
+
+    def preview_bytes(self, side: int) -> int:
+        """Largest preview of longest side ``side`` accepted: ``preview_max_bytes`` per
+        ``preview_side`` squared, scaled by area (a 1280-px preview may be 16 times bigger)."""
+        return max(self.preview_max_bytes, self.preview_max_bytes * side * side // max(1, self.preview_side) ** 2)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -34,6 +34,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .outputs.video import video_config_from_args
+
+    video_config_from_args(args)  # no OpenCV, a bad name: one line now, not in the gateway's log
     nodes = max(1, args.nodes)
     n_sources = max(1, args.sources)
     total = n_sources * args.frames
@@ -59,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             argv = [sys.executable, "-m", "stealer", "node", *common, "--stats", str(work / f"node{i}.json"),
                     "--slots", str(args.slots)]
             if i == 0:
-                argv += ["--gateway", "--out", str(results_path), "--expect", str(total)]
+                argv += ["--gateway", "--out", str(results_path), "--expect", str(total), *gateway_outputs_argv(args)]
             for s in placement.get(i, []):
                 argv += ["--source", f"synthetic:{args.seed + s}", "--frames", str(args.frames)]
             log = open(work / f"node{i}.log", "wb")
@@ -197,6 +200,31 @@ def _verify(args: argparse.Namespace, results: list[dict[str, Any]], seeds: dict
     return bad
 
 
+def _address(host: str | None, port: int | None) -> str:
+    host = f"[{host}]" if host and ":" in host else host or ""
+    return f"{host}:{port}" if port is not None else host
+
+
+def gateway_outputs_argv(args: argparse.Namespace) -> list[str]:
+    """The gateway's outputs given to ``stealer run`` (``--http``, ``--metrics``, ``--mjpeg``,
+    ``--video-out``, ``--mqtt*``), as ``stealer node`` takes them."""
+    out: list[str] = []
+    for flag, value in (("--http", args.http), ("--metrics", args.metrics), ("--mjpeg", args.mjpeg)):
+        if value is not None:
+            out += [flag, _address(*value)]
+    if args.video_out is not None:
+        out += ["--video-out", args.video_out, "--video-side", str(args.video_side)]
+    if args.mqtt is not None:
+        out += ["--mqtt", _address(*args.mqtt), "--mqtt-topic", args.mqtt_topic, "--mqtt-qos", str(args.mqtt_qos)]
+        for flag, text in (("--mqtt-client-id", args.mqtt_client_id), ("--mqtt-username", args.mqtt_username),
+                           ("--mqtt-password-file", args.mqtt_password_file), ("--mqtt-ca", args.mqtt_ca)):
+            if text:
+                out += [flag, text]
+        if args.mqtt_tls:
+            out.append("--mqtt-tls")
+    return out
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--nodes", type=int, default=3, help="processes, the gateway included [3]")
@@ -216,3 +244,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument("--out", help="write results and node statistics as JSON here")
     add_codec_args(p, what="the sources' frames travel to thieves")
+    # the gateway's outputs, passed on to it as they are (see gateway_outputs_argv)
+    from .dashboard import add_http_arg
+    from .metrics import add_metrics_arg
+    from .outputs.mjpeg import add_mjpeg_arg
+    from .outputs.mqtt import add_mqtt_args
+    from .outputs.video import add_video_args
+
+    add_http_arg(p)
+    add_metrics_arg(p)
+    add_mjpeg_arg(p)
+    add_video_args(p)
+    add_mqtt_args(p)

@@ -141,6 +141,7 @@ SAMPLES = [
     pytest.param(TensorMsg("scalar", np.array(3, dtype=np.int32)), id="tensor-0d"),
     pytest.param(Status(3, 1), id="status"),
     pytest.param(Status(3, 1, 2, 1e9, 0.25, 40, 7, 2**40, 12345, True), id="status-dashboard"),
+    pytest.param(Status(3, 1, watching=True, preview_side=1280, preview_interval=0.0), id="status-previews"),
     pytest.param(Preview("n1/0", 7, 640, 480, np.frombuffer(b"\xff\xd8jpeg\xff\xd9", np.uint8)), id="preview"),
     pytest.param(StealRequest(7, accept_tail=False), id="steal"),
     pytest.param(StealReply(7, False), id="steal-reply-none"),
@@ -196,6 +197,10 @@ SAMPLES = [
         pytest.param(lambda: FrameStart("", 1, "p", 1, 1), "source", id="empty-source"),
         pytest.param(lambda: Status(1, 1, busy=1.5), "busy", id="busy-over-one"),
         pytest.param(lambda: Status(1, 1, bytes_in=-1), "out of range", id="negative-bytes"),
+        pytest.param(lambda: Status(1, 1, preview_side=4097), "preview side", id="preview-side-too-big"),
+        pytest.param(lambda: Status(1, 1, preview_side=-1), "preview side", id="preview-side-negative"),
+        pytest.param(lambda: Status(1, 1, preview_interval=float("nan")), "preview interval", id="preview-interval-nan"),
+        pytest.param(lambda: Status(1, 1, preview_interval=-0.5), "preview interval", id="preview-interval-negative"),
         pytest.param(lambda: Preview("n/0", 1, 0, 480, np.zeros(1, np.uint8)), "image size", id="preview-no-width"),
         pytest.param(lambda: TileDone("n/0", -1, 0, "p", "full", np.zeros(1, np.float32)),
                      "negative", id="negative-frame"),
@@ -303,8 +308,8 @@ def test_unknown_fields_are_ignored_and_defaults_fill_in() -> None:
     older = raw_frame({"op": "goodbye", "f": {}, "a": [], "n": []})
     assert decode(*parse_body(body_of(older))) == Goodbye("")
     # ... and array-form messages (new fields go last):
-    newer = raw_frame(_msg("status", 3, 1, 2, 1.5e10, 0.5, 4, 1, 10, 20, True, [1], "added"))
-    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2, 1.5e10, 0.5, 4, 1, 10, 20, True)
+    newer = raw_frame(_msg("status", 3, 1, 2, 1.5e10, 0.5, 4, 1, 10, 20, True, 320, 0.5, [1], "added"))
+    assert decode(*parse_body(body_of(newer))) == Status(3, 1, 2, 1.5e10, 0.5, 4, 1, 10, 20, True, 320, 0.5)
     older = raw_frame(_msg("status", 3, 1))
     assert decode(*parse_body(body_of(older))) == Status(3, 1)
     # a newer peer's new array field: its buffer is skipped

@@ -36,7 +36,7 @@ import math
 import time
 from collections import deque
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
@@ -88,8 +88,10 @@ class Dashboard:
         self.node = node
         self.metrics = metrics  # served at /metrics here when it shares this port
         self.interval = limits.dashboard_report_interval
-        self.frames = FrameStore(limits.preview_sources, 4 * limits.preview_side,
-                                 names=class_names(_classes(node)))
+        # the node's store (it feeds it results and previews), or, made without one, its own
+        self._own_frames = node.frames is None
+        self.frames = node.frames if node.frames is not None else FrameStore(
+            limits.preview_sources, 4 * limits.preview_side, names=class_names(_classes(node)))
         self.history: deque[dict[str, Any]] = deque(maxlen=limits.dashboard_history)
         self.events: deque[dict[str, Any]] = deque(maxlen=limits.dashboard_events)
         self._event_seq = 0
@@ -119,7 +121,8 @@ class Dashboard:
         if isinstance(latency, (int, float)) and math.isfinite(latency):
             self._latencies.append((time.monotonic(), float(latency)))
             self._released += 1
-        self.frames.result(result)
+        if self._own_frames:
+            self.frames.result(result)
 
     def event(self, event: dict[str, Any]) -> None:
         """A milestone of the node (peer joined or lost, tasks queued again, takeover, plan)."""
@@ -266,8 +269,11 @@ class Dashboard:
                 self.update_bytes += len(data)
 
     # ------------------------------------------------------------------ the server
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, routes: Callable[[web.UrlDispatcher], None] | None = None) -> None:
+        """Serve (``routes``: adds more, as ``--mjpeg``'s on the same port, behind the token)."""
         app = web.Application(middlewares=[self._guard])
+        if routes is not None:
+            routes(app.router)
         app.router.add_get("/", self._page)
         app.router.add_get("/static/{name}", self._asset)
         app.router.add_get("/api/state", self._api_state)
@@ -398,9 +404,10 @@ def _sse(event: str, payload: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {_dumps(payload)}\n\n".encode()
 
 
-async def start_dashboard(node: NodeState, metrics: NodeMetrics | None = None) -> Dashboard:
+async def start_dashboard(node: NodeState, metrics: NodeMetrics | None = None,
+                          routes: Callable[[web.UrlDispatcher], None] | None = None) -> Dashboard:
     """Start ``node``'s dashboard where ``node.cfg.http`` says (``metrics``: serve its /metrics
-    on the same port).
+    on the same port; ``routes``: add these, see :meth:`Dashboard.start`).
 
     Raises
     ------
@@ -412,5 +419,5 @@ async def start_dashboard(node: NodeState, metrics: NodeMetrics | None = None) -
     assert node.cfg.http is not None
     want_host, port = node.cfg.http
     dash = Dashboard(node, metrics)
-    await dash.start(metrics_host(want_host, node.cfg.host, node.cfg.secret is not None), port)
+    await dash.start(metrics_host(want_host, node.cfg.host, node.cfg.secret is not None), port, routes)
     return dash

@@ -19,6 +19,7 @@ from ..ftp.auto import tail_memory, tile_memory  # the auto planner counts memor
 from ..ftp.plan import Plan
 from ..network import Network
 from ..outputs.mqtt import MqttConfig
+from ..outputs.video import VideoConfig
 from ..scheduler import PeerLoad, TaskRef
 from ..sources import FrameSource
 from ..wire import Comm
@@ -99,6 +100,8 @@ class NodeConfig:
     metrics: tuple[str | None, int] | None = None  # --metrics: serve /metrics at (host or default, port)
     mqtt: MqttConfig | None = None  # --mqtt: the gateway (or a standby once it takes over) publishes results
     http: tuple[str | None, int] | None = None  # --http: serve the dashboard at (host or default, port)
+    mjpeg: tuple[str | None, int] | None = None  # --mjpeg (gateway or standby): live annotated streams at (host, port)
+    video: VideoConfig | None = None  # --video-out (gateway or standby): annotated frames to video files
     discovery: bool = True
     loopback: bool = False
     interfaces: list[str] | None = None

@@ -25,7 +25,7 @@ class GatewayShell(NodeState):
     """Gateway actions, deadlines and results.
 
     Uses of ``self`` (set in :class:`NodeState`): id, on_result, peers, queue, stats, results,
-    gateway, _deadline_timers, _held, _out_file, metrics, mqtt.
+    gateway, _deadline_timers, _held, _out_file, metrics, mqtt, dashboard, frames.
     """
 
     def _as_gateway(self, peer: Peer | None, msg: Message,
@@ -105,20 +105,21 @@ class GatewayShell(NodeState):
         return StripsReply(msg.request_id, holders is not None, holders=holders or {})
 
     def _on_preview(self, peer: Peer | None, msg: Preview) -> None:
-        """A source's frame preview, for the dashboard: only of the sender's own sources, only
-        as big as ``preview_max_bytes``, only while this node is the gateway with a dashboard."""
+        """A source's frame preview, for the dashboard, --mjpeg, --video-out: only of the
+        sender's own sources, only as big as ``Limits.preview_bytes`` of the side asked for,
+        only while this node is the gateway with one of those."""
         sender = peer.node_id if peer is not None else self.id
-        if self.dashboard is None or not self.is_gateway:
+        if self.frames is None or not self.is_gateway:
             return
         if gw_role.owner_of(msg.source) != sender:
             log.warning("preview of %s from %s refused: not its source", msg.source, sender[:8])
             return
-        limit = self.cfg.limits.preview_max_bytes
+        limit = self.cfg.limits.preview_bytes(self.frames.side)
         if msg.jpeg.nbytes > limit:
-            log.warning("preview of %s from %s refused: %d B > preview_max_bytes %d B", msg.source, sender[:8],
-                        msg.jpeg.nbytes, limit)
+            log.warning("preview of %s from %s refused: %d B > %d B (preview_max_bytes for %d px)", msg.source,
+                        sender[:8], msg.jpeg.nbytes, limit, self.frames.side)
             return
-        self.dashboard.frames.preview(msg.source, msg.frame, msg.img_w, msg.img_h, msg.jpeg.tobytes())
+        self.frames.preview(msg.source, msg.frame, msg.img_w, msg.img_h, msg.jpeg.tobytes())
 
     def _emit_result(self, res: dict[str, Any]) -> None:
         self.stats.frames_done += 1
@@ -133,5 +134,7 @@ class GatewayShell(NodeState):
             self.mqtt.publish(res)
         if self.dashboard is not None:
             self.dashboard.frame_released(res)
+        if self.frames is not None:
+            self.frames.result(res)
         if self.on_result is not None:
             self.on_result(res)

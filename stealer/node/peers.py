@@ -293,9 +293,12 @@ class Peers(NodeState):
         """This node's Status: its queue, its speed, and what a dashboard shows of it."""
         b_in, b_out = self._link_bytes()
         st = self.stats
+        frames = self.frames  # the previews this node wants as the gateway (none: side 0)
         return Status(*(queued or self._queued()), speed=self._measured_speed() if speed is None else speed,
                       busy=self._busy_share(), tasks_run=st.tiles_run + st.tails_run, stolen=st.stolen,
-                      bytes_in=b_in, bytes_out=b_out, watching=self.dashboard is not None)
+                      bytes_in=b_in, bytes_out=b_out, watching=self.dashboard is not None,
+                      preview_side=frames.side if frames is not None else 0,
+                      preview_interval=frames.interval if frames is not None else 0.0)
 
     def _link_bytes(self) -> tuple[int, int]:
         """Bytes received and sent over every connection this node has had."""

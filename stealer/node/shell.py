@@ -87,29 +87,11 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             self._auto_candidates = await self._pool.run(candidate_plans, self.net.spec, self.layers)
             self._replan()
         await self._pool.run(self._plan, self._own_plan_key)
-        shared = self.cfg.http is not None and self.cfg.http == self.cfg.metrics and self.cfg.http[1] != 0
-        if self.cfg.metrics is not None and not shared:  # first: a port in use fails the start with nothing else open
-            from ..metrics import start_metrics
-
-            self.metrics = await start_metrics(self)
-        if self.cfg.http is not None:
-            from ..dashboard.server import start_dashboard
-
-            if shared:  # one port for both: the dashboard's server serves /metrics
-                from ..metrics import NodeMetrics
-
-                self.metrics = NodeMetrics(self)
-            try:
-                self.dashboard = await start_dashboard(self, self.metrics if shared else None)
-            except BaseException:
-                if self.metrics is not None:
-                    await self.metrics.close()
-                raise
-        if self.cfg.mqtt is not None and (self.cfg.gateway or self.cfg.standby):
-            from ..outputs.mqtt import MqttPublisher
-
-            self.mqtt = MqttPublisher(self.cfg.mqtt, self.id, self.cfg.limits)
-            self.mqtt.start()  # a broker that is down is retried in the background, never fatal
+        try:
+            await self._start_outputs()
+        except BaseException:
+            await self._close_outputs()
+            raise
         self._server = serve(self.cfg.host, self.cfg.port, self._on_comm, self.hello,
                              limits=self.cfg.limits, secret=self._key,
                              authenticate_frames=self.cfg.authenticate_frames)
@@ -140,6 +122,61 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             await self._discovery.start()
         return self
 
+    async def _start_outputs(self) -> None:
+        """--metrics, --http, --mjpeg, --video-out, --mqtt (a port in use fails the start)."""
+        cfg = self.cfg
+        shared = cfg.http is not None and cfg.http == cfg.metrics and cfg.http[1] != 0
+        if cfg.metrics is not None and not shared:  # first: a port in use fails the start with nothing else open
+            from ..metrics import start_metrics
+
+            self.metrics = await start_metrics(self)
+        from ..dashboard.frames import frame_store_for
+
+        self.frames = frame_store_for(cfg, self.net)
+        outputs = cfg.gateway or cfg.standby  # as --mqtt: only a (future) gateway has results
+        if cfg.video is not None and outputs and self.frames is not None:
+            from ..outputs.video import VideoOut
+
+            self.video = VideoOut(cfg.video, cfg.limits)  # ConfigError without OpenCV
+            self.video.start()
+            self.frames.listen(self.video.add)
+        mjpeg = None
+        if cfg.mjpeg is not None and outputs and self.frames is not None:
+            from ..dashboard import dashboard_token
+            from ..outputs.mjpeg import MjpegServer
+
+            mjpeg = MjpegServer(self.frames, cfg.limits, dashboard_token(self._key) if self._key is not None else None)
+            self.mjpeg = mjpeg
+        mjpeg_shared = mjpeg is not None and cfg.mjpeg == cfg.http and cfg.mjpeg is not None and cfg.mjpeg[1] != 0
+        if cfg.http is not None:
+            from ..dashboard.server import start_dashboard
+
+            if shared:  # one port for both: the dashboard's server serves /metrics
+                from ..metrics import NodeMetrics
+
+                self.metrics = NodeMetrics(self)
+            routes = (lambda router: mjpeg.add_routes(router, "/mjpeg")) if mjpeg is not None and mjpeg_shared else None
+            self.dashboard = await start_dashboard(self, self.metrics if shared else None, routes)
+        if mjpeg is not None and not mjpeg_shared:
+            from ..metrics import metrics_host
+
+            assert cfg.mjpeg is not None
+            await mjpeg.start(metrics_host(cfg.mjpeg[0], cfg.host, cfg.secret is not None), cfg.mjpeg[1])
+        if cfg.mqtt is not None and outputs:
+            from ..outputs.mqtt import MqttPublisher
+
+            self.mqtt = MqttPublisher(cfg.mqtt, self.id, cfg.limits)
+            self.mqtt.start()  # a broker that is down is retried in the background, never fatal
+
+    async def _close_outputs(self) -> None:
+        """Close what :meth:`_start_outputs` opened (safe twice): the streams, the dashboard,
+        the frames (their drawings in progress), then the video files, finalized."""
+        for out in (self.mjpeg, self.dashboard, self.frames, self.video, self.metrics):
+            if out is not None:
+                await out.close()
+        if self.mqtt is not None:  # after the tasks: every result released by now is accounted for
+            await self.mqtt.close()
+
     async def close(self) -> None:
         """Stop: finish the task in hand, say goodbye, release everything (safe twice)."""
         if self._closed:
@@ -166,12 +203,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             await self._discovery.close()
         if self._server is not None:
             await self._server.close()
-        if self.dashboard is not None:
-            await self.dashboard.close()
-        if self.metrics is not None:
-            await self.metrics.close()
-        if self.mqtt is not None:  # after the tasks: every result released by now is accounted for
-            await self.mqtt.close()
+        await self._close_outputs()
         self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()
@@ -201,14 +233,19 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         self._work.set()
         try:
             await asyncio.wait_for(self._drained(), timeout)
-            return True
         except asyncio.TimeoutError:
             log.warning("drain: %d frame(s) and %d task(s) still open after %.1f s",
                         len(self.source.frames), self._running, timeout)
             return False
+        if self.video is not None and self.frames is not None:  # the last previews, into the files
+            wait = min(timeout, self.cfg.limits.video_flush_timeout)
+            if not await self.frames.settle(wait):
+                log.warning("drain: --video-out: no preview of the last results of %s after %.1f s",
+                            ", ".join(self.frames.behind()), wait)
+        return True
 
     async def _drained(self) -> None:
-        while self.source.frames or self._running:
+        while self.source.frames or self._running or self._preview_out:
             self._idle_changed.clear()
             await self._idle_changed.wait()
 

@@ -8,6 +8,7 @@ sharing (policy "share"), and, with ``--grid auto``, re-planning as computing no
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import time
@@ -241,45 +242,79 @@ class Source(NodeState):
         self._work_changed()
 
     # ------------------------------------------------------------------ frame previews
-    def _previews_wanted(self) -> bool:
-        """Whether the gateway serves a dashboard (it said so in its Status; or it is this node)."""
+    def _previews_wanted(self) -> tuple[int, float] | None:
+        """The previews the gateway asks for, as (longest side, interval; 0: every frame), or
+        None: it said so in its Status (or it is this node)."""
         if self.is_gateway:
-            return self.dashboard is not None
+            return (self.frames.side, self.frames.interval) if self.frames is not None else None
         gw = self._gateway()
-        return gw is not None and gw.status is not None and gw.status.watching
+        status = gw.status if gw is not None else None
+        if status is None or status.preview_side == 0:
+            return None
+        return status.preview_side, status.preview_interval
 
     def _preview_candidate(self, source_id: str, frame: Frame) -> None:
         """A new frame of a source: keep it to preview once its result is out, if previews are
-        wanted, the source's last one went ``preview_interval`` ago, and none waits (a frame
-        picked while another waits would, with a latency above the interval, replace it
-        before it is done, every time)."""
-        if not self._previews_wanted():
+        wanted (not of every frame: those are taken when they are done), the source's last one
+        went the interval ago, and none waits (a frame picked while another waits would, with
+        a latency above the interval, replace it before it is done, every time)."""
+        wants = self._previews_wanted()
+        if wants is None or wants[1] == 0.0:
             self._preview_wait.pop(source_id, None)
             return
         waiting = self._preview_wait.get(source_id)
         if waiting is not None and (source_id, waiting.number) in self.source.frames:
             return
-        if time.monotonic() - self._preview_sent.get(source_id, -math.inf) < self.cfg.limits.preview_interval:
+        if time.monotonic() - self._preview_sent.get(source_id, -math.inf) < wants[1]:
             return
         self._preview_wait[source_id] = frame
 
     def _preview_done(self, msg: FrameDone) -> None:
-        frame = self._preview_wait.get(msg.source)
-        if frame is None or frame.number != msg.frame:
-            return
-        del self._preview_wait[msg.source]
+        """A frame's result is out: preview it if it was picked, or if the gateway wants every
+        frame (before the source forgets the frame)."""
+        waiting = self._preview_wait.get(msg.source)
+        if waiting is not None and waiting.number == msg.frame:
+            del self._preview_wait[msg.source]
+            frame = waiting
+        else:
+            wants = self._previews_wanted()
+            sf = self.source.frames.get((msg.source, msg.frame))
+            if wants is None or wants[1] != 0.0 or sf is None:
+                return
+            frame = sf.frame
         self._preview_sent[msg.source] = time.monotonic()
-        self._spawn(self._send_preview(msg.source, frame), "preview")
+        out = self._preview_out.get(msg.source)
+        if out is None:  # one sender per source: previews go in frame order
+            out = self._preview_out[msg.source] = collections.deque()
+            self._spawn(self._send_previews(msg.source, out), "preview")
+        if len(out) >= self.cfg.limits.video_queue:
+            log.info("no preview of frame %d of %s: %d previews wait to be encoded", frame.number, msg.source,
+                     len(out))
+            return
+        out.append(frame)
+
+    async def _send_previews(self, source_id: str, out: collections.deque[Frame]) -> None:
+        try:
+            while out:
+                await self._send_preview(source_id, out.popleft())
+        finally:
+            if self._preview_out.get(source_id) is out:
+                del self._preview_out[source_id]
+            self._idle_changed.set()  # drain waits for the previews of finished frames
 
     async def _send_preview(self, source_id: str, frame: Frame) -> None:
         """Downscale and JPEG-encode the frame off the loop, and give it to the gateway."""
         from ..dashboard.frames import preview_jpeg
 
+        wants = self._previews_wanted()
+        if wants is None:
+            return
+        side = wants[0]
         limits = self.cfg.limits
         image = frame.pixels if frame.pixels is not None else frame.data
         try:
             jpeg = await asyncio.get_running_loop().run_in_executor(
-                None, preview_jpeg, image, limits.preview_side, limits.preview_max_bytes)
+                None, preview_jpeg, image, side, limits.preview_bytes(side))
         except StealerError as exc:
             log.info("no preview of frame %d of %s: %s", frame.number, source_id, exc)
             return

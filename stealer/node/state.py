@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes w
     from ..metrics import NodeMetrics  # nor prometheus_client and aiohttp by nodes without --metrics
     from ..outputs.mqtt import MqttPublisher  # nor paho by nodes without --mqtt
     from ..dashboard.server import Dashboard  # nor the dashboard by nodes without --http
+    from ..dashboard.frames import FrameStore
+    from ..outputs.mjpeg import MjpegServer  # nor aiohttp by nodes without --mjpeg
+    from ..outputs.video import VideoOut  # nor OpenCV by nodes without --video-out
 
 T = TypeVar("T")
 
@@ -99,13 +102,18 @@ class NodeState:
         self.metrics: NodeMetrics | None = None  # --metrics: its registry and /metrics server
         self.mqtt: MqttPublisher | None = None  # --mqtt (gateway or standby): publishes released results
         self.dashboard: Dashboard | None = None  # --http: the dashboard and its server
+        self.frames: FrameStore | None = None  # --http, --mjpeg, --video-out: the latest annotated frames
+        self.mjpeg: MjpegServer | None = None  # --mjpeg (gateway or standby): live annotated streams
+        self.video: VideoOut | None = None  # --video-out (gateway or standby): annotated frames to files
         self._started_at = time.monotonic()
         self._link_bytes_closed = [0, 0]  # bytes in, out of connections already closed
         self._busy_marks: collections.deque[tuple[float, float]] = collections.deque(maxlen=6)  # (t, busy s)
         # frame previews (only while the gateway wants them): the frame of each source waiting
-        # for its result to go out as a preview, and when each source last sent one
+        # for its result to go out as a preview, when each source last sent one, and the
+        # previews of each source being encoded and sent, in frame order (at most video_queue)
         self._preview_wait: dict[str, Frame] = {}
         self._preview_sent: dict[str, float] = {}
+        self._preview_out: dict[str, collections.deque[Frame]] = {}
         self._connecting: set[str] = set()
         self._lease_timer: asyncio.TimerHandle | None = None
         self._null_cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}

@@ -823,6 +823,13 @@ def _check_task_name(source: str, frame: int, task: int) -> None:
 MAX_NODE_SPEED: Final = 1e15
 """FLOP/s a peer may claim (a petaflop: far beyond any edge device, finite for the planner)."""
 
+MAX_PREVIEW_SIDE: Final = 4096
+"""Longest preview side a gateway may ask sources for (a 4K frame): bounds what it makes
+every source encode and send per frame."""
+
+MAX_PREVIEW_INTERVAL: Final = 3600.0
+"""Longest preview interval a Status may carry (seconds)."""
+
 
 @register
 class Status(Message, tag="status", frozen=True):
@@ -841,9 +848,15 @@ class Status(Message, tag="status", frozen=True):
     stolen: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    # the sender serves a dashboard: as the gateway it wants frame previews (Preview) from
-    # sources and a Status from every node each dashboard_report_interval
+    # the sender serves a dashboard: as the gateway it wants a Status from every node each
+    # dashboard_report_interval
     watching: bool = False
+    # as the gateway, the sender wants frame previews (Preview) from sources, their longest
+    # side at most preview_side pixels (0: no previews), at most one per source every
+    # preview_interval seconds (0: of every frame): what its most demanding consumer needs
+    # (the dashboard, --mjpeg, --video-out)
+    preview_side: int = 0
+    preview_interval: float = 0.0
 
     def __post_init__(self) -> None:
         counts = (self.queued_tiles, self.queued_tails, self.leased, self.tasks_run, self.stolen,
@@ -854,14 +867,19 @@ class Status(Message, tag="status", frozen=True):
             raise ValueError(f"speed {self.speed} out of range")
         if not (math.isfinite(self.busy) and 0.0 <= self.busy <= 1.0):
             raise ValueError(f"busy {self.busy} out of range")
+        if not 0 <= self.preview_side <= MAX_PREVIEW_SIDE:
+            raise ValueError(f"preview side {self.preview_side} out of range")
+        if not (math.isfinite(self.preview_interval) and 0.0 <= self.preview_interval <= MAX_PREVIEW_INTERVAL):
+            raise ValueError(f"preview interval {self.preview_interval} out of range")
 
 
 @register
 class Preview(Message, tag="preview", frozen=True):
-    """Source to gateway, only while the gateway is ``watching``: a downscaled JPEG of one
-    frame of the sender's own source (at most one per ``preview_interval``, at most
-    ``preview_max_bytes``, its longest side ``preview_side``), sent once the frame's result
-    is out; the gateway draws the frame's detections on it for its dashboard.
+    """Source to gateway, only while the gateway's Status asks for previews: a downscaled JPEG
+    of one frame of the sender's own source (at most one per the Status' ``preview_interval``,
+    its longest side the Status' ``preview_side``, at most ``Limits.preview_bytes`` of that
+    side), sent once the frame's result is out, in frame order; the gateway draws the frame's
+    detections on it for its dashboard, ``--mjpeg`` and ``--video-out``.
     ``img_w`` x ``img_h`` is the camera image the detections' pixel boxes refer to."""
 
     source: str
