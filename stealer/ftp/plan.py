@@ -506,7 +506,8 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
             continue
         t = plan.totals(reuse=scheme != "none")
         block = plan.frame_flops
-        transfer = t.output_bytes + t.overlap_bytes + t.input_bytes // 4
+        # a 1x1 grid runs the block and the tail on one node: nothing crosses a link
+        transfer = 0 if tiles == 1 else t.output_bytes + t.overlap_bytes + t.input_bytes // 4
         sec = t.flops / (DEPTH_FLOP_RATE * par) + (total - block) / DEPTH_FLOP_RATE + transfer / DEPTH_LINK_RATE
         out.append(DepthCandidate(n, plan.outputs, block, t.flops, total - block, transfer, sec))
     if not out:
