@@ -99,12 +99,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 """Version of the wire protocol, exchanged in :class:`Hello`; bump on any change that an
 older peer cannot handle by ignoring unknown fields. 4: msgspec array-form headers
 (protocol 3 sent every message in the map envelope that only stable messages keep). 5: a
 tile's input may travel encoded (``codec``, ``encoded`` of :class:`StealReply` and
-:class:`RegionReply`), which an older thief would take for a grant without data."""
+:class:`RegionReply`), which an older thief would take for a grant without data. 6: a fused
+block may be a DAG with several outputs: :class:`TileDone` ``output`` and a tail grant's
+``data`` are then those maps raveled and concatenated (1-D; ``stealer.ftp.execute.pack_tile``),
+and a plan key's depth may end past a route, which an older peer would refuse or misread."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
