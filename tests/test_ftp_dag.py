@@ -5,6 +5,8 @@ DAG stacks (hypothesis); the assembly of several maps per frame; the cost-chosen
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -197,3 +199,19 @@ def test_random_dag_blocks_tiled_equal_whole(text, data):
             assert np.array_equal(res.maps[o], want[o]), (o, reuse)
     # a reuse variant computes a part of what its full variant does
     assert all(t.reuse is None or t.reuse.flops <= t.full.flops for t in plan.tasks)
+
+
+def test_plan_command_states_the_dag_block(capsys):
+    from stealer.cli import main
+
+    assert main(["plan", "--cfg", "yolov3-tiny", "--grid", "3x3", "--reuse", "--scheme", "wave"]) == 0
+    out = capsys.readouterr().out
+    assert "depth chosen by cost" in out and "depth candidates" in out
+    assert "fused outputs L16 255x13x13, L23 255x26x26 (the grid cuts L16)" in out
+    assert "100.0% of the model's" in out and "reuse borrows conv and maxpool maps only" in out
+    assert main(["plan", "--cfg", "yolov3-tiny", "--grid", "3x3", "--layers", "20", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [o["layer"] for o in d["outputs"]] == [8, 16, 19] and d["depth_chosen_by"] == "--layers"
+    assert 0 < d["block_flops_fraction"] < 1
+    assert main(["plan", "--cfg", "yolov3-tiny", "--layers", "25"]) == 2
+    assert "has only 24 layers" in capsys.readouterr().err

@@ -146,8 +146,8 @@ def format_plan(plan: Plan, reuse: bool, regions: bool = False, spec: Any = None
         f"{plan.source}: input {c}x{h}x{w}, fused layers {s['layers'][0]}-{s['layers'][1]} "
         f"({kinds}; {plan.frame_flops / 1e9:.2f} GFLOP, {100 * s['block_flops_fraction']:.1f}% of the model's "
         f"{s['model_flops'] / 1e9:.2f}), depth chosen by {s['depth_chosen_by']}",
-        f"fused output{'s' if len(s['outputs']) > 1 else ''} {outs}; grid {plan.grid[0]}x{plan.grid[1]} "
-        f"of L{plan.grid_output}, "
+        f"fused output{'s' if len(s['outputs']) > 1 else ''} {outs} (the grid cuts L{plan.grid_output}); "
+        f"grid {plan.grid[0]}x{plan.grid[1]}, "
         + (f"reuse {plan.scheme}/{plan.borrow} ({s['phases']} phases, {s['strips']} strips)" if reuse else "no reuse"),
         f"{'task':>4} {'tile':>5} {'ph':>2} {'var':<5} {'output':<13} {'input region':<17} {'GFLOP':>6} "
         f"{'%frame':>6} {'full%':>6} {'WS MiB':>6} {'in KB':>7} {'borrow KB':>9} {'pub KB':>7}  producers",
