@@ -41,8 +41,8 @@ class FrameAssembly:
 
     def __init__(self, shape: Sequence[int] | Sequence[Sequence[int]], tiles: Sequence[Any]) -> None:
         single = len(shape) > 0 and isinstance(shape[0], (int, np.integer))
-        self.shapes: list[tuple[int, int, int]] = (
-            [tuple(int(v) for v in shape)] if single else [tuple(int(v) for v in s) for s in shape])  # type: ignore[misc, union-attr]
+        raw: list[Any] = [shape] if single else list(shape)
+        self.shapes: list[tuple[int, int, int]] = [(int(s[0]), int(s[1]), int(s[2])) for s in raw]
         self.single = single
         self.tiles: list[tuple[Rect, ...]] = [(tuple(t),) if single else tuple(tuple(r) for r in t)  # type: ignore[misc]
                                               for t in tiles]

@@ -342,6 +342,8 @@ class Network:
                 if isinstance(layer, RouteSpec):
                     y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id)
                 else:
+                    if x is None:
+                        raise ValueError(f"layer {i} adds to layer {i - 1}, whose map was not given")
                     y = kernels.shortcut(x, [kept[s] for s in layer.sources], layer.activation)
             else:
                 if x is None:
