@@ -21,7 +21,7 @@ from stealer.ftp.plan import (SCHEMES, block_outputs, default_layers, depth_cand
 from stealer.images import synthetic_frame
 from stealer.network import Network, builtin_cfg, output_digest
 
-from .test_ftp_plan import cover_count
+from .test_ftp_plan import cover_count, sized_cfg
 from .test_network_v4 import small_net
 
 
@@ -33,6 +33,8 @@ def check_exact(net: Network, plan, x: np.ndarray) -> None:
         res = run_frame(net, plan, x, reuse=reuse)
         for o in plan.outputs:
             assert np.array_equal(res.maps[o], want[o]), (o, reuse)
+        for t in plan.tasks:  # the plan's working set bounds what the executor held
+            assert res.peak_bytes[t.id] <= t.variant(reuse).working_set
     assert output_digest(net.outputs_from(res.maps, plan.n_layers)) == output_digest(net.outputs(x))
 
 
@@ -53,6 +55,17 @@ def test_shipped_dag_models_tiled_equal_whole(name, size, grid, scheme, layers):
     plan = make_plan(net, grid, layers, scheme=scheme)
     assert layers is None or len(plan.outputs) >= 2 or plan.n_layers == len(net.layers)
     check_exact(net, plan, synthetic_frame(2, 0, net.input_shape))
+
+
+def test_yolov2_fuses_through_its_route():
+    """YOLOv2's route 25 reads layer 16: a block of 27 layers (up to its reorg) has outputs 24 and
+    26, and the tail (reorg, route, ...) runs from them exactly; the default depth stays 16."""
+    text = sized_cfg("yolov2", 96)
+    net = Network.from_cfg_text(text, seed=2)
+    assert fusable_depth(net.spec) == 27
+    plan = make_plan(net, (3, 3), 27, scheme="quad")
+    assert plan.outputs == (24, 26)
+    check_exact(net, plan, synthetic_frame(4, 0, net.input_shape))
 
 
 def test_outputs_are_the_maps_the_rest_reads():

@@ -74,6 +74,9 @@ LENDING_KINDS = ("conv", "maxpool")
 #: 20 Mbit/s link (the emulated cluster's), in FLOP/s and bytes/s.
 DEPTH_FLOP_RATE = 2.0e9
 DEPTH_LINK_RATE = 2.5e6
+#: Depths the cost model weighs at most: each costs a plan (0.1-0.2 s for yolov4 at 608), and a
+#: node resolves its default depth at start.
+MAX_DEPTH_CANDIDATES = 32  # every candidate of the tiny models (yolov4-tiny: 26)
 
 
 # ------------------------------------------------------------------------------------ data model
@@ -489,17 +492,22 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
     Fusing deeper moves the tail's FLOPs into parallel tiles but grows the halos (executed FLOPs
     above the block's); the fused outputs' bytes change with where the cut falls. Candidates are
     the depths where the block ends on a conv, a maxpool or a yolo head (cutting right after a
-    route or upsample only moves a copy), and the deepest one. Ties go to the deeper block.
+    route or upsample only moves a copy), at most :data:`MAX_DEPTH_CANDIDATES` of them spread
+    evenly, and the deepest one. Ties go to the deeper block.
     """
     rows, cols = grid
     tiles = rows * cols
     par = min(devices or tiles, tiles)
     most = fusable_depth(spec)
     total = sum(l.flops for l in spec.layers)
+    ends = [n for n in range(1, most) if spec.layers[n - 1].kind in ("conv", "maxpool", "yolo")]
+    if tiles == 1:
+        ends = []  # one tile: every depth costs the same FLOPs and moves nothing; the deepest wins the tie
+    elif len(ends) > MAX_DEPTH_CANDIDATES - 1:  # a deep model (yolov4: 116 ends): an even spread of them
+        step = len(ends) / (MAX_DEPTH_CANDIDATES - 1)
+        ends = sorted({ends[int(i * step)] for i in range(MAX_DEPTH_CANDIDATES - 1)})
     out: list[DepthCandidate] = []
-    for n in range(1, most + 1):
-        if n != most and spec.layers[n - 1].kind not in ("conv", "maxpool", "yolo"):
-            continue
+    for n in ends + [most]:
         try:
             plan = make_plan(spec, grid, n, scheme=scheme)
         except PlanError:
