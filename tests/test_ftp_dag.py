@@ -228,3 +228,10 @@ def test_plan_command_states_the_dag_block(capsys):
     assert 0 < d["block_flops_fraction"] < 1
     assert main(["plan", "--cfg", "yolov3-tiny", "--layers", "25"]) == 2
     assert "has only 24 layers" in capsys.readouterr().err
+
+
+def test_run_refuses_a_depth_that_is_no_block_boundary(capsys):
+    from stealer.cli import main
+
+    assert main(["run", "--cfg", "yolov2", "--layers", "28", "--frames", "1"]) == 2
+    assert "layer 27 is a reorg, which cannot be in a fused block" in capsys.readouterr().err
