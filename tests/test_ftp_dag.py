@@ -16,7 +16,7 @@ from stealer.assembly import FrameAssembly
 from stealer.darknet import parse_cfg, parse_cfg_text
 from stealer.errors import CfgError, PlanError
 from stealer.ftp.execute import fused_maps, pack_tile, run_frame, run_task, tile_shapes
-from stealer.ftp.plan import (SCHEMES, block_outputs, default_layers, depth_candidates, fusable_depth, make_plan,
+from stealer.ftp.plan import (SCHEMES, Plan, block_outputs, default_layers, depth_candidates, fusable_depth, make_plan,
                               output_tiles)
 from stealer.images import synthetic_frame
 from stealer.network import Network, builtin_cfg, output_digest
@@ -109,6 +109,8 @@ def test_assembly_of_several_maps_and_packing():
     with pytest.raises(Exception, match="fused maps must be"):
         fused_maps(plan, asm.output[:-1])
     assert pack_tile([np.ones((2, 1, 1), np.float32)]).shape == (2, 1, 1)  # one output: as is
+    back = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))  # the plain-data form keeps the DAG
+    assert back == plan and back.outputs == plan.outputs and back.tasks[3].outputs == plan.tasks[3].outputs
 
 
 def test_depth_is_chosen_by_cost_and_meets_the_targets():
