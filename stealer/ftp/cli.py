@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from ..errors import PlanError
 from .geometry import Rect, is_empty
 from .plan import (BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, DEPTH_FLOP_RATE, DEPTH_LINK_RATE, SCHEMES,
-                   DepthCandidate, Plan, Task, depth_candidates, make_plan, parse_grid,
+                   DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
                    simulate)
 
 MIB = 1 << 20
@@ -233,7 +233,9 @@ def _run_auto(args: argparse.Namespace, spec: Any) -> int:
                             source=1 if args.nodes > 1 else 0, gateway=0,
                             pixel_ratio=TYPICAL_RATIO[args.frame_codec])
     budget = args.latency_budget / 1000.0 if args.latency_budget else None
-    choice = choose(candidate_plans(spec, args.layers), cluster, args.objective, budget)
+    # the depth a grid-auto node uses (NodeState): --layers, else the default for a lone node's 1x1
+    depth = args.layers or default_layers(spec, (1, 1))
+    choice = choose(candidate_plans(spec, depth), cluster, args.objective, budget)
     if args.json:
         rows = [{"grid": list(p.grid), "scheme": p.scheme, "inflight": p.inflight, "fps": p.fps,
                  "latency": p.latency if p.feasible else None, "single_latency": p.single_latency if p.feasible else None,
