@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,26 +22,51 @@ log = logging.getLogger(__name__)
 Rect = tuple[int, int, int, int]
 
 
-@dataclass
 class FrameAssembly:
-    """One frame's fused output, filled tile by tile.
+    """One frame's fused outputs, filled tile by tile.
 
     Parameters
     ----------
-    shape : (C, H, W)
-        Shape of the fused block's output map.
-    tiles : sequence of (y0, y1, x0, x1)
-        Output region of each task, by task id; together they partition the map.
+    shape : (C, H, W), or a sequence of them
+        Shape of the fused block's output map, or of each of its outputs (a DAG block).
+    tiles : sequence of (y0, y1, x0, x1), or of tuples of them
+        Output region of each task, by task id (with several outputs: its region of each);
+        together they partition every map.
+
+    With one output, a tile is its (C, h, w) array and :attr:`output` is the (C, H, W) map. With
+    several, a tile is its regions of every output raveled and concatenated (float32, 1-D, see
+    :func:`stealer.ftp.execute.pack_tile`) and :attr:`output` the whole maps raveled and
+    concatenated (see :func:`stealer.ftp.execute.fused_maps`).
     """
 
-    shape: tuple[int, int, int]
-    tiles: Sequence[Rect]
-    output: np.ndarray = field(init=False)
-    received: set[int] = field(default_factory=set)
-    duplicates: int = 0
+    def __init__(self, shape: Sequence[int] | Sequence[Sequence[int]], tiles: Sequence[Any]) -> None:
+        single = len(shape) > 0 and isinstance(shape[0], (int, np.integer))
+        raw: list[Any] = [shape] if single else list(shape)
+        self.shapes: list[tuple[int, int, int]] = [(int(s[0]), int(s[1]), int(s[2])) for s in raw]
+        self.single = single
+        self.tiles: list[tuple[Rect, ...]] = [(tuple(t),) if single else tuple(tuple(r) for r in t)  # type: ignore[misc]
+                                              for t in tiles]
+        self.shape = self.shapes[0]
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        flat = np.empty(sum(sizes), np.float32)
+        self.maps = []
+        at = 0
+        for s, n in zip(self.shapes, sizes):
+            self.maps.append(flat[at:at + n].reshape(s))
+            at += n
+        self.output: np.ndarray = self.maps[0] if single else flat
+        self.received: set[int] = set()
+        self.duplicates = 0
+        # a tile's (C, h, w) of every output, and its element count
+        self._tile_shapes = [[(s[0], r[1] - r[0], r[3] - r[2]) for s, r in zip(self.shapes, t)] for t in self.tiles]
 
-    def __post_init__(self) -> None:
-        self.output = np.empty(self.shape, np.float32)
+    @classmethod
+    def for_plan(cls, plan: Any) -> "FrameAssembly":
+        """The assembly of one frame of ``plan`` (a :class:`stealer.ftp.plan.Plan`)."""
+        tasks = sorted(plan.tasks, key=lambda t: t.id)
+        if len(plan.outputs) == 1:
+            return cls(plan.output_shapes[0], [t.outputs[0] for t in tasks])
+        return cls(plan.output_shapes, [t.outputs for t in tasks])
 
     @property
     def complete(self) -> bool:
@@ -57,15 +81,19 @@ class FrameAssembly:
         return the missing task ids (late tiles are then dropped as duplicates)."""
         missing = self.missing
         for t in missing:
-            y0, y1, x0, x1 = self.tiles[t]
-            self.output[:, y0:y1, x0:x1] = 0
+            for m, (y0, y1, x0, x1) in zip(self.maps, self.tiles[t]):
+                m[:, y0:y1, x0:x1] = 0
             self.received.add(t)
         return missing
 
     def missing_fraction(self, missing: list[int]) -> float:
-        total = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.tiles)
-        gone = sum((self.tiles[t][1] - self.tiles[t][0]) * (self.tiles[t][3] - self.tiles[t][2]) for t in missing)
-        return gone / total if total else 0.0
+        """The part of the frame (of the grid's map: every output's share is the same part of
+        the image) the missing tiles cover."""
+        def px(t: int) -> int:
+            return sum((r[1] - r[0]) * (r[3] - r[2]) for r in self.tiles[t])
+
+        total = sum(px(t) for t in range(len(self.tiles)))
+        return sum(px(t) for t in missing) / total if total else 0.0
 
     def add(self, task: int, tile: np.ndarray) -> bool:
         """Place one task's output tile. Returns False for a duplicate (dropped).
@@ -78,14 +106,18 @@ class FrameAssembly:
         """
         if not 0 <= task < len(self.tiles):
             raise ValueError(f"task {task} is not a tile of this frame (0..{len(self.tiles) - 1})")
-        y0, y1, x0, x1 = self.tiles[task]
-        want = (self.shape[0], y1 - y0, x1 - x0)
+        shapes = self._tile_shapes[task]
+        want: tuple[int, ...] = shapes[0] if self.single else (sum(int(np.prod(s)) for s in shapes),)
         if tile.shape != want or tile.dtype != np.float32:
             raise ValueError(f"tile {task} must be float32 {want}, got {tile.dtype} {tile.shape}")
         if task in self.received:
             self.duplicates += 1
             return False
-        self.output[:, y0:y1, x0:x1] = tile
+        at = 0
+        for m, s, (y0, y1, x0, x1) in zip(self.maps, shapes, self.tiles[task]):
+            n = int(np.prod(s))
+            m[:, y0:y1, x0:x1] = tile if self.single else tile[at:at + n].reshape(s)
+            at += n
         self.received.add(task)
         return True
 

@@ -173,7 +173,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=parse_grid_or_auto, default=(5, 5),
                    help="tile grid RxC, or auto: chosen for the cluster, again as nodes come and go [5x5]")
     add_auto_args(p)
-    p.add_argument("--layers", type=int, default=None, help="fused layers [16, or the conv/maxpool prefix]")
+    p.add_argument("--layers", type=int, default=None,
+                   help="fused layers from layer 0, any depth up to the first layer that cannot be fused "
+                        "[16 for YOLOv2; DAG models: chosen by cost, see `stealer plan`]")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--reuse", dest="scheme", action="store_const", const="quad",
                        help="data-reuse-aware tiles (default)")
@@ -295,13 +297,15 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     if cfg.max_memory:
         from .ftp.auto import candidate_plans
-        from .ftp.plan import make_plan
+        from .ftp.plan import default_layers, make_plan
         from .node import memory_needs
 
+        # the depth the node will use (unset: the same default it resolves in NodeState)
+        depth = cfg.layers or default_layers(net.spec, (1, 1) if grid_auto else cfg.grid, cfg.scheme)
         if grid_auto:  # the candidate with the smallest tiles: the planner leaves out what does not fit
-            plan = min(candidate_plans(net.spec, cfg.layers), key=lambda c: c.tile_memory).plan
+            plan = min(candidate_plans(net.spec, depth), key=lambda c: c.tile_memory).plan
         else:
-            plan = make_plan(net, cfg.grid, cfg.layers, scheme=cfg.scheme)
+            plan = make_plan(net, cfg.grid, depth, scheme=cfg.scheme)
         tile, tail = memory_needs(net, plan)
         if cfg.max_memory < tile:
             log.warning("--max-memory %d B is below what one tile needs (%d B): this node computes nothing",

@@ -33,10 +33,30 @@ def percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
+def _check_layers(args: argparse.Namespace) -> None:
+    """Refuse a ``--layers`` that is no block boundary here, with the nodes' own message, rather
+    than start processes that all stop at once."""
+    if args.layers is None:
+        return
+    from .darknet import parse_cfg
+    from .errors import ConfigError
+    from .ftp.plan import max_fused_layers
+    from .network import resolve_cfg
+
+    spec = parse_cfg(resolve_cfg(args.cfg))
+    most = max_fused_layers(spec)
+    if not 1 <= args.layers <= most:
+        bad = spec.layers[most] if most < len(spec.layers) else None
+        raise ConfigError(f"--layers {args.layers}: a fused block holds 1 to {most} leading layers of this model"
+                          + (f" (layer {bad.index} is a {bad.kind}, which cannot be in a fused block)"
+                             if bad is not None else ""))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .outputs.video import video_config_from_args
 
     video_config_from_args(args)  # no OpenCV, a bad name: one line now, not in the gateway's log
+    _check_layers(args)
     nodes = max(1, args.nodes)
     n_sources = max(1, args.sources)
     total = n_sources * args.frames

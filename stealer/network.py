@@ -18,7 +18,7 @@ import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -323,18 +323,49 @@ class Network:
             raise ValueError(f"start={start} is past output layer {self.heads[0]}")
         return self._run(x, start, None, executor, threads, True)[1]
 
-    def _run(self, x: np.ndarray, start: int, stop: int | None, executor: Executor | None, threads: int,
-             collect: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    def outputs_from(self, maps: Mapping[int, np.ndarray], start: int, *, executor: Executor | None = None,
+                     threads: int = 1) -> list[np.ndarray]:
+        """The network's outputs from layer ``start`` on, given the outputs ``maps`` (layer index ->
+        map) of earlier layers that the rest reads: a fused DAG block's outputs (see
+        :func:`stealer.ftp.plan.block_outputs`). With ``start`` past every layer, the outputs are
+        taken from ``maps`` alone."""
+        missing = [h for h in self.heads if h < start and h not in maps]
+        if missing:
+            raise ValueError(f"the outputs of layers {missing} are not among the maps given")
+        done = [maps[h] for h in self.heads if h < start]  # heads inside the block
+        if start >= len(self.layers):
+            return done
+        return done + self._run(maps.get(start - 1), start, None, executor, threads, True, given=maps)[1]
+
+    def maps(self, x: np.ndarray, layers: Sequence[int]) -> dict[int, np.ndarray]:
+        """The outputs of ``layers`` (indices) of a whole forward pass of ``x`` (tests compare
+        fused blocks with them)."""
+        want = set(layers)
+        if not want:
+            return {}
+        return self._run(x, 0, max(want) + 1, None, 1, False, collect_at=want)[2]
+
+    def _run(self, x: np.ndarray | None, start: int, stop: int | None, executor: Executor | None, threads: int,
+             collect: bool, *, given: Mapping[int, np.ndarray] | None = None,
+             collect_at: set[int] | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[int, np.ndarray]]:
         n = len(self.layers)
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise ValueError(f"need 0 <= start < stop <= {n}, got start={start} stop={stop}")
-        x = self.check_input(x, start)
+        if x is not None or given is None:
+            x = self.check_input(x, start)  # type: ignore[arg-type]
         # keep[i]: the last layer in this range that reads output i other than as its input
         keep = {i: max(j for j in js if j < stop) for i, js in self._readers.items()
-                if i >= start - 1 and any(i < j < stop for j in js)}
-        kept: dict[int, np.ndarray] = {start - 1: x} if start - 1 in keep else {}
+                if (i >= start - 1 or (given is not None and i in given)) and any(i < j < stop for j in js)}
+        kept: dict[int, np.ndarray] = {start - 1: x} if start - 1 in keep and x is not None else {}
+        for i, m in (given or {}).items():
+            if i in keep and i < start:
+                if tuple(m.shape) != tuple(self.layers[i].out_shape) or m.dtype != np.float32:
+                    raise ShapeError(f"the map of layer {i} must be float32 {self.layers[i].out_shape}, "
+                                     f"got {m.dtype} {tuple(m.shape)}")
+                kept[i] = m
         heads: list[np.ndarray] = []
+        at: dict[int, np.ndarray] = {}
         for i in range(start, stop):
             layer = self.layers[i]
             if isinstance(layer, (RouteSpec, ShortcutSpec)):
@@ -345,18 +376,25 @@ class Network:
                 if isinstance(layer, RouteSpec):
                     y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id)
                 else:
+                    if x is None:
+                        raise ValueError(f"layer {i} adds to layer {i - 1}, whose map was not given")
                     y = kernels.shortcut(x, [kept[s] for s in layer.sources], layer.activation)
             else:
+                if x is None:
+                    raise ValueError(f"layer {i} reads layer {i - 1}, whose map was not given")
                 y = self.run_layer(i, x, executor=executor, threads=threads)
             if collect and i in self.heads:
                 heads.append(y)
+            if collect_at is not None and i in collect_at:
+                at[i] = y
             if i in keep:
                 kept[i] = y
             # forget what no later layer of the range reads, so memory stays at a few activations
             for s in [s for s in kept if keep[s] <= i]:
                 del kept[s]
             x = y
-        return x, heads
+        assert x is not None
+        return x, heads, at
 
     def run_layer(self, i: int, x: np.ndarray, *, executor: Executor | None = None,
                   threads: int = 1) -> np.ndarray:

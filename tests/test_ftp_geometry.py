@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from stealer.errors import PlanError
 from stealer.ftp.geometry import (EMPTY, Window, area, bbox, contains, decompose, grid_tiles, intersect,
                                   is_empty, owned_regions, split_even, subtract, union_area)
-from stealer.layers import ConvSpec, MaxPoolSpec, RouteSpec
+from stealer.layers import ReorgSpec, ShortcutSpec, UpsampleSpec, ConvSpec, MaxPoolSpec, RouteSpec
 
 
 def mask_of(rects, h, w):
@@ -161,8 +161,24 @@ def test_layers_whose_windows_read_only_padding_are_refused():
     win = Window.of(MaxPoolSpec(0, (1, 8, 8), (1, 10, 10), 3, 1, 1))
     with pytest.raises(PlanError, match="wholly in the padding"):
         win.check_windows()
-    with pytest.raises(PlanError, match="only conv and maxpool"):
-        Window.of(RouteSpec(3, (1, 8, 8), (1, 8, 8), (1,)))
+    with pytest.raises(PlanError, match="cannot be fused"):  # a reorg is a block boundary
+        Window.of(ReorgSpec(3, (4, 8, 8), (16, 4, 4), 2))
+
+
+def test_region_rules_of_the_dag_kinds():
+    up = Window.of(UpsampleSpec(5, (2, 4, 5), (2, 8, 10), 2, 1.0))
+    assert up.input_regions((1, 4, 3, 10)) == [(4, (0, 2, 1, 5))]  # rows 1..3 read 0..1, columns 3..9 read 1..4
+    assert up.input_regions(EMPTY) == []
+    route = Window.of(RouteSpec(6, (4, 8, 8), (2, 8, 8), (2, 4), groups=2, group_id=1))
+    assert route.input_regions((1, 3, 2, 5)) == [(2, (1, 3, 2, 5)), (4, (1, 3, 2, 5))]
+    layers = [ConvSpec(0, (3, 8, 8), (4, 8, 8), 4, 3, 1, 1, "leaky", True),
+              ConvSpec(1, (4, 8, 8), (4, 8, 8), 4, 3, 1, 1, "leaky", True),
+              ShortcutSpec(2, (4, 8, 8), (4, 8, 8), (0,), "linear")]
+    sc = Window.of(layers[2], layers)
+    assert sc.input_regions((0, 1, 0, 2)) == [(1, (0, 1, 0, 2)), (0, (0, 1, 0, 2))]
+    with pytest.raises(PlanError, match="flat-buffer sum"):  # sources of another shape: not pixel-wise
+        Window.of(ShortcutSpec(2, (4, 8, 8), (4, 8, 8), (0,), "linear"),
+                  [layers[0].__class__(0, (3, 8, 8), (2, 8, 8), 2, 3, 1, 1, "leaky", True)] + layers[1:])
 
 
 def test_window_costs():

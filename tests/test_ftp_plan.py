@@ -270,8 +270,8 @@ def test_malformed_plan_dicts_raise_plan_error(yolov2):
 
 # ------------------------------------------------------------------------------------ errors
 def test_bad_requests_raise_plan_error(yolov2):
-    with pytest.raises(PlanError, match="layer 25 is a route"):
-        make_plan(yolov2, (2, 2), 26)
+    with pytest.raises(PlanError, match="layer 27 is a reorg"):  # route 25 fuses (a DAG block), reorg 27 not
+        make_plan(yolov2, (2, 2), 28)
     with pytest.raises(PlanError, match="does not fit the 38x38"):
         make_plan(yolov2, (39, 1), 16)
     with pytest.raises(PlanError, match="at least one layer"):
@@ -331,7 +331,7 @@ def test_plan_command_json_and_errors(capsys):
     assert d["flops_ratio"] == pytest.approx(d["flops"] / d["frame_flops"])
     assert Plan.from_dict(d["plan"]).grid == (3, 2)
     assert d["bytes_per_frame"] == d["input_bytes"] + d["overlap_bytes"] + d["output_bytes"]
-    assert main(["plan", "--layers", "26"]) == 2
-    assert "layer 25 is a route" in capsys.readouterr().err
+    assert main(["plan", "--layers", "28"]) == 2
+    assert "layer 27 is a reorg" in capsys.readouterr().err
     assert main(["plan", "--grid", "39x39"]) == 2
     assert main(["plan", "--grid", "5by5"]) == 2

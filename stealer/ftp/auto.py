@@ -157,7 +157,7 @@ def tail_memory(layers: Sequence[object], plan: Plan) -> int:
     rest = layers[plan.n_layers:]
     weights = 4 * sum(int(getattr(l, "n_params")) for l in rest)
     acts = [4 * math.prod(getattr(l, "out_shape")) for l in rest] or [0]
-    return weights + 3 * max(acts) + 4 * math.prod(plan.output_shape)
+    return weights + 3 * max(acts) + plan.fused_bytes
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from ..errors import PlanError
 from .geometry import Rect, is_empty
-from .plan import (BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, SCHEMES, Plan, Task, make_plan, parse_grid,
+from .plan import (BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, DEPTH_FLOP_RATE, DEPTH_LINK_RATE, SCHEMES,
+                   DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
                    simulate)
 
 MIB = 1 << 20
@@ -35,7 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tiles of the last fused layer's output, ROWSxCOLS, or auto: the candidates' "
                         "predictions for a cluster and the choice [5x5]")
     p.add_argument("--layers", type=int, default=None,
-                   help="number of fused layers from layer 0 [16, or the conv/maxpool prefix if shorter]")
+                   help="number of fused layers from layer 0 (any depth up to the first layer that cannot be "
+                        "fused) [16 for YOLOv2 (or its conv/maxpool prefix if shorter); DAG models: chosen by cost]")
     p.add_argument("--reuse", action="store_true", help="order tasks for data reuse between neighbouring tiles")
     p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "none"], default=DEFAULT_SCHEME,
                    help=f"reuse order with --reuse [{DEFAULT_SCHEME}]")
@@ -79,8 +81,11 @@ def _fmt_rect(r: Rect) -> str:
     return "-" if is_empty(r) else f"{r[0]}:{r[1]},{r[2]}:{r[3]}"
 
 
-def summary(plan: Plan, reuse: bool) -> dict[str, Any]:
-    """The figures ``plan`` prints, as plain data (also the top of ``--json``)."""
+def summary(plan: Plan, reuse: bool, spec: Any = None, depth: list[DepthCandidate] | None = None,
+            chosen_by: str = "") -> dict[str, Any]:
+    """The figures ``plan`` prints, as plain data (also the top of ``--json``). ``spec``: the
+    model (for the share of its FLOPs inside the block); ``depth``: the candidates the depth was
+    chosen from, when it was chosen by cost."""
     t = plan.totals(reuse)
     plain = plan.totals(False)
     tasks = []
@@ -96,11 +101,22 @@ def summary(plan: Plan, reuse: bool) -> dict[str, Any]:
             "borrowed_bytes": v.borrowed_bytes if reuse else 0,
             "published_bytes": v.published_bytes if reuse else 0,
             "producers": list(task.producers) if reuse else [],
-            "output_bytes": plan.windows[-1].out_bytes(task.output),
+            "output_bytes": sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, task.outputs)),
         })
+    model_flops = sum(l.flops for l in spec.layers) if spec is not None else plan.frame_flops
+    kinds: dict[str, int] = {}
+    for w in plan.windows:
+        kinds[w.kind] = kinds.get(w.kind, 0) + 1
     return {
         "source": plan.source, "input_shape": list(plan.input_shape),
         "layers": [plan.windows[0].index, plan.windows[-1].index], "output_shape": list(plan.output_shape),
+        "outputs": [{"layer": o, "shape": list(plan.windows[o].out_shape)} for o in plan.outputs],
+        "kinds": kinds, "model_flops": model_flops, "block_flops_fraction": plan.frame_flops / model_flops,
+        "depth_chosen_by": chosen_by or ("cost" if depth else "--layers"),
+        "depth_candidates": [{"layers": c.layers, "outputs": list(c.outputs), "block_flops": c.block_flops,
+                              "executed_flops": c.executed_flops, "tail_flops": c.tail_flops,
+                              "transfer_bytes": c.transfer_bytes, "seconds": c.seconds} for c in depth or ()],
+        "reuse_note": _REUSE_NOTE if reuse and not plan.is_chain else "",
         "grid": list(plan.grid), "reuse": reuse, "scheme": plan.scheme if reuse else "none",
         "borrow": plan.borrow, "phases": len({t.phase for t in plan.tasks}) if reuse else 1,
         "frame_flops": plan.frame_flops, "flops": t.flops, "flops_ratio": t.flops_ratio,
@@ -114,15 +130,24 @@ def summary(plan: Plan, reuse: bool) -> dict[str, Any]:
     }
 
 
-def format_plan(plan: Plan, reuse: bool, regions: bool = False) -> str:
+_REUSE_NOTE = ("reuse borrows conv and maxpool maps only; route, shortcut, upsample and yolo outputs are "
+               "copies or pixel-wise maps of those, so a task rebuilds them from what it borrowed and computed "
+               "(no reuse strips across them, and none are needed: the geometry of every kind is exact)")
+
+
+def format_plan(plan: Plan, reuse: bool, regions: bool = False, spec: Any = None,
+                depth: list[DepthCandidate] | None = None, chosen_by: str = "") -> str:
     """Human-readable tables of :func:`summary`."""
-    s = summary(plan, reuse)
+    s = summary(plan, reuse, spec, depth, chosen_by)
     c, h, w = plan.input_shape
-    n_conv = sum(1 for x in plan.windows if x.kind == "conv")
+    kinds = ", ".join(f"{n} {k}" for k, n in s["kinds"].items())
+    outs = ", ".join(f"L{o['layer']} {'x'.join(map(str, o['shape']))}" for o in s["outputs"])
     lines = [
         f"{plan.source}: input {c}x{h}x{w}, fused layers {s['layers'][0]}-{s['layers'][1]} "
-        f"({n_conv} conv, {plan.n_layers - n_conv} maxpool, {plan.frame_flops / 1e9:.2f} GFLOP), "
-        f"output {'x'.join(map(str, plan.output_shape))}, grid {plan.grid[0]}x{plan.grid[1]}, "
+        f"({kinds}; {plan.frame_flops / 1e9:.2f} GFLOP, {100 * s['block_flops_fraction']:.1f}% of the model's "
+        f"{s['model_flops'] / 1e9:.2f}), depth chosen by {s['depth_chosen_by']}",
+        f"fused output{'s' if len(s['outputs']) > 1 else ''} {outs} (the grid cuts L{plan.grid_output}); "
+        f"grid {plan.grid[0]}x{plan.grid[1]}, "
         + (f"reuse {plan.scheme}/{plan.borrow} ({s['phases']} phases, {s['strips']} strips)" if reuse else "no reuse"),
         f"{'task':>4} {'tile':>5} {'ph':>2} {'var':<5} {'output':<13} {'input region':<17} {'GFLOP':>6} "
         f"{'%frame':>6} {'full%':>6} {'WS MiB':>6} {'in KB':>7} {'borrow KB':>9} {'pub KB':>7}  producers",
@@ -149,6 +174,16 @@ def format_plan(plan: Plan, reuse: bool, regions: bool = False) -> str:
            "for the fallback)" if reuse else ""),
         f"simulated makespan, 4 devices, 4 frames: {s['makespan_4_devices']:.2f}x the ideal (FLOPs only)",
     ]
+    if s["reuse_note"]:
+        lines.append(s["reuse_note"])
+    if depth:
+        lines.append("depth candidates (predicted frame time: executed FLOPs over the tiles + tail FLOPs on one "
+                     f"node at {DEPTH_FLOP_RATE / 1e9:g} GFLOP/s + bytes at {DEPTH_LINK_RATE / 1e6:g} MB/s), best first:")
+        lines.append(f"  {'layers':>6} {'block%':>6} {'exec GFLOP':>10} {'tail GFLOP':>10} {'MB moved':>8} {'s':>7}  outputs")
+        for cand in depth[:8]:
+            lines.append(f"  {cand.layers:>6} {100 * cand.block_flops / s['model_flops']:>6.1f} "
+                         f"{cand.executed_flops / 1e9:>10.2f} {cand.tail_flops / 1e9:>10.2f} "
+                         f"{cand.transfer_bytes / 1e6:>8.2f} {cand.seconds:>7.3f}  {','.join(map(str, cand.outputs))}")
     return "\n".join(lines)
 
 
@@ -170,14 +205,19 @@ def run(args: argparse.Namespace) -> int:
     if str(args.grid).strip().lower() == "auto":
         return _run_auto(args, spec)
     grid = parse_grid(args.grid)
-    plan = make_plan(spec, grid, args.layers, scheme=args.scheme if args.reuse else "none", borrow=args.borrow)
+    scheme = args.scheme if args.reuse else "none"
+    depth = None
+    if args.layers is None and spec.flavour != "2017":  # DAG models: the cost model's choice, shown
+        depth = depth_candidates(spec, grid, scheme)
+    plan = make_plan(spec, grid, args.layers, scheme=scheme, borrow=args.borrow)
+    chosen_by = "--layers" if args.layers is not None else ("cost" if depth else "DeepThings' default (16)")
     if args.json:
-        out = summary(plan, args.reuse)
+        out = summary(plan, args.reuse, spec, depth, chosen_by)
         out["plan"] = plan.to_dict()
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(format_plan(plan, args.reuse, args.regions))
+        print(format_plan(plan, args.reuse, args.regions, spec, depth, chosen_by))
     return 0
 
 
@@ -193,7 +233,9 @@ def _run_auto(args: argparse.Namespace, spec: Any) -> int:
                             source=1 if args.nodes > 1 else 0, gateway=0,
                             pixel_ratio=TYPICAL_RATIO[args.frame_codec])
     budget = args.latency_budget / 1000.0 if args.latency_budget else None
-    choice = choose(candidate_plans(spec, args.layers), cluster, args.objective, budget)
+    # the depth a grid-auto node uses (NodeState): --layers, else the default for a lone node's 1x1
+    depth = args.layers or default_layers(spec, (1, 1))
+    choice = choose(candidate_plans(spec, depth), cluster, args.objective, budget)
     if args.json:
         rows = [{"grid": list(p.grid), "scheme": p.scheme, "inflight": p.inflight, "fps": p.fps,
                  "latency": p.latency if p.feasible else None, "single_latency": p.single_latency if p.feasible else None,

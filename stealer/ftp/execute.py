@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 import kernels
 
 from ..errors import PlanError, ShapeError
-from ..layers import ConvSpec
+from ..layers import ConvSpec, ShortcutSpec, UpsampleSpec, YoloSpec
 from .geometry import Rect, Window, contains, height, intersect, is_empty, relative, width
-from .plan import LayerStep, Plan, Strip, Task, Variant, band_rects
+from .plan import LayerStep, Plan, Strip, Task, Variant, band_rects, block_consumers
 
 if TYPE_CHECKING:
     from ..network import Network
@@ -42,17 +42,19 @@ class TileResult:
 
     task: int
     variant: str
-    output: np.ndarray
+    output: np.ndarray  # see pack_tile
     published: dict[int, np.ndarray]
     peak_bytes: int
+    outputs: list[np.ndarray] = field(default_factory=list)  # its tile of every fused output
 
 
 @dataclass
 class FrameResult:
     """A frame run tile by tile and stitched (see :func:`run_frame`)."""
 
-    output: np.ndarray
+    output: np.ndarray  # the single fused output's map; several: see fused_maps
     variants: dict[int, str] = field(default_factory=dict)
+    maps: dict[int, np.ndarray] = field(default_factory=dict)  # every fused output's map, by layer
     peak_bytes: dict[int, int] = field(default_factory=dict)
 
 
@@ -64,7 +66,7 @@ def check_fits(net: Network, plan: Plan) -> None:
     if len(layers) < plan.n_layers:
         raise PlanError(f"plan fuses {plan.n_layers} layers, the network has {len(layers)}")
     for w in plan.windows:
-        if Window.of(layers[w.index]) != w:
+        if Window.of(layers[w.index], layers) != w:
             raise PlanError(f"plan layer {w.index} ({w}) differs from the network's {layers[w.index]}")
 
 
@@ -83,10 +85,26 @@ class _Tracker:
         self.live -= n
 
 
-def _compute(net: Network, w: Window, src: np.ndarray, src_rect: Rect, g: Rect, out: np.ndarray) -> None:
-    """Compute output region ``g`` of layer ``w`` into ``out`` from ``src`` covering ``src_rect``."""
-    if not contains(src_rect, w.back(g)):
-        raise PlanError(f"layer {w.index}: input {src_rect} does not hold {w.back(g)}, needed for {g}")
+def _compute(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+             out: np.ndarray) -> None:
+    """Compute output region ``g`` of layer ``w`` into ``out`` from its sources' buffers
+    (``inputs``: layer -> (buffer, the region it covers)), by the kind's rule in :data:`COMPUTE_RULES`."""
+    for src, need in w.input_regions(g):
+        buf = inputs.get(src)
+        if buf is None or not contains(buf[1], need):
+            raise PlanError(f"layer {w.index}: the buffer of layer {src} "
+                            f"({None if buf is None else buf[1]}) does not hold {need}, needed for {g}")
+    COMPUTE_RULES[w.kind](net, w, inputs, g, out)
+
+
+def _crop(buf: tuple[np.ndarray, Rect], r: Rect) -> np.ndarray:
+    arr, rect = buf
+    return np.ascontiguousarray(arr[(slice(None),) + relative(r, rect)])
+
+
+def _compute_window(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+                    out: np.ndarray) -> None:
+    src, src_rect = inputs[w.index - 1]
     # Window origin relative to the buffer; negative = the first window starts inside it.
     pad_top = src_rect[0] - w.first(g[0])
     pad_left = src_rect[2] - w.first(g[2])
@@ -100,6 +118,51 @@ def _compute(net: Network, w: Window, src: np.ndarray, src_rect: Rect, g: Rect, 
     else:
         kernels.maxpool2d(src, size=w.size, stride=w.stride, pad_top=pad_top, pad_left=pad_left,
                           out_h=height(g), out_w=width(g), out=out)
+
+
+def _compute_upsample(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+                      out: np.ndarray) -> None:
+    layer = net.layers[w.index]
+    assert isinstance(layer, UpsampleSpec)
+    (_, need), = w.input_regions(g)
+    s = w.stride
+    up = kernels.upsample2d(_crop(inputs[w.index - 1], need), s, layer.scale)
+    out[...] = up[:, g[0] - need[0] * s:g[1] - need[0] * s, g[2] - need[2] * s:g[3] - need[2] * s]
+
+
+def _compute_route(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+                   out: np.ndarray) -> None:
+    c = 0
+    for s in w.sources:
+        arr, rect = inputs[s]
+        n = arr.shape[0] // w.groups  # the channel chunk group_id of groups, as Network's route takes it
+        out[c:c + n] = arr[(slice(n * w.group_id, n * (w.group_id + 1)),) + relative(g, rect)]
+        c += n
+
+
+def _compute_shortcut(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+                      out: np.ndarray) -> None:
+    layer = net.layers[w.index]
+    assert isinstance(layer, ShortcutSpec)
+    # equal shapes (the builder checks): the flat-buffer sum is pixel-wise, in the same order
+    out[...] = kernels.shortcut(_crop(inputs[w.index - 1], g), [_crop(inputs[s], g) for s in w.sources],
+                                layer.activation)
+
+
+def _compute_yolo(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+                  out: np.ndarray) -> None:
+    layer = net.layers[w.index]
+    assert isinstance(layer, YoloSpec)
+    out[...] = kernels.yolo_activate(_crop(inputs[w.index - 1], g), num=layer.num, classes=layer.classes,
+                                     scale_x_y=layer.scale_x_y, new_coords=layer.new_coords)
+
+
+#: window kind -> how a region of its output is computed from its sources' buffers (the
+#: executor's half of a kind's rules; the planner's half is :data:`stealer.ftp.geometry.REGION_RULES`).
+COMPUTE_RULES: dict[str, Callable[[Network, Window, Mapping[int, tuple[np.ndarray, Rect]], Rect, np.ndarray], None]] = {
+    "conv": _compute_window, "maxpool": _compute_window, "upsample": _compute_upsample,
+    "route": _compute_route, "shortcut": _compute_shortcut, "yolo": _compute_yolo,
+}
 
 
 class _Cover:
@@ -162,8 +225,8 @@ def run_task(net: Network, plan: Plan, task_id: int, frame_input: np.ndarray,
     Returns
     -------
     TileResult
-        The output tile (shape ``(C, tile h, tile w)`` of the last fused layer) and the published
-        strips by id, which are produced in either variant.
+        The output tile (shape ``(C, tile h, tile w)`` of a single fused output; several outputs:
+        see :func:`pack_tile`) and the published strips by id, which are produced in either variant.
 
     Raises
     ------
@@ -178,38 +241,89 @@ def run_task(net: Network, plan: Plan, task_id: int, frame_input: np.ndarray,
     windows = plan.windows
     frame_rect = windows[0].in_map()
     c_in = windows[0].in_shape[0]
-    src: np.ndarray | None = None
-    src_rect = v.input_region
-    if not is_empty(src_rect):
-        src = _take_input(frame_input, c_in, src_rect, (task.full.input_region, frame_rect), task_id)
+    bufs: dict[int, tuple[np.ndarray, Rect]] = {}  # layer (-1: the frame) -> (buffer, region it covers)
+    if not is_empty(v.input_region):
+        src = _take_input(frame_input, c_in, v.input_region, (task.full.input_region, frame_rect), task_id)
+        bufs[-1] = (src, v.input_region)
     held = sum(int(borrowed[s].nbytes) for s in task.consumes) if v.kind == "reuse" and borrowed else 0
-    track = _Tracker(held + (src.nbytes if src is not None else 0))
+    track = _Tracker(held + (bufs[-1][0].nbytes if -1 in bufs else 0))
     strips = plan.strips
     published: dict[int, np.ndarray] = {}
+    consumers = block_consumers(windows)
+    outputs = set(plan.outputs)
+    # a buffer is freed once its last reader in the block has run (outputs are kept to the end)
+    last = {l: (len(windows) if l in outputs or not cs else max(cs)) for l, cs in consumers.items()}
     steps = v.steps
-    first = True  # src is still the caller's frame input
+
+    def release(upto: int) -> None:
+        for k in [k for k in bufs if k >= 0 and last[k] <= upto]:  # the frame input stays with the caller
+            track.sub(bufs.pop(k)[0].nbytes)
+
     l = 0
     while l < len(steps):
         st, w = steps[l], windows[l]
-        if is_empty(st.buffer):
-            if src is not None:  # nothing needed here means nothing was needed before either
-                raise PlanError(f"task {task_id} layer {l}: an input buffer without a needed region")
+        if is_empty(st.buffer):  # nothing of this layer is needed (a dead branch for this tile)
             l += 1
             continue
         if l + 1 < len(steps) and steps[l + 1].band:
-            out = _run_banded(net, plan, v, l, src, src_rect, borrowed, published, track, check)
-            st = steps[l + 1]
+            bufs[l + 1] = (_run_banded(net, plan, v, l, bufs, borrowed, published, track, check), steps[l + 1].buffer)
+            release(l + 1)
             l += 2
         else:
-            out = _run_step(net, w, st, src, src_rect, borrowed, published, strips, track, check)
+            bufs[l] = (_run_step(net, w, st, bufs, borrowed, published, strips, track, check), st.buffer)
+            release(l)
             l += 1
-        if src is not None and not first:  # the frame input stays with the caller: not freed
-            track.sub(src.nbytes)
-        src, src_rect, first = out, st.buffer, False
-    if src is None or src_rect != task.output:
-        raise PlanError(f"task {task_id}: the last buffer {src_rect} is not the tile {task.output}")
+    tiles = []
+    for o, r in zip(plan.outputs, task.outputs):
+        got = bufs.get(o)
+        if got is None or not contains(got[1], r):
+            raise PlanError(f"task {task_id}: the buffer of output layer {o} "
+                            f"({None if got is None else got[1]}) does not hold its tile {r}")
+        arr, rect = got
+        tiles.append(arr if rect == r else np.ascontiguousarray(arr[(slice(None),) + relative(r, rect)]))
     log.debug("task %d (%s): %d strips published, peak %d bytes", task_id, v.kind, len(published), track.peak)
-    return TileResult(task_id, v.kind, src, published, track.peak)
+    return TileResult(task_id, v.kind, pack_tile(tiles), published, track.peak, tiles)
+
+
+def pack_tile(tiles: Sequence[np.ndarray]) -> np.ndarray:
+    """One task's result as one array: its tile of a single fused output as is, (C, h, w); the
+    tiles of several outputs raveled and concatenated (float32, 1-D), in ``Plan.outputs`` order."""
+    if len(tiles) == 1:
+        return tiles[0]
+    return np.concatenate([np.ascontiguousarray(t, np.float32).ravel() for t in tiles])
+
+
+def tile_shapes(plan: Plan, task_id: int) -> list[tuple[int, int, int]]:
+    """(C, h, w) of a task's tile of every fused output."""
+    task = plan.task(task_id)
+    return [(plan.windows[o].out_shape[0], height(r), width(r)) for o, r in zip(plan.outputs, task.outputs)]
+
+
+def fused_maps(plan: Plan, data: np.ndarray) -> dict[int, np.ndarray]:
+    """The fused outputs of a frame by layer index, from the one array the gateway assembles
+    (see :class:`stealer.assembly.FrameAssembly`): a single output's (C, H, W) map, or several
+    outputs' maps raveled and concatenated in ``Plan.outputs`` order.
+
+    Raises
+    ------
+    ShapeError
+        ``data`` has another shape, size or dtype.
+    """
+    shapes = plan.output_shapes
+    if len(shapes) == 1:
+        if data.shape != shapes[0] or data.dtype != np.float32:
+            raise ShapeError(f"fused map must be float32 {shapes[0]}, got {data.dtype} {data.shape}")
+        return {plan.outputs[0]: data}
+    total = sum(int(np.prod(s)) for s in shapes)
+    if data.ndim != 1 or data.size != total or data.dtype != np.float32:
+        raise ShapeError(f"fused maps must be float32 ({total},), got {data.dtype} {data.shape}")
+    out: dict[int, np.ndarray] = {}
+    at = 0
+    for o, s in zip(plan.outputs, shapes):
+        n = int(np.prod(s))
+        out[o] = data[at:at + n].reshape(s)
+        at += n
+    return out
 
 
 def _take_input(frame_input: np.ndarray, c_in: int, need: Rect, others: tuple[Rect, ...],
@@ -243,31 +357,29 @@ def _fill_borrowed(st: LayerStep, w: Window, out: np.ndarray, rect: Rect, within
         out[(slice(None),) + relative(piece, rect)] = arr[(slice(None),) + relative(piece, strip.region)]
 
 
-def _compute_into(net: Network, w: Window, src: np.ndarray | None, src_rect: Rect, g: Rect,
+def _compute_into(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
                   out: np.ndarray, rect: Rect, cover: _Cover, track: _Tracker) -> None:
     """Compute region ``g`` of layer ``w`` into buffer ``out`` (covering ``rect``)."""
-    if src is None:
-        raise PlanError(f"layer {w.index}: asked to compute {g} with no input buffer")
     cover.mark(g, "computed region")
     if g == rect:
-        _compute(net, w, src, src_rect, g, out)
+        _compute(net, w, inputs, g, out)
         return
     # The kernel writes C-contiguous arrays only; a sub-rectangle of the buffer is not one.
     scratch = np.empty((w.out_shape[0], height(g), width(g)), np.float32)
     track.add(scratch.nbytes)
-    _compute(net, w, src, src_rect, g, scratch)
+    _compute(net, w, inputs, g, scratch)
     out[(slice(None),) + relative(g, rect)] = scratch
     track.sub(scratch.nbytes)
 
 
-def _run_step(net: Network, w: Window, st: LayerStep, src: np.ndarray | None, src_rect: Rect,
+def _run_step(net: Network, w: Window, st: LayerStep, inputs: Mapping[int, tuple[np.ndarray, Rect]],
               borrowed: Mapping[int, np.ndarray] | None, published: dict[int, np.ndarray],
               strips: tuple[Strip, ...], track: _Tracker, check: bool) -> np.ndarray:
     out = np.empty((w.out_shape[0], height(st.buffer), width(st.buffer)), np.float32)
     track.add(out.nbytes)
     cover = _Cover(st.buffer, check)
     for g in st.computed:
-        _compute_into(net, w, src, src_rect, g, out, st.buffer, cover, track)
+        _compute_into(net, w, inputs, g, out, st.buffer, cover, track)
     _fill_borrowed(st, w, out, st.buffer, st.buffer, borrowed, strips, cover)
     cover.verify(st.needed, st.layer)
     for sid in st.published:
@@ -277,7 +389,7 @@ def _run_step(net: Network, w: Window, st: LayerStep, src: np.ndarray | None, sr
     return out
 
 
-def _run_banded(net: Network, plan: Plan, v: Variant, l: int, src: np.ndarray | None, src_rect: Rect,
+def _run_banded(net: Network, plan: Plan, v: Variant, l: int, inputs: Mapping[int, tuple[np.ndarray, Rect]],
                 borrowed: Mapping[int, np.ndarray] | None, published: dict[int, np.ndarray],
                 track: _Tracker, check: bool) -> np.ndarray:
     """Run step ``l`` and the maxpool step ``l + 1`` together, a band of pool rows at a time.
@@ -304,7 +416,7 @@ def _run_banded(net: Network, plan: Plan, v: Variant, l: int, src: np.ndarray | 
         for g in a.computed:
             gb = intersect(g, prev_rows)
             if not is_empty(gb):
-                _compute_into(net, wa, src, src_rect, gb, band, prev_rows, cover, track)
+                _compute_into(net, wa, inputs, gb, band, prev_rows, cover, track)
         _fill_borrowed(a, wa, band, prev_rows, prev_rows, borrowed, strips, cover)
         cover.verify(a.needed, a.layer, within=prev_rows)
         for sid in a.published:
@@ -315,7 +427,7 @@ def _run_banded(net: Network, plan: Plan, v: Variant, l: int, src: np.ndarray | 
         for g in p.computed:
             gb = intersect(g, pool_rows)
             if not is_empty(gb):
-                _compute_into(net, wp, band, prev_rows, gb, out, p.buffer, pool_cover, track)
+                _compute_into(net, wp, {l: (band, prev_rows)}, gb, out, p.buffer, pool_cover, track)
         track.sub(band.nbytes)
         del band
     _fill_borrowed(p, wp, out, p.buffer, p.buffer, borrowed, strips, pool_cover)
@@ -352,8 +464,8 @@ def run_frame(net: Network, plan: Plan, frame: np.ndarray, *, reuse: bool = True
     check_fits(net, plan)
     frame = net.check_input(frame)
     forced = set(fallback)
-    out = np.empty(plan.output_shape, np.float32)
-    result = FrameResult(out)
+    maps = {o: np.empty(plan.windows[o].out_shape, np.float32) for o in plan.outputs}
+    result = FrameResult(maps[plan.outputs[0]], maps=maps)
     store: dict[int, np.ndarray] = {}
     for task in plan.tasks:
         borrowed = None
@@ -363,9 +475,12 @@ def run_frame(net: Network, plan: Plan, frame: np.ndarray, *, reuse: bool = True
         region = v.input_region
         tile_input = frame[(slice(None),) + relative(region, plan.windows[0].in_map())]
         res = run_task(net, plan, task.id, tile_input, borrowed, check=check)
-        out[(slice(None),) + relative(task.output, plan.windows[-1].out_map())] = res.output
+        for o, r, tile in zip(plan.outputs, task.outputs, res.outputs):
+            maps[o][(slice(None),) + relative(r, plan.windows[o].out_map())] = tile
         if reuse:
             store.update(res.published)
         result.variants[task.id] = res.variant
         result.peak_bytes[task.id] = res.peak_bytes
+    if len(maps) > 1:
+        result.output = np.concatenate([m.ravel() for m in maps.values()])
     return result

@@ -7,16 +7,23 @@ the functions here keep the ones they return disjoint.
 
 Rows and columns are independent (every fused layer is separable in its geometry), so the layer
 mapping is written once per axis (:meth:`Window.back`) and applied to both.
+
+A fused block may be a DAG. Each fusable layer kind has two small rules here: a *builder*
+(:data:`WINDOW_BUILDERS`, spec type -> :class:`Window`) and a *region rule* (:data:`REGION_RULES`,
+kind -> ``input_regions(window, out_region) -> [(source layer, region)]``: what each source must
+hold so that ``out_region`` of the layer can be computed). A spec type without a builder is a
+block boundary. Adding a spatially local layer kind (say, an ONNX elementwise op) takes one entry
+in each table and one compute rule in :mod:`stealer.ftp.execute`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..errors import PlanError
-from ..layers import ConvSpec, LayerSpec, MaxPoolSpec
+from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec
 
 log = logging.getLogger(__name__)
 
@@ -184,22 +191,35 @@ class Window:
     in_shape: tuple[int, int, int]
     out_shape: tuple[int, int, int]
     dilation: int = 1  # conv: taps ``dilation`` pixels apart, so a window spans (size-1)*dilation+1
-    groups: int = 1  # conv: grouped (same window; only the FLOPs and weights shrink)
+    groups: int = 1  # conv: grouped (same window; only the FLOPs and weights shrink); route: channel chunks
+    sources: tuple[int, ...] = ()  # layers read other than the previous one (route: all it reads; shortcut: its ``from``)
+    group_id: int = 0  # route: the channel chunk of each source it takes
 
     @classmethod
-    def of(cls, layer: LayerSpec) -> "Window":
-        """The window of a conv or maxpool layer (:class:`PlanError` for any other kind, and for a
-        conv whose row and column strides differ: windows here are the same on both axes)."""
-        if not isinstance(layer, (ConvSpec, MaxPoolSpec)):
-            raise PlanError(f"layer {layer.index} is a {layer.kind}; only conv and maxpool layers can be fused")
-        if isinstance(layer, ConvSpec):
-            if layer.strides[0] != layer.strides[1]:
-                raise PlanError(f"layer {layer.index} is a conv with stride_y {layer.strides[0]} and stride_x "
-                                f"{layer.strides[1]}; only equal strides can be fused")
-            return cls(layer.index, layer.kind, layer.size, layer.stride, layer.pad, tuple(layer.in_shape),  # type: ignore[arg-type]
-                       tuple(layer.out_shape), layer.dilation, layer.groups)  # type: ignore[arg-type]
-        return cls(layer.index, layer.kind, layer.size, layer.stride, layer.pad,
-                   tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
+    def of(cls, layer: LayerSpec, layers: Sequence[LayerSpec] | None = None) -> "Window":
+        """The window of a fusable layer (:class:`PlanError` for a kind without a builder in
+        :data:`WINDOW_BUILDERS`, and for a layer its builder refuses, such as a conv whose row
+        and column strides differ). ``layers``: the model's layers (a shortcut's builder checks
+        that its sources have its shape)."""
+        build = WINDOW_BUILDERS.get(type(layer))
+        if build is None:
+            raise PlanError(f"layer {layer.index} is a {layer.kind}; it cannot be fused "
+                            f"(fusable kinds: {', '.join(sorted(REGION_RULES))})")
+        return build(layer, layers)
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        """Layers this one reads (-1: the frame), in the order its rule lists them."""
+        if self.kind == "route":
+            return self.sources
+        return (self.index - 1,) + self.sources
+
+    def input_regions(self, r: Rect) -> list[tuple[int, Rect]]:
+        """(source layer, region of its output) needed to compute output region ``r`` (its
+        kind's rule in :data:`REGION_RULES`); nothing for an empty ``r``."""
+        if is_empty(r):
+            return []
+        return REGION_RULES[self.kind](self, r)
 
     @property
     def span(self) -> int:
@@ -222,7 +242,8 @@ class Window:
         return (self.first(r[0]), self.first(r[1] - 1) + k, self.first(r[2]), self.first(r[3] - 1) + k)
 
     def back(self, r: Rect) -> Rect:
-        """Input region needed to compute output region ``r``: its receptive field clipped to the map."""
+        """Input region needed to compute output region ``r``: its receptive field clipped to the map
+        (conv and maxpool; other kinds: see :meth:`input_regions`)."""
         if is_empty(r):
             return EMPTY
         _, h, w = self.in_shape
@@ -265,11 +286,14 @@ class Window:
         return (0, self.out_shape[1], 0, self.out_shape[2])
 
     def check_windows(self) -> None:
-        """Raise :class:`PlanError` if some output position's window lies wholly in the padding.
+        """Raise :class:`PlanError` if some output position's window lies wholly in the padding
+        (conv and maxpool; nothing to check for other kinds).
 
         Such positions (a maxpool of size 3 and stride 1 under the 2017 rule, or a conv with
         ``pad >= size``) read no input pixel at all, so no input region can stand for them.
         """
+        if self.kind not in ("conv", "maxpool"):
+            return
         for axis, (n_in, n_out) in (("row", (self.in_shape[1], self.out_shape[1])),
                                     ("column", (self.in_shape[2], self.out_shape[2]))):
             if self.first(0) + self.span <= 0 or self.first(n_out - 1) >= n_in:
@@ -277,6 +301,82 @@ class Window:
                     f"layer {self.index} ({self.kind} {self.size}/{self.stride} pad {self.pad}) has "
                     f"output {axis}s whose window lies wholly in the padding of its {n_in}-wide input; "
                     "such a layer cannot be fused")
+
+
+# ------------------------------------------------------------------------------------ per-kind rules
+def _build_conv(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    assert isinstance(layer, ConvSpec)
+    if layer.strides[0] != layer.strides[1]:
+        raise PlanError(f"layer {layer.index} is a conv with stride_y {layer.strides[0]} and stride_x "
+                        f"{layer.strides[1]}; only equal strides can be fused")
+    return Window(layer.index, layer.kind, layer.size, layer.stride, layer.pad, tuple(layer.in_shape),  # type: ignore[arg-type]
+                  tuple(layer.out_shape), layer.dilation, layer.groups)  # type: ignore[arg-type]
+
+
+def _build_maxpool(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    assert isinstance(layer, MaxPoolSpec)
+    return Window(layer.index, layer.kind, layer.size, layer.stride, layer.pad,
+                  tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
+
+
+def _build_upsample(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    assert isinstance(layer, UpsampleSpec)
+    return Window(layer.index, layer.kind, 1, layer.stride, 0, tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
+
+
+def _build_route(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    assert isinstance(layer, RouteSpec)
+    if layers is not None:
+        for s in layer.sources:
+            if tuple(layers[s].out_shape[1:]) != tuple(layer.out_shape[1:]):
+                raise PlanError(f"layer {layer.index} routes layer {s} of another height/width; it cannot be fused")
+    return Window(layer.index, layer.kind, 1, 1, 0, tuple(layer.in_shape), tuple(layer.out_shape),  # type: ignore[arg-type]
+                  groups=layer.groups, sources=tuple(layer.sources), group_id=layer.group_id)
+
+
+def _build_shortcut(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    assert isinstance(layer, ShortcutSpec)
+    # darknet adds over the flat buffers: only equal shapes make that a pixel-wise sum
+    if layers is None or any(tuple(layers[s].out_shape) != tuple(layer.out_shape) for s in layer.sources):
+        raise PlanError(f"layer {layer.index} is a shortcut whose sources differ in shape from its "
+                        "output (a flat-buffer sum, not a pixel-wise one); it cannot be fused")
+    return Window(layer.index, layer.kind, 1, 1, 0, tuple(layer.in_shape), tuple(layer.out_shape),  # type: ignore[arg-type]
+                  sources=tuple(layer.sources))
+
+
+def _build_yolo(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    assert isinstance(layer, YoloSpec)  # per-pixel activations: the same region in and out
+    return Window(layer.index, layer.kind, 1, 1, 0, tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
+
+
+def _window_rule(w: Window, r: Rect) -> list[tuple[int, Rect]]:
+    """conv, maxpool: the receptive field, clipped (see :meth:`Window.back`)."""
+    return [(w.index - 1, w.back(r))]
+
+
+def _upsample_rule(w: Window, r: Rect) -> list[tuple[int, Rect]]:
+    """Nearest upsampling by ``s``: output row y reads input row y // s, so rows [a, b) need
+    [a // s, ceil(b / s))."""
+    s = w.stride
+    _, h, wd = w.in_shape
+    return [(w.index - 1, intersect((r[0] // s, -(-r[1] // s), r[2] // s, -(-r[3] // s)), (0, h, 0, wd)))]
+
+
+def _same_region_rule(w: Window, r: Rect) -> list[tuple[int, Rect]]:
+    """route (concat, channel chunks), shortcut (add), yolo (per pixel): every source the same region."""
+    return [(s, r) for s in w.inputs]
+
+
+#: spec type -> builder of its :class:`Window`; a type missing here is a block boundary.
+WINDOW_BUILDERS: dict[type, Callable[[LayerSpec, Sequence[LayerSpec] | None], Window]] = {
+    ConvSpec: _build_conv, MaxPoolSpec: _build_maxpool, UpsampleSpec: _build_upsample,
+    RouteSpec: _build_route, ShortcutSpec: _build_shortcut, YoloSpec: _build_yolo,
+}
+#: window kind -> its region rule: the source regions an output region needs.
+REGION_RULES: dict[str, Callable[[Window, Rect], list[tuple[int, Rect]]]] = {
+    "conv": _window_rule, "maxpool": _window_rule, "upsample": _upsample_rule,
+    "route": _same_region_rule, "shortcut": _same_region_rule, "yolo": _same_region_rule,
+}
 
 
 def owned_regions(windows: Sequence[Window], tile: Rect) -> list[Rect]:

@@ -19,6 +19,14 @@ producer publishes each strip right after computing that layer. A task whose pro
 done runs its ``full`` variant instead (the runtime ships enough frame input for that), and it
 still publishes its strips: the full variant computes a superset of what the reuse variant does.
 
+The fused block may be a DAG (routes, shortcuts, upsamples, yolo heads; the per-kind region
+rules are in :mod:`stealer.ftp.geometry`). Its *outputs* are the maps the layers after the block
+read (and any detection head inside it); there may be several, at different scales. The grid cuts
+the coarsest output; every other output's tile is the same part of the image, its edges scaled to
+that output (``e * H_o // H_coarse``, exact multiples when the scales are powers of two), so the
+tiles of a grid partition every output. Walking backwards, a layer's needed region is the union of
+what its readers inside the block need of it (and its own tile, if it is an output).
+
 Everything here is integer arithmetic on :mod:`stealer.ftp.geometry` regions; a :class:`Plan` is
 plain data with :meth:`Plan.to_dict` / :meth:`Plan.from_dict` (ints, strings, lists, dicts) so it
 can travel as msgpack and be inspected.
@@ -32,13 +40,13 @@ from typing import Any, Sequence
 
 from ..darknet import ModelSpec
 from ..errors import PlanError
-from ..layers import ConvSpec, MaxPoolSpec, RouteSpec, ShortcutSpec
-from .geometry import (Rect, Window, area, bbox, decompose, grid_tiles, height, intersect, is_empty,
-                       owned_regions)
+from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, YoloSpec
+from .geometry import (Rect, Window, area, bbox, decompose, height, intersect, is_empty, owned_regions,
+                       split_even)
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: DAG blocks (several outputs, route/shortcut/upsample/yolo windows)
 #: Layers fused by default: DeepThings' choice for YOLOv2 (12 conv + 4 maxpool, 41% of the FLOPs),
 #: cut to :func:`runnable_prefix` for networks that have fewer.
 DEFAULT_FUSED_LAYERS = 16
@@ -58,6 +66,17 @@ DEFAULT_BORROW = "halo"
 #: that the band of the (large) conv output is a fraction of the pool's output; large enough that
 #: each kernel call still has a few thousand pixels to amortize its weight packing.
 BAND_ROWS = 8
+#: Kinds whose computed output a later-phase task may borrow: the ones that cost FLOPs or gather a
+#: window (route, shortcut, upsample and yolo copy or map their inputs pixel for pixel, so lending
+#: their output would only duplicate strips of the conv/maxpool maps they come from).
+LENDING_KINDS = ("conv", "maxpool")
+#: The depth cost model (see :func:`depth_candidates`): a Pi-class core running our kernels, and a
+#: 20 Mbit/s link (the emulated cluster's), in FLOP/s and bytes/s.
+DEPTH_FLOP_RATE = 2.0e9
+DEPTH_LINK_RATE = 2.5e6
+#: Depths the cost model weighs at most: each costs a plan (0.1-0.2 s for yolov4 at 608), and a
+#: node resolves its default depth at start.
+MAX_DEPTH_CANDIDATES = 32  # every candidate of the tiny models (yolov4-tiny: 26)
 
 
 # ------------------------------------------------------------------------------------ data model
@@ -134,6 +153,13 @@ class Task:
     producers: tuple[int, ...]
     produces: tuple[int, ...]  # strip ids this task publishes
     consumes: tuple[int, ...]  # strip ids its reuse variant borrows
+    #: its region of each fused output (``Plan.outputs`` order); ``output`` is the one in the
+    #: grid's (coarsest) output. Empty = ``(output,)``, a single-output plan.
+    outputs: tuple[Rect, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            object.__setattr__(self, "outputs", (self.output,))
 
     def variant(self, reuse: bool) -> Variant:
         """The reuse variant if asked for and there is one, else the full one."""
@@ -172,10 +198,14 @@ class Plan:
     tasks: tuple[Task, ...]  # in execution order
     strips: tuple[Strip, ...]  # indexed by id
     version: int = PLAN_VERSION
+    #: the fused outputs, layer indices in increasing order (empty = the last fused layer's)
+    outputs: tuple[int, ...] = ()
     _by_id: dict[int, Task] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_id.update({t.id: t for t in self.tasks})
+        if not self.outputs:
+            object.__setattr__(self, "outputs", (self.windows[-1].index,))
 
     # ------------------------------------------------------------ lookups
     @property
@@ -185,8 +215,28 @@ class Plan:
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the last fused layer's output, which the tiles partition."""
-        return self.windows[-1].out_shape
+        """(C, H, W) of the fused output the grid cuts (the coarsest; a chain's last layer)."""
+        return self.windows[self.grid_output].out_shape
+
+    @property
+    def grid_output(self) -> int:
+        """Layer index of the output the grid cuts (see :func:`output_tiles`)."""
+        return self.outputs[_coarsest([self.windows[o].out_shape for o in self.outputs])]
+
+    @property
+    def output_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """(C, H, W) of every fused output, in :attr:`outputs` order."""
+        return tuple(self.windows[o].out_shape for o in self.outputs)
+
+    @property
+    def fused_bytes(self) -> int:
+        """float32 bytes of all fused outputs of a frame (what the tail starts from)."""
+        return sum(4 * c * h * w for c, h, w in self.output_shapes)
+
+    @property
+    def is_chain(self) -> bool:
+        """Only conv and maxpool layers and one output: the planner of DeepThings' kind."""
+        return len(self.outputs) == 1 and all(w.kind in ("conv", "maxpool") for w in self.windows)
 
     @property
     def order(self) -> list[int]:
@@ -222,7 +272,6 @@ class Plan:
         """Executed FLOPs, largest working set and bytes per frame with or without reuse."""
         variants = [t.variant(reuse) for t in self.tasks]
         flops = sum(v.flops for v in variants)
-        last = self.windows[-1]
         return Totals(
             flops=flops,
             flops_ratio=flops / self.frame_flops if self.frame_flops else float("nan"),
@@ -231,7 +280,7 @@ class Plan:
             input_bytes=sum(v.input_bytes for v in variants),
             fallback_input_bytes=sum(t.full.input_bytes for t in self.tasks),
             overlap_bytes=sum(v.borrowed_bytes for v in variants),
-            output_bytes=sum(last.out_bytes(t.output) for t in self.tasks),
+            output_bytes=sum(self.windows[o].out_bytes(r) for t in self.tasks for o, r in zip(self.outputs, t.outputs)),
         )
 
     # ------------------------------------------------------------ wire form
@@ -253,11 +302,13 @@ class Plan:
 
         return {
             "version": self.version, "source": self.source, "input_shape": list(self.input_shape),
-            "grid": list(self.grid), "scheme": self.scheme, "borrow": self.borrow,
+            "grid": list(self.grid), "scheme": self.scheme, "borrow": self.borrow, "outputs": list(self.outputs),
             "layers": [{"index": w.index, "kind": w.kind, "size": w.size, "stride": w.stride, "pad": w.pad,
                         "in_shape": list(w.in_shape), "out_shape": list(w.out_shape), "dilation": w.dilation,
-                        "groups": w.groups} for w in self.windows],
+                        "groups": w.groups, "sources": list(w.sources), "group_id": w.group_id}
+                       for w in self.windows],
             "tasks": [{"id": t.id, "tile": list(t.tile), "output": list(t.output), "phase": t.phase,
+                       "outputs": [list(r) for r in t.outputs],
                        "producers": list(t.producers), "produces": list(t.produces),
                        "consumes": list(t.consumes), "full": variant(t.full), "reuse": variant(t.reuse)}
                       for t in self.tasks],
@@ -269,7 +320,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         """Rebuild a plan from :meth:`to_dict` output (:class:`PlanError` if it does not fit)."""
         try:
-            if d["version"] != PLAN_VERSION:
+            if d["version"] not in (1, PLAN_VERSION):  # 1: a chain plan, read with the defaults
                 raise PlanError(f"plan version {d['version']!r}, this build reads {PLAN_VERSION}")
 
             def rect(v: Sequence[int]) -> Rect:
@@ -292,7 +343,8 @@ class Plan:
 
             windows = tuple(Window(int(l["index"]), str(l["kind"]), int(l["size"]), int(l["stride"]),
                                    int(l["pad"]), ints(l["in_shape"]), ints(l["out_shape"]),  # type: ignore[arg-type]
-                                   int(l.get("dilation", 1)), int(l.get("groups", 1)))
+                                   int(l.get("dilation", 1)), int(l.get("groups", 1)), ints(l.get("sources", ())),
+                                   int(l.get("group_id", 0)))
                             for l in d["layers"])
             tasks = []
             for t in d["tasks"]:
@@ -300,13 +352,14 @@ class Plan:
                 assert full is not None
                 r, c = ints(t["tile"])
                 tasks.append(Task(int(t["id"]), (r, c), rect(t["output"]), int(t["phase"]), full, variant(t["reuse"]),
-                                  ints(t["producers"]), ints(t["produces"]), ints(t["consumes"])))
+                                  ints(t["producers"]), ints(t["produces"]), ints(t["consumes"]),
+                                  tuple(rect(o) for o in t.get("outputs", ()))))
             strips = tuple(Strip(int(s["id"]), int(s["producer"]), int(s["consumer"]), int(s["layer"]),
                                  rect(s["region"]), int(s["nbytes"])) for s in d["strips"])
             gr, gc = ints(d["grid"])
             ch, h, w = ints(d["input_shape"])
             return cls(str(d["source"]), (ch, h, w), windows, (gr, gc), str(d["scheme"]), str(d["borrow"]),
-                       tuple(tasks), strips)
+                       tuple(tasks), strips, outputs=ints(d.get("outputs", ())))
         except (KeyError, TypeError, ValueError, AssertionError) as exc:
             raise PlanError(f"malformed plan: {exc!r}") from exc
 
@@ -344,18 +397,163 @@ def runnable_prefix(spec: ModelSpec) -> int:
         n = cut
 
 
-def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, ...]:
-    """Windows of the first ``layers`` layers (default: 16 or :func:`runnable_prefix` if shorter).
+def fusable_depth(spec: ModelSpec) -> int:
+    """Number of leading layers a DAG block can hold: every layer kind with a rule in
+    :data:`stealer.ftp.geometry.WINDOW_BUILDERS` (conv, maxpool, route, shortcut of equal
+    shapes, upsample, yolo), up to the first layer of any other kind or one its builder refuses
+    (reorg, region, a conv with unequal strides, a pool whose windows leave the map). Any depth
+    from 1 to this is a block boundary: the block's outputs are whatever the rest reads."""
+    n = 0
+    for layer in spec.layers:
+        try:
+            Window.of(layer, spec.layers).check_windows()
+        except PlanError:
+            break
+        n += 1
+    return n
+
+
+def _reads(layer: LayerSpec) -> tuple[int, ...]:
+    """Layers whose output ``layer`` reads (-1: the frame)."""
+    if isinstance(layer, RouteSpec):
+        return tuple(layer.sources)
+    if isinstance(layer, ShortcutSpec):
+        return (layer.index - 1,) + tuple(layer.sources)
+    return (layer.index - 1,)
+
+
+def block_outputs(spec: ModelSpec, layers: int) -> tuple[int, ...]:
+    """The fused outputs of a block of the first ``layers`` layers: every layer inside it that a
+    layer after it reads, and every network output (yolo head, or the last layer) inside it."""
+    heads = [l.index for l in spec.layers if isinstance(l, YoloSpec)] or [len(spec.layers) - 1]
+    outs = {s for l in spec.layers[layers:] for s in _reads(l) if 0 <= s < layers}
+    outs |= {h for h in heads if h < layers}
+    return tuple(sorted(outs))
+
+
+def _coarsest(shapes: Sequence[tuple[int, int, int]]) -> int:
+    """Index of the output the grid cuts: the smallest map (first of equals)."""
+    return min(range(len(shapes)), key=lambda i: (shapes[i][1] * shapes[i][2], i))
+
+
+def output_tiles(shapes: Sequence[tuple[int, int, int]], rows: int, cols: int) -> list[tuple[Rect, ...]]:
+    """Each tile's region of every output (row-major tiles): the grid cuts the coarsest output
+    into ``rows x cols`` (sizes differ by at most one), and its edge ``e`` is edge
+    ``e * H_o // H_coarse`` of output ``o`` (``W`` likewise), so a tile is the same part of the
+    image in every output and the tiles partition each output.
 
     Raises
     ------
     PlanError
-        If the range is empty, reaches past the conv/maxpool prefix, or holds a layer with output
+        A tile would be empty, or an output is smaller than the coarsest one on some axis.
+    """
+    base = shapes[_coarsest(shapes)]
+    bh, bw = base[1], base[2]
+    if rows < 1 or cols < 1 or rows > bh or cols > bw:
+        raise PlanError(f"grid {rows}x{cols} does not fit the {bh}x{bw} fused output (each tile needs at least "
+                        "one pixel)")
+    for c, h, w in shapes:
+        if h < bh or w < bw:
+            raise PlanError(f"fused outputs {bh}x{bw} and {h}x{w} cannot share a grid")
+    ys, xs = split_even(bh, rows), split_even(bw, cols)
+    return [tuple((y0 * h // bh, y1 * h // bh, x0 * w // bw, x1 * w // bw) for _, h, w in shapes)
+            for y0, y1 in ys for x0, x1 in xs]
+
+
+def max_fused_layers(spec: ModelSpec) -> int:
+    """The most layers ``--layers`` may fuse: :func:`fusable_depth` (the runtime runs a block with
+    several outputs and a tail that reads them all)."""
+    return fusable_depth(spec)
+
+
+@dataclass(frozen=True)
+class DepthCandidate:
+    """One fused depth with the figures the depth cost model weighs (see :func:`depth_candidates`)."""
+
+    layers: int
+    outputs: tuple[int, ...]
+    block_flops: int  # FLOPs of the block on the whole frame
+    executed_flops: int  # FLOPs the tiles execute, halos included
+    tail_flops: int  # FLOPs after the block, on one node
+    transfer_bytes: int  # fused outputs + reuse strips + the tiles' input (camera bytes, a quarter of float32)
+    seconds: float  # predicted frame time
+
+
+def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none",
+                     devices: int | None = None) -> list[DepthCandidate]:
+    """Every block boundary worth weighing, with its predicted frame time, best first.
+
+    The model: tiles run in parallel on ``devices`` (default: one per tile), the tail on one
+    node, every byte crosses one link::
+
+        seconds = executed / (DEPTH_FLOP_RATE * min(devices, tiles)) + tail / DEPTH_FLOP_RATE
+                  + transfer / DEPTH_LINK_RATE
+
+    Fusing deeper moves the tail's FLOPs into parallel tiles but grows the halos (executed FLOPs
+    above the block's); the fused outputs' bytes change with where the cut falls. Candidates are
+    the depths where the block ends on a conv, a maxpool or a yolo head (cutting right after a
+    route or upsample only moves a copy), at most :data:`MAX_DEPTH_CANDIDATES` of them spread
+    evenly, and the deepest one. Ties go to the deeper block.
+    """
+    rows, cols = grid
+    tiles = rows * cols
+    par = min(devices or tiles, tiles)
+    most = fusable_depth(spec)
+    total = sum(l.flops for l in spec.layers)
+    ends = [n for n in range(1, most) if spec.layers[n - 1].kind in ("conv", "maxpool", "yolo")]
+    if tiles == 1:
+        ends = []  # one tile: every depth costs the same FLOPs and moves nothing; the deepest wins the tie
+    elif len(ends) > MAX_DEPTH_CANDIDATES - 1:  # a deep model (yolov4: 116 ends): an even spread of them
+        step = len(ends) / (MAX_DEPTH_CANDIDATES - 1)
+        ends = sorted({ends[int(i * step)] for i in range(MAX_DEPTH_CANDIDATES - 1)})
+    out: list[DepthCandidate] = []
+    for n in ends + [most]:
+        try:
+            plan = make_plan(spec, grid, n, scheme=scheme)
+        except PlanError:
+            continue
+        t = plan.totals(reuse=scheme != "none")
+        block = plan.frame_flops
+        # a 1x1 grid runs the block and the tail on one node: nothing crosses a link
+        transfer = 0 if tiles == 1 else t.output_bytes + t.overlap_bytes + t.input_bytes // 4
+        sec = t.flops / (DEPTH_FLOP_RATE * par) + (total - block) / DEPTH_FLOP_RATE + transfer / DEPTH_LINK_RATE
+        out.append(DepthCandidate(n, plan.outputs, block, t.flops, total - block, transfer, sec))
+    if not out:
+        raise PlanError(f"{spec.source}: no block boundary fits a {rows}x{cols} grid")
+    out.sort(key=lambda c: (c.seconds, -c.layers))
+    return out
+
+
+_DEFAULT_DEPTH: dict[tuple[ModelSpec, tuple[int, int], str], int] = {}
+
+
+def default_layers(spec: ModelSpec, grid: tuple[int, int] = (5, 5), scheme: str = "none") -> int:
+    """Fused layers when ``--layers`` is not given: DeepThings' 16 (or the runnable chain prefix if
+    shorter) for 2017 darknet models, whose figures are DeepThings'; the cheapest block boundary
+    by :func:`depth_candidates` for the others."""
+    if spec.flavour == "2017":
+        return min(DEFAULT_FUSED_LAYERS, runnable_prefix(spec))
+    key = (spec, (int(grid[0]), int(grid[1])), scheme)
+    got = _DEFAULT_DEPTH.get(key)
+    if got is None:
+        if len(_DEFAULT_DEPTH) > 64:  # a few models and grids per process; never grows without bound
+            _DEFAULT_DEPTH.clear()
+        got = _DEFAULT_DEPTH[key] = depth_candidates(spec, grid, scheme)[0].layers
+    return got
+
+
+def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, ...]:
+    """Windows of the first ``layers`` layers (default: :func:`default_layers` for a 5x5 grid).
+
+    Raises
+    ------
+    PlanError
+        If the range is empty, reaches past the fusable layers, or holds a layer with output
         positions whose window reads no input pixel.
     """
-    prefix = fusable_prefix(spec)
+    prefix = fusable_depth(spec)
     if layers is None:
-        layers = min(DEFAULT_FUSED_LAYERS, runnable_prefix(spec))
+        layers = default_layers(spec)
     if layers < 1:
         if prefix == 0:
             raise PlanError(f"{spec.source}: layer 0 is a {spec.layers[0].kind}; nothing can be fused")
@@ -364,9 +562,10 @@ def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, .
         if prefix == len(spec.layers):
             raise PlanError(f"{spec.source} has only {prefix} layers, cannot fuse {layers}")
         bad = spec.layers[prefix]
-        raise PlanError(f"cannot fuse {layers} layers of {spec.source}: layer {bad.index} is a {bad.kind}; "
-                        f"only conv and maxpool layers can be fused (at most {prefix} here)")
-    windows = tuple(Window.of(l) for l in spec.layers[:layers])
+        raise PlanError(f"cannot fuse {layers} layers of {spec.source}: layer {bad.index} is a {bad.kind} that "
+                        f"cannot be fused (at most {prefix} here; fusable kinds: conv, maxpool, route, "
+                        "shortcut, upsample, yolo)")
+    windows = tuple(Window.of(l, spec.layers) for l in spec.layers[:layers])
     for w in windows:
         w.check_windows()
     return windows
@@ -392,38 +591,60 @@ class _Built:
     borrowed: list[tuple[int, int, Rect]]  # (producer, layer, region) in step order
 
 
-def _walk(windows: Sequence[Window], tile: Rect,
+def _walk(windows: Sequence[Window], outputs: Sequence[tuple[int, Rect]],
           lenders: Sequence[list[tuple[int, Rect]]] | None) -> _Built:
-    """Walk one tile back through the fused layers, borrowing from ``lenders[l]`` if given.
+    """Walk one tile back through the fused DAG, borrowing from ``lenders[l]`` if given.
 
-    ``lenders[l]`` lists (task id, region of layer ``l``'s output that task computes and may
-    lend). Each needed pixel is taken from the first lender (largest overlap first) that has it,
-    otherwise computed; only the computed part is carried back to the layer before.
+    ``outputs``: (layer, the tile's region of that output). Layers are visited in decreasing
+    index order (every reader of a layer comes after it), so when layer ``l`` is reached every
+    region its readers need of it is known. ``lenders[l]`` lists (task id, region of layer
+    ``l``'s output that task computes and may lend). Each needed pixel is taken from the first
+    lender (largest overlap first) that has it, otherwise computed; only the computed part is
+    carried back, through the layer's region rule, to its sources.
     """
+    n = len(windows)
+    need: dict[int, list[Rect]] = {l: [] for l in range(-1, n)}
+    for o, r in outputs:
+        need[o].append(r)
     steps: list[LayerStep] = []
     borrowed: list[tuple[int, int, Rect]] = []
-    need: list[Rect] = [tile]
-    for l in range(len(windows) - 1, -1, -1):
+    for l in range(n - 1, -1, -1):
         w = windows[l]
-        need = [r for r in need if not is_empty(r)]
-        box = bbox(need)
+        nd = [r for r in need[l] if not is_empty(r)]
+        box = bbox(nd)
         cands: list[tuple[int, Rect]] = []
-        if lenders is not None and need:
+        if lenders is not None and nd and w.kind in LENDING_KINDS:
             cands = [(tid, r) for tid, r in lenders[l] if not is_empty(intersect(r, box))]
             cands.sort(key=lambda c: (-area(intersect(c[1], box)), c[0]))
-        pieces = decompose(need, [r for _, r in cands])
+        pieces = decompose(nd, [r for _, r in cands])
         computed = tuple(p for p, lab in pieces if lab < 0)
-        mine = [(cands[lab][0], l, p) for p, lab in pieces if lab >= 0]
-        borrowed.extend(mine)
-        steps.append(LayerStep(l, tuple(need), box, computed, (), (), sum(w.flops(g) for g in computed)))
-        need = [w.back(g) for g in computed]
+        borrowed.extend((cands[lab][0], l, p) for p, lab in pieces if lab >= 0)
+        steps.append(LayerStep(l, tuple(nd), box, computed, (), (), sum(w.flops(g) for g in computed)))
+        for g in computed:
+            for src, reg in w.input_regions(g):
+                need[src].append(reg)
     steps.reverse()
-    return _Built(steps, bbox(need), borrowed)
+    return _Built(steps, bbox([r for r in need[-1] if not is_empty(r)]), borrowed)
 
 
-def _can_band(windows: Sequence[Window], steps: Sequence[LayerStep], l: int) -> bool:
+def block_consumers(windows: Sequence[Window]) -> dict[int, list[int]]:
+    """For every fused layer (and -1, the frame), the fused layers that read it, in order."""
+    out: dict[int, list[int]] = {l: [] for l in range(-1, len(windows))}
+    for w in windows:
+        for s in w.inputs:
+            out[s].append(w.index)
+    return out
+
+
+def _can_band(windows: Sequence[Window], steps: Sequence[LayerStep], l: int,
+              consumers: dict[int, list[int]] | None = None, outputs: Sequence[int] = ()) -> bool:
     """Whether step ``l`` (a maxpool) can run fused with step ``l - 1`` in row bands."""
     if l == 0 or steps[l - 1].band or is_empty(steps[l].buffer) or is_empty(steps[l - 1].buffer):
+        return False
+    # in a DAG the previous layer's map must be read by this pool alone, and be no output
+    if windows[l - 1].kind not in ("conv", "maxpool") or (l - 1) in outputs:
+        return False
+    if consumers is not None and consumers[l - 1] != [l]:
         return False
     w = windows[l]
     # Non-overlapping windows (size == stride, no padding): every input row feeds exactly one
@@ -448,16 +669,27 @@ def band_rects(windows: Sequence[Window], prev: LayerStep, pool: LayerStep, l: i
     return out
 
 
-def _working_set(windows: Sequence[Window], v: Variant, strip_bytes: Sequence[int]) -> int:
+def _working_set(windows: Sequence[Window], v: Variant, strip_bytes: Sequence[int],
+                 outputs: Sequence[int] = (), consumers: dict[int, list[int]] | None = None) -> int:
     """Peak activation bytes the executor holds while running variant ``v`` (see :class:`Variant`).
 
     An upper bound by construction: at each step it adds the largest of each kind of scratch
-    buffer, though the executor never holds two of them at once.
+    buffer, though the executor never holds two of them at once. A layer's buffer lives from its
+    step until its last reader inside the block has run (an output's until the end).
     """
     # The frame input and the borrowed strips belong to the caller, who holds them for the
     # whole task; the first layer's input is therefore counted once, in ``held``.
     held = windows[0].in_bytes(v.input_region) + sum(strip_bytes[s] for st in v.steps for s in st.borrowed)
-    in_bytes = 0
+    if consumers is None:
+        consumers = block_consumers(windows)
+    last = {l: (len(windows) if l in outputs or not cs else max(cs)) for l, cs in consumers.items()}
+    alive: dict[int, int] = {}
+
+    def done(l: int, nbytes: int) -> None:
+        alive[l] = nbytes
+        for k in [k for k in alive if last[k] <= l]:
+            del alive[k]
+
     published = 0
     peak = 0
     steps = v.steps
@@ -474,32 +706,42 @@ def _working_set(windows: Sequence[Window], v: Variant, strip_bytes: Sequence[in
                 pool_scratch = max([pool_scratch] + [wp.out_bytes(intersect(g, pool_rows)) for g in pool.computed])
             published += sum(strip_bytes[s] for s in st.published + pool.published)
             out_bytes = wp.out_bytes(pool.buffer)
-            peak = max(peak, in_bytes + out_bytes + band + prev_scratch + pool_scratch + published)
-            in_bytes = out_bytes
+            peak = max(peak, sum(alive.values()) + out_bytes + band + prev_scratch + pool_scratch + published)
+            done(l + 1, out_bytes)
             l += 2
             continue
         out_bytes = w.out_bytes(st.buffer)
         # a computed rectangle smaller than the buffer is written to scratch, then copied in
         scratch = max((w.out_bytes(g) for g in st.computed if g != st.buffer), default=0)
         published += sum(strip_bytes[s] for s in st.published)
-        peak = max(peak, in_bytes + out_bytes + scratch + published)
-        in_bytes = out_bytes
+        peak = max(peak, sum(alive.values()) + out_bytes + scratch + published)
+        done(l, out_bytes)
         l += 1
     return peak + held
 
 
+def _scaled_owned(windows: Sequence[Window], tile: Rect, base: tuple[int, int]) -> list[Rect]:
+    """A DAG block's ``owned`` regions: the tile's part of every map, its edges scaled from the
+    grid's output like the outputs' (see :func:`output_tiles`), so they partition every map."""
+    bh, bw = base
+    y0, y1, x0, x1 = tile
+    return [(y0 * w.out_shape[1] // bh, y1 * w.out_shape[1] // bh, x0 * w.out_shape[2] // bw,
+             x1 * w.out_shape[2] // bw) for w in windows]
+
+
 def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | None = None, *,
               scheme: str = "none", borrow: str = DEFAULT_BORROW, band: bool = True) -> Plan:
-    """Partition one frame of ``model``'s fused layers into tasks.
+    """Partition one frame of ``model``'s fused block into tasks.
 
     Parameters
     ----------
     model : Network or ModelSpec
         Only the layer geometry is used (a ``Network``'s ``spec``).
     grid : (rows, cols) or "RxC"
-        Tiles of the last fused layer's output; each tile must hold at least one pixel.
+        Tiles of the coarsest fused output; each tile must hold at least one pixel.
     layers : int, optional
-        Number of fused layers from layer 0; default 16, or the conv/maxpool prefix if shorter.
+        Number of fused layers from layer 0; default :func:`default_layers` for this grid and
+        scheme (16 for YOLOv2, chosen by cost for DAG models).
     scheme : {"none", "checkerboard", "quad", "wave"}
         Task phases for data reuse; "none" gives independent full tasks only.
     borrow : {"halo", "owned"}
@@ -523,12 +765,20 @@ def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | No
         raise PlanError(f"unknown reuse scheme {scheme!r} (have: {', '.join(SCHEMES)})")
     if borrow not in BORROW_MODES:
         raise PlanError(f"unknown borrow mode {borrow!r} (have: {', '.join(BORROW_MODES)})")
+    if layers is None:
+        layers = default_layers(spec, (rows, cols), scheme)
     windows = fused_windows(spec, layers)
-    _, oh, ow = windows[-1].out_shape
-    if rows < 1 or cols < 1 or rows > oh or cols > ow:
-        raise PlanError(f"grid {rows}x{cols} does not fit the {oh}x{ow} output of layer {windows[-1].index} "
-                        f"(each tile needs at least one pixel)")
-    tiles = grid_tiles(oh, ow, rows, cols)
+    outs = block_outputs(spec, len(windows))
+    shapes = [windows[o].out_shape for o in outs]
+    base = shapes[_coarsest(shapes)]
+    try:
+        tile_outs = output_tiles(shapes, rows, cols)
+    except PlanError as exc:
+        raise PlanError(f"layers 0-{len(windows) - 1}: {exc}") from None
+    grid_at = _coarsest(shapes)
+    tiles = [to[grid_at] for to in tile_outs]
+    chain = len(outs) == 1 and outs[0] == len(windows) - 1 and all(w.kind in ("conv", "maxpool") for w in windows)
+    consumers = block_consumers(windows)
     phase = phases(scheme, rows, cols)
     order = sorted(range(len(tiles)), key=lambda t: (phase[t], t))
     n_layers = len(windows)
@@ -544,15 +794,20 @@ def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | No
                 lenders[l].append((tid, r))
             pending.clear()
             current_phase = phase[t]
-        full = _walk(windows, tiles[t], None)
+        targets = list(zip(outs, tile_outs[t]))
+        full = _walk(windows, targets, None)
         built_full[t] = full
         chosen = full
         if scheme != "none" and any(lenders):
-            reuse = _walk(windows, tiles[t], lenders)
+            reuse = _walk(windows, targets, lenders)
             if reuse.borrowed:
                 built_reuse[t] = chosen = reuse
-        owned = owned_regions(windows, tiles[t]) if borrow == "owned" else None
+        owned = None
+        if borrow == "owned":
+            owned = owned_regions(windows, tiles[t]) if chain else _scaled_owned(windows, tiles[t], base[1:])
         for st in chosen.steps:
+            if windows[st.layer].kind not in LENDING_KINDS:
+                continue
             for g in st.computed:
                 lend = g if owned is None else intersect(g, owned[st.layer])
                 if not is_empty(lend):
@@ -582,25 +837,25 @@ def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | No
             steps.append(LayerStep(st.layer, st.needed, st.buffer, st.computed,
                                    tuple(borrowed_at.get((t, st.layer), ())) if kind == "reuse" else (),
                                    tuple(published_at.get((t, st.layer), ())), st.flops))
-            if band and _can_band(windows, steps, st.layer):
+            if band and _can_band(windows, steps, st.layer, consumers, outs):
                 steps[-1] = replace(steps[-1], band=BAND_ROWS)
         v = Variant(kind, b.input_region, tuple(steps), sum(st.flops for st in steps),
                     windows[0].in_bytes(b.input_region),
                     sum(strip_bytes[s] for st in steps for s in st.borrowed),
                     sum(strip_bytes[s] for st in steps for s in st.published), 0)
         return Variant(v.kind, v.input_region, v.steps, v.flops, v.input_bytes, v.borrowed_bytes,
-                       v.published_bytes, _working_set(windows, v, strip_bytes))
+                       v.published_bytes, _working_set(windows, v, strip_bytes, outs, consumers))
 
     tasks = []
     for t in order:
         reuse_v = finish(t, built_reuse[t], "reuse") if t in built_reuse else None
         tasks.append(Task(t, (t // cols, t % cols), tiles[t], phase[t], finish(t, built_full[t], "full"), reuse_v,
                           tuple(sorted({strips[s].producer for s in consumes[t]})),
-                          tuple(produces[t]), tuple(consumes[t])))
+                          tuple(produces[t]), tuple(consumes[t]), tuple(tile_outs[t])))
     plan = Plan(spec.source, tuple(spec.input_shape), windows, (rows, cols), scheme, borrow,  # type: ignore[arg-type]
-                tuple(tasks), tuple(strips))
-    log.debug("plan %dx%d, %d layers, scheme %s/%s: %d tasks, %d strips", rows, cols, n_layers, scheme, borrow,
-              len(tasks), len(strips))
+                tuple(tasks), tuple(strips), outputs=outs)
+    log.debug("plan %dx%d, %d layers (outputs %s), scheme %s/%s: %d tasks, %d strips", rows, cols, n_layers,
+              outs, scheme, borrow, len(tasks), len(strips))
     return plan
 
 

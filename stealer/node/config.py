@@ -218,9 +218,9 @@ def memory_needs(net: Network, plan: Plan) -> tuple[int, int]:
 
 
 def _fusable(net: Network) -> int:
-    from ..ftp.plan import runnable_prefix
+    from ..ftp.plan import max_fused_layers
 
-    return runnable_prefix(net.spec)  # the tail must run from the last fused map alone
+    return max_fused_layers(net.spec)  # any boundary: the tail reads every output of the block
 
 
 def default_memory() -> int:

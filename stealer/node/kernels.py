@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from ..errors import ProtocolError
-from ..ftp.execute import run_task
+from ..ftp.execute import fused_maps, pack_tile, run_task, tile_shapes
 from ..ftp.geometry import height, width
 from ..ftp.plan import Plan
 from ..codec import decode_jpeg, decode_pixels
@@ -66,8 +66,7 @@ class Kernels(NodeState):
         got = self._null_cache.get((key, task_id))
         if got is None:
             task = plan.task(task_id)
-            y0, y1, x0, x1 = task.output
-            zeros = np.zeros((plan.output_shape[0], y1 - y0, x1 - x0), np.float32)
+            zeros = pack_tile([np.zeros(s, np.float32) for s in tile_shapes(plan, task_id)])
             published = {sid: np.zeros((plan.windows[plan.strips[sid].layer].out_shape[0],
                                         height(plan.strips[sid].region), width(plan.strips[sid].region)), np.float32)
                          for sid in task.produces}
@@ -93,7 +92,11 @@ class Kernels(NodeState):
         if self.cfg.null_compute:
             return TailDone(job.ref.source, job.ref.frame, "0" * 64)
         _, layers, _ = parse_plan_key(job.plan_key)
-        outs = self.net.outputs(np.asarray(fused, np.float32), start=layers)  # every yolo head, or the last layer
+        if fused is None:
+            raise ProtocolError(f"{job.ref}: a tail without its fused map")
+        # the block's outputs (one map, or several for a DAG block), then every yolo head or the last layer
+        maps = fused_maps(self._plan(job.plan_key), np.asarray(fused))
+        outs = self.net.outputs_from(maps, layers)
         digest = output_digest(outs)
         dets: list[dict[str, Any]] = [d.to_dict() for d in self.net.detect(
             outs, img_w=job.img_w, img_h=job.img_h, thresh=self.cfg.thresh, nms=self.cfg.nms)]

@@ -21,7 +21,7 @@ import numpy as np
 from ..compute import ComputePool
 from ..errors import ConfigError
 from ..ftp.auto import CandidatePlan, Choice
-from ..ftp.plan import Plan, make_plan
+from ..ftp.plan import Plan, default_layers, make_plan
 from ..network import Network
 from ..roles import gateway as gw_role
 from ..roles.gateway import GatewayState
@@ -63,9 +63,15 @@ class NodeState:
         self.first_task_at: float | None = None
         most = _fusable(net)
         if config.layers is not None and config.layers > most:  # caught here, not when the first tail fails to run
+            bad = net.layers[most] if most < len(net.layers) else None
             raise ConfigError(f"--layers {config.layers}: at most {most} leading layers of this model can be "
-                              f"fused and leave a tail that runs from the last fused map alone")
-        self.layers = config.layers or min(16, most)
+                              "fused" + (f" (layer {bad.index} is a {bad.kind}, which cannot be in a fused block)"
+                                         if bad is not None else ""))
+        if config.layers is not None and config.layers < 1:
+            raise ConfigError(f"--layers {config.layers}: a fused block holds at least one layer")
+        # unset: DeepThings' 16 for YOLOv2, the cost model's choice for DAG models (ftp.plan.default_layers)
+        self.layers = config.layers or default_layers(net.spec, (1, 1) if config.grid_auto else config.grid,
+                                                      config.scheme)
         # the plan this node's next frames are cut with (grid auto: the planner's latest choice;
         # a frame keeps the plan it was cut with, see SourceState)
         self._own_plan_key = plan_key(config.grid, self.layers, config.scheme)

@@ -230,7 +230,7 @@ class GatewayState:
         return self._admit(sender, msg, now)
 
     def _nbytes(self, msg: FrameStart) -> int:
-        return 4 * int(np.prod(self.plan_of(msg.plan).output_shape))
+        return self.plan_of(msg.plan).fused_bytes
 
     @property
     def active(self) -> int:
@@ -290,7 +290,7 @@ class GatewayState:
             raise ProtocolError(f"tile {msg.task} claims strips {msg.strips_held} it does not produce "
                                 f"({list(task.produces)})")
         if f.assembly is None:
-            f.assembly = FrameAssembly(plan.output_shape, [t.output for t in sorted(plan.tasks, key=lambda t: t.id)])
+            f.assembly = FrameAssembly.for_plan(plan)
         try:
             fresh = f.assembly.add(msg.task, np.asarray(msg.output))
         except ValueError as exc:
@@ -402,7 +402,7 @@ class GatewayState:
             return []
         plan = self.plan_of(f.plan)
         if f.assembly is None:
-            f.assembly = FrameAssembly(plan.output_shape, [t.output for t in sorted(plan.tasks, key=lambda t: t.id)])
+            f.assembly = FrameAssembly.for_plan(plan)
         missing = f.assembly.fill_missing()
         fraction = f.assembly.missing_fraction(missing)
         # Without the missing tiles' true values the distance to the exact output can only be

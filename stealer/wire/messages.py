@@ -106,8 +106,11 @@ older peer cannot handle by ignoring unknown fields. 4: msgspec array-form heade
 tile's input may travel encoded (``codec``, ``encoded`` of :class:`StealReply` and
 :class:`RegionReply`), which an older thief would take for a grant without data. 6:
 :class:`FrameUnknown` (a result came before its frame's announcement: announce it again),
-the :class:`Preview` message (frame previews for the gateway's dashboard), and dashboard
-fields of :class:`Status`; an older peer would drop the connection on the new messages."""
+the :class:`Preview` message (frame previews for the gateway's dashboard) and dashboard fields
+of :class:`Status`, and a fused block may be a DAG with several outputs (:class:`TileDone`
+``output`` and a tail grant's ``data`` are then those maps raveled and concatenated, 1-D;
+``stealer.ftp.execute.pack_tile``; a plan key's depth may end past a route): an older peer
+would drop the connection, refuse or misread."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
