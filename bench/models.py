@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stealer.errors import StealerError  # noqa: E402
-from stealer.ftp.plan import DEFAULT_SCHEME, make_plan  # noqa: E402
+from stealer.ftp.plan import AUTO_SCHEME, make_plan  # noqa: E402
 from stealer.network import BUILTIN_MODELS, Network  # noqa: E402
 
 DARKNET = ("yolov2", "yolov3-tiny", "yolov4-tiny", "yolov4")
@@ -87,11 +87,12 @@ def plan_figures(net: Network) -> dict[str, Any]:
     for grid in ((3, 3), (5, 5)):
         name = f"{grid[0]}x{grid[1]}"
         try:
-            plan = make_plan(net, grid, scheme=DEFAULT_SCHEME)
+            plan = make_plan(net, grid, scheme=AUTO_SCHEME)
         except StealerError as exc:
             out[f"plan_{name}"] = f"error: {exc}"
             continue
         out["fused_layers"] = plan.n_layers
+        out["scheme"] = plan.scheme
         out["fused_fraction"] = round(plan.frame_flops / total, 4)
         out[f"flops_ratio_{name}"] = round(plan.totals(False).flops_ratio, 4)
         out[f"flops_ratio_{name}_reuse"] = round(plan.totals(True).flops_ratio, 4)
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{f('stealer_s'):>7} {f('onnxruntime_s'):>7} {f('speed_vs_onnxruntime', '{:.2f}x'):>6} "
               f"{f('max_abs_diff', '{:.1e}'):>9} {f('rel_diff', '{:.1e}'):>8}")
     print("speed: onnxruntime's time / stealer's (single thread each, median of alternating runs; > 1: stealer "
-          "faster). fused: layers in the fused block; 'r': with reuse (scheme " + DEFAULT_SCHEME + ").")
+          "faster). fused: layers in the fused block; 'r': with reuse (the default scheme 'auto': quad for chains, "
+          "wave for DAG blocks; per model in the JSON).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
                                              "repeat": args.repeat, "seed": args.seed, "targets": TARGETS},

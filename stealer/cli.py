@@ -177,11 +177,12 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
                    help="fused layers from layer 0, any depth up to the first layer that cannot be fused "
                         "[16 for YOLOv2; DAG models: chosen by cost, see `stealer plan`]")
     reuse = p.add_mutually_exclusive_group()
-    reuse.add_argument("--reuse", dest="scheme", action="store_const", const="quad",
-                       help="data-reuse-aware tiles (default)")
+    reuse.add_argument("--reuse", dest="scheme", action="store_const", const="auto",
+                       help="data-reuse-aware tiles (default; the scheme 'auto': quad for chains, wave for DAG "
+                            "blocks)")
     reuse.add_argument("--no-reuse", dest="scheme", action="store_const", const="none")
-    reuse.add_argument("--scheme", dest="scheme", choices=["none", "checkerboard", "quad", "wave"])
-    p.set_defaults(scheme="quad")
+    reuse.add_argument("--scheme", dest="scheme", choices=["none", "checkerboard", "quad", "wave", "auto"])
+    p.set_defaults(scheme="auto")
     p.add_argument("--frames", type=int, default=None, help="frames per source [unbounded]")
     p.add_argument("--fps", type=float, default=None, help="frame rate per source [as fast as the cluster goes]")
     p.add_argument("--max-inflight", type=_inflight_arg, default=0, metavar="N|auto",
@@ -263,6 +264,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     video = video_config_from_args(args)  # ConfigError (no OpenCV, not .avi/.mp4): one line, before the model loads
     net = load_network(args)
+    from .ftp.plan import resolve_scheme
+
+    args.scheme = resolve_scheme(args.scheme, net.spec, args.layers)  # every node of one model alike
     sources = [open_source(s) for s in args.source]
     grid_auto = args.grid == "auto"
     cfg = NodeConfig(

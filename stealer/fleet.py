@@ -293,7 +293,7 @@ def _defaults_suppressed(parser: argparse.ArgumentParser) -> Iterator[None]:
     try:
         for a in parser._actions:
             a.default = argparse.SUPPRESS
-        # set_defaults() also keeps defaults of options' dests here (scheme="quad")
+        # set_defaults() also keeps defaults of options' dests here (scheme="auto")
         parser._defaults = {k: v for k, v in saved_defaults.items() if k not in dests}
         yield
     finally:

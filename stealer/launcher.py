@@ -254,7 +254,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=parse_grid_or_auto, default=(5, 5), help="tile grid RxC, or auto [5x5]")
     add_auto_args(p)
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--scheme", default="quad", choices=["none", "checkerboard", "quad", "wave"])
+    p.add_argument("--scheme", default="auto", choices=["none", "checkerboard", "quad", "wave", "auto"],
+                   help="reuse scheme [auto: quad for chains, wave for DAG blocks]")
     p.add_argument("--policy", default="steal", choices=["steal", "share"])
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--max-inflight", default="auto", help="frames per source in flight [auto]")

@@ -148,7 +148,7 @@ def test_bad_settings_name_the_file_and_the_key(tmp_path, toml, message):
 
 def test_a_flag_set_false_by_its_name_is_as_if_not_given(tmp_path):
     args = node_args(tmp_path, "gateway = false\nno-reuse = false\nno-discovery = false\n")
-    assert args.gateway is False and args.scheme == "quad" and args.no_discovery is False
+    assert args.gateway is False and args.scheme == "auto" and args.no_discovery is False
 
 
 def cli_env() -> dict[str, str]:

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 from ..errors import PlanError
 from .geometry import Rect, is_empty
-from .plan import (BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, DEPTH_FLOP_RATE, DEPTH_LINK_RATE, SCHEMES,
+from .plan import (AUTO_SCHEME, BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, DEPTH_FLOP_RATE, DEPTH_LINK_RATE, SCHEMES,
                    DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
-                   simulate)
+                   resolve_scheme, simulate)
 
 MIB = 1 << 20
 
@@ -39,8 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="number of fused layers from layer 0 (any depth up to the first layer that cannot be "
                         "fused) [16 for YOLOv2 (or its conv/maxpool prefix if shorter); DAG models: chosen by cost]")
     p.add_argument("--reuse", action="store_true", help="order tasks for data reuse between neighbouring tiles")
-    p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "none"], default=DEFAULT_SCHEME,
-                   help=f"reuse order with --reuse [{DEFAULT_SCHEME}]")
+    p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "none"] + [AUTO_SCHEME], default=AUTO_SCHEME,
+                   help=f"reuse order with --reuse [{AUTO_SCHEME}: {DEFAULT_SCHEME} for chains, wave for DAG blocks]")
     p.add_argument("--borrow", choices=BORROW_MODES, default=DEFAULT_BORROW,
                    help=f"what a producer lends: anything it computed, or its own share only [{DEFAULT_BORROW}]")
     p.add_argument("--size", metavar="WxH", default=None, help="override the cfg's input width x height")
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     if str(args.grid).strip().lower() == "auto":
         return _run_auto(args, spec)
     grid = parse_grid(args.grid)
-    scheme = args.scheme if args.reuse else "none"
+    scheme = resolve_scheme(args.scheme, spec, args.layers) if args.reuse else "none"
     depth = None
     if args.layers is None and spec.flavour != "2017":  # DAG models: the cost model's choice, shown
         depth = depth_candidates(spec, grid, scheme)

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 from ..darknet import ModelSpec
 from ..errors import PlanError
-from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, YoloSpec
+from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec
 from .geometry import (Rect, Window, area, bbox, decompose, height, intersect, is_empty, owned_regions,
                        split_even)
 
@@ -61,6 +61,13 @@ BORROW_MODES = ("halo", "owned")
 #: explicitly at 7x7 and 8x8 on few devices. Borrowing only a producer's own share (``owned``)
 #: loses everywhere (1.67x at 5x5 quad).
 DEFAULT_SCHEME = "quad"
+#: For a block that holds routes, shortcuts or upsamples (the AlexeyAB models), ``quad``'s
+#: first-phase tiles compute their whole halos, which a 13x13 coarsest output makes large:
+#: yolov4-tiny at 416, 5x5, executes 2.21x its FLOPs with quad and 1.000x with ``wave``
+#: (yolov3-tiny 1.75x / 1.000x), and wave's simulated makespan on 2-8 devices is 1.01-1.42x
+#: the ideal against quad's 2.22-2.46x. So "auto", the default, is quad for chains and wave
+#: for DAG blocks (:func:`default_scheme`).
+AUTO_SCHEME = "auto"
 DEFAULT_BORROW = "halo"
 #: Pool output rows per band when a layer streams into a non-overlapping maxpool. Small enough
 #: that the band of the (large) conv output is a fraction of the pool's output; large enough that
@@ -527,12 +534,30 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
 _DEFAULT_DEPTH: dict[tuple[ModelSpec, tuple[int, int], str], int] = {}
 
 
+def default_scheme(spec: ModelSpec, layers: int | None = None) -> str:
+    """The reuse scheme "auto" stands for: :data:`DEFAULT_SCHEME` when the fused block (its
+    first ``layers`` layers; unset: DeepThings' 16 for 2017 models, whose default block is a
+    chain, else every layer that can be fused) is a chain, ``wave`` when it holds a route,
+    shortcut or upsample (see :data:`AUTO_SCHEME`)."""
+    if layers is None:
+        layers = min(DEFAULT_FUSED_LAYERS, runnable_prefix(spec)) if spec.flavour == "2017" else fusable_depth(spec)
+    dag = any(isinstance(l, (RouteSpec, ShortcutSpec, UpsampleSpec)) for l in spec.layers[:layers])
+    return "wave" if dag else DEFAULT_SCHEME
+
+
+def resolve_scheme(scheme: str, spec: ModelSpec, layers: int | None = None) -> str:
+    """``scheme``, with "auto" replaced by the model's :func:`default_scheme` for a block of
+    ``layers`` layers (unset: its default block)."""
+    return default_scheme(spec, layers) if scheme == AUTO_SCHEME else scheme
+
+
 def default_layers(spec: ModelSpec, grid: tuple[int, int] = (5, 5), scheme: str = "none") -> int:
     """Fused layers when ``--layers`` is not given: DeepThings' 16 (or the runnable chain prefix if
     shorter) for 2017 darknet models, whose figures are DeepThings'; the cheapest block boundary
     by :func:`depth_candidates` for the others."""
     if spec.flavour == "2017":
         return min(DEFAULT_FUSED_LAYERS, runnable_prefix(spec))
+    scheme = resolve_scheme(scheme, spec)
     key = (spec, (int(grid[0]), int(grid[1])), scheme)
     got = _DEFAULT_DEPTH.get(key)
     if got is None:
@@ -742,7 +767,7 @@ def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | No
     layers : int, optional
         Number of fused layers from layer 0; default :func:`default_layers` for this grid and
         scheme (16 for YOLOv2, chosen by cost for DAG models).
-    scheme : {"none", "checkerboard", "quad", "wave"}
+    scheme : {"none", "checkerboard", "quad", "wave", "auto"}
         Task phases for data reuse; "none" gives independent full tasks only.
     borrow : {"halo", "owned"}
         What a producer lends: anything it computed, or only its own share of each map.
@@ -761,6 +786,7 @@ def make_plan(model: Any, grid: tuple[int, int] | str = (5, 5), layers: int | No
     """
     spec: ModelSpec = model if isinstance(model, ModelSpec) else model.spec
     rows, cols = parse_grid(grid) if isinstance(grid, str) else (int(grid[0]), int(grid[1]))
+    scheme = resolve_scheme(scheme, spec, layers)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown reuse scheme {scheme!r} (have: {', '.join(SCHEMES)})")
     if borrow not in BORROW_MODES:
