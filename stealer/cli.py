@@ -76,7 +76,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     best = min(timings)
     result = {
         "source": source,
-        "model": str(args.cfg),
+        "model": str(args.model or args.cfg),
         "model_hash": net.model_hash,
         "input_shape": list(shape),
         "load_seconds": round(t_load, 4),
@@ -133,7 +133,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .darknet import parse_cfg
     from .network import format_table, layer_table, resolve_cfg
 
-    spec = parse_cfg(resolve_cfg(args.cfg))
+    if args.model:
+        from .onnx_import import load_onnx
+
+        spec = load_onnx(args.model).spec
+    else:
+        spec = parse_cfg(resolve_cfg(args.cfg))
     rows = layer_table(spec)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
@@ -363,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="per-layer FLOP, parameter and memory table")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
+    p.add_argument("--model", metavar="PATH.onnx", default=None, help="an ONNX model instead of --cfg")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from ..darknet import ModelSpec
 from ..errors import PlanError
-from ..layers import ConvSpec, MaxPoolSpec, RouteSpec, ShortcutSpec
+from ..layers import ConvSpec, MaxPoolSpec, layer_sources
 from .geometry import (Rect, Window, area, bbox, decompose, grid_tiles, height, intersect, is_empty,
                        owned_regions)
 
@@ -336,9 +336,12 @@ def runnable_prefix(spec: ModelSpec) -> int:
     YOLOv4-tiny: 3, YOLOv3 and YOLOv4: 2.
     """
     n = fusable_prefix(spec)
-    readers = [l for l in spec.layers if isinstance(l, (RouteSpec, ShortcutSpec))]
+    # every layer that names its sources (routes, shortcuts, and an ONNX model's slices and
+    # tensor ops); an ONNX model's outputs are read after the tiles too
+    readers = [(l.index, layer_sources(l)) for l in spec.layers if layer_sources(l)]
+    readers += [(len(spec.layers), spec.outputs)] if spec.outputs else []
     while True:  # a cut moves the end, which may put another reader's source inside: repeat
-        cut = min([s + 1 for l in readers if l.index >= n for s in l.sources if s < n - 1], default=n)
+        cut = min([s + 1 for i, srcs in readers if i >= n for s in srcs if s < n - 1], default=n)
         if cut == n:
             return n
         n = cut
