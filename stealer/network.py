@@ -98,7 +98,8 @@ def describe(layer: LayerSpec) -> str:
     if isinstance(layer, PadConvSpec):
         act = "" if layer.activation == "linear" else f" {layer.activation}"
         sy, sx = layer.strides
-        extra = (f" g{layer.groups}" if layer.groups > 1 else "") + (f" d{layer.dilation}" if layer.dilation > 1 else "")
+        extra = (f" g{layer.groups}" if layer.groups > 1 else "") \
+            + (f" d{layer.dilation}" if layer.dilation > 1 else "")
         return f"conv {layer.size}x{layer.size}/{sy}x{sx} p{layer.pad_top},{layer.pad_left}{extra} {layer.filters}{act}"
     if isinstance(layer, SliceSpec):
         return f"slice {layer.source} [{layer.start}:{layer.stop}]"

@@ -13,7 +13,9 @@ How each operator maps (tensors of the spatial part are (1, C, H, W); the batch 
   output is folded into it at load (in float64, rounded once). A following activation that alone
   reads the conv's output is fused: ``Relu`` -> relu, ``LeakyRelu(alpha=0.1)`` -> leaky,
   ``Clip(0, 6)`` -> relu6, ``Sigmoid`` -> logistic_f32, ``HardSwish`` -> hardswish, and SiLU
-  (``Mul(x, Sigmoid(x))``, either order) -> swish_f32. All are float32 formulas as onnxruntime's.
+  (``Mul(x, Sigmoid(x))``, either order) -> swish_f32. These are the kernels' float32 formulas,
+  equal to onnxruntime's up to rounding (its Sigmoid is a polynomial approximation; leaky here
+  multiplies by a double 0.1 as darknet does, onnxruntime by 0.1f).
 * ``MaxPool`` (square, one stride, equal top/left pads, floor mode): a :class:`MaxPoolSpec` with
   ``pad`` = the top pad. ONNX pads a max pool with -inf, i.e. pixels outside the map never win,
   which is exactly MaxPoolSpec's "skipped"; the output size is ONNX's ``(H + pt + pb - k) // s + 1``.
@@ -65,6 +67,10 @@ MAX_ONNX_BYTES = 1 << 30
 #: Elements of a tensor a constant subgraph may produce at load (a ConstantOfShape or Expand
 #: asking for more is a broken or hostile file, not a model).
 MAX_CONST_ELEMENTS = 1 << 26
+#: Elements of any activation tensor (1 GiB of float32): shapes come from the file, and the
+#: importer allocates zeros of them to infer the next shapes, so a hostile file must not be able
+#: to ask for more than a model can use.
+MAX_TENSOR_ELEMENTS = 1 << 28
 FLAVOUR_ONNX = "onnx"
 
 f32 = np.float32
@@ -455,6 +461,8 @@ def _parse_graph(model: Any, path: str) -> _Graph:
     if tt.elem_type != 1:  # TensorProto.FLOAT
         raise ModelError(f"{path}: input {inp.name!r} is not float32 (element type {tt.elem_type})")
     shapes: dict[str, tuple[int, ...]] = {inp.name: tuple(int(d) for d in dims if d is not None)}
+    if math.prod(shapes[inp.name]) > MAX_TENSOR_ELEMENTS:
+        raise ModelError(f"{path}: input {inp.name!r} of shape {dims} is larger than {MAX_TENSOR_ELEMENTS} elements")
     alias: dict[str, str] = {}
     nodes: list[_Node] = []
     for pos, n in enumerate(g.node):
@@ -501,6 +509,8 @@ def _parse_graph(model: Any, path: str) -> _Graph:
                 continue
             node = _Node(name, op, data, list(n.output), attrs, pos)
             for o, s in zip(n.output, _infer_shapes(node, shapes, consts)):
+                if math.prod(s) > MAX_TENSOR_ELEMENTS:
+                    raise ModelError(f"output {o!r} of shape {list(s)} is larger than {MAX_TENSOR_ELEMENTS} elements")
                 shapes[o] = s
         except ModelError as exc:
             raise type(exc)(f"{path}: {where}: {exc}") from None

@@ -34,6 +34,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 import kernels  # noqa: E402
 from stealer.errors import ModelError  # noqa: E402
+from stealer.ftp.execute import run_frame  # noqa: E402
 from stealer.ftp.plan import fusable_prefix, make_plan, runnable_prefix  # noqa: E402
 from stealer.layers import (ConvSpec, MaxPoolSpec, PadConvSpec, RouteSpec, ShortcutSpec, SliceSpec,  # noqa: E402
                             TensorOpSpec, UpsampleSpec)
@@ -158,8 +159,14 @@ def test_planner_takes_onnx_models(tmp_path):
     plan = make_plan(net.spec, (2, 2), n)
     assert plan.n_layers == n
     for name in ("yolov8-bn", "yolo11", "mobilenetv2"):
-        spec = Network.from_onnx(save(TINY[name](), tmp_path, f"{name}.onnx")).spec
-        assert runnable_prefix(spec) >= 1
+        net = Network.from_onnx(save(TINY[name](), tmp_path, f"{name}.onnx"))
+        n = runnable_prefix(net.spec)
+        assert n >= 1
+        # tiled equals whole, bit for bit, over the prefix the planner fuses
+        x = np.random.default_rng(5).standard_normal(net.input_shape).astype(np.float32)
+        for reuse in (False, True):
+            plan = make_plan(net.spec, (2, 3), n, scheme="quad" if reuse else "none")
+            assert np.array_equal(run_frame(net, plan, x, reuse=reuse).output, net.forward(x, 0, n))
 
 
 def test_model_hash_is_the_files_digest(tmp_path):
