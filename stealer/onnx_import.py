@@ -85,7 +85,8 @@ class _Unsupported(ModelError):
 # ------------------------------------------------------------------------------------------------
 
 def _f32(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float32, copy=False) if a.dtype == np.float64 else a
+    """Floating-point constants as float32 (what the graph computes in); others unchanged."""
+    return a.astype(np.float32, copy=False) if np.issubdtype(a.dtype, np.floating) else a
 
 
 def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:

@@ -421,7 +421,7 @@ def test_cli_infer_info_plan(tmp_path):
     net = Network.from_onnx(path)
     assert result["model_hash"] == net.model_hash
     assert len(result["detections"]) == int(r.stdout.split(" detections")[0].rsplit("\n", 1)[-1])
-    assert all(d["prob"] > 0.3 for d in result["detections"])
+    assert result["detections"] and all(d["prob"] > 0.3 for d in result["detections"])
     r = _cli("info", "--model", str(path))
     assert r.returncode == 0, r.stderr
     assert "Softmax" in r.stdout and "total" in r.stdout
