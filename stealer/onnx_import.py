@@ -207,6 +207,10 @@ def _check_pool(attrs: dict[str, Any]) -> None:
         raise _Unsupported(f"auto_pad={attrs['auto_pad']}")
     if len(attrs["kernel_shape"]) != 2:
         raise _Unsupported(f"a {len(attrs['kernel_shape'])}-D pool")
+    _positive("kernel_shape", attrs["kernel_shape"])
+    _positive("strides", attrs.get("strides") or (1,))
+    if any(p < 0 for p in attrs.get("pads") or ()):
+        raise ModelError(f"pads={list(attrs['pads'])} must not be negative")
 
 
 def _avgpool(attrs: dict[str, Any], x: np.ndarray) -> np.ndarray:
@@ -306,6 +310,14 @@ def _shape(attrs: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return np.array(x.shape[attrs.get("start", 0):attrs.get("end", None)], np.int64)
 
 
+def _reduce_mean(attrs: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    axes = attrs.get("axes")
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        return x
+    axes = tuple(range(x.ndim)) if not axes else tuple(axes)
+    return x.mean(axis=axes, keepdims=bool(attrs.get("keepdims", 1)), dtype=np.float32)
+
+
 def _one(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
     return lambda attrs, x: fn(x)
 
@@ -326,7 +338,7 @@ TENSOR_OPS: dict[str, Callable[..., np.ndarray | list[np.ndarray]]] = {
     "Concat": lambda a, *xs: np.concatenate(xs, axis=a["axis"]),
     "Split": _split, "Slice": _slice,
     "GlobalAveragePool": _one(lambda x: x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32)),
-    "AveragePool": _avgpool, "MaxPool": _maxpool, "BatchNormalization": _batchnorm,
+    "AveragePool": _avgpool, "MaxPool": _maxpool, "BatchNormalization": _batchnorm, "ReduceMean": _reduce_mean,
     "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Cast": _cast, "Gather": _gather, "Shape": _shape,
     "ConstantOfShape": _constant_of_shape, "Expand": _expand, "Range": _range,
 }
@@ -335,7 +347,7 @@ TENSOR_OPS: dict[str, Callable[..., np.ndarray | list[np.ndarray]]] = {
 PARAM_INPUTS: dict[str, dict[int, str]] = {
     "Reshape": {1: "shape"}, "Slice": {1: "starts", 2: "ends", 3: "axes", 4: "steps"}, "Split": {1: "split"},
     "Clip": {1: "min", 2: "max"}, "Squeeze": {1: "axes"}, "Unsqueeze": {1: "axes"}, "Expand": {1: "shape"},
-    "Resize": {1: "roi", 2: "scales", 3: "sizes"}, "Upsample": {1: "scales"},
+    "Resize": {1: "roi", 2: "scales", 3: "sizes"}, "Upsample": {1: "scales"}, "ReduceMean": {1: "axes"},
 }
 #: Ops that need an attribute the runtime must not guess (the rest have ONNX defaults).
 _REQUIRED = {"Concat": "axis", "Cast": "to", "Reshape": "shape", "Unsqueeze": "axes", "MaxPool": "kernel_shape",
@@ -392,6 +404,16 @@ def _attr_value(a: Any) -> Any:
     if hasattr(v, "dims") and hasattr(v, "data_type"):  # a TensorProto
         return numpy_helper.to_array(v)
     return v
+
+
+def _text(v: str | bytes) -> str:
+    """A protobuf string field (bytes when the file's are not valid UTF-8)."""
+    return v if isinstance(v, str) else v.decode("utf-8", "replace")
+
+
+def _positive(key: str, values: Sequence[int]) -> None:
+    if any(int(v) < 1 for v in values):
+        raise ModelError(f"{key}={list(values)} must be at least 1")
 
 
 def _param_value(v: np.ndarray) -> Any:
@@ -472,7 +494,7 @@ def _parse_graph(model: Any, path: str) -> _Graph:
         if n.domain not in ("", "ai.onnx"):
             raise _Unsupported(f"{path}: {where} is from operator domain {n.domain!r}; "
                                "only standard ONNX operators are supported")
-        attrs = {a.name: _attr_value(a) for a in n.attribute}
+        attrs = {_text(a.name): _attr_value(a) for a in n.attribute}
         ins = [alias.get(i, i) for i in n.input]
         for i in ins:
             if i and i not in consts and i not in shapes:
@@ -570,6 +592,10 @@ def _conv_geometry(node: _Node, in_shape: tuple[int, ...], w_shape: tuple[int, .
         raise _Unsupported(f"kernel {kh}x{kw} (only square kernels)")
     if a.get("kernel_shape") and tuple(a["kernel_shape"]) != (kh, kw):
         raise ModelError(f"kernel_shape {a['kernel_shape']} does not fit weights of shape {list(w_shape)}")
+    _positive("dilations", a.get("dilations") or (1,))
+    _positive("strides", a.get("strides") or (1,))
+    _positive("group", (a.get("group", 1),))
+    _positive("kernel", (kh, kw))
     dh, dw = a.get("dilations") or (1, 1)
     if dh != dw:
         raise _Unsupported(f"dilations={[dh, dw]} (only equal dilations)")
@@ -613,6 +639,17 @@ def _resize_stride(node: _Node, in_shape: tuple[int, ...]) -> int:
         raise _Unsupported(f"mode={mode!r} (only nearest)")
     if len(in_shape) != 4:
         raise _Unsupported(f"resizing a {len(in_shape)}-D tensor")
+    if a.get("antialias", 0) or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise _Unsupported("antialias or keep_aspect_ratio_policy")
+    axes = tuple(v % 4 for v in a.get("axes") or (0, 1, 2, 3))  # opset 18: scales/sizes of these axes only
+    for key in ("sizes", "scales"):
+        if a.get(key) and axes != (0, 1, 2, 3):
+            if len(a[key]) != len(axes):
+                raise ModelError(f"{key} has {len(a[key])} values for axes {list(axes)}")
+            full = list(in_shape) if key == "sizes" else [1.0] * 4
+            for ax, v in zip(axes, a[key]):
+                full[ax] = v
+            a = {**a, key: tuple(full)}
     if a.get("sizes"):
         sizes = tuple(int(v) for v in a["sizes"])
         if len(sizes) != 4 or sizes[:2] != in_shape[:2] or sizes[2] % in_shape[2] or sizes[3] % in_shape[3]:
