@@ -87,6 +87,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         "output_shape": list(out.shape),
         "detections": [d.to_dict() for d in dets],
     }
+    top = []
+    if out.ndim == 1 and len(outs) == 1:  # a classifier (an ONNX graph's (1, classes) output): its best scores
+        top = [(int(i), float(out[i])) for i in np.argsort(-out, kind="stable")[:5]]
+        result["top5"] = [list(t) for t in top]
     if args.save_output:
         np.save(args.save_output, out)
     if args.out:
@@ -97,6 +101,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     print(f"{len(dets)} detections (thresh {args.thresh}, nms {args.nms})")
     for d in dets[:20]:
         print(f"  class {d.cls:3d}  p={d.prob:.3f}  box=({d.left},{d.top})-({d.right},{d.bottom})")
+    if top:
+        print("top-5 classes (score): " + ", ".join(f"{i} ({v:.4g})" for i, v in top))
     if not args.out:
         json.dump(result, sys.stdout)
         print()

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper  # noqa: E402
 import kernels  # noqa: E402
 from stealer.errors import ModelError  # noqa: E402
 from stealer.ftp.execute import run_frame  # noqa: E402
+from stealer.images import synthetic_frame  # noqa: E402
 from stealer.ftp.plan import fusable_prefix, make_plan, runnable_prefix  # noqa: E402
 from stealer.layers import (ConvSpec, MaxPoolSpec, PadConvSpec, RouteSpec, ShortcutSpec, SliceSpec,  # noqa: E402
                             TensorOpSpec, UpsampleSpec)
@@ -426,6 +427,14 @@ def test_cli_infer_info_plan(tmp_path):
     assert result["model_hash"] == net.model_hash
     assert len(result["detections"]) == int(r.stdout.split(" detections")[0].rsplit("\n", 1)[-1])
     assert result["detections"] and all(d["prob"] > 0.3 for d in result["detections"])
+    cls = save(om.mobilenetv2(width=0.35, depth=0.5, imgsz=64, classes=10), tmp_path, "cls.onnx")
+    r = _cli("infer", "--model", str(cls), "--threads", "1", "--out", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    x = synthetic_frame(0, 0, (3, 64, 64))
+    scores = ort_outputs(cls, x)[0][0]
+    top = json.loads((tmp_path / "c.json").read_text())["top5"]
+    assert [t[0] for t in top] == list(np.argsort(-scores, kind="stable")[:5])
+    assert "top-5 classes" in r.stdout
     r = _cli("info", "--model", str(path))
     assert r.returncode == 0, r.stderr
     assert "Softmax" in r.stdout and "total" in r.stdout
