@@ -476,3 +476,12 @@ def test_corrupted_files_give_model_errors(tmp_path):
         except ModelError:
             pass
     assert 0 < imported < 400  # both outcomes occurred: the mutations hit weights and structure
+
+
+def test_no_graph_output_is_fused(tmp_path):
+    """An output that is a conv of the prefix stays in the tail (which yields every output)."""
+    path = save(unit(lambda b, x: (lambda y: [y, b.conv(b.conv(y, 4, 4, 3, act="relu"), 4, 4, 3, act="relu")])(
+        b.conv(x, 4, 4, 3, act="relu"))), tmp_path)
+    net = Network.from_onnx(path)
+    assert fusable_prefix(net.spec) == 3 and runnable_prefix(net.spec) == 0
+    assert compare(path, net=net) <= TOL

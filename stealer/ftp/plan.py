@@ -335,11 +335,10 @@ def runnable_prefix(spec: ModelSpec) -> int:
     YOLOv2: 17 (its route 25 reads layer 16), YOLOv3-tiny: 9 (route 20 reads layer 8),
     YOLOv4-tiny: 3, YOLOv3 and YOLOv4: 2.
     """
-    n = fusable_prefix(spec)
-    # every layer that names its sources (routes, shortcuts, and an ONNX model's slices and
-    # tensor ops); an ONNX model's outputs are read after the tiles too
+    # an ONNX model's outputs are the tail's results: none of them may be fused
+    n = min((fusable_prefix(spec), *spec.outputs))
+    # every layer that names its sources (routes, shortcuts, and an ONNX model's slices and tensor ops)
     readers = [(l.index, layer_sources(l)) for l in spec.layers if layer_sources(l)]
-    readers += [(len(spec.layers), spec.outputs)] if spec.outputs else []
     while True:  # a cut moves the end, which may put another reader's source inside: repeat
         cut = min([s + 1 for i, srcs in readers if i >= n for s in srcs if s < n - 1], default=n)
         if cut == n:
