@@ -485,3 +485,24 @@ def test_no_graph_output_is_fused(tmp_path):
     net = Network.from_onnx(path)
     assert fusable_prefix(net.spec) == 3 and runnable_prefix(net.spec) == 0
     assert compare(path, net=net) <= TOL
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 5), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(1, 12), st.integers(1, 20), st.integers(-2, 3), st.integers(-2, 3), st.integers(0, 3),
+       st.integers(0, 3), st.sampled_from(list(kernels.ALL_ACT_NAMES)), st.integers(0, 2**31))
+def test_depthwise_conv_is_the_grouped_gemm_bit_for_bit(c, k, d, sy, sx, h, w, pt, pl, eh, ew, act, seed):
+    """The direct depthwise path (groups = C = Co) gives the per-channel exact GEMM's bits, for
+    any pads (negative ones start inside the map, as a tile's do), output size and activation."""
+    span = (k - 1) * d + 1
+    oh, ow = (h + 2 * max(pt, 0) - span) // sy + 1 - eh, (w + 2 * max(pl, 0) - span) // sx + 1 - ew
+    if oh < 1 or ow < 1:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((c, h, w)).astype(np.float32) * 3
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    kw = dict(stride=(sy, sx), pad_top=pt, pad_left=pl, out_h=oh, out_w=ow, activation=act, dilation=d)
+    got = kernels.conv2d(x, wt, b, groups=c, **kw)
+    want = np.concatenate([kernels.conv2d(x[i:i + 1], wt[i:i + 1], b[i:i + 1], **kw) for i in range(c)])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
