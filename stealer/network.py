@@ -383,17 +383,20 @@ class Network:
             w, b = self.conv[i]
             co, ho, wo = layer.out_shape
             out = np.empty((co, ho, wo), np.float32)
-            # a grouped conv is one call (its groups are the kernel's loop); others split channels
-            parts = _split(co, threads if executor is not None and layer.groups == 1 else 1)
+            # a grouped conv is one call (its groups are the kernel's loop), except a depthwise one,
+            # whose channels are independent; others split output channels
+            depthwise = layer.groups == layer.in_shape[0] == co
+            parts = _split(co, threads if executor is not None and (layer.groups == 1 or depthwise) else 1)
             if len(parts) == 1:
                 kernels.conv2d(x, w, b, stride=layer.strides, pad_top=layer.pad, pad_left=layer.pad,
                                out_h=ho, out_w=wo, activation=layer.activation, out=out,
                                dilation=layer.dilation, groups=layer.groups)
             else:
                 assert executor is not None
-                futures = [executor.submit(kernels.conv2d, x, w[a:z], b[a:z], stride=layer.stride,
-                                           pad_top=layer.pad, pad_left=layer.pad, out_h=ho, out_w=wo,
-                                           activation=layer.activation, out=out[a:z])
+                futures = [executor.submit(kernels.conv2d, x[a:z] if depthwise else x, w[a:z], b[a:z],
+                                           stride=layer.strides, pad_top=layer.pad, pad_left=layer.pad, out_h=ho,
+                                           out_w=wo, activation=layer.activation, out=out[a:z],
+                                           dilation=layer.dilation, groups=z - a if depthwise else 1)
                            for a, z in parts]
                 for f in futures:
                     f.result()
