@@ -20,8 +20,8 @@ Public API::
 
 from __future__ import annotations
 
-from .activations import (ACT_F32_CODES, ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_LOGISTIC32, ACT_MISH, ACT_NAMES,
-                          ACT_RELU, ACT_RELU6, ACT_SWISH, ALL_ACT_NAMES, activate)
+from .activations import (ACT_F32_CODES, ACT_HARDSWISH, ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_LOGISTIC32, ACT_MISH,
+                          ACT_NAMES, ACT_ONNX_CODES, ACT_RELU, ACT_RELU6, ACT_SWISH, ALL_ACT_NAMES, activate)
 from .connected import connected
 from .conv import conv2d
 from .pool import maxpool2d
@@ -34,6 +34,8 @@ from .yolo import yolo_activate
 
 __all__ = [
     "ACT_F32_CODES",
+    "ACT_HARDSWISH",
+    "ACT_ONNX_CODES",
     "ACT_LEAKY",
     "ACT_LOGISTIC32",
     "ACT_MISH",

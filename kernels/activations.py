@@ -24,6 +24,12 @@ AlexeyAB's leaky in a conv layer is ``.1f*x`` in AVX blocks of 8 and ``.1*x`` (d
 last up-to-8 elements of the layer: position-dependent, which no tiling can reproduce. We keep the
 double ``.1*x`` of its scalar path (and of 2017 darknet) everywhere.
 
+ONNX imports (:mod:`stealer.onnx_import`) add, float32 step by step as onnxruntime evaluates it:
+
+* hardswish: ONNX ``HardSwish``, ``x * max(0, min(1, alpha*x + beta))`` with alpha = 1/6 and
+  beta = 0.5 rounded to float32: ``t = x*f32(1/6) + 0.5`` (two roundings, no fma), clamped to
+  [0, 1], times ``x``.
+
 Numba lowers ``math.exp``/``math.log`` of a float32 to the platform's ``expf``/``logf`` (what a
 reference calls through ctypes), so the float32 formulas match bit for bit on one libm.
 
@@ -51,20 +57,24 @@ ACT_LOGISTIC32 = 8
 ACT_RELU6 = 9
 ACT_SWISH = 10
 ACT_MISH = 11
+# ONNX activations that fuse into a convolution (see the module docstring)
+ACT_HARDSWISH = 12
 
 #: 2017 darknet's activation names, indexed by their integer code.
 ACT_NAMES = ("linear", "leaky", "logistic", "relu")
 #: AlexeyAB darknet's float32 activations: name -> code.
 ACT_F32_CODES = {"logistic_f32": ACT_LOGISTIC32, "relu6": ACT_RELU6, "swish_f32": ACT_SWISH, "mish_f32": ACT_MISH}
+#: Activations of ONNX models with no darknet counterpart: name -> code.
+ACT_ONNX_CODES = {"hardswish": ACT_HARDSWISH}
 #: Every activation name the kernels accept.
-ALL_ACT_NAMES = ACT_NAMES + tuple(ACT_F32_CODES)
+ALL_ACT_NAMES = ACT_NAMES + tuple(ACT_F32_CODES) + tuple(ACT_ONNX_CODES)
 #: AlexeyAB's softplus threshold inside mish (``MISH_THRESHOLD``).
 MISH_THRESHOLD = np.float32(20.0)
 
 
 def _act_code(activation) -> int:
     """Map an activation name or int code to the int code; ValueError otherwise."""
-    codes = {**{n: i for i, n in enumerate(ACT_NAMES)}, **ACT_F32_CODES}
+    codes = {**{n: i for i, n in enumerate(ACT_NAMES)}, **ACT_F32_CODES, **ACT_ONNX_CODES}
     if isinstance(activation, str):
         if activation in codes:
             return codes[activation]
@@ -120,6 +130,15 @@ def _mish32(v):
 
 
 @njit(inline="always", **JIT_OPTS)
+def _hardswish32(v):
+    """ONNX ``HardSwish``: ``x * clamp(x * f32(1/6) + 0.5, 0, 1)``, float32 throughout."""
+    t = v * np.float32(1.0 / 6.0) + np.float32(0.5)
+    t = t if t > 0 else np.float32(0.0)
+    t = t if t < 1 else np.float32(1.0)
+    return v * t
+
+
+@njit(inline="always", **JIT_OPTS)
 def act_scalar(v, act):
     """One float32 value through activation code ``act`` (the scalar form every path shares)."""
     if act == ACT_LEAKY:
@@ -136,6 +155,8 @@ def act_scalar(v, act):
         return v * _logistic_f32(v)
     if act == ACT_MISH:
         return _mish32(v)
+    if act == ACT_HARDSWISH:
+        return _hardswish32(v)
     return v
 
 
@@ -154,6 +175,17 @@ def _activate_flat(xf, act):
     elif act == ACT_RELU:
         for i in range(n):
             xf[i] = _relu32(xf[i])
+    # one loop per activation (the same scalar functions as act_scalar), so that each is compiled
+    # on its own: the generic loop below re-dispatches per element and ran relu6 at 4 ns a value
+    elif act == ACT_RELU6:
+        for i in range(n):
+            xf[i] = _relu6_32(xf[i])
+    elif act == ACT_SWISH:
+        for i in range(n):
+            xf[i] = xf[i] * _logistic_f32(xf[i])
+    elif act == ACT_HARDSWISH:
+        for i in range(n):
+            xf[i] = _hardswish32(xf[i])
     elif act != ACT_LINEAR:
         for i in range(n):
             xf[i] = act_scalar(xf[i], act)

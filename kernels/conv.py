@@ -30,6 +30,12 @@ there is no scalar remainder path with different rounding. Two calls that see th
 values for a pixel therefore produce the same bits, which is what fused-tile inference needs.
 BLAS does not give this (its kernels reorder/split the reduction depending on the shape).
 
+Depthwise convolutions (``groups`` = input = output channels: MobileNet, YOLO11's DWConv) take
+a direct loop instead (``_depthwise_exact``): K = k*k is too short for the GEMM, whose per-group
+call padded each 1-row weight block to MR rows and repacked B. It runs the very chain above per
+output (same kk order, the zeros of the padding included, bias after), 8 pixels per vector, so
+its bits are the grouped GEMM's (tests/test_onnx_import.py checks this for every activation).
+
 Portability of the bits: the path uses only IEEE float32 add/fma and float64 multiply (leaky),
 never ``fastmath`` and never a library reduction, so linear/leaky/relu layers give the same bits
 on any IEEE machine Numba targets (with or without hardware FMA, AVX2 or NEON). The logistic
@@ -437,6 +443,60 @@ def _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, 
 
 
 @njit(**JIT_OPTS)
+def _depthwise_exact(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, out):
+    """Depthwise convolution (groups = C = Co) with the exact path's arithmetic: per output,
+    ``acc = +0.0; acc = fma(w[c, kk], X[kk], acc)`` for ``kk = ky*k + kx`` in order (zeros
+    outside the map included, as the packed GEMM feeds them), then ``acc + bias[c]``; the
+    activation is the caller's. ``wf`` is the (C*k*k,) weights.
+
+    Per channel, the zero-padded window of the input is copied once into ``sx`` column phases
+    (phase ``p`` holds padded columns ``p, p + sx, ...``), so that the taps of 8 neighbouring
+    outputs are 8 consecutive floats of one phase whatever the stride: tap (ky, kx) of output
+    (oy, ox) is padded row ``oy*sy + ky*d``, phase ``(kx*d) % sx``, column ``ox + (kx*d) // sx``.
+    """
+    c_n, h, w = x.shape
+    rows = (out_h - 1) * sy + (k - 1) * d + 1
+    owp = (out_w + 7) // 8 * 8
+    qn = owp + ((k - 1) * d) // sx  # columns of a phase the vector loads may touch
+    plane = np.zeros(sx * rows * qn, np.float32)
+    row = np.empty(owp, np.float32)
+    zero = np.float32(0.0)
+    kk_n = k * k
+    taps = np.empty(kk_n, np.int64)  # tap kk's offset in the planes (no division in the loops)
+    for ky in range(k):
+        for kx in range(k):
+            t = kx * d
+            taps[ky * k + kx] = ((t % sx) * rows + ky * d) * qn + t // sx
+    for c in range(c_n):
+        for p in range(sx):
+            for r in range(rows):
+                iy = r - pt
+                o = (p * rows + r) * qn
+                if iy < 0 or iy >= h:
+                    for q in range(qn):
+                        plane[o + q] = zero
+                    continue
+                # padded column q*sx + p is input column q*sx + p - pl: inside for lo <= q < hi
+                lo = min(max(0, (pl - p + sx - 1) // sx), qn)
+                hi = min(max(lo, (w - 1 + pl - p) // sx + 1), qn)
+                for q in range(lo):
+                    plane[o + q] = zero
+                for q in range(lo, hi):
+                    plane[o + q] = x[c, iy, q * sx + p - pl]
+                for q in range(hi, qn):
+                    plane[o + q] = zero
+        for oy in range(out_h):
+            base = oy * sy * qn
+            for j in range(0, owp, 8):
+                acc = vzero()
+                for kk in range(kk_n):
+                    acc = vfma(vbcast(wf, c * kk_n + kk), vload(plane, taps[kk] + base + j), acc)
+                vstore(row, j, vadd(acc, vbcast(bias, c)))
+            for ox in range(out_w):
+                out[c, oy, ox] = row[ox]
+
+
+@njit(**JIT_OPTS)
 def _im2col(x, k, sy, sx, d, pt, pl, out_h, out_w, col):
     """Plain im2col: ``col[kk, oy*out_w + ox] = X(c, oy*sy - pt + ky*d, ox*sx - pl + kx*d)``."""
     c_n, h, w = x.shape
@@ -629,6 +689,15 @@ def conv2d(
     act = _act_code(activation)
     out = output_array(out, (co_n, out_h, out_w), x=x, weight=weight, bias=bias)
     og = co_n // groups
+    if exact and groups > 1 and cg == 1 and og == 1:
+        # depthwise (MobileNet, YOLO11's DWConv): one GEMM per channel would pad each 1-row W
+        # block to MR rows and pack per call; this direct loop does the same arithmetic per output
+        # (see _depthwise_exact), so its bits are the grouped GEMM's
+        _depthwise_exact(x, np.ascontiguousarray(weight).reshape(-1), bias, k, sy, sx, dilation, pad_top, pad_left,
+                         out_h, out_w, out)
+        if act != ACT_LINEAR:
+            _activate_flat(out.reshape(-1), act)
+        return out
     for g in range(groups):
         # channel slices of C-contiguous CHW arrays are C-contiguous views: no copies
         xg = x if groups == 1 else x[g * cg:(g + 1) * cg]

@@ -78,7 +78,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     best = min(timings)
     result = {
         "source": source,
-        "model": str(args.cfg),
+        "model": str(args.model or args.cfg),
         "model_hash": net.model_hash,
         "input_shape": list(shape),
         "load_seconds": round(t_load, 4),
@@ -89,6 +89,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         "output_shape": list(out.shape),
         "detections": [d.to_dict() for d in dets],
     }
+    top = []
+    if out.ndim == 1 and len(outs) == 1:  # a classifier (an ONNX graph's (1, classes) output): its best scores
+        top = [(int(i), float(out[i])) for i in np.argsort(-out, kind="stable")[:5]]
+        result["top5"] = [list(t) for t in top]
     if args.save_output:
         np.save(args.save_output, out)
     if args.out:
@@ -99,6 +103,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     print(f"{len(dets)} detections (thresh {args.thresh}, nms {args.nms})")
     for d in dets[:20]:
         print(f"  class {d.cls:3d}  p={d.prob:.3f}  box=({d.left},{d.top})-({d.right},{d.bottom})")
+    if top:
+        print("top-5 classes (score): " + ", ".join(f"{i} ({v:.4g})" for i, v in top))
     if not args.out:
         json.dump(result, sys.stdout)
         print()
@@ -135,7 +141,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .darknet import parse_cfg
     from .network import format_table, layer_table, resolve_cfg
 
-    spec = parse_cfg(resolve_cfg(args.cfg))
+    if args.model:
+        from .onnx_import import load_onnx
+
+        spec = load_onnx(args.model).spec
+    else:
+        spec = parse_cfg(resolve_cfg(args.cfg))
     rows = layer_table(spec)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
@@ -406,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="per-layer FLOP, parameter and memory table")
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
+    p.add_argument("--model", metavar="PATH.onnx", default=None, help="an ONNX model instead of --cfg")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

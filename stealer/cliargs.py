@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .errors import StealerError
+from .errors import ConfigError, StealerError
 
 if TYPE_CHECKING:
     from .network import Network
@@ -23,10 +23,12 @@ __all__ = ["add_auto_args", "add_codec_args", "add_model_args", "auto_argv", "co
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--cfg`` and either ``--weights`` or ``--random-weights``."""
+    """``--cfg`` and either ``--weights`` or ``--random-weights``; or ``--model x.onnx``."""
     p.add_argument("--cfg", default="yolov2",
                    help="darknet cfg path, or a built-in model: yolov2, yolov3, yolov4 (608), yolov2-tiny, "
                         "yolov3-tiny, yolov4-tiny (416) [yolov2]")
+    p.add_argument("--model", metavar="PATH.onnx", default=None,
+                   help="an ONNX model (graph and weights, static input size, batch 1) instead of --cfg")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weights", help="darknet .weights file for the cfg")
     g.add_argument("--random-weights", type=int, metavar="SEED", default=None,
@@ -35,6 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_argv(args: argparse.Namespace) -> list[str]:
     """The options of :func:`add_model_args` again as argv, for the launcher's child nodes."""
+    if getattr(args, "model", None):
+        return ["--model", str(args.model)]
     out = ["--cfg", str(args.cfg)]
     if args.weights:
         out += ["--weights", str(args.weights)]
@@ -47,6 +51,10 @@ def load_network(args: argparse.Namespace) -> Network:
     """The network the options of :func:`add_model_args` name (random weights seed 0 by default)."""
     from .network import Network
 
+    if getattr(args, "model", None):
+        if args.weights or args.random_weights is not None:
+            raise ConfigError("--model: an ONNX file holds its own weights; drop --weights/--random-weights")
+        return Network.from_onnx(args.model)
     if args.weights:
         return Network.from_darknet(args.cfg, args.weights)
     return Network.from_random(args.cfg, 0 if args.random_weights is None else args.random_weights)

@@ -133,6 +133,9 @@ class ModelSpec:
     net: NetInfo
     layers: tuple[LayerSpec, ...]
     flavour: str = "2017"  # whose darknet's semantics: "2017" or "alexeyab" (see the module docstring)
+    #: The layers whose outputs are the model's outputs, in order, where the model says so (an
+    #: ONNX graph's outputs, "onnx" flavour); empty: the yolo heads, else the last layer.
+    outputs: tuple[int, ...] = ()
 
     @property
     def input_shape(self) -> Shape:
@@ -458,7 +461,8 @@ def _parse_maxpool(o: _Opts, index: int, shape: Shape, flavour: str) -> MaxPoolS
 
 def _parse_route(o: _Opts, index: int, layers: list[LayerSpec], flavour: str) -> RouteSpec:
     sources = _layer_refs(o, "layers", index, "route")
-    src_shapes = [layers[s].out_shape for s in sources]
+    # a cfg's layers are all (C, H, W) maps (only ONNX imports have tensors of other ranks)
+    src_shapes: list[Shape] = [layers[s].out_shape for s in sources]  # type: ignore[misc]
     hw = {(sh[1], sh[2]) for sh in src_shapes}
     if len(hw) != 1:
         raise CfgError(f"{o.where('layers')} route joins maps of different sizes {src_shapes}")

@@ -5,6 +5,11 @@ works on them alone, so a plan can be built and tested without weights.
 
 Shapes are (C, H, W). Indices are the darknet layer index (0 = first layer after ``[net]``).
 
+Models imported from ONNX (:mod:`stealer.onnx_import`) use the same list: a layer reads the
+previous layer's output unless it names its ``sources`` (routes, shortcuts and the three ONNX-only
+kinds at the end of this module, :class:`SliceSpec`, :class:`PadConvSpec` and
+:class:`TensorOpSpec`). Source ``-1`` is the network input.
+
 ``ConvSpec.activation`` is the *kernel's* activation name (see :mod:`kernels.activations`): the
 parser maps a cfg's name to the formula of the darknet that trained the model, so an AlexeyAB
 ``logistic`` is ``logistic_f32`` here and a 2017 ``logistic`` stays ``logistic``.
@@ -13,7 +18,7 @@ parser maps a cfg's name to the formula of the darknet that trained the model, s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 Shape = tuple[int, int, int]
 
@@ -304,5 +309,108 @@ class CostSpec:
     flops = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    """ONNX ``Split``/``Slice`` along the channels of a (C, H, W) map, where the parts are not the
+    equal chunks a :class:`RouteSpec` with ``groups`` takes: channels ``[start, stop)`` of layer
+    ``source``'s output (a copy), ``out_shape = (stop - start, H, W)``."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    source: int
+    start: int
+    stop: int
+
+    kind = "slice"
+    n_params = 0
+    flops = 0
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        return (self.source,)
+
+
+@dataclass(frozen=True, slots=True)
+class PadConvSpec:
+    """ONNX ``Conv`` whose top and left zero padding differ (which :class:`ConvSpec`, one ``pad``
+    for both, cannot say): ``out[co, y, x] = act(b[co] + sum w[co, c, ky, kx] * in[g*Cg + c,
+    y*sy - pad_top + ky*dilation, x*sx - pad_left + kx*dilation])``, zeros outside the map (the
+    bottom and right padding are what ``out_shape`` implies); reads the previous layer's output.
+    Weights are held like a ConvSpec's (batch norm already folded)."""
+
+    index: int
+    in_shape: Shape
+    out_shape: Shape
+    filters: int
+    size: int
+    strides: tuple[int, int]  # (row, column)
+    pad_top: int
+    pad_left: int
+    activation: str  # the kernel's name
+    groups: int = 1
+    dilation: int = 1
+
+    kind = "padconv"
+    batch_normalize = False
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.filters, self.in_shape[0] // self.groups, self.size, self.size)
+
+    @property
+    def n_params(self) -> int:
+        return self.filters * (self.in_shape[0] // self.groups) * self.size * self.size + self.filters
+
+    @property
+    def flops(self) -> int:
+        co, ho, wo = self.out_shape
+        return 2 * co * ho * wo * (self.in_shape[0] // self.groups) * self.size * self.size
+
+
+@dataclass(frozen=True, slots=True)
+class TensorOpSpec:
+    """An ONNX operator with no darknet counterpart, run with numpy after (or between) the
+    spatial layers: elementwise arithmetic with broadcasting, standalone activations, pooling
+    other than max, reshapes and transposes, softmax, matrix products (see
+    :data:`stealer.onnx_import.TENSOR_OPS` for the list and each one's exact rule).
+
+    ``inputs`` are the ONNX node's inputs in order: a layer index (``-1``: the network input)
+    or ``None`` for a constant, whose value the network holds (``Network.consts[index][position]``).
+    Every tensor is stored without the ONNX leading batch dimension (which the importer requires
+    to be 1); the op adds it back before it computes, so ``attrs`` (the ONNX attributes, and axes
+    read from constant inputs) mean exactly what they mean in the ONNX graph. ``in_shape`` is the
+    first input's shape, ``out_shape`` the output's, of any rank; ``name`` is the ONNX node's."""
+
+    index: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    op: str
+    inputs: tuple[int | None, ...]
+    attrs: tuple[tuple[str, Any], ...] = ()
+    name: str = ""
+    flops: int = 0
+    n_params: int = 0
+
+    kind = "tensor"
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """The layers (not constants) this op reads, in input order (repeats kept)."""
+        return tuple(i for i in self.inputs if i is not None)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        for k, v in self.attrs:
+            if k == key:
+                return v
+        return default
+
+
 LayerSpec = Union[ConvSpec, MaxPoolSpec, RouteSpec, ReorgSpec, RegionSpec, UpsampleSpec, ShortcutSpec, YoloSpec,
-                  ConnectedSpec, DropoutSpec, SoftmaxSpec, CropSpec, CostSpec]
+                  ConnectedSpec, DropoutSpec, SoftmaxSpec, CropSpec, CostSpec, SliceSpec, PadConvSpec, TensorOpSpec]
+
+
+def layer_sources(layer: LayerSpec) -> tuple[int, ...]:
+    """The layers ``layer`` reads other than through the chain (its named ``sources``; empty for a
+    layer that reads only the previous layer's output)."""
+    return tuple(getattr(layer, "sources", ()))

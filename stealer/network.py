@@ -7,18 +7,20 @@ channel slice, so the result is bit-identical to the single-threaded run).
 
 The layers form a DAG (routes and shortcuts read earlier outputs): the forward pass keeps a
 layer's output only while a later layer in the range still reads it. A model's *outputs* are its
-``[yolo]`` heads' outputs in layer order (YOLOv3/v4), else its last layer's (YOLOv2).
+``[yolo]`` heads' outputs in layer order (YOLOv3/v4), else its last layer's (YOLOv2); an ONNX
+model's are its graph outputs in the graph's order (see :mod:`stealer.onnx_import`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -26,8 +28,9 @@ import kernels
 
 from .darknet import ConvParams, ModelSpec, parse_cfg, parse_cfg_text, random_weights, read_weights
 from .errors import ShapeError
-from .layers import (ConnectedSpec, ConvSpec, CostSpec, CropSpec, DropoutSpec, LayerSpec, MaxPoolSpec, RegionSpec, ReorgSpec,
-                     RouteSpec, Shape, ShortcutSpec, SoftmaxSpec, UpsampleSpec, YoloSpec)
+from .layers import (ConnectedSpec, ConvSpec, CostSpec, CropSpec, DropoutSpec, LayerSpec, MaxPoolSpec, PadConvSpec,
+                     RegionSpec, ReorgSpec, RouteSpec, Shape, ShortcutSpec, SliceSpec, SoftmaxSpec, TensorOpSpec,
+                     UpsampleSpec, YoloSpec, layer_sources)
 
 if TYPE_CHECKING:
     from .region import Detection
@@ -64,8 +67,8 @@ class LayerRow:
     index: int
     kind: str
     description: str
-    in_shape: Shape
-    out_shape: Shape
+    in_shape: tuple[int, ...]  # (C, H, W) maps; an ONNX tensor op's may have any rank
+    out_shape: tuple[int, ...]
     gflop: float
     params: int
     out_mb: float
@@ -106,6 +109,16 @@ def describe(layer: LayerSpec) -> str:
         return "softmax" + (f" g{layer.groups}" if layer.groups > 1 else "")
     if isinstance(layer, CropSpec):
         return f"crop {layer.out_shape[1]}x{layer.out_shape[2]}"
+    if isinstance(layer, PadConvSpec):
+        act = "" if layer.activation == "linear" else f" {layer.activation}"
+        sy, sx = layer.strides
+        extra = (f" g{layer.groups}" if layer.groups > 1 else "") \
+            + (f" d{layer.dilation}" if layer.dilation > 1 else "")
+        return f"conv {layer.size}x{layer.size}/{sy}x{sx} p{layer.pad_top},{layer.pad_left}{extra} {layer.filters}{act}"
+    if isinstance(layer, SliceSpec):
+        return f"slice {layer.source} [{layer.start}:{layer.stop}]"
+    if isinstance(layer, TensorOpSpec):
+        return f"{layer.op} " + ",".join("c" if s is None else str(s) for s in layer.inputs)
     return layer.kind  # pragma: no cover
 
 
@@ -113,14 +126,13 @@ def layer_table(spec: ModelSpec) -> list[LayerRow]:
     """Per-layer FLOPs (2 per multiply-accumulate), parameters and float32 output size."""
     rows = []
     for l in spec.layers:
-        c, h, w = l.out_shape
         rows.append(LayerRow(l.index, l.kind, describe(l), l.in_shape, l.out_shape, l.flops / 1e9,
-                             l.n_params, 4 * c * h * w / 1e6))
+                             l.n_params, 4 * math.prod(l.out_shape) / 1e6))
     return rows
 
 
 def format_table(rows: Sequence[LayerRow]) -> str:
-    def shp(s: Shape) -> str:
+    def shp(s: tuple[int, ...]) -> str:
         return "x".join(str(v) for v in s)
 
     lines = [f"{'#':>3} {'layer':<28} {'in':>14} {'out':>14} {'GFLOP':>7} {'params':>10} {'out MB':>7}"]
@@ -146,17 +158,21 @@ class Network:
     partial : bool
         ``params`` may leave weighted layers out (a node that holds only some layers' weights,
         see :mod:`stealer.shard`); running a layer without them raises a clear error.
+    consts : dict, optional
+        An ONNX model's constant inputs of its tensor ops, by layer index and input position.
     """
 
-    def __init__(self, spec: ModelSpec, params: dict[int, ConvParams], model_hash: str, *,
-                 partial: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, params: dict[int, ConvParams], model_hash: str,
+                 consts: dict[int, dict[int, np.ndarray]] | None = None, *, partial: bool = False) -> None:
         self.spec = spec
         self.model_hash = model_hash
         self.conv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for conv in spec.conv_layers():
+        convs: list[ConvSpec | PadConvSpec] = [l for l in spec.layers if isinstance(l, (ConvSpec, PadConvSpec))]
+        for conv in convs:
             if partial and conv.index not in params:
                 continue
-            # batch norm by the rule of the darknet that trained the model (see ConvParams.folded)
+            # batch norm by the rule of the darknet that trained the model (see ConvParams.folded;
+            # an ONNX model's is folded at import)
             w, b = params[conv.index].folded(spec.flavour)
             self.conv[conv.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
         #: [connected] layers' folded (weights (outputs, inputs), bias), as ``conv`` for conv layers.
@@ -166,15 +182,16 @@ class Network:
                 continue
             w, b = params[fc.index].folded(spec.flavour)
             self.fc[fc.index] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
-        # Which later layers read each layer's output other than through the chain (routes and
-        # shortcuts), so forward() keeps an output only while a layer in its range needs it.
+        self.consts = consts or {}
+        # Which later layers read each layer's output other than through the chain (routes,
+        # shortcuts, ONNX slices and tensor ops), so forward() keeps an output only while a layer
+        # in its range needs it.
         self._readers: dict[int, list[int]] = {}
         for layer in spec.layers:
-            if isinstance(layer, (RouteSpec, ShortcutSpec)):
-                for s in layer.sources:
-                    self._readers.setdefault(s, []).append(layer.index)
+            for s in layer_sources(layer):
+                self._readers.setdefault(s, []).append(layer.index)
         #: Indices of the layers whose outputs are the network's outputs (see outputs()).
-        self.heads: tuple[int, ...] = tuple(l.index for l in spec.layers if isinstance(l, YoloSpec)) \
+        self.heads: tuple[int, ...] = spec.outputs or tuple(l.index for l in spec.layers if isinstance(l, YoloSpec)) \
             or (len(spec.layers) - 1,)
 
     # ---------------------------------------------------------------- construction
@@ -189,6 +206,15 @@ class Network:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         return cls(spec, params, digest.hexdigest()[:16])
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike[str]) -> "Network":
+        """Load an ONNX model (see :mod:`stealer.onnx_import`; errors name the file, and the node
+        and op type where one is not supported). The hash is the file's bytes'."""
+        from .onnx_import import load_onnx
+
+        m = load_onnx(path)
+        return cls(m.spec, m.params, m.model_hash, m.consts)
 
     @classmethod
     def from_random(cls, cfg: str | os.PathLike[str] | ModelSpec, seed: int = 0) -> "Network":
@@ -216,8 +242,9 @@ class Network:
         return self.spec.input_shape
 
     def input_shape_of(self, index: int) -> Shape:
-        """Shape of the tensor layer ``index`` consumes (the previous layer's output)."""
-        return self.input_shape if index == 0 else self.layers[index - 1].out_shape
+        """Shape of the tensor layer ``index`` consumes (the previous layer's output; an ONNX
+        tensor op's may have another rank than 3)."""
+        return self.input_shape if index == 0 else cast(Shape, self.layers[index - 1].out_shape)
 
     def table(self) -> list[LayerRow]:
         return layer_table(self.spec)
@@ -244,7 +271,12 @@ class Network:
         # keys are ("conv", size, stride, activation) and ("max", size, stride)
         seen: set[str | tuple[str | int, ...]] = set()
         for layer in self.layers:
-            if isinstance(layer, ConvSpec):
+            if isinstance(layer, PadConvSpec):
+                if ("padconv", layer.activation) not in seen:
+                    seen.add(("padconv", layer.activation))
+                    kernels.conv2d(np.zeros((2, 4, 4), np.float32), np.zeros((3, 2, 1, 1), np.float32),
+                                   np.zeros(3, np.float32), pad_top=1, pad_left=0, activation=layer.activation)
+            elif isinstance(layer, ConvSpec):
                 key = ("conv", layer.size, layer.stride, layer.activation)
                 if key not in seen:
                     seen.add(key)
@@ -284,7 +316,8 @@ class Network:
 
     # ---------------------------------------------------------------- inference
     def check_input(self, x: np.ndarray, start: int = 0) -> np.ndarray:
-        """Validate a (C,H,W) float32 input for layer ``start``; returns it C-contiguous."""
+        """Validate a (C,H,W) float32 input for layer ``start`` (of any shape for an ONNX tensor
+        op's); returns it C-contiguous."""
         expected = self.input_shape_of(start)
         if not isinstance(x, np.ndarray):
             raise ShapeError(f"input to layer {start} must be a numpy array, got {type(x).__name__}")
@@ -319,8 +352,8 @@ class Network:
                 threads: int = 1) -> list[np.ndarray]:
         """The network's outputs from layer ``start`` on: every ``[yolo]`` head's output in layer
         order (YOLOv3/v4), else the last layer's (a list of one)."""
-        if start > self.heads[0]:
-            raise ValueError(f"start={start} is past output layer {self.heads[0]}")
+        if start > min(self.heads):
+            raise ValueError(f"start={start} is past output layer {min(self.heads)}")
         return self._run(x, start, None, executor, threads, True)[1]
 
     def outputs_from(self, maps: Mapping[int, np.ndarray], start: int, *, executor: Executor | None = None,
@@ -332,10 +365,11 @@ class Network:
         missing = [h for h in self.heads if h < start and h not in maps]
         if missing:
             raise ValueError(f"the outputs of layers {missing} are not among the maps given")
-        done = [maps[h] for h in self.heads if h < start]  # heads inside the block
         if start >= len(self.layers):
-            return done
-        return done + self._run(maps.get(start - 1), start, None, executor, threads, True, given=maps)[1]
+            return [maps[h] for h in self.heads]
+        rest = iter(self._run(maps.get(start - 1), start, None, executor, threads, True, given=maps)[1])
+        # in the heads' order (an ONNX model's graph outputs need not be in layer order)
+        return [maps[h] if h < start else next(rest) for h in self.heads]
 
     def maps(self, x: np.ndarray, layers: Sequence[int]) -> dict[int, np.ndarray]:
         """The outputs of ``layers`` (indices) of a whole forward pass of ``x`` (tests compare
@@ -364,27 +398,36 @@ class Network:
                     raise ShapeError(f"the map of layer {i} must be float32 {self.layers[i].out_shape}, "
                                      f"got {m.dtype} {tuple(m.shape)}")
                 kept[i] = m
-        heads: list[np.ndarray] = []
+        heads: dict[int, np.ndarray] = {}
         at: dict[int, np.ndarray] = {}
         for i in range(start, stop):
             layer = self.layers[i]
-            if isinstance(layer, (RouteSpec, ShortcutSpec)):
-                missing = [s for s in layer.sources if s not in kept]
+            sources = layer_sources(layer)
+            if sources:
+                missing = [s for s in sources if s not in kept]
                 if missing:
-                    verb = "routes from" if isinstance(layer, RouteSpec) else "adds"
+                    verb = "routes from" if isinstance(layer, RouteSpec) else "adds" \
+                        if isinstance(layer, ShortcutSpec) else "reads"
                     raise ValueError(f"layer {i} {verb} layer(s) {missing}, before start={start}")
                 if isinstance(layer, RouteSpec):
                     y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id)
-                else:
+                elif isinstance(layer, ShortcutSpec):
                     if x is None:
                         raise ValueError(f"layer {i} adds to layer {i - 1}, whose map was not given")
                     y = kernels.shortcut(x, [kept[s] for s in layer.sources], layer.activation)
+                elif isinstance(layer, SliceSpec):
+                    y = kept[layer.source][layer.start:layer.stop].copy()
+                else:
+                    assert isinstance(layer, TensorOpSpec)
+                    y = self._tensor_op(layer, kept)
+            elif isinstance(layer, TensorOpSpec):  # only constant inputs: folded at import, but legal
+                y = self._tensor_op(layer, kept)
             else:
                 if x is None:
                     raise ValueError(f"layer {i} reads layer {i - 1}, whose map was not given")
                 y = self.run_layer(i, x, executor=executor, threads=threads)
             if collect and i in self.heads:
-                heads.append(y)
+                heads[i] = y
             if collect_at is not None and i in collect_at:
                 at[i] = y
             if i in keep:
@@ -394,7 +437,13 @@ class Network:
                 del kept[s]
             x = y
         assert x is not None
-        return x, heads, at
+        return x, [heads[h] for h in self.heads if h in heads], at
+
+    def _tensor_op(self, layer: TensorOpSpec, kept: dict[int, np.ndarray]) -> np.ndarray:
+        from .onnx_import import run_tensor_op
+
+        consts = self.consts.get(layer.index, {})
+        return run_tensor_op(layer, [consts[p] if s is None else kept[s] for p, s in enumerate(layer.inputs)])
 
     def run_layer(self, i: int, x: np.ndarray, *, executor: Executor | None = None,
                   threads: int = 1) -> np.ndarray:
@@ -407,21 +456,30 @@ class Network:
             w, b = self.conv[i]
             co, ho, wo = layer.out_shape
             out = np.empty((co, ho, wo), np.float32)
-            # a grouped conv is one call (its groups are the kernel's loop); others split channels
-            parts = _split(co, threads if executor is not None and layer.groups == 1 else 1)
+            # a grouped conv is one call (its groups are the kernel's loop), except a depthwise one,
+            # whose channels are independent; others split output channels
+            depthwise = layer.groups == layer.in_shape[0] == co
+            parts = _split(co, threads if executor is not None and (layer.groups == 1 or depthwise) else 1)
             if len(parts) == 1:
                 kernels.conv2d(x, w, b, stride=layer.strides, pad_top=layer.pad, pad_left=layer.pad,
                                out_h=ho, out_w=wo, activation=layer.activation, out=out,
                                dilation=layer.dilation, groups=layer.groups)
             else:
                 assert executor is not None
-                futures = [executor.submit(kernels.conv2d, x, w[a:z], b[a:z], stride=layer.stride,
-                                           pad_top=layer.pad, pad_left=layer.pad, out_h=ho, out_w=wo,
-                                           activation=layer.activation, out=out[a:z])
+                futures = [executor.submit(kernels.conv2d, x[a:z] if depthwise else x, w[a:z], b[a:z],
+                                           stride=layer.strides, pad_top=layer.pad, pad_left=layer.pad, out_h=ho,
+                                           out_w=wo, activation=layer.activation, out=out[a:z],
+                                           dilation=layer.dilation, groups=z - a if depthwise else 1)
                            for a, z in parts]
                 for f in futures:
                     f.result()
             return out
+        if isinstance(layer, PadConvSpec):
+            w, b = self.conv[i]
+            _, ho, wo = layer.out_shape
+            return kernels.conv2d(x, w, b, stride=layer.strides, pad_top=layer.pad_top, pad_left=layer.pad_left,
+                                  out_h=ho, out_w=wo, activation=layer.activation, dilation=layer.dilation,
+                                  groups=layer.groups)
         if isinstance(layer, MaxPoolSpec):
             _, ho, wo = layer.out_shape
             return kernels.maxpool2d(x, size=layer.size, stride=layer.stride, pad_top=layer.pad,
@@ -452,11 +510,19 @@ class Network:
     def detect(self, outs: Sequence[np.ndarray], *, img_w: int, img_h: int, thresh: float = 0.24,
                nms: float = 0.45) -> list[Detection]:
         """Detections from :meth:`outputs`: the region layer's (YOLOv2) or all yolo heads'
-        together (YOLOv3/v4); none for a network without a detection layer."""
+        together (YOLOv3/v4), or an ONNX YOLOv8/YOLO11-style output's (see
+        :mod:`stealer.ultralytics`); none for a network without a detection layer."""
         from .region import detect as region_detect
         from .yolo import detect_yolo
 
         _, net_h, net_w = self.input_shape
+        if self.spec.flavour == "onnx":
+            from .ultralytics import detect_ultralytics, is_ultralytics_output
+
+            if len(outs) == 1 and is_ultralytics_output(outs[0]):
+                return detect_ultralytics(outs[0], img_w=img_w, img_h=img_h, net_w=net_w, net_h=net_h,
+                                          thresh=thresh, nms=nms)
+            return []
         last = self.layers[-1]
         if isinstance(last, RegionSpec):
             return region_detect(outs[-1], last, img_w=img_w, img_h=img_h, net_w=net_w, net_h=net_h,

@@ -249,6 +249,10 @@ def act_f32(v, activation: str) -> np.float32:
             sp = logf(F(expf(v) + one))
         t = F(F(F(2) / F(one + expf(F(F(-2) * sp)))) - one)  # tanh_activate: 2/(1 + expf(-2*x)) - 1
         return F(v * t)
+    if activation == "hardswish":  # ONNX HardSwish: x * max(0, min(1, alpha*x + beta)), float32 steps
+        t = F(F(v * F(1.0 / 6.0)) + F(0.5))
+        t = min(max(t, F(0)), one)
+        return F(v * t)
     return act_scalar(v, activation)
 
 

@@ -32,6 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="fused tile partition of a frame: regions, FLOPs, memory, bytes",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default="yolov2", help="cfg path or built-in model name [yolov2]")
+    p.add_argument("--model", metavar="PATH.onnx", default=None, help="an ONNX model instead of --cfg")
     p.add_argument("--grid", default="5x5",
                    help="tiles of the last fused layer's output, ROWSxCOLS, or auto: the candidates' "
                         "predictions for a cluster and the choice [5x5]")
@@ -201,7 +202,14 @@ def _task_regions(plan: Plan, task: Task, reuse: bool) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``plan`` subcommand; :class:`PlanError` (exit 2 in the main CLI) for bad arguments."""
-    spec = _load_spec(args.cfg, args.size)
+    if args.model:
+        if args.size is not None:
+            raise PlanError("--size applies to a cfg; an ONNX model's input size is fixed in the file")
+        from ..onnx_import import load_onnx
+
+        spec = load_onnx(args.model).spec
+    else:
+        spec = _load_spec(args.cfg, args.size)
     if str(args.grid).strip().lower() == "auto":
         return _run_auto(args, spec)
     grid = parse_grid(args.grid)

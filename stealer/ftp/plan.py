@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 from ..darknet import ModelSpec
 from ..errors import PlanError
-from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec
+from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec, layer_sources
 from .geometry import (Rect, Window, area, bbox, decompose, height, intersect, is_empty, owned_regions,
                        split_even)
 
@@ -395,10 +395,12 @@ def runnable_prefix(spec: ModelSpec) -> int:
     YOLOv2: 17 (its route 25 reads layer 16), YOLOv3-tiny: 9 (route 20 reads layer 8),
     YOLOv4-tiny: 3, YOLOv3 and YOLOv4: 2.
     """
-    n = fusable_prefix(spec)
-    readers = [l for l in spec.layers if isinstance(l, (RouteSpec, ShortcutSpec))]
+    # an ONNX model's outputs are the tail's results: none of them may be fused
+    n = min((fusable_prefix(spec), *spec.outputs))
+    # every layer that names its sources (routes, shortcuts, and an ONNX model's slices and tensor ops)
+    readers = [(l.index, layer_sources(l)) for l in spec.layers if layer_sources(l)]
     while True:  # a cut moves the end, which may put another reader's source inside: repeat
-        cut = min([s + 1 for l in readers if l.index >= n for s in l.sources if s < n - 1], default=n)
+        cut = min([s + 1 for i, srcs in readers if i >= n for s in srcs if s < n - 1], default=n)
         if cut == n:
             return n
         n = cut
@@ -421,18 +423,20 @@ def fusable_depth(spec: ModelSpec) -> int:
 
 
 def _reads(layer: LayerSpec) -> tuple[int, ...]:
-    """Layers whose output ``layer`` reads (-1: the frame)."""
-    if isinstance(layer, RouteSpec):
-        return tuple(layer.sources)
+    """Layers whose output ``layer`` reads (-1: the frame): a shortcut the previous layer and its
+    sources; a layer that names its sources (a route, an ONNX slice or tensor op) those; any
+    other the previous layer."""
     if isinstance(layer, ShortcutSpec):
         return (layer.index - 1,) + tuple(layer.sources)
-    return (layer.index - 1,)
+    named = layer_sources(layer)
+    return tuple(named) if named else (layer.index - 1,)
 
 
 def block_outputs(spec: ModelSpec, layers: int) -> tuple[int, ...]:
     """The fused outputs of a block of the first ``layers`` layers: every layer inside it that a
     layer after it reads, and every network output (yolo head, or the last layer) inside it."""
-    heads = [l.index for l in spec.layers if isinstance(l, YoloSpec)] or [len(spec.layers) - 1]
+    heads = ([l.index for l in spec.layers if isinstance(l, YoloSpec)] or list(spec.outputs)
+             or [len(spec.layers) - 1])
     outs = {s for l in spec.layers[layers:] for s in _reads(l) if 0 <= s < layers}
     outs |= {h for h in heads if h < layers}
     return tuple(sorted(outs))
