@@ -188,7 +188,10 @@ class ShardPlacer:
         k = max(1, min(self.shards, len(nodes) - (1 if self.coded else 0)))
         coded = self.coded and k >= 2
         try:
-            placement = plan_placement(self.spec, nodes, shards=k, coded=coded, fused=self.start)
+            current = self.proposed if self.proposed is not None else self.active
+            prefer = {} if current is None else {(l.index, h.start, h.stop, h.parity): h.node
+                                                  for l in current.layers for h in l.holders if l.mode != "tiles"}
+            placement = plan_placement(self.spec, nodes, shards=k, coded=coded, fused=self.start, prefer=prefer)
         except PlacementError as exc:
             self.failed = str(exc)
             return [PlaceFailed(str(exc))]
