@@ -1108,7 +1108,7 @@ class TailDone(Message, tag="tail-done", frozen=True):
     def __post_init__(self) -> None:
         _check_task_name(self.source, self.frame, -1)
         if len(self.recovered) > MAX_SHARD_HOLDINGS or any(len(r) != 2 for r in self.recovered):
-            raise ProtocolError("recovered: at most MAX_SHARD_HOLDINGS [layer, shard] pairs")
+            raise ValueError("recovered: at most MAX_SHARD_HOLDINGS [layer, shard] pairs")
 
 
 @register
@@ -1227,10 +1227,10 @@ class ShardAssign(Message, tag="shard-assign", frozen=True):
 
     def __post_init__(self) -> None:
         if self.epoch < 0 or len(self.holdings) > MAX_SHARD_HOLDINGS:
-            raise ProtocolError(f"shard-assign: epoch {self.epoch}, {len(self.holdings)} holdings")
+            raise ValueError(f"shard-assign: epoch {self.epoch}, {len(self.holdings)} holdings")
         for h in self.holdings:
             if len(h) != 5 or not (0 <= h[0] and 0 <= h[1] < h[2] and h[3] in (0, 1) and h[4] >= 1):
-                raise ProtocolError(f"shard-assign: bad holding {h!r} (want [layer, start, stop, parity, k])")
+                raise ValueError(f"shard-assign: bad holding {h!r} (want [layer, start, stop, parity, k])")
 
 
 @register
@@ -1263,7 +1263,7 @@ class ShardTask(Message, tag="shard-task", frozen=True):
 
     def __post_init__(self) -> None:
         if self.layer < 0 or not 0 <= self.start < self.stop:
-            raise ProtocolError(f"shard-task: layer {self.layer}, channels [{self.start}, {self.stop})")
+            raise ValueError(f"shard-task: layer {self.layer}, channels [{self.start}, {self.stop})")
 
 
 @register
@@ -1279,4 +1279,4 @@ class ShardResult(Message, tag="shard-result", frozen=True):
 
     def __post_init__(self) -> None:
         if self.ok and self.data is None:
-            raise ProtocolError("shard-result: ok without data")
+            raise ValueError("shard-result: ok without data")
