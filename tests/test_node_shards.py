@@ -339,17 +339,24 @@ def test_a_holder_frozen_or_killed_mid_stream_loses_and_stalls_nothing(models, t
     frames = 8
     out = tmp_path / "results.jsonl"
     flags = ["--shards", "2"] + (["--coded"] if coded else [])
-    gw = _node(cfg, tmp_path, "gw", "--gateway", "--out", str(out), "--source", "synthetic:4", "--frames",
-               str(frames), "--max-inflight", "2", "--fps", "4", *flags)
+    gw = _node(cfg, tmp_path, "gw", "--gateway", "--out", str(out), *flags)
     procs = [gw]
     try:
         port = _port(tmp_path, "gw", gw)
+        # the source is the last node up: its frames run on the placement of all three
+        source = ["--source", "synthetic:4", "--frames", str(frames), "--max-inflight", "2", "--fps", "4"]
         for name in ("h1", "h2"):
-            procs.append(_node(cfg, tmp_path, name, "--peer", f"127.0.0.1:{port}", *flags))
+            procs.append(_node(cfg, tmp_path, name, "--peer", f"127.0.0.1:{port}", *flags,
+                               *(source if name == "h2" else ())))
         for name, p in zip(("h1", "h2"), procs[1:]):
             _port(tmp_path, name, p)
+        deadline = time.monotonic() + 60
+        while not [e for e in _events(tmp_path, "gw", "placement") if e["shards"] == 2]:
+            assert time.monotonic() < deadline, "no placement of 2 shards"
+            time.sleep(0.05)
+        placement = [e for e in _events(tmp_path, "gw", "placement") if e["shards"] == 2][-1]
+        assert placement["coded"] == coded
         _results(out, 2)
-        placement = _events(tmp_path, "gw", "placement")[-1]
         victim = procs[1]
         victim.send_signal(how)
         res = _results(out, frames, timeout=90)

@@ -117,6 +117,7 @@ class ShardPlacer:
         self.active: Placement | None = None
         self.active_epoch = 0
         self.proposed: Placement | None = None
+        self.proposed_at = 0.0
         self.waiting: set[str] = set()  # nodes that have not read the proposed placement yet
         self.failed: str | None = None  # why the last attempt found no placement
         self._assigned: set[str] = set()  # nodes told to hold something under the latest epoch
@@ -149,6 +150,12 @@ class ShardPlacer:
         expired = [n for n, t in self.suspects.items() if t <= now]
         for n in expired:
             del self.suspects[n]
+        if self.proposed is not None and now >= self.proposed_at + self.timing.lease:
+            # nodes that never said they read their shards (frozen, or hung reading): without them
+            for n in self.waiting - {self.coordinator}:
+                self.suspects[n] = now + self.timing.suspect_for
+            self.proposed = None
+            return self._replace(now)
         if expired or (self.active is None and self.proposed is None):
             return self._replace(now)
         return []
@@ -176,6 +183,8 @@ class ShardPlacer:
     def next_check(self) -> float | None:
         """When :meth:`tick` may have something to do (None: only events will)."""
         times = list(self.suspects.values())
+        if self.proposed is not None:
+            times.append(self.proposed_at + self.timing.lease)
         if self.active is None and self.proposed is None:
             times.append(self.started + self.timing.place_grace)
         return min(times) if times else None
@@ -200,7 +209,7 @@ class ShardPlacer:
         if current is not None and _same(current, placement):
             return []
         self.epoch += 1
-        self.proposed = placement
+        self.proposed, self.proposed_at = placement, now
         everyone = {n.name for n in nodes}
         out: list[PlaceAction] = []
         # every node of the new placement, and every node told to hold something before that is
