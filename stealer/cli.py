@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Sequence
 
-from .cliargs import add_auto_args, add_codec_args, add_model_args, load_network, parse_grid_or_auto
+from .cliargs import add_auto_args, add_codec_args, add_model_args, add_shard_args, load_network, parse_grid_or_auto
 from .errors import StealerError
 from .launcher import add_run_args, cmd_run
 
@@ -206,6 +206,7 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=_parse_size, default=None,
                    help="memory offered for tasks, e.g. 512M [what the device has]")
     p.add_argument("--policy", choices=["steal", "share"], default="steal")
+    add_shard_args(p)
     p.add_argument("--no-speculate", dest="speculate", action="store_false",
                    help="never run copies of straggling tasks")
     p.add_argument("--out", help="gateway (or standby): append results as JSON lines to this file")
@@ -274,7 +275,17 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .outputs.video import video_config_from_args
 
     video = video_config_from_args(args)  # ConfigError (no OpenCV, not .avi/.mp4): one line, before the model loads
-    net = load_network(args)
+    shard_weights, held = None, 0
+    if args.shards:  # only the fused block's weights now; the gateway assigns the shards
+        from .node.shards import load_shard_node
+
+        net, shard_weights, held, computes = load_shard_node(args)
+        if args.coded and args.shards < 2:
+            raise ConfigError("--coded needs --shards 2 or more (a parity of one shard is a copy)")
+    else:
+        if args.coded:
+            raise ConfigError("--coded needs --shards K")
+        net = load_network(args)
     from .ftp.plan import resolve_scheme
 
     args.scheme = resolve_scheme(args.scheme, net.spec, args.layers)  # every node of one model alike
@@ -295,6 +306,12 @@ def cmd_node(args: argparse.Namespace) -> int:
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
         frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,
     )
+    if args.shards:
+        cfg.shards, cfg.coded, cfg.weights_file = args.shards, args.coded, shard_weights
+        cfg.slots = cfg.slots if computes else 0
+        if not computes:
+            log.warning("--max-memory %d B is below what one tile needs: this node holds and computes shards only",
+                        cfg.max_memory)
     cfg.metrics = args.metrics
     cfg.mqtt = mqtt
     if cfg.mqtt is not None and not (args.gateway or args.gateway_standby):
@@ -310,7 +327,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     set_log_node(cfg.node_id)  # every JSON log line of this process names its node
 
-    if cfg.max_memory:
+    if cfg.max_memory and not args.shards:  # shard mode holds no tail weights to drop
         from .ftp.auto import candidate_plans
         from .ftp.plan import default_layers, make_plan
         from .node import memory_needs
@@ -365,6 +382,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                 w.cancel()
             await node.drain(args.drain_timeout)
             stats = dict(node.stats.__dict__, node_id=node.id, role=node.role)
+            if args.shards:
+                stats["weights_bytes"] = held
         if args.stats:
             with open(args.stats, "w") as fh:
                 json.dump(stats, fh)

@@ -18,7 +18,7 @@ from .errors import ConfigError, StealerError
 if TYPE_CHECKING:
     from .network import Network
 
-__all__ = ["add_auto_args", "add_codec_args", "add_model_args", "auto_argv", "codec_argv", "load_network",
+__all__ = ["add_auto_args", "add_codec_args", "add_model_args", "add_shard_args", "auto_argv", "codec_argv", "load_network",
            "model_argv", "parse_grid_arg", "parse_grid_or_auto"]
 
 
@@ -33,6 +33,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="darknet .weights file for the cfg")
     g.add_argument("--random-weights", type=int, metavar="SEED", default=None,
                    help="use deterministic random weights with this seed (the default when no --weights: 0)")
+
+
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    """``--shards K`` and ``--coded`` (``stealer node``, ``stealer run``)."""
+    p.add_argument("--shards", type=_shard_count, default=0, metavar="K",
+                   help="model parallelism: the gateway places the tail's weighted layers as K shards each "
+                        "(by output channels) on the nodes it knows, by the memory each offers; every node "
+                        "then reads only the weights it is given [0: off]")
+    p.add_argument("--coded", action="store_true",
+                   help="with --shards: a parity shard per sharded layer, so a late or lost shard is "
+                        "recovered at once (within a stated tolerance; the result line names it)")
+
+
+def _shard_count(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shards wants a whole number, got {text!r}") from None
+    if not 0 <= k <= 64:
+        raise argparse.ArgumentTypeError(f"--shards {k}: 0 (off) to 64")
+    return k
 
 
 def model_argv(args: argparse.Namespace) -> list[str]:

@@ -497,3 +497,34 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
 #: numba 0.68.1): 147 MiB (the imports alone: 98 MiB). The placement planner
 #: (:mod:`stealer.shard`) counts it on every node before weights and activations.
 RUNTIME_BYTES = 147 * _MiB
+
+
+@dataclass(frozen=True)
+class ShardTiming:
+    """Timeouts (seconds) of sharded tail layers (``stealer node --shards K [--coded]``), see
+    :mod:`stealer.roles.shards`.
+
+    Coded mode waits for the last shard of a layer until ``deadline_factor`` times the median of
+    the times the shards already in took (from the task going out to its result), plus
+    ``deadline_floor``; past that it recovers the shard from the parity. The factor leaves room
+    for the ordinary spread between equal shards on equal nodes (measured within 1.5x of each
+    other on the emulator); the floor keeps sub-millisecond layers (a small connected layer) from
+    declaring late a shard that is one scheduler hiccup behind.
+    """
+
+    deadline_factor: float = 2.0
+    deadline_floor: float = 0.05
+    lease: float = 30.0
+    """A shard task not back after this long is lost (its holder hung, or is frozen): without a
+    parity to recover from it is run again on another holder. Far above a shard's compute time
+    on a Pi (a YOLOv2 tail layer's share, under 2 s)."""
+    place_grace: float = 3.0
+    """The coordinator places the tail once it knows ``K`` nodes (``K + 1`` coded), or this long
+    after it started with whatever it knows: peers found in the first seconds then do not make
+    it load layers that the next placement moves to them."""
+    suspect_for: float = 60.0
+    """A holder whose shard task was lost or late is left out of placements this long (or until
+    it answers again): a frozen node keeps its connection, but must not keep its shards."""
+
+
+DEFAULT_SHARD_TIMING = ShardTiming()

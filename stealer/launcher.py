@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .cliargs import (add_auto_args, add_codec_args, add_model_args, auto_argv, codec_argv, load_network,
-                      model_argv, parse_grid_or_auto)
+from .cliargs import (add_auto_args, add_codec_args, add_model_args, add_shard_args, auto_argv, codec_argv,
+                      load_network, model_argv, parse_grid_or_auto)
 from .errors import StealerError
 
 
@@ -67,6 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   "--max-inflight", str(args.max_inflight)] + auto_argv(args)
     if args.layers:
         common += ["--layers", str(args.layers)]
+    if args.shards:  # every node in shard mode: none loads the whole model
+        common += ["--shards", str(args.shards)] + (["--coded"] if args.coded else [])
     common += codec_argv(args) + ["--loopback", "--host", "127.0.0.1"]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     # sources go on the non-gateway nodes first (the gateway also runs the tails)
@@ -258,6 +260,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="reuse scheme [auto: quad for chains, wave for DAG blocks]")
     p.add_argument("--policy", default="steal", choices=["steal", "share"])
     p.add_argument("--slots", type=int, default=1)
+    add_shard_args(p)
     p.add_argument("--max-inflight", default="auto", help="frames per source in flight [auto]")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds [600]")
     p.add_argument("--no-verify", dest="verify", action="store_false",

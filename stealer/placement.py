@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .config import RUNTIME_BYTES
 from .darknet import ModelSpec
@@ -49,6 +49,9 @@ from .layers import ConnectedSpec, ConvSpec, RouteSpec, ShortcutSpec
 WHOLE_BELOW = 4 << 20
 
 _MB = 1e6
+
+#: A holding by what it is: (layer, start, stop, parity).
+HoldKey = tuple[int, int, int, bool]
 
 
 def split_channels(n: int, k: int) -> list[tuple[int, int]]:
@@ -200,7 +203,7 @@ def _coordinator_acts(spec: ModelSpec, start: int) -> dict[int, int]:
 
 def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int | None = None, coded: bool = False,
                    fused: int = 0, tile_bytes: int = 0, runtime: int = RUNTIME_BYTES,
-                   whole_below: int = WHOLE_BELOW) -> Placement:
+                   whole_below: int = WHOLE_BELOW, prefer: Mapping[HoldKey, str] | None = None) -> Placement:
     """Place ``spec``'s layers on ``nodes`` (the first is the coordinator) so that every node fits.
 
     Parameters
@@ -217,6 +220,9 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
         Layers ``0 .. fused-1`` run as FTP tiles (0: none); ``tile_bytes`` is one task's working set.
     runtime : int
         The bare runtime's peak (:data:`stealer.config.RUNTIME_BYTES`).
+    prefer : mapping (layer, start, stop, parity) -> node, optional
+        Where each holding is now (a re-placement): a holding stays on its node if that node is
+        still there and has room, so that a node leaving moves only what it held.
 
     Raises
     ------
@@ -230,12 +236,12 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
     if not 0 <= fused <= len(spec.layers):
         raise PlacementError(f"fused={fused} is not in 0..{len(spec.layers)}")
     if shards is not None:
-        return _place(spec, nodes, shards, coded, fused, tile_bytes, runtime, whole_below)
+        return _place(spec, nodes, shards, coded, fused, tile_bytes, runtime, whole_below, prefer or {})
     top = max(1, len(nodes) - (1 if coded else 0))
     last: PlacementError | None = None
     for k in range(1, top + 1):
         try:
-            return _place(spec, nodes, k, coded, fused, tile_bytes, runtime, whole_below)
+            return _place(spec, nodes, k, coded, fused, tile_bytes, runtime, whole_below, prefer or {})
         except PlacementError as exc:
             last = exc
     assert last is not None
@@ -243,7 +249,7 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
 
 
 def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fused: int, tile_bytes: int,
-           runtime: int, whole_below: int) -> Placement:
+           runtime: int, whole_below: int, prefer: Mapping[HoldKey, str]) -> Placement:
     if k < 1:
         raise PlacementError(f"shards must be >= 1, got {k}")
     loads = [_Load(n.name, n.memory, runtime) for n in nodes]
@@ -269,9 +275,9 @@ def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fus
         in_b, out_b = _map_bytes(layer.in_shape), _map_bytes(layer.out_shape)
         kk = min(k, channels_of(layer))
         if kk == 1 or wb <= whole_below or not shardable(layer):
-            out.append(_place_whole(layer, loads, act, in_b, out_b, wb, runtime))
+            out.append(_place_whole(layer, loads, act, in_b, out_b, wb, runtime, prefer))
             continue
-        out.append(_place_shards(layer, loads, kk, coded, act, in_b, out_b, runtime))
+        out.append(_place_shards(layer, loads, kk, coded, act, in_b, out_b, runtime, prefer))
     if fused:
         prefix_w = sum(layer_weight_bytes(l) for l in spec.layers[:fused])
         tile_nodes = [n for n in loads if n.room(tile_bytes) >= prefix_w]
@@ -296,13 +302,19 @@ def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fus
 
 
 def _place_whole(layer: ConvSpec | ConnectedSpec, loads: list[_Load], act: int, in_b: int, out_b: int, wb: int,
-                 runtime: int) -> LayerPlacement:
+                 runtime: int, prefer: Mapping[HoldKey, str]) -> LayerPlacement:
     coord = loads[0]
+    need = in_b + out_b
+    was = next((n for n in loads[1:] if n.name == prefer.get((layer.index, 0, channels_of(layer), False))), None)
+    if was is not None and was.room(need) >= wb:  # it stays where it is
+        was.take(wb, need)
+        coord.take(0, act)
+        return LayerPlacement(layer.index, layer.kind, "whole", (Holding(was.name, 0, channels_of(layer), wb),), wb,
+                              need)
     if coord.room(act) >= wb:
         coord.take(wb, act)
         return LayerPlacement(layer.index, layer.kind, "whole", (Holding(coord.name, 0, channels_of(layer), wb),),
                               wb, 0)
-    need = in_b + out_b
     best = max(loads[1:], key=lambda n: n.room(need), default=None)
     if best is None or best.room(need) < wb:
         raise PlacementError(f"layer {layer.index} ({layer.kind}): kept whole it needs {(runtime + wb + need) / _MB:.1f} "
@@ -314,7 +326,7 @@ def _place_whole(layer: ConvSpec | ConnectedSpec, loads: list[_Load], act: int, 
 
 
 def _place_shards(layer: ConvSpec | ConnectedSpec, loads: list[_Load], k: int, coded: bool, act: int, in_b: int,
-                  out_b: int, runtime: int) -> LayerPlacement:
+                  out_b: int, runtime: int, prefer: Mapping[HoldKey, str]) -> LayerPlacement:
     coord = loads[0]
     ranges = split_channels(channels_of(layer), k)
     row = _row_bytes(layer)
@@ -330,10 +342,16 @@ def _place_shards(layer: ConvSpec | ConnectedSpec, loads: list[_Load], k: int, c
     jobs = [(z - a, a, z, False) for a, z in ranges]
     if coded:
         jobs.append((max(z - a for a, z in ranges), 0, max(z - a for a, z in ranges), True))
-    for rows, a, z, parity in sorted(jobs, key=lambda j: -j[0]):
+    names = {n.name for n in loads}
+    # holdings that stay on their node first (a re-placement), then largest shard first
+    for rows, a, z, parity in sorted(jobs, key=lambda j: (prefer.get((layer.index, j[1], j[2], j[3])) not in names,
+                                                          -j[0])):
         need = in_b + 4 * rows * pix
         cands = [n for n in loads if n.name not in used]
         best = max(cands, key=lambda n: n.room(act if n is coord else need))
+        was = next((n for n in cands if n.name == prefer.get((layer.index, a, z, parity))), None)
+        if was is not None and was.room(act if was is coord else need) >= rows * row:
+            best = was  # a re-placement: the shard stays where it is
         room = best.room(act if best is coord else need)
         if room < rows * row:
             what = "the parity shard" if parity else f"a shard of {rows} channels"

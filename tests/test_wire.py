@@ -39,6 +39,10 @@ from stealer.wire import (
 )
 from stealer.wire.messages import (
     FrameDone,
+    ShardAssign,
+    ShardReady,
+    ShardResult,
+    ShardTask,
     FrameDrop,
     FrameFailed,
     FrameGo,
@@ -187,6 +191,12 @@ SAMPLES = [
     pytest.param(TaskStarted("n1/0", 9, 3), id="task-started"),
     pytest.param(FrameGo("n1/0", 9), id="frame-go"),
     pytest.param(FrameUnknown("n1/0", 9), id="frame-unknown"),
+    pytest.param(TailDone("n1/0", 3, "ab" * 32, recovered=[[12, 1], [14, 0]]), id="tail-done-recovered"),
+    pytest.param(ShardAssign(3, [[12, 0, 512, 0, 2], [14, 0, 512, 1, 2]]), id="shard-assign"),
+    pytest.param(ShardReady(3, True, 4096), id="shard-ready"),
+    pytest.param(ShardTask(7, 3, 12, 0, 512, False, True, np.ones((4, 3, 3), np.float32)), id="shard-task"),
+    pytest.param(ShardResult(7, True, np.ones((5, 3, 3), np.float32), 0.25), id="shard-result"),
+    pytest.param(ShardResult(7, False, error="not held here"), id="shard-result-failed"),
 ]
 
 
@@ -204,6 +214,12 @@ SAMPLES = [
         pytest.param(lambda: Preview("n/0", 1, 0, 480, np.zeros(1, np.uint8)), "image size", id="preview-no-width"),
         pytest.param(lambda: TileDone("n/0", -1, 0, "p", "full", np.zeros(1, np.float32)),
                      "negative", id="negative-frame"),
+        pytest.param(lambda: ShardAssign(1, [[3, 5, 5, 0, 2]]), "bad holding", id="shard-empty-range"),
+        pytest.param(lambda: ShardAssign(1, [[3, 0, 5, 2, 2]]), "bad holding", id="shard-parity-flag"),
+        pytest.param(lambda: ShardAssign(1, [[0, 0, 1, 0, 1]] * 4097), "holdings", id="shard-too-many"),
+        pytest.param(lambda: ShardResult(1, True), "without data", id="shard-result-no-data"),
+        pytest.param(lambda: ShardTask(1, 1, 2, 3, 3, False, False, np.zeros(1, np.float32)), "channels",
+                     id="shard-task-empty"),
     ],
 )
 def test_runtime_messages_validate_fields(make, needle) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..codec import DEFAULT_JPEG_QUALITY, check_frame_codec
-from ..config import DEFAULT_LIMITS, Limits
+from ..config import DEFAULT_LIMITS, DEFAULT_SHARD_TIMING, Limits, ShardTiming
 from ..errors import ProtocolError
 from ..ftp.auto import tail_memory, tile_memory  # the auto planner counts memory the same way
 from ..ftp.plan import Plan
@@ -114,6 +114,10 @@ class NodeConfig:
     authenticate_frames: bool = False
     frame_codec: str = "raw"  # how this node's frames travel to thieves (stealer.codec)
     jpeg_quality: int = DEFAULT_JPEG_QUALITY  # with frame_codec "jpeg": the frames' encoding quality
+    shards: int = 0  # --shards K: the gateway places and gathers the tail's weighted layers as K shards
+    coded: bool = False  # --coded: a parity shard per sharded layer (a late or lost shard is recovered)
+    weights_file: str | None = None  # shard mode: the darknet weights file shards are read from, by range
+    shard_timing: ShardTiming = DEFAULT_SHARD_TIMING
 
     def __post_init__(self) -> None:
         check_frame_codec(self.frame_codec, self.jpeg_quality)
@@ -195,6 +199,11 @@ class Stats:
     whole_frames: int = 0  # 1x1 frames whose tile and tail ran here back to back (affinity)
     flops_run: int = 0  # FLOPs of the tasks this node computed (with busy_seconds: its speed)
     replans: int = 0  # grid auto: times this source switched plans as the cluster changed
+    shard_tasks: int = 0  # shard mode: shard tasks this node computed
+    shards_recovered: int = 0  # coordinator: shards recovered from their parity
+    shard_reruns: int = 0  # coordinator: shards run again under a new placement (lost, no parity)
+    shard_bytes: int = 0  # shard mode: bytes of shard weights this node holds now
+    weights_bytes: int = 0  # shard mode: bytes of the fused block's weights this node holds (for tiles)
 
 
 def plan_key(grid: tuple[int, int], layers: int, scheme: str) -> str:

@@ -53,6 +53,9 @@ class GatewayShell(NodeState):
             if isinstance(act, gw_role.Notify):
                 self._notify(act.node, act.msg)
             elif isinstance(act, gw_role.QueueTail):
+                if self.sharding is not None:  # --shards: this node runs it, its layers as shard tasks
+                    self._start_sharded_tail(act.ref)
+                    continue
                 self.queue.add([act.ref], front=True)
                 work = True
             elif isinstance(act, gw_role.DropTail):

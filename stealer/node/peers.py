@@ -90,6 +90,7 @@ class Peers(NodeState):
         try:
             await comm.send(self._status_msg())
             self._carry_out_membership(self.membership.peer_joined(peer.node_id, peer.role))
+            self._shards_changed()  # --shards: the gateway places the tail again (after its claim)
             while True:
                 msg = await comm.recv()
                 try:
@@ -148,6 +149,7 @@ class Peers(NodeState):
             self._gateway_seen.clear()
         self._carry_out_membership(self.membership.peer_lost(peer.node_id))
         self._replan()
+        self._shards_peer_lost(peer.node_id)
 
     def _follow_gateway(self, peer: Peer, epoch: int) -> None:
         self._carry_out_membership(self.membership.claim(peer.node_id, epoch))

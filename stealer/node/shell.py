@@ -30,6 +30,10 @@ from ..wire.messages import (
     Preview,
     RegionReply,
     RegionRequest,
+    ShardAssign,
+    ShardReady,
+    ShardResult,
+    ShardTask,
     StealReply,
     StealRequest,
     Status,
@@ -51,11 +55,12 @@ from .victim import Victim
 from .thief import Thief
 from .gateway import GatewayShell
 from .kernels import Kernels
+from .shards import ShardShell
 
 log = logging.getLogger("stealer.node")  # one logger for the whole shell, as before the split
 
 
-class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
+class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels, ShardShell):
     """One stealer node. Use ``async with Node(...)`` or :meth:`start` / :meth:`close`.
 
     Parameters
@@ -101,6 +106,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
                  self.port, self.net.model_hash, self._own_plan_key)
         if self.is_gateway:
             self._gateway_seen.set()
+            self._shards_changed()  # --shards: the placement grace starts
         # compute and sources first: peers found while our own mDNS announcement is still being
         # probed (about 1.5 s) can already be dialled and stolen from
         for slot in range(self.cfg.slots):
@@ -204,6 +210,7 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
         if self._server is not None:
             await self._server.close()
         await self._close_outputs()
+        self._close_shards()
         self._pool.shutdown(wait=True)
         if self._out_file is not None:
             self._out_file.close()
@@ -284,6 +291,10 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels):
             GatewayClaim: self._on_gateway_claim,
             Goodbye: self._on_goodbye,
             Preview: self._on_preview,
+            ShardAssign: lambda peer, msg: self._from_gateway(peer, msg, lambda m: self._on_shard_assign(peer, m)),
+            ShardReady: self._on_shard_ready,
+            ShardTask: self._on_shard_task,
+            ShardResult: self._on_shard_result,
         }
 
     async def _dispatch(self, peer: Peer | None, msg: Message) -> None:

@@ -35,6 +35,7 @@ from ..wire import ClusterKey, Hello
 from ..wire.server import Server
 from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, Message, Preview, StealReply, TailDone,
                              TileAck, TileDone, TilesIn)
+from .shardstate import ShardRuntime
 from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, parse_plan_key, plan_key
 
 if TYPE_CHECKING:  # imported where it starts: zeroconf is not loaded by nodes without discovery
@@ -140,6 +141,8 @@ class NodeState:
         self._running = 0  # tasks in hand: computing, or computed and not yet delivered
         self._idle_changed = asyncio.Event()
         self._delivery_slots = asyncio.Semaphore(config.runtime.pending_results)
+        # --shards: shards held, and (gateway) their placement and the shard tasks out
+        self.sharding = ShardRuntime() if config.shards else None
         self._handlers = self._handler_table()
         self.worker = WorkerPolicy(config.policy, config.speculate, config.runtime.short_task,
                                    config.runtime.steal_batch)
@@ -186,6 +189,13 @@ class NodeState:
 
         # gateway.py
         def _carry_out(self, actions: list[gw_role.Action]) -> None: ...
+        def _on_tail_done(self, peer: Peer | None, msg: TailDone) -> None: ...
+
+        # shards.py
+        def _shards_changed(self) -> None: ...
+        def _shards_peer_lost(self, node: str) -> None: ...
+        def _start_sharded_tail(self, ref: TaskRef) -> None: ...
+        def _close_shards(self) -> None: ...
         def _on_preview(self, peer: Peer | None, msg: Preview) -> None: ...
 
         # kernels.py

@@ -51,6 +51,8 @@ class Thief(NodeState):
     """
 
     def _accepts_tails(self) -> bool:
+        if self.sharding is not None:  # --shards: the gateway runs every tail, as shard tasks
+            return False
         if self._tail_ok is None:  # computed once: the plan's accounting is not free
             tile, tail = memory_needs(self.net, self._plan(self._own_plan_key))
             self._tail_ok = self.cfg.max_memory == 0 or self.cfg.max_memory >= tile + tail

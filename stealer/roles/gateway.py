@@ -347,6 +347,8 @@ class GatewayState:
         result: dict[str, Any] = {"source": msg.source, "frame": msg.frame, "latency": round(now - f.started, 4),
                                   "output_sha256": msg.output_sha256, "detections": msg.detections,
                                   "tail_seconds": round(msg.seconds, 4)}
+        if msg.recovered:  # coded shards: which came from their parity (the digest is then not exact)
+            result["recovered"] = [{"layer": layer, "shard": shard} for layer, shard in msg.recovered]
         result.update(f.partial)
         return out + self._finish(key, result, now)
 

@@ -109,7 +109,9 @@ tile's input may travel encoded (``codec``, ``encoded`` of :class:`StealReply` a
 the :class:`Preview` message (frame previews for the gateway's dashboard) and dashboard fields
 of :class:`Status`, and a fused block may be a DAG with several outputs (:class:`TileDone`
 ``output`` and a tail grant's ``data`` are then those maps raveled and concatenated, 1-D;
-``stealer.ftp.execute.pack_tile``; a plan key's depth may end past a route): an older peer
+``stealer.ftp.execute.pack_tile``; a plan key's depth may end past a route), and sharded tail
+layers (``--shards K [--coded]``): :class:`ShardAssign`, :class:`ShardReady`,
+:class:`ShardTask`, :class:`ShardResult`, and :class:`TailDone` ``recovered``: an older peer
 would drop the connection, refuse or misread."""
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
@@ -1100,9 +1102,13 @@ class TailDone(Message, tag="tail-done", frozen=True):
     detections: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     whole: bool = False
+    recovered: list[list[int]] = field(default_factory=list)
+    """Coded sharded layers: ``[layer, shard]`` of every shard recovered from its parity."""
 
     def __post_init__(self) -> None:
         _check_task_name(self.source, self.frame, -1)
+        if len(self.recovered) > MAX_SHARD_HOLDINGS or any(len(r) != 2 for r in self.recovered):
+            raise ValueError("recovered: at most MAX_SHARD_HOLDINGS [layer, shard] pairs")
 
 
 @register
@@ -1199,3 +1205,78 @@ class FrameUnknown(Message, tag="frame-unknown", frozen=True):
 
     source: str
     frame: int
+
+
+# --------------------------------------------------------------------------------- sharded layers
+
+MAX_SHARD_HOLDINGS: Final = 4096
+"""Most shards one node may be told to hold (or a frame may name as recovered): far past the
+weighted layers of any model here (YOLOv4 has 110), so that a peer cannot make a node loop."""
+
+
+@register
+class ShardAssign(Message, tag="shard-assign", frozen=True):
+    """Coordinator (the gateway) to a node: from placement ``epoch`` on, hold exactly these
+    weights, read from the node's own weights file, and drop any other shard held. Each holding
+    is ``[layer, start, stop, parity, k]``: output channels ``[start, stop)`` of ``layer``, or
+    (``parity`` 1) the parity of ``layer`` split into ``k`` shards (see :mod:`stealer.shard`).
+    Answered with :class:`ShardReady`."""
+
+    epoch: int
+    holdings: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.epoch < 0 or len(self.holdings) > MAX_SHARD_HOLDINGS:
+            raise ValueError(f"shard-assign: epoch {self.epoch}, {len(self.holdings)} holdings")
+        for h in self.holdings:
+            if len(h) != 5 or not (0 <= h[0] and 0 <= h[1] < h[2] and h[3] in (0, 1) and h[4] >= 1):
+                raise ValueError(f"shard-assign: bad holding {h!r} (want [layer, start, stop, parity, k])")
+
+
+@register
+class ShardReady(Message, tag="shard-ready", frozen=True):
+    """Node to coordinator: the holdings of placement ``epoch`` are read (``ok``; ``nbytes`` of
+    weights held now), or could not be (``error``)."""
+
+    epoch: int
+    ok: bool
+    nbytes: int = 0
+    error: str = ""
+
+
+@register
+class ShardTask(Message, tag="shard-task", frozen=True):
+    """Coordinator to a holder: compute output channels ``[start, stop)`` of ``layer`` (or, with
+    ``parity``, the layer's parity rows) from ``data``, the layer's whole input map (float32,
+    bounded by ``max_frame_bytes`` like every frame; its shape is checked against the layer's
+    before any use). ``pre_activation``: return the linear output (coded layers). Answered with
+    :class:`ShardResult` of the same ``task_id``."""
+
+    task_id: int
+    epoch: int
+    layer: int
+    start: int
+    stop: int
+    parity: bool
+    pre_activation: bool
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.layer < 0 or not 0 <= self.start < self.stop:
+            raise ValueError(f"shard-task: layer {self.layer}, channels [{self.start}, {self.stop})")
+
+
+@register
+class ShardResult(Message, tag="shard-result", frozen=True):
+    """Holder to coordinator: the output of :class:`ShardTask` ``task_id`` ((rows, H, W)
+    float32), or why there is none (``error``: the shard is not held here, the input is bad)."""
+
+    task_id: int
+    ok: bool
+    data: np.ndarray | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ok and self.data is None:
+            raise ValueError("shard-result: ok without data")
