@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stealer.errors import StealerError  # noqa: E402
-from stealer.ftp.plan import AUTO_SCHEME, make_plan  # noqa: E402
+from stealer.ftp.plan import AUTO_SCHEME, fusable_depth, make_plan  # noqa: E402
 from stealer.network import BUILTIN_MODELS, Network  # noqa: E402
 
 DARKNET = ("yolov2", "yolov3-tiny", "yolov4-tiny", "yolov4")
@@ -62,12 +62,13 @@ def load(name: str, seed: int, work: Path) -> tuple[Network, Any, Callable[[Netw
 
         net = Network.from_random(name, seed)
         return net, network_to_onnx(net), reference_outputs
-    from tools import onnx_models  # type: ignore[attr-defined]  # lands with the ONNX importer
+    from tools import onnx_models
 
-    model = onnx_models.build(name, seed=seed)
+    builder = {"yolov8n": "yolov8", "yolo11n": "yolo11"}.get(name, name)  # the n-scale is the default
+    model = onnx_models.MODELS[builder](seed=seed)
     path = work / f"{name}.onnx"
     onnx.save(model, str(path))
-    net = Network.from_onnx(path)  # type: ignore[attr-defined]
+    net = Network.from_onnx(path)
     return net, model, lambda n, x: list(n.outputs(x))
 
 
@@ -82,20 +83,24 @@ def ort_session(model: Any) -> Any:
 
 
 def plan_figures(net: Network) -> dict[str, Any]:
+    """FTP figures of the block the planner chooses at each grid (``--layers`` unset: DeepThings'
+    16 for YOLOv2, the cost model's depth for DAG models; reuse scheme "auto") and of the deepest
+    block the model allows (:func:`fusable_depth`), each with and without reuse."""
     total = sum(r.gflop for r in net.table()) * 1e9
-    out: dict[str, Any] = {"gflop": round(total / 1e9, 3)}
+    out: dict[str, Any] = {"gflop": round(total / 1e9, 3), "fusable_layers": fusable_depth(net.spec)}
     for grid in ((3, 3), (5, 5)):
         name = f"{grid[0]}x{grid[1]}"
-        try:
-            plan = make_plan(net, grid, scheme=AUTO_SCHEME)
-        except StealerError as exc:
-            out[f"plan_{name}"] = f"error: {exc}"
-            continue
-        out["fused_layers"] = plan.n_layers
-        out["scheme"] = plan.scheme
-        out["fused_fraction"] = round(plan.frame_flops / total, 4)
-        out[f"flops_ratio_{name}"] = round(plan.totals(False).flops_ratio, 4)
-        out[f"flops_ratio_{name}_reuse"] = round(plan.totals(True).flops_ratio, 4)
+        for tag, layers in (("", None), ("deepest_", out["fusable_layers"])):
+            try:
+                plan = make_plan(net, grid, layers, scheme=AUTO_SCHEME)
+            except StealerError as exc:
+                out[f"{tag}plan_{name}"] = f"error: {exc}"
+                continue
+            out[f"{tag}fused_layers_{name}"] = plan.n_layers
+            out[f"{tag}fused_fraction_{name}"] = round(plan.frame_flops / total, 4)
+            out["scheme"] = plan.scheme
+            out[f"{tag}flops_ratio_{name}"] = round(plan.totals(False).flops_ratio, 4)
+            out[f"{tag}flops_ratio_{name}_reuse"] = round(plan.totals(True).flops_ratio, 4)
     return out
 
 
@@ -148,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             row.update(timing(net, model, reference, args.repeat))
             rows.append(row)
             log(json.dumps(row))
-    header = (f"{'model':<12} {'input':>12} {'GFLOP':>7} {'fused':>6} {'in fused':>8} {'3x3':>6} {'3x3 r':>6} "
-              f"{'5x5':>6} {'5x5 r':>6} {'ours s':>7} {'ORT s':>7} {'speed':>6} {'max|diff|':>9} {'rel':>8}")
+    header = (f"{'model':<12} {'input':>11} {'GFLOP':>6} | {'chosen 5x5':>10} {'in fused':>8} {'3x3':>6} {'3x3 r':>6} "
+              f"{'5x5':>6} {'5x5 r':>6} | {'deepest':>7} {'in fused':>8} {'5x5':>6} {'5x5 r':>6} | {'ours s':>7} "
+              f"{'ORT s':>7} {'speed':>6} {'spread':>11} {'rel diff':>8}")
     print(header)
     for r in rows:
         if "skipped" in r:
@@ -160,14 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             v = r.get(key)
             return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-        print(f"{r['model']:<12} {'x'.join(map(str, r['input'])):>12} {f('gflop', '{:.1f}'):>7} "
-              f"{f('fused_layers', '{:d}'):>6} {f('fused_fraction', '{:.1%}'):>8} {f('flops_ratio_3x3'):>6} "
-              f"{f('flops_ratio_3x3_reuse'):>6} {f('flops_ratio_5x5'):>6} {f('flops_ratio_5x5_reuse'):>6} "
-              f"{f('stealer_s'):>7} {f('onnxruntime_s'):>7} {f('speed_vs_onnxruntime', '{:.2f}x'):>6} "
-              f"{f('max_abs_diff', '{:.1e}'):>9} {f('rel_diff', '{:.1e}'):>8}")
-    print("speed: onnxruntime's time / stealer's (single thread each, median of alternating runs; > 1: stealer "
-          "faster). fused: layers in the fused block; 'r': with reuse (the default scheme 'auto': quad for chains, "
-          "wave for DAG blocks; per model in the JSON).")
+        spread = "-" if "speed_spread" not in r else f"{r['speed_spread'][0]:.2f}-{r['speed_spread'][1]:.2f}"
+        print(f"{r['model']:<12} {'x'.join(map(str, r['input'])):>11} {f('gflop', '{:.1f}'):>6} | "
+              f"{f('fused_layers_5x5', '{:d}'):>10} {f('fused_fraction_5x5', '{:.1%}'):>8} "
+              f"{f('flops_ratio_3x3'):>6} {f('flops_ratio_3x3_reuse'):>6} {f('flops_ratio_5x5'):>6} "
+              f"{f('flops_ratio_5x5_reuse'):>6} | {f('deepest_fused_layers_5x5', '{:d}'):>7} "
+              f"{f('deepest_fused_fraction_5x5', '{:.1%}'):>8} {f('deepest_flops_ratio_5x5'):>6} "
+              f"{f('deepest_flops_ratio_5x5_reuse'):>6} | {f('stealer_s'):>7} {f('onnxruntime_s'):>7} "
+              f"{f('speed_vs_onnxruntime', '{:.2f}x'):>6} {spread:>11} {f('rel_diff', '{:.1e}'):>8}")
+    print("chosen: the block the planner picks at 5x5 (YOLOv2: DeepThings' 16; DAG models: the cost model's depth "
+          "for 20 Mbit/s); deepest: every layer that can be fused. 3x3/5x5: executed-FLOP ratio of that block, "
+          "'r' with reuse (scheme auto: quad for chains, wave for DAG blocks). speed: onnxruntime's time / "
+          "stealer's, single thread each, median of alternating runs (> 1: stealer faster), spread min-max; "
+          "rel diff: max |stealer - onnxruntime| / max |output|.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
                                              "repeat": args.repeat, "seed": args.seed, "targets": TARGETS},
