@@ -279,7 +279,7 @@ class Network:
         ndarray
             float32 (C, H, W) output of layer ``stop - 1`` (see :meth:`outputs` for all heads).
         """
-        return self._run(x, start, stop, executor, threads, False)[0]
+        return self._run(x, start, stop, executor, threads, frozenset())[0]
 
     def outputs(self, x: np.ndarray, start: int = 0, *, executor: Executor | None = None,
                 threads: int = 1) -> list[np.ndarray]:
@@ -287,10 +287,21 @@ class Network:
         order (YOLOv3/v4), else the last layer's (a list of one)."""
         if start > self.heads[0]:
             raise ValueError(f"start={start} is past output layer {self.heads[0]}")
-        return self._run(x, start, None, executor, threads, True)[1]
+        return self._run(x, start, None, executor, threads, frozenset(self.heads))[1]
+
+    def outputs_of(self, x: np.ndarray, layers: Sequence[int], start: int = 0, *,
+                   executor: Executor | None = None, threads: int = 1) -> list[np.ndarray]:
+        """The outputs of ``layers`` (indices in increasing order, each >= ``start``), computed in
+        one forward pass from layer ``start`` to the last of them (so a graph with several heads
+        runs its shared backbone once)."""
+        want = list(layers)
+        if not want or want != sorted(set(want)) or want[0] < start:
+            raise ValueError(f"layers must be increasing indices >= start={start}, got {want}")
+        got = self._run(x, start, want[-1] + 1, executor, threads, frozenset(want))[1]
+        return got
 
     def _run(self, x: np.ndarray, start: int, stop: int | None, executor: Executor | None, threads: int,
-             collect: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+             collect: frozenset[int]) -> tuple[np.ndarray, list[np.ndarray]]:
         n = len(self.layers)
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
@@ -309,12 +320,15 @@ class Network:
                     verb = "routes from" if isinstance(layer, RouteSpec) else "adds"
                     raise ValueError(f"layer {i} {verb} layer(s) {missing}, before start={start}")
                 if isinstance(layer, RouteSpec):
-                    y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id)
+                    # a route of one source is a channel slice of it: a view (no layer writes
+                    # into its input) unless it leaves this call, which must not alias x
+                    view = len(layer.sources) == 1 and i < stop - 1 and i not in collect
+                    y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id, view)
                 else:
                     y = kernels.shortcut(x, [kept[s] for s in layer.sources], layer.activation)
             else:
                 y = self.run_layer(i, x, executor=executor, threads=threads)
-            if collect and i in self.heads:
+            if i in collect:
                 heads.append(y)
             if i in keep:
                 kept[i] = y
@@ -396,11 +410,14 @@ def output_digest(outs: np.ndarray | Sequence[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _route(parts: Sequence[np.ndarray], groups: int, group_id: int) -> np.ndarray:
-    """Concatenate the channel chunk ``group_id`` of ``groups`` of every part (a copy)."""
+def _route(parts: Sequence[np.ndarray], groups: int, group_id: int, view: bool = False) -> np.ndarray:
+    """Concatenate the channel chunk ``group_id`` of ``groups`` of every part (a copy; with
+    ``view`` and one part, the chunk itself: a C-contiguous view, since the parts are CHW)."""
     if groups > 1:
         parts = [p[p.shape[0] // groups * group_id:p.shape[0] // groups * (group_id + 1)] for p in parts]
-    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=0)
+    if len(parts) == 1:
+        return parts[0] if view else parts[0].copy()
+    return np.concatenate(parts, axis=0)
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
