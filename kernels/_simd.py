@@ -229,3 +229,84 @@ def vmaskload(typingctx, prev, arr, idx, lo, hi):
         return builder.call(fn, [p, ir.Constant(_I32, 4), m, prev_v])
 
     return sig, codegen
+
+
+@intrinsic
+def vrelu6(typingctx, v):
+    """ReLU6 per lane as :func:`kernels.activations._relu6_32`: ``m = x > 0 ? x : 0`` (NaN gives
+    0), then ``m < 6 ? m : 6``."""
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        zero = ir.Constant(_V8F32, [0.0] * LANES)
+        six = ir.Constant(_V8F32, [6.0] * LANES)
+        m = builder.select(builder.fcmp_ordered(">", x, zero), x, zero)
+        return builder.select(builder.fcmp_ordered("<", m, six), m, six)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaskstore(typingctx, arr, idx, v, lo, hi):
+    """Store lanes ``l`` with ``lo <= l < hi`` of ``v`` to ``arr.flat[idx + l]``; the other lanes'
+    memory is not accessed (``llvm.masked.store``), as for :func:`vmaskload`."""
+    if not (_is_f32_c_array(arr) and v == f32x8 and all(isinstance(t, types.Integer) for t in (idx, lo, hi))):
+        return None
+    sig = types.void(arr, idx, v, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        arr_v, idx_v, v_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[0])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[1], types.intp)
+        p = builder.bitcast(builder.gep(data, [i]), _V8F32.as_pointer())
+
+        def splat_i32(val, t):  # lane bounds: callers clip them to [0, 8]
+            return _splat(builder, context.cast(builder, val, t, types.int32), _V8I32)
+
+        m = builder.and_(builder.icmp_signed(">=", _IOTA, splat_i32(lo_v, sig.args[3])),
+                         builder.icmp_signed("<", _IOTA, splat_i32(hi_v, sig.args[4])))
+        fnty = ir.FunctionType(ir.VoidType(), [_V8F32, _V8F32.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v8f32.p0")
+        builder.call(fn, [v_v, p, ir.Constant(_I32, 4), m])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaskgather(typingctx, prev, arr, idx, stride, lo, hi):
+    """Lanes ``l`` with ``lo <= l < hi`` loaded from ``arr.flat[idx + l*stride]``, the others from
+    ``prev`` (``llvm.masked.gather``: ``vgatherdps`` on AVX2); masked-off lanes are not accessed."""
+    if not (prev == f32x8 and _is_f32_c_array(arr)
+            and all(isinstance(t, types.Integer) for t in (idx, stride, lo, hi))):
+        return None
+    sig = f32x8(prev, arr, idx, stride, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        prev_v, arr_v, idx_v, st_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[1])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[2], types.intp)
+        st = context.cast(builder, st_v, sig.args[3], types.intp)
+        i64 = i.type
+        v64 = ir.VectorType(i64, LANES)
+        lanes = ir.Constant(v64, list(range(LANES)))
+        offs = builder.add(_splat(builder, i, v64), builder.mul(lanes, _splat(builder, st, v64)))
+        # a vector of lane addresses (llvmlite's gep takes no vector index): base + 4*offset
+        base = _splat(builder, builder.ptrtoint(data, i64), v64)
+        addr = builder.add(base, builder.mul(offs, ir.Constant(v64, [4] * LANES)))
+        ptrs = builder.inttoptr(addr, ir.VectorType(_F32.as_pointer(), LANES))
+
+        def splat_i32(val, t):  # lane bounds: callers clip them to [0, 8]
+            return _splat(builder, context.cast(builder, val, t, types.int32), _V8I32)
+
+        m = builder.and_(builder.icmp_signed(">=", _IOTA, splat_i32(lo_v, sig.args[4])),
+                         builder.icmp_signed("<", _IOTA, splat_i32(hi_v, sig.args[5])))
+        pty = ir.VectorType(_F32.as_pointer(), LANES)
+        fnty = ir.FunctionType(_V8F32, [pty, _I32, ir.VectorType(ir.IntType(1), LANES), _V8F32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.gather.v8f32.v8p0")
+        return builder.call(fn, [ptrs, ir.Constant(_I32, 4), m, prev_v])
+
+    return sig, codegen

@@ -56,8 +56,8 @@ from numba import njit
 
 from ._config import JIT_OPTS
 from ._validate import output_array
-from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskload, vrelu, vstore, vzero
-from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, _act_code, _activate_flat, _logistic32, act_scalar
+from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskgather, vmaskload, vmaskstore, vrelu, vrelu6, vstore, vzero
+from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_RELU6, _act_code, _activate_flat, _logistic32, act_scalar
 
 # Register block: MR output channels x NR pixels (NR = 3 AVX2 vectors). 12 accumulators + 3 B
 # vectors + 1 broadcast = 16 ymm registers.
@@ -436,6 +436,144 @@ def _tile(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n, 
 
 
 
+# --------------------------------------------------------------------------------------------
+# Direct path: grouped convolutions with few input channels per group (depthwise)
+# --------------------------------------------------------------------------------------------
+# A depthwise layer is ``groups`` GEMMs of one output row each (M = 1 < MR, K = 9): run through
+# the blocked GEMM, 3/4 of every micro-kernel is zero padding and each group pays a Python call
+# and a packing pass (MobileNetV2's depthwise layers ran at 0.06-0.19x onnxruntime). Here each
+# output row is computed straight from a zero-padded, column-deinterleaved copy of the group's
+# input ("phase planes", so a stride-sx tap reads consecutive floats), with the same chain per
+# element as the GEMM: acc = +0, fma over kk = (c*k + ky)*k + kx in order, + bias, activation.
+# Zero padding feeds fma(w, +0.0, acc) exactly as the packed GEMM's zeroed B entries do.
+
+#: Largest ``C/groups`` (input channels per group) that takes the direct path.
+DIRECT_MAX_CG = 4
+
+
+@njit(**JIT_OPTS)
+def _phase_planes(xf, h, w, c0, cg, sy, sx, pt, pl, hq, wq, q):
+    """``q[(((c*sy + ry)*sx + rx)*hq + i)*wq + j] = X(c0 + c, i*sy + ry - pt, j*sx + rx - pl)``,
+    0 outside x (``xf`` is x flat, (C, h, w)): the group's input, zero-padded and split into its
+    sy x sx row/column phases. Plain copies, so the cost is a pass over the group's input."""
+    for c in range(cg):
+        for ry in range(sy):
+            for rx in range(sx):
+                base = ((c * sy + ry) * sx + rx) * hq * wq
+                # columns j with 0 <= j*sx + rx - pl < w
+                j_lo = min(wq, max(0, (pl - rx + sx - 1) // sx))
+                j_hi = max(j_lo, min(wq, (w - 1 - rx + pl) // sx + 1)) if w - 1 - rx + pl >= 0 else j_lo
+                for i in range(hq):
+                    iy = i * sy + ry - pt
+                    o = base + i * wq
+                    if iy < 0 or iy >= h:
+                        for j in range(wq):
+                            q[o + j] = 0.0
+                        continue
+                    src = ((c0 + c) * h + iy) * w + rx - pl
+                    # 8 at a time; lanes outside [j_lo, j_hi) are not read and stay 0
+                    for j in range(0, wq, 8):
+                        lo = min(8, max(0, j_lo - j))
+                        hi = max(0, min(8, j_hi - j))
+                        if sx == 1:
+                            v = vmaskload(vzero(), xf, src + j, lo, hi)
+                        else:
+                            v = vmaskgather(vzero(), xf, src + j * sx, sx, lo, hi)
+                        vmaskstore(q, o + j, v, 0, min(8, wq - j))
+
+
+@njit(inline="always", **JIT_OPTS)
+def _direct_block(kk_n, toff, q, p0, wf, wo, bv, epi, dst, do):
+    """32 grid pixels ``p0 .. p0+31`` of one output channel: tap ``kk`` of grid pixel ``n``
+    reads ``q[n + toff[kk]]``; ``act(sum + bias)`` stored to ``dst[do:]``."""
+    a0 = vzero()
+    a1 = vzero()
+    a2 = vzero()
+    a3 = vzero()
+    for kk in range(kk_n):
+        p = p0 + toff[kk]
+        wv = vbcast(wf, wo + kk)
+        a0 = vfma(wv, vload(q, p), a0)
+        a1 = vfma(wv, vload(q, p + 8), a1)
+        a2 = vfma(wv, vload(q, p + 16), a2)
+        a3 = vfma(wv, vload(q, p + 24), a3)
+    a0 = vadd(a0, bv)
+    a1 = vadd(a1, bv)
+    a2 = vadd(a2, bv)
+    a3 = vadd(a3, bv)
+    if epi == 2:
+        a0 = vleaky(a0)
+        a1 = vleaky(a1)
+        a2 = vleaky(a2)
+        a3 = vleaky(a3)
+    elif epi == 3:
+        a0 = vrelu(a0)
+        a1 = vrelu(a1)
+        a2 = vrelu(a2)
+        a3 = vrelu(a3)
+    elif epi == 4:
+        a0 = vrelu6(a0)
+        a1 = vrelu6(a1)
+        a2 = vrelu6(a2)
+        a3 = vrelu6(a3)
+    vstore(dst, do, a0)
+    vstore(dst, do + 8, a1)
+    vstore(dst, do + 16, a2)
+    vstore(dst, do + 24, a3)
+
+
+@njit(**JIT_OPTS)
+def _conv2d_direct(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, groups, og, of):
+    """Grouped convolution, one call for all groups: ``wf`` is the flat (Co, C/groups, k, k)
+    weight, ``of`` the flat (Co, out_h, out_w) output, ``act`` any activation code (relu6 in
+    the vector epilogue; the AlexeyAB ones other than relu6 are left to the caller).
+
+    Outputs are computed on a grid of ``out_h`` rows of ``wq`` pixels (the valid ``out_w``
+    first): with the input split into phases, tap ``(c, ky, kx)`` of grid pixel ``n`` is
+    ``q[n + toff[kk]]`` for all n, so a channel is one loop over 32-pixel blocks whatever its
+    width, then its valid columns are copied out.
+    """
+    c_n, h, w = x.shape
+    xf = x.reshape(c_n * h * w)
+    cg = c_n // groups
+    kk_n = cg * k * k
+    span = (k - 1) * d
+    hq = out_h + span // sy
+    wq = out_w + span // sx
+    plane = hq * wq
+    ng = out_h * wq
+    nb = (ng + 31) // 32
+    # reads of the last block run up to ~wq + 31 past the last plane: zeros there
+    n_q = cg * sy * sx * plane
+    q = np.empty(n_q + wq + 32, np.float32)
+    q[n_q:] = 0.0
+    grid = np.empty(nb * 32 + 8, np.float32)  # + 8: the copy-out reads whole vectors
+    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 4 if act == ACT_RELU6 else 1
+    toff = np.empty(kk_n, np.int64)
+    for c in range(cg):
+        for ky in range(k):
+            for kx in range(k):
+                ty = ky * d
+                tx = kx * d
+                ph = (c * sy + ty % sy) * sx + tx % sx
+                toff[(c * k + ky) * k + kx] = ph * plane + (ty // sy) * wq + tx // sx
+    for g in range(groups):
+        _phase_planes(xf, h, w, g * cg, cg, sy, sx, pt, pl, hq, wq, q)
+        for m in range(og):
+            co = g * og + m
+            wo = co * kk_n
+            bv = vbcast(bias, co)
+            for blk in range(nb):
+                _direct_block(kk_n, toff, q, blk * 32, wf, wo, bv, epi, grid, blk * 32)
+            o = co * out_h * out_w
+            for oy in range(out_h):
+                for ox in range(0, out_w, 8):
+                    vmaskstore(of, o + oy * out_w + ox, vload(grid, oy * wq + ox), 0, min(8, out_w - ox))
+            if act == ACT_LOGISTIC:
+                for j in range(out_h * out_w):
+                    of[o + j] = _logistic32(of[o + j])
+
+
 @njit(**JIT_OPTS)
 def _im2col(x, k, sy, sx, d, pt, pl, out_h, out_w, col):
     """Plain im2col: ``col[kk, oy*out_w + ox] = X(c, oy*sy - pt + ky*d, ox*sx - pl + kx*d)``."""
@@ -629,6 +767,15 @@ def conv2d(
     act = _act_code(activation)
     out = output_array(out, (co_n, out_h, out_w), x=x, weight=weight, bias=bias)
     og = co_n // groups
+    if exact and groups > 1 and cg <= DIRECT_MAX_CG:
+        # depthwise and other thin groups: one direct pass over all groups (see above)
+        of = out.reshape(-1)
+        vec = act <= ACT_RELU or act == ACT_RELU6  # activations of the vector epilogue
+        _conv2d_direct(x, weight.reshape(-1), bias, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w,
+                       act if vec else ACT_LINEAR, groups, og, of)
+        if not vec:
+            _activate_flat(of, act)
+        return out
     for g in range(groups):
         # channel slices of C-contiguous CHW arrays are C-contiguous views: no copies
         xg = x if groups == 1 else x[g * cg:(g + 1) * cg]

@@ -1,0 +1,113 @@
+"""The kernels' special paths give the general path's bits.
+
+``kernels.conv2d`` takes a direct path for grouped convolutions with few input channels per
+group (depthwise), and ``kernels.maxpool2d`` separable/specialised loops for stride-1 pools. Each
+must produce exactly the bits of the general path (the blocked GEMM / the plain window scan),
+whatever the shape, padding, tile offset or activation, since tiled and whole-frame inference
+may take different paths for the same output. Each test forces the general path through the
+module switch and compares bit for bit (the general paths themselves are checked against slow
+references in test_kernels.py and test_darknet_v4.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import conv as conv_mod
+
+ACTS = list(kernels.ALL_ACT_NAMES)
+
+
+def examples(n: int) -> settings:
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_same_bits(a: np.ndarray, b: np.ndarray, msg: str = "") -> None:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = a.view(np.uint32) != b.view(np.uint32)
+    assert not diff.any(), f"{msg}: {int(diff.sum())} of {diff.size} differ, first at {np.argwhere(diff)[0]}"
+
+
+def general_conv(monkeypatch: pytest.MonkeyPatch, *args, **kw) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(conv_mod, "DIRECT_MAX_CG", 0)
+        return kernels.conv2d(*args, **kw)
+
+
+@st.composite
+def grouped_cases(draw):
+    groups = draw(st.integers(2, 7))
+    cg = draw(st.integers(1, conv_mod.DIRECT_MAX_CG))
+    og = draw(st.integers(1, 5))
+    k = draw(st.sampled_from([1, 2, 3, 5]))
+    sy, sx = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    d = draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 30)), draw(st.integers(1, 40))
+    pt, pl = draw(st.integers(-2, k + 1)), draw(st.integers(-2, k + 1))
+    oh, ow = draw(st.integers(1, 12)), draw(st.integers(1, 35))  # widths across 8/24-lane blocks
+    act = draw(st.sampled_from(ACTS))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return groups, cg, og, k, sy, sx, d, h, w, pt, pl, oh, ow, act, seed
+
+
+@examples(150)
+@given(grouped_cases())
+def test_direct_grouped_conv_has_the_gemm_bits(case):
+    groups, cg, og, k, sy, sx, d, h, w, pt, pl, oh, ow, act, seed = case
+    rng = np.random.default_rng(seed)
+    # magnitudes spread so that another summation order would show in the bits
+    x = (rng.standard_normal((groups * cg, h, w)) * np.exp(rng.uniform(-4, 4, (groups * cg, h, w))))
+    x = x.astype(np.float32)
+    wt = rng.standard_normal((groups * og, cg, k, k)).astype(np.float32)
+    b = rng.standard_normal(groups * og).astype(np.float32)
+    kw = dict(stride=(sy, sx), pad_top=pt, pad_left=pl, out_h=oh, out_w=ow, activation=act, dilation=d,
+              groups=groups)
+    with pytest.MonkeyPatch.context() as mp:
+        want = general_conv(mp, x, wt, b, **kw)
+    got = kernels.conv2d(x, wt, b, **kw)
+    assert_same_bits(got, want, str(case))
+
+
+def test_direct_path_is_taken_and_catches_a_reordered_sum(monkeypatch):
+    """The comparison has teeth: the direct kernel is what runs for a depthwise layer (a wrong
+    tap order in it is visible), and summing its taps in reverse changes most bits."""
+    rng = np.random.default_rng(3)
+    c = 16
+    x = (rng.standard_normal((c, 20, 20)) * np.exp(rng.uniform(-4, 4, (c, 20, 20)))).astype(np.float32)
+    wt = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b = np.zeros(c, np.float32)
+    got = kernels.conv2d(x, wt, b, pad_top=1, pad_left=1, groups=c)
+    # the direct path with the taps flipped computes another function: it is the code that ran
+    flipped = kernels.conv2d(x, np.ascontiguousarray(wt[:, :, ::-1, ::-1]), b, pad_top=1, pad_left=1, groups=c)
+    assert not np.array_equal(got, flipped)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    rev = np.zeros((c, 20, 20), np.float32)
+    for ky in reversed(range(3)):
+        for kx in reversed(range(3)):
+            rev += wt[:, 0, ky, kx, None, None] * xp[:, ky:ky + 20, kx:kx + 20]
+    assert (rev.view(np.uint32) != got.view(np.uint32)).mean() > 0.3
+    assert_same_bits(got, general_conv(monkeypatch, x, wt, b, pad_top=1, pad_left=1, groups=c))
+
+
+def test_mobilenet_like_depthwise_layer_tiles_exactly():
+    """A depthwise 3x3/2 relu6 layer cut in 2 x 3 tiles equals the whole layer bit for bit."""
+    rng = np.random.default_rng(8)
+    c, h = 24, 29
+    x = rng.standard_normal((c, h, h)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    full = kernels.conv2d(x, wt, b, stride=2, pad_top=1, pad_left=1, activation="relu6", groups=c)
+    oh = full.shape[1]
+    out = np.empty_like(full)
+    for y0, y1 in [(0, 6), (6, oh)]:
+        for x0, x1 in [(0, 4), (4, 11), (11, oh)]:
+            a, z = max(0, 2 * y0 - 1), min(h, 2 * (y1 - 1) + 2)
+            p, q = max(0, 2 * x0 - 1), min(h, 2 * (x1 - 1) + 2)
+            out[:, y0:y1, x0:x1] = kernels.conv2d(x[:, a:z, p:q], wt, b, stride=2, pad_top=1 - 2 * y0 + a,
+                                                  pad_left=1 - 2 * x0 + p, out_h=y1 - y0, out_w=x1 - x0,
+                                                  activation="relu6", groups=c)
+    assert_same_bits(out, full, "stitched depthwise tiles")
