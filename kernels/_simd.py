@@ -310,3 +310,37 @@ def vmaskgather(typingctx, prev, arr, idx, stride, lo, hi):
         return builder.call(fn, [ptrs, ir.Constant(_I32, 4), m, prev_v])
 
     return sig, codegen
+
+
+@intrinsic
+def vmaskload2(typingctx, prev, arr, idx, lo, hi):
+    """Stride-2 load: lanes ``l`` with ``lo <= l < hi`` from ``arr.flat[idx + 2*l]``, the others
+    from ``prev``. Two masked 8-wide loads (only the even elements of enabled lanes are
+    accessed) and one shuffle, instead of a gather: what stride-2 im2col needs."""
+    if not (prev == f32x8 and _is_f32_c_array(arr) and all(isinstance(t, types.Integer) for t in (idx, lo, hi))):
+        return None
+    sig = f32x8(prev, arr, idx, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        prev_v, arr_v, idx_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[1])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[2], types.intp)
+        fnty = ir.FunctionType(_V8F32, [_V8F32.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _V8F32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v8f32.p0")
+        lo32 = _splat(builder, context.cast(builder, lo_v, sig.args[3], types.int32), _V8I32)
+        hi32 = _splat(builder, context.cast(builder, hi_v, sig.args[4], types.int32), _V8I32)
+        even = ir.Constant(ir.VectorType(ir.IntType(1), LANES), [1, 0] * (LANES // 2))
+        zero = ir.Constant(_V8F32, [0.0] * LANES)
+        halves = []
+        for h in range(2):
+            lane = ir.Constant(_V8I32, [h * 4 + e // 2 for e in range(LANES)])  # output lane of element e
+            m = builder.and_(builder.and_(builder.icmp_signed(">=", lane, lo32), builder.icmp_signed("<", lane, hi32)),
+                             even)
+            p = builder.bitcast(builder.gep(data, [builder.add(i, ir.Constant(i.type, 8 * h))]), _V8F32.as_pointer())
+            halves.append(builder.call(fn, [p, ir.Constant(_I32, 4), m, zero]))
+        v = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V8I32, list(range(0, 2 * LANES, 2))))
+        lane_all = _IOTA
+        keep = builder.and_(builder.icmp_signed(">=", lane_all, lo32), builder.icmp_signed("<", lane_all, hi32))
+        return builder.select(keep, v, prev_v)
+
+    return sig, codegen

@@ -56,7 +56,7 @@ from numba import njit
 
 from ._config import JIT_OPTS
 from ._validate import output_array
-from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskgather, vmaskload, vmaskstore, vrelu, vrelu6, vstore, vzero
+from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskgather, vmaskload, vmaskload2, vmaskstore, vrelu, vrelu6, vstore, vzero
 from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_RELU6, _act_code, _activate_flat, _logistic32, act_scalar
 
 # Register block: MR output channels x NR pixels (NR = 3 AVX2 vectors). 12 accumulators + 3 B
@@ -245,8 +245,9 @@ def _pack_b(xf, c_n, h, w, k, sy, sx, dil, pt, pl, out_w, n0, nc, kk0, kc, bp, s
     prefetcher follows) instead of hopping between C*k planes per panel (latency-bound when x
     does not fit in L2). For stride 1 a run of pixels on one output row reads a contiguous
     stretch of an input row, so each 8-lane vector is one masked load (lanes outside the image
-    or the run are masked off and read as zero): no per-pixel branches. Stride > 1 takes a
-    scalar path. ``sy``/``sx`` are the row/column strides, ``dil`` the dilation: tap ``(ky, kx)``
+    or the run are masked off and read as zero): no per-pixel branches. A column stride of 2
+    does the same with stride-2 loads (:func:`_simd.vmaskload2`); other strides take a scalar
+    path. All three pack the same values. ``sy``/``sx`` are the row/column strides, ``dil`` the dilation: tap ``(ky, kx)``
     of output ``(oy, ox)`` reads input ``(oy*sy - pt + ky*dil, ox*sx - pl + kx*dil)``.
     """
     s = 1 if sy == 1 and sx == 1 else 0  # 1: the masked-vector path
@@ -299,6 +300,33 @@ def _pack_b(xf, c_n, h, w, k, sy, sx, dil, pt, pl, out_w, n0, nc, kk0, kc, bp, s
                             v1 = vmaskload(v1, xf, base + 8, max(lo - 8, 0), min(hi - 8, 8))
                         if hi > 16:
                             v2 = vmaskload(v2, xf, base + 16, max(lo - 16, 0), hi - 16)
+                    vstore(bp, d, v0)
+                    vstore(bp, d + 8, v1)
+                    vstore(bp, d + 16, v2)
+                elif sx == 2:
+                    # the masked-vector path with stride-2 loads (two loads and a shuffle): the
+                    # same values as the scalar path below, for YOLOv4-tiny's downsampling convs
+                    v0 = vzero()
+                    v1 = vzero()
+                    v2 = vzero()
+                    for i in range(nseg[g]):
+                        j0 = seg[g, i, 0]
+                        j1 = seg[g, i, 1]
+                        iy = seg[g, i, 2] * sy - pt + ky * dil
+                        if iy < 0 or iy >= h:
+                            continue
+                        off = 2 * (seg[g, i, 3] - j0) - pl + kx * dil  # lane j reads column 2*j + off
+                        lo = max(j0, (1 - off) // 2)
+                        hi = min(j1, (w - off + 1) // 2)
+                        if hi <= lo:
+                            continue
+                        base = c * hw + iy * w + off  # flat index of lane 0
+                        if lo < 8:
+                            v0 = vmaskload2(v0, xf, base, lo, min(hi, 8))
+                        if lo < 16 and hi > 8:
+                            v1 = vmaskload2(v1, xf, base + 16, max(lo - 8, 0), min(hi - 8, 8))
+                        if hi > 16:
+                            v2 = vmaskload2(v2, xf, base + 32, max(lo - 16, 0), hi - 16)
                     vstore(bp, d, v0)
                     vstore(bp, d + 8, v1)
                     vstore(bp, d + 16, v2)
@@ -477,6 +505,8 @@ def _phase_planes(xf, h, w, c0, cg, sy, sx, pt, pl, hq, wq, q):
                         hi = max(0, min(8, j_hi - j))
                         if sx == 1:
                             v = vmaskload(vzero(), xf, src + j, lo, hi)
+                        elif sx == 2:
+                            v = vmaskload2(vzero(), xf, src + 2 * j, lo, hi)
                         else:
                             v = vmaskgather(vzero(), xf, src + j * sx, sx, lo, hi)
                         vmaskstore(q, o + j, v, 0, min(8, wq - j))

@@ -111,3 +111,46 @@ def test_mobilenet_like_depthwise_layer_tiles_exactly():
                                                   pad_left=1 - 2 * x0 + p, out_h=y1 - y0, out_w=x1 - x0,
                                                   activation="relu6", groups=c)
     assert_same_bits(out, full, "stitched depthwise tiles")
+
+
+@st.composite
+def strided_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg = draw(st.integers(1, 6))
+    og = draw(st.integers(1, 6))
+    k = draw(st.sampled_from([1, 2, 3, 5]))
+    sy, sx = draw(st.sampled_from([(2, 2), (1, 2), (2, 1), (3, 3), (2, 3)]))
+    d = draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 30)), draw(st.integers(1, 60))
+    pt, pl = draw(st.integers(-2, k + 1)), draw(st.integers(-2, k + 1))
+    oh, ow = draw(st.integers(1, 10)), draw(st.integers(1, 40))
+    act = draw(st.sampled_from(ACTS))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return groups, cg, og, k, sy, sx, d, h, w, pt, pl, oh, ow, act, seed
+
+
+@examples(150)
+@given(strided_cases())
+def test_strided_conv_is_the_stride1_conv_subsampled(case):
+    """A strided conv's output (oy, ox) is the stride-1 conv's (oy*sy, ox*sx): the same window,
+    the same chain of fma, so the same bits. This checks the stride-2 vector packing of the GEMM
+    (and the stride phases of the direct path) against the stride-1 vector path, bit for bit."""
+    groups, cg, og, k, sy, sx, d, h, w, pt, pl, oh, ow, act, seed = case
+    rng = np.random.default_rng(seed)
+    c = groups * cg
+    x = (rng.standard_normal((c, h, w)) * np.exp(rng.uniform(-4, 4, (c, h, w)))).astype(np.float32)
+    wt = rng.standard_normal((groups * og, cg, k, k)).astype(np.float32)
+    b = rng.standard_normal(groups * og).astype(np.float32)
+    kw = dict(pad_top=pt, pad_left=pl, activation=act, dilation=d, groups=groups)
+    got = kernels.conv2d(x, wt, b, stride=(sy, sx), out_h=oh, out_w=ow, **kw)
+    dense = kernels.conv2d(x, wt, b, stride=1, out_h=(oh - 1) * sy + 1, out_w=(ow - 1) * sx + 1, **kw)
+    assert_same_bits(got, np.ascontiguousarray(dense[:, ::sy, ::sx]), str(case))
+    # and through the GEMM driver with small random cache blocks
+    if groups == 1:
+        out = np.empty((og, oh * ow), np.float32)
+        kc, nc = int(rng.integers(1, 30)), 24 * int(rng.integers(1, 3))
+        conv_mod._conv2d_exact_ext(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow,
+                                   min(kernels.activations._act_code(act), 3) if act in ("linear", "leaky", "relu")
+                                   else 0, out, kc, nc, 4, int(rng.integers(0, 2)))
+        if act in ("linear", "leaky", "relu"):
+            assert_same_bits(out.reshape(got.shape), got, f"{case} blocking {kc, nc}")
