@@ -16,6 +16,7 @@ Usage::
     python bench/kernels.py [--size 608] [--reps 5] [--out bench/out/kernels.json]
     python bench/kernels.py --model yolov4-tiny [--reps 5]    # per layer against onnxruntime
     python bench/kernels.py --depthwise [--reps 5]            # MobileNetV2's depthwise 3x3 layers
+    python bench/kernels.py --new-ops [--reps 5]              # SPP pools, mish/swish convs
 
 ``--model NAME`` (a built-in model, seeded random weights) times every conv and maxpool layer
 of the model at its own input size: ``net.run_layer(i, x)`` (what the forward pass calls,
@@ -23,7 +24,8 @@ argument checks included) against onnxruntime, single-threaded, on a one-layer O
 the same shape and weights (Conv + the activation / MaxPool with darknet's padding, as
 ``tools/export_onnx.py`` writes them), interleaved rep by rep. ``--depthwise`` does the same
 for the depthwise 3x3 convolutions of MobileNetV2 at 224x224 (groups = channels, 32..960
-channels at 112..7 pixels, relu6). The ratio column is onnxruntime's time / ours (> 1: ours
+channels at 112..7 pixels, relu6), ``--new-ops`` for YOLOv4's stride-1 SPP pools (5, 9, 13 on
+512x19x19; YOLOv3-tiny's 2x2/1) and a 3x3 conv with leaky, mish and swish. The ratio column is onnxruntime's time / ours (> 1: ours
 faster); absolute times on a shared machine are noise, ratios of interleaved runs much less so.
 """
 
@@ -97,6 +99,11 @@ def best_times(fns: dict, reps: int) -> dict:
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
+
+# The other new operators (--new-ops): YOLOv4's SPP pools (stride 1, on 512x19x19), and a 3x3
+# conv with the AlexeyAB activations mish (YOLOv4) and swish (SiLU: YOLOv8/11) next to leaky.
+NEW_OPS = [("max", 512, 19, 5), ("max", 512, 19, 9), ("max", 512, 19, 13), ("max", 512, 13, 2),
+           ("conv", 64, 104, "leaky"), ("conv", 64, 104, "mish"), ("conv", 64, 104, "swish")]
 
 # MobileNetV2 (224x224)'s depthwise 3x3 convolutions: (channels, input size, stride), relu6.
 DEPTHWISE = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
@@ -179,7 +186,7 @@ def main_layers(args) -> int:
             if isinstance(layer, (ConvSpec, MaxPoolSpec)):
                 cases.append((str(layer.index), _one_layer_net(layer, net.input_shape_of(layer.index))))
         name = args.model
-    else:
+    elif args.depthwise:
         from stealer.darknet import parse_cfg_text
 
         for c, size, s in DEPTHWISE:
@@ -188,6 +195,13 @@ def main_layers(args) -> int:
             parse_cfg_text(text)  # fail early on a bad shape
             cases.append(("dw", Network.from_cfg_text(text)))
         name = "depthwise"
+    if args.new_ops:
+        for kind, c, size, arg in NEW_OPS:
+            body = (f"[maxpool]\nsize={arg}\nstride=1\n" if kind == "max" else
+                    f"[convolutional]\nbatch_normalize=1\nfilters={c}\nsize=3\npad=1\nactivation={arg}\n")
+            cases.append((kind, Network.from_cfg_text(f"[net]\ndarknet=alexeyab\nwidth={size}\nheight={size}\n"
+                                                      f"channels={c}\n{body}")))
+        name = "new-ops"
     rows = layer_rows(cases, args.reps)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,10 +221,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="per layer of this built-in model against onnxruntime (see the docstring)")
     ap.add_argument("--depthwise", action="store_true",
                     help="MobileNetV2's depthwise 3x3 layers against onnxruntime")
+    ap.add_argument("--new-ops", action="store_true",
+                    help="SPP's stride-1 pools and mish/swish convs against onnxruntime")
     args = ap.parse_args(argv)
-    if args.model or args.depthwise:
+    if args.model or args.depthwise or args.new_ops:
         if args.out == "bench/out/kernels.json":
-            args.out = f"bench/out/kernels-{args.model or 'depthwise'}.json"
+            args.out = f"bench/out/kernels-{args.model or ('depthwise' if args.depthwise else 'new-ops')}.json"
         return main_layers(args)
 
     rng = np.random.default_rng(0)

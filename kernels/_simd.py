@@ -344,3 +344,31 @@ def vmaskload2(typingctx, prev, arr, idx, lo, hi):
         return builder.select(keep, v, prev_v)
 
     return sig, codegen
+
+
+@intrinsic
+def vsplatf(typingctx, s):
+    """Broadcast a float32 or float64 constant (rounded to float32) to all lanes."""
+    if not isinstance(s, types.Float):
+        return None
+    sig = f32x8(s)
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return _splat(builder, v)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaxgt(typingctx, v, m):
+    """Darknet's max update per lane: ``v > m ? v : m`` (NaN in ``v`` never wins; of equal values,
+    such as +0.0 and -0.0, ``m`` is kept)."""
+    if not (v == f32x8 and m == f32x8):
+        return None
+    sig = f32x8(v, m)
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return sig, codegen

@@ -154,3 +154,43 @@ def test_strided_conv_is_the_stride1_conv_subsampled(case):
                                    else 0, out, kc, nc, 4, int(rng.integers(0, 2)))
         if act in ("linear", "leaky", "relu"):
             assert_same_bits(out.reshape(got.shape), got, f"{case} blocking {kc, nc}")
+
+
+@st.composite
+def pool_cases(draw):
+    c = draw(st.integers(1, 4))
+    size = draw(st.sampled_from([2, 3, 5, 9, 13]))
+    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 30))
+    pt, pl = draw(st.integers(-2, size)), draw(st.integers(-2, size))
+    oh, ow = draw(st.integers(1, 22)), draw(st.integers(1, 33))
+    # few distinct values, signed zeros, NaN and infinities: ties and the "first wins" rule matter
+    special = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    return c, size, h, w, pt, pl, oh, ow, special, seed
+
+
+@examples(200)
+@given(pool_cases())
+def test_stride1_maxpool_has_the_scan_bits(case):
+    c, size, h, w, pt, pl, oh, ow, special, seed = case
+    rng = np.random.default_rng(seed)
+    if special:
+        vals = np.array([0.0, -0.0, 1.0, -1.0, np.nan, np.inf, -np.inf, -np.finfo(np.float32).max], np.float32)
+        x = vals[rng.integers(0, len(vals), (c, h, w))]
+    else:
+        x = rng.standard_normal((c, h, w)).astype(np.float32)
+    got = kernels.maxpool2d(x, size=size, stride=1, pad_top=pt, pad_left=pl, out_h=oh, out_w=ow)
+    want = np.empty_like(got)
+    kernels.pool._maxpool2d(x, size, 1, pt, pl, want)
+    assert_same_bits(got, want, str(case))
+
+
+def test_stride1_maxpool_keeps_the_first_of_equal_values():
+    """+0.0 before -0.0 in scan order gives +0.0 and the other way round -0.0 (darknet's ``>``),
+    also when the two are in different rows of the window; a NaN never wins."""
+    x = np.array([[[0.0, -0.0], [np.nan, -1.0]]], np.float32)
+    y = kernels.maxpool2d(x, size=2, stride=1, pad_top=0, pad_left=0, out_h=1, out_w=1)
+    assert np.signbit(y[0, 0, 0]) == np.False_
+    x = np.array([[[-0.0, -1.0], [0.0, np.nan]]], np.float32)
+    y = kernels.maxpool2d(x, size=2, stride=1, pad_top=0, pad_left=0, out_h=1, out_w=1)
+    assert np.signbit(y[0, 0, 0]) == np.True_
