@@ -145,15 +145,36 @@ def test_strided_conv_is_the_stride1_conv_subsampled(case):
     got = kernels.conv2d(x, wt, b, stride=(sy, sx), out_h=oh, out_w=ow, **kw)
     dense = kernels.conv2d(x, wt, b, stride=1, out_h=(oh - 1) * sy + 1, out_w=(ow - 1) * sx + 1, **kw)
     assert_same_bits(got, np.ascontiguousarray(dense[:, ::sy, ::sx]), str(case))
-    # and through the GEMM driver with small random cache blocks
-    if groups == 1:
-        out = np.empty((og, oh * ow), np.float32)
+    # and through the GEMM driver with small random cache blocks and both register blocks (4 and
+    # 8 rows): the same bits again
+    if groups == 1 and act in ("linear", "leaky", "relu"):
+        code = kernels.activations._act_code(act)
         kc, nc = int(rng.integers(1, 30)), 24 * int(rng.integers(1, 3))
-        conv_mod._conv2d_exact_ext(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow,
-                                   min(kernels.activations._act_code(act), 3) if act in ("linear", "leaky", "relu")
-                                   else 0, out, kc, nc, 4, int(rng.integers(0, 2)))
-        if act in ("linear", "leaky", "relu"):
-            assert_same_bits(out.reshape(got.shape), got, f"{case} blocking {kc, nc}")
+        for mr in (4, 8):
+            out = np.empty((og, oh * ow), np.float32)
+            conv_mod._conv2d_exact_ext(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow, code, out, kc, nc,
+                                       8, int(rng.integers(0, 2)), mr)
+            assert_same_bits(out.reshape(got.shape), got, f"{case} blocking {kc, nc}, mr {mr}")
+
+
+@examples(60)
+@given(st.integers(1, 40), st.integers(1, 20), st.sampled_from([1, 3]), st.integers(1, 40), st.integers(1, 40),
+       st.sampled_from(["linear", "leaky", "relu", "logistic"]), st.integers(0, 2**32 - 1))
+def test_register_blocks_of_4_and_8_rows_give_the_same_bits(co, c, k, h, w, act, seed):
+    """The 8 x 24 micro-kernel (targets with 32 vector registers) and the 4 x 24 one compute each
+    element with the same chain: any Co (edge row blocks), any N (edge panels), K blocks."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((c, h, w)) * np.exp(rng.uniform(-4, 4, (c, h, w)))).astype(np.float32)
+    wt = rng.standard_normal((co, c * k * k)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32)
+    code = kernels.activations._act_code(act)
+    outs = []
+    for mr, kc in ((4, 2304), (8, 2304), (8, 7)):
+        out = np.empty((co, h * w), np.float32)
+        conv_mod._conv2d_exact_ext(x, wt, b, k, 1, 1, 1, k // 2, k // 2, h, w, code, out, kc, 48, 16, 1, mr)
+        outs.append(out)
+    assert_same_bits(outs[1], outs[0], "mr 8 vs 4")
+    assert_same_bits(outs[2], outs[0], "mr 8, K blocks of 7, vs 4")
 
 
 @st.composite
