@@ -372,3 +372,19 @@ def vmaxgt(typingctx, v, m):
         return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
 
     return sig, codegen
+
+
+@intrinsic
+def vdeinterleave(typingctx, a, b, odd):
+    """Lanes ``2*l + odd`` of the 16 lanes ``a ++ b`` (``odd`` a literal 0 or 1): with ``a``,
+    ``b`` two consecutive vectors of a row, the even or the odd columns."""
+    if not (a == f32x8 and b == f32x8 and isinstance(odd, types.IntegerLiteral)):
+        return None
+    sig = f32x8(a, b, odd)
+    phase = odd.literal_value
+
+    def codegen(context, builder, sig, args):
+        mask = ir.Constant(_V8I32, [2 * l + phase for l in range(LANES)])
+        return builder.shuffle_vector(args[0], args[1], mask)
+
+    return sig, codegen

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
-from ._simd import vload, vmaskload, vmaskstore, vmaxgt, vsplatf, vstore
+from ._simd import vdeinterleave, vload, vmaskload, vmaskload2, vmaskstore, vmaxgt, vsplatf, vstore
 from ._validate import output_array
 from .conv import _check_f32, _check_int
 
@@ -123,6 +123,46 @@ def _maxpool2d_s1(x, size, pt, pl, out):
                 vmaskstore(of, dst + ox, m, 0, min(8, out_w - ox))
 
 
+@njit(**JIT_OPTS)
+def _maxpool2d_s2(x, size, pt, pl, out):
+    """Stride 2 (YOLO's 2x2/2 pools), 8 outputs at a time with stride-2 loads: lane ``l`` of tap
+    ``(ky, kx)`` reads column ``2*(ox + l) - pl + kx``; the taps are scanned in darknet's order
+    (ky-major, kx-minor) with its update rule, and a column outside the map reads as -FLT_MAX,
+    which never wins (see :func:`_maxpool2d_s1`): the bits of :func:`_maxpool2d`."""
+    c_n, h, w = x.shape
+    _, out_h, out_w = out.shape
+    xf = x.reshape(c_n * h * w)
+    of = out.reshape(c_n * out_h * out_w)
+    neg = vsplatf(NEG_FLT_MAX)
+    for c in range(c_n):
+        for oy in range(out_h):
+            iy0 = 2 * oy - pt
+            ky_lo = max(0, -iy0)
+            ky_hi = min(size, h - iy0)
+            dst = (c * out_h + oy) * out_w
+            for ox in range(0, out_w, 8):
+                m = neg
+                o = 2 * ox - pl
+                if size == 2 and o >= 0 and o + 16 <= w:
+                    # inside the map: two plain loads per row give both taps (even, odd columns)
+                    for ky in range(ky_lo, ky_hi):
+                        row = (c * h + iy0 + ky) * w + o
+                        a = vload(xf, row)
+                        b = vload(xf, row + 8)
+                        m = vmaxgt(vdeinterleave(a, b, 0), m)
+                        m = vmaxgt(vdeinterleave(a, b, 1), m)
+                    vmaskstore(of, dst + ox, m, 0, min(8, out_w - ox))
+                    continue
+                for ky in range(ky_lo, ky_hi):
+                    row = (c * h + iy0 + ky) * w
+                    for kx in range(size):
+                        o = 2 * ox - pl + kx  # lane l reads column o + 2*l
+                        lo = min(8, max(0, (1 - o) // 2))
+                        hi = max(0, min(8, (w - o + 1) // 2))
+                        m = vmaxgt(vmaskload2(neg, xf, row + o, lo, hi), m)
+                vmaskstore(of, dst + ox, m, 0, min(8, out_w - ox))
+
+
 def maxpool2d(
     x: np.ndarray,
     *,
@@ -188,6 +228,8 @@ def maxpool2d(
     out = output_array(out, (c_n, out_h, out_w), x=x)
     if stride == 1 and size > 1:  # same bits as _maxpool2d (see _maxpool2d_s1)
         _maxpool2d_s1(x, size, pad_top, pad_left, out)
+    elif stride == 2:  # likewise (see _maxpool2d_s2)
+        _maxpool2d_s2(x, size, pad_top, pad_left, out)
     else:
         _maxpool2d(x, size, stride, pad_top, pad_left, out)
     return out

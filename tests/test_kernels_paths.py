@@ -180,7 +180,7 @@ def test_register_blocks_of_4_and_8_rows_give_the_same_bits(co, c, k, h, w, act,
 @st.composite
 def pool_cases(draw):
     c = draw(st.integers(1, 4))
-    size = draw(st.sampled_from([2, 3, 5, 9, 13]))
+    size = draw(st.sampled_from([1, 2, 3, 5, 9, 13]))
     h, w = draw(st.integers(1, 20)), draw(st.integers(1, 30))
     pt, pl = draw(st.integers(-2, size)), draw(st.integers(-2, size))
     oh, ow = draw(st.integers(1, 22)), draw(st.integers(1, 33))
@@ -191,8 +191,8 @@ def pool_cases(draw):
 
 
 @examples(200)
-@given(pool_cases())
-def test_stride1_maxpool_has_the_scan_bits(case):
+@given(pool_cases(), st.sampled_from([1, 2]))
+def test_stride1_and_2_maxpools_have_the_scan_bits(case, stride):
     c, size, h, w, pt, pl, oh, ow, special, seed = case
     rng = np.random.default_rng(seed)
     if special:
@@ -200,9 +200,9 @@ def test_stride1_maxpool_has_the_scan_bits(case):
         x = vals[rng.integers(0, len(vals), (c, h, w))]
     else:
         x = rng.standard_normal((c, h, w)).astype(np.float32)
-    got = kernels.maxpool2d(x, size=size, stride=1, pad_top=pt, pad_left=pl, out_h=oh, out_w=ow)
+    got = kernels.maxpool2d(x, size=size, stride=stride, pad_top=pt, pad_left=pl, out_h=oh, out_w=ow)
     want = np.empty_like(got)
-    kernels.pool._maxpool2d(x, size, 1, pt, pl, want)
+    kernels.pool._maxpool2d(x, size, stride, pt, pl, want)
     assert_same_bits(got, want, str(case))
 
 
