@@ -33,8 +33,10 @@ def assert_same_bits(a: np.ndarray, b: np.ndarray, msg: str = "") -> None:
 
 
 def general_conv(monkeypatch: pytest.MonkeyPatch, *args, **kw) -> np.ndarray:
+    """``kernels.conv2d`` through the blocked GEMM only (the direct paths switched off)."""
     with monkeypatch.context() as m:
         m.setattr(conv_mod, "DIRECT_MAX_CG", 0)
+        m.setattr(conv_mod, "DIRECT8_MAX_C", 0)
         return kernels.conv2d(*args, **kw)
 
 
@@ -215,3 +217,43 @@ def test_stride1_maxpool_keeps_the_first_of_equal_values():
     x = np.array([[[-0.0, -1.0], [0.0, np.nan]]], np.float32)
     y = kernels.maxpool2d(x, size=2, stride=1, pad_top=0, pad_left=0, out_h=1, out_w=1)
     assert np.signbit(y[0, 0, 0]) == np.True_
+
+
+@st.composite
+def small_k_cases(draw):
+    c = draw(st.integers(1, conv_mod.DIRECT8_MAX_C))
+    k = draw(st.sampled_from([1, 2, 3]))
+    co = draw(st.integers(1, 20))  # edge row blocks of 8
+    sy, sx = draw(st.sampled_from([(1, 1), (2, 2), (1, 2), (3, 1)]))
+    d = draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 60))
+    pt, pl = draw(st.integers(-2, k + 1)), draw(st.integers(-2, k + 1))
+    oh, ow = draw(st.integers(1, 8)), draw(st.integers(1, 60))  # rows of 1..2 blocks and tails
+    act = draw(st.sampled_from(ACTS))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return c, k, co, sy, sx, d, h, w, pt, pl, oh, ow, act, seed
+
+
+@examples(120)
+@given(small_k_cases())
+def test_direct_small_k_conv_has_the_gemm_bits(case):
+    """The first layers' direct path (no packing, 8 x 24 blocks on one output row) against the
+    GEMM: same bits for any shape, stride, dilation, padding, tile offset and activation."""
+    c, k, co, sy, sx, d, h, w, pt, pl, oh, ow, act, seed = case
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((c, h, w)) * np.exp(rng.uniform(-4, 4, (c, h, w)))).astype(np.float32)
+    wt = rng.standard_normal((co, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32)
+    kw = dict(stride=(sy, sx), pad_top=pt, pad_left=pl, out_h=oh, out_w=ow, activation=act, dilation=d)
+    with pytest.MonkeyPatch.context() as mp:
+        want = general_conv(mp, x, wt, b, **kw)
+    if c * k * k <= conv_mod.DIRECT8_MAX_K:  # the direct kernel itself, whatever the target's MR
+        got = np.empty_like(want)
+        code = kernels.activations._act_code(act)
+        conv_mod._conv2d_direct8(x, wt.reshape(co, -1), b, k, sy, sx, d, pt, pl, oh, ow,
+                                 code if code <= kernels.ACT_RELU else 0, got.reshape(co, -1))
+        if code > kernels.ACT_RELU:
+            kernels.activate(got, act)
+        assert_same_bits(got, want, str(case))
+    assert_same_bits(kernels.conv2d(x, wt, b, **kw), want, str(case))
+
