@@ -25,8 +25,9 @@ the same shape and weights (Conv + the activation / MaxPool with darknet's paddi
 ``tools/export_onnx.py`` writes them), interleaved rep by rep. ``--depthwise`` does the same
 for the depthwise 3x3 convolutions of MobileNetV2 at 224x224 (groups = channels, 32..960
 channels at 112..7 pixels, relu6), ``--new-ops`` for YOLOv4's stride-1 SPP pools (5, 9, 13 on
-512x19x19; YOLOv3-tiny's 2x2/1) and a 3x3 conv with leaky, mish and swish. The ratio column is onnxruntime's time / ours (> 1: ours
-faster); absolute times on a shared machine are noise, ratios of interleaved runs much less so.
+512x19x19; YOLOv3-tiny's 2x2/1) and a 3x3 conv with leaky, mish and swish. The ratio column is
+onnxruntime's time / ours (> 1: ours faster); absolute times on a shared machine are noise,
+ratios of interleaved runs much less so.
 """
 
 from __future__ import annotations

@@ -388,3 +388,33 @@ def vdeinterleave(typingctx, a, b, odd):
         return builder.shuffle_vector(args[0], args[1], mask)
 
     return sig, codegen
+
+
+@intrinsic
+def vstoren(typingctx, arr, idx, v, n):
+    """Store the first ``min(n, 8)`` lanes of ``v`` to ``arr.flat[idx:]``: a plain store when all
+    8 fit (masked stores are microcoded and slow on AMD Zen), else :func:`vmaskstore`."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer) and v == f32x8 and isinstance(n, types.Integer)):
+        return None
+    sig = types.void(arr, idx, v, n)
+
+    def codegen(context, builder, sig, args):
+        arr_v, idx_v, v_v, n_v = args
+        data = context.make_array(sig.args[0])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[1], types.intp)
+        p = builder.bitcast(builder.gep(data, [i]), _V8F32.as_pointer())
+        n32 = context.cast(builder, n_v, sig.args[3], types.int64)
+        full = builder.icmp_signed(">=", n32, ir.Constant(ir.IntType(64), LANES))
+        with builder.if_else(full) as (then, otherwise):
+            with then:
+                builder.store(v_v, p, align=4)
+            with otherwise:
+                nn = builder.trunc(n32, _I32)
+                m = builder.icmp_signed("<", _IOTA, _splat(builder, nn, _V8I32))
+                fnty = ir.FunctionType(ir.VoidType(), [_V8F32, _V8F32.as_pointer(), _I32,
+                                                       ir.VectorType(ir.IntType(1), LANES)])
+                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v8f32.p0")
+                builder.call(fn, [v_v, p, ir.Constant(_I32, 4), m])
+        return context.get_dummy_value()
+
+    return sig, codegen

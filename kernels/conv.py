@@ -56,8 +56,10 @@ from numba import njit
 
 from ._config import JIT_OPTS
 from ._validate import output_array
-from ._simd import vadd, vbcast, vfma, vleaky, vload, vmaskgather, vmaskload, vmaskload2, vmaskstore, vrelu, vrelu6, vstore, vzero
-from .activations import ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_RELU6, _act_code, _activate_flat, _logistic32, act_scalar
+from ._simd import (vadd, vbcast, vdeinterleave, vfma, vleaky, vload, vmaskgather, vmaskload, vmaskload2, vrelu,
+                    vrelu6, vstore, vstoren, vzero)
+from .activations import (ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_RELU6, _act_code, _activate_flat,
+                          _logistic32, act_scalar)
 
 # Register block: MR output channels x NR pixels (NR = 3 AVX2 vectors). 12 accumulators + 3 B
 # vectors + 1 broadcast = 16 ymm registers. Where the target has 32 vector registers
@@ -700,8 +702,9 @@ def _pack_b(xf, c_n, h, w, k, sy, sx, dil, pt, pl, out_w, n0, nc, kk0, kc, bp, s
     stretch of an input row, so each 8-lane vector is one masked load (lanes outside the image
     or the run are masked off and read as zero): no per-pixel branches. A column stride of 2
     does the same with stride-2 loads (:func:`_simd.vmaskload2`); other strides take a scalar
-    path. All three pack the same values. ``sy``/``sx`` are the row/column strides, ``dil`` the dilation: tap ``(ky, kx)``
-    of output ``(oy, ox)`` reads input ``(oy*sy - pt + ky*dil, ox*sx - pl + kx*dil)``.
+    path. All three pack the same values. ``sy``/``sx`` are the row/column strides, ``dil`` the
+    dilation: tap ``(ky, kx)`` of output ``(oy, ox)`` reads input
+    ``(oy*sy - pt + ky*dil, ox*sx - pl + kx*dil)``.
     """
     s = 1 if sy == 1 and sx == 1 else 0  # 1: the masked-vector path
     hw = h * w
@@ -974,12 +977,21 @@ def _phase_planes(xf, h, w, c0, cg, sy, sx, pt, pl, hq, wq, q):
                         lo = min(8, max(0, j_lo - j))
                         hi = max(0, min(8, j_hi - j))
                         if sx == 1:
-                            v = vmaskload(vzero(), xf, src + j, lo, hi)
+                            if lo == 0 and hi == 8:
+                                v = vload(xf, src + j)
+                            else:
+                                v = vmaskload(vzero(), xf, src + j, lo, hi)
                         elif sx == 2:
-                            v = vmaskload2(vzero(), xf, src + 2 * j, lo, hi)
+                            if lo == 0 and hi == 8 and src + 2 * j + 16 <= (c0 + c + 1) * h * w:
+                                # inside x: two plain loads, the even (rx = 0) or odd columns
+                                a = vload(xf, src + 2 * j)
+                                b = vload(xf, src + 2 * j + 8)
+                                v = vdeinterleave(a, b, 0)
+                            else:
+                                v = vmaskload2(vzero(), xf, src + 2 * j, lo, hi)
                         else:
                             v = vmaskgather(vzero(), xf, src + j * sx, sx, lo, hi)
-                        vmaskstore(q, o + j, v, 0, min(8, wq - j))
+                        vstoren(q, o + j, v, wq - j)
 
 
 @njit(inline="always", **JIT_OPTS)
@@ -1305,7 +1317,7 @@ def _conv2d_direct(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, groups,
             o = co * out_h * out_w
             for oy in range(out_h):
                 for ox in range(0, out_w, 8):
-                    vmaskstore(of, o + oy * out_w + ox, vload(grid, oy * wq + ox), 0, min(8, out_w - ox))
+                    vstoren(of, o + oy * out_w + ox, vload(grid, oy * wq + ox), out_w - ox)
             if act == ACT_LOGISTIC:
                 for j in range(out_h * out_w):
                     of[o + j] = _logistic32(of[o + j])

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
-from ._simd import vdeinterleave, vload, vmaskload, vmaskload2, vmaskstore, vmaxgt, vsplatf, vstore
+from ._simd import vdeinterleave, vload, vmaskload, vmaskload2, vmaxgt, vsplatf, vstore, vstoren
 from ._validate import output_array
 from .conv import _check_f32, _check_int
 
@@ -120,7 +120,7 @@ def _maxpool2d_s1(x, size, pt, pl, out):
                 m = neg
                 for ky in range(ky_lo, ky_hi):
                     m = vmaxgt(vload(rows, (iy0 + ky) * wr + ox), m)
-                vmaskstore(of, dst + ox, m, 0, min(8, out_w - ox))
+                vstoren(of, dst + ox, m, out_w - ox)
 
 
 @njit(**JIT_OPTS)
@@ -151,7 +151,7 @@ def _maxpool2d_s2(x, size, pt, pl, out):
                         b = vload(xf, row + 8)
                         m = vmaxgt(vdeinterleave(a, b, 0), m)
                         m = vmaxgt(vdeinterleave(a, b, 1), m)
-                    vmaskstore(of, dst + ox, m, 0, min(8, out_w - ox))
+                    vstoren(of, dst + ox, m, out_w - ox)
                     continue
                 for ky in range(ky_lo, ky_hi):
                     row = (c * h + iy0 + ky) * w
@@ -160,7 +160,7 @@ def _maxpool2d_s2(x, size, pt, pl, out):
                         lo = min(8, max(0, (1 - o) // 2))
                         hi = max(0, min(8, (w - o + 1) // 2))
                         m = vmaxgt(vmaskload2(neg, xf, row + o, lo, hi), m)
-                vmaskstore(of, dst + ox, m, 0, min(8, out_w - ox))
+                vstoren(of, dst + ox, m, out_w - ox)
 
 
 def maxpool2d(
