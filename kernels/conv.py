@@ -13,7 +13,16 @@ hand-written, BLIS-style blocked GEMM:
   row block is copied, zero-padded to 4 rows. (Packing W on every call cost up to 25% on small
   tiles, whose weights are as large as a full frame's.)
 * A 4 x 24 micro-kernel keeps 12 ``<8 x float>`` accumulators in registers and, for each kk,
-  does 3 vector loads of ``B``, 4 broadcasts of ``W`` and 12 ``fma`` (see ``_simd.py``).
+  does 3 vector loads of ``B``, 4 broadcasts of ``W`` and 12 ``fma`` (see ``_simd.py``). On
+  targets with 32 vector registers (AVX-512VL) it is 8 x 24 (``MR = 8``: 24 accumulators), with
+  8 x 8 and 8 x 16 variants for a last panel of at most 8 or 16 pixels.
+
+Two direct paths (no packing) cover the shapes where the GEMM wastes most: grouped
+convolutions with at most ``DIRECT_MAX_CG`` input channels per group (depthwise), and, where
+``MR = 8``, ungrouped ones with few input channels (``DIRECT8_MAX_C``/``DIRECT8_MAX_K``: the
+first layer of every YOLO, C = 3). Both copy the input once into zero-padded, row/column
+phase-split planes, so that tap ``kk`` of every output is at a constant offset, and run the
+same chain per element (see ``_conv2d_direct``).
 
 Why this is bit-exact under tiling: every output element is computed as::
 
@@ -22,10 +31,11 @@ Why this is bit-exact under tiling: every output element is computed as::
         acc = fma(W[co, kk], X[kk, pixel], acc)     # one rounding per step
     out = act(acc + bias[co])
 
-Nothing in that chain depends on where the pixel sits in a panel, on the tile size or on the
-blocking: ``K`` blocks are consecutive ranges of ``kk`` (the partial sum is stored as float32
-between blocks, which is exactly what the register held), every lane of every vector runs the same
-``fma``, the zero padding of the last panel/row block only feeds lanes that are discarded, and
+Nothing in that chain depends on where the pixel sits in a panel, on the tile size, on the
+blocking, on the register block (4 or 8 rows, 8/16/24 lanes) or on the path (GEMM or
+direct): ``K`` blocks are consecutive ranges of ``kk`` (the partial sum is stored as float32
+between blocks, which is exactly what the register held), every lane of every vector runs the
+same ``fma``, the zero padding of the last panel/row block only feeds lanes that are discarded, and
 there is no scalar remainder path with different rounding. Two calls that see the same ``X``
 values for a pixel therefore produce the same bits, which is what fused-tile inference needs.
 BLAS does not give this (its kernels reorder/split the reduction depending on the shape).
@@ -75,10 +85,12 @@ def _vector_registers() -> int:
     import numba
     from llvmlite import binding
 
-    if numba.config.CPU_NAME:  # an explicit target (portable caches): trust only its features
-        feats = numba.config.CPU_FEATURES or ""
+    cpu_name = getattr(numba.config, "CPU_NAME", None)  # set from NUMBA_CPU_NAME/FEATURES
+    cpu_features = getattr(numba.config, "CPU_FEATURES", None)
+    if cpu_name:  # an explicit target (portable caches): trust only its features
+        feats = cpu_features or ""
     else:
-        feats = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+        feats = cpu_features or binding.get_host_cpu_features().flatten()
     return 32 if "+avx512vl" in feats.split(",") else 16
 
 

@@ -214,18 +214,23 @@ class Network:
         node calls this before it joins a cluster, so that no compilation stalls its event loop
         (and its heartbeats) later.
         """
-        # keys are ("conv", size, stride, activation) and ("max", size, stride)
+        # keys are ("conv", size, stride, activation, groups, in channels: which kernel path)
+        # and ("max", size, stride)
         seen: set[str | tuple[str | int, ...]] = set()
         for layer in self.layers:
             if isinstance(layer, ConvSpec):
-                key = ("conv", layer.size, layer.stride, layer.activation)
+                c_in = layer.in_shape[0]
+                key = ("conv", layer.size, layer.stride, layer.activation, layer.groups, c_in)
                 if key not in seen:
                     seen.add(key)
+                    # the layer's own channel counts, so the path its shape takes (the direct
+                    # paths for depthwise and few-channel layers, else the GEMM) is the one compiled
                     k = layer.size
-                    x = np.zeros((2, k + 2 * layer.stride, k + 2 * layer.stride), np.float32)
-                    w = np.zeros((3, 2, k, k), np.float32)
-                    kernels.conv2d(x, w, np.zeros(3, np.float32), stride=layer.stride, pad_top=layer.pad,
-                                   pad_left=layer.pad, activation=layer.activation)
+                    x = np.zeros((c_in, k + 2 * layer.stride, k + 2 * layer.stride), np.float32)
+                    co = layer.groups if layer.groups > 1 else 3
+                    w = np.zeros((co, c_in // layer.groups, k, k), np.float32)
+                    kernels.conv2d(x, w, np.zeros(co, np.float32), stride=layer.stride, pad_top=layer.pad,
+                                   pad_left=layer.pad, activation=layer.activation, groups=layer.groups)
             elif isinstance(layer, MaxPoolSpec):
                 if ("max", layer.size, layer.stride) not in seen:
                     seen.add(("max", layer.size, layer.stride))
