@@ -14,6 +14,20 @@ before numpy is imported, and ``torch.set_num_threads(1)``.
 Usage::
 
     python bench/kernels.py [--size 608] [--reps 5] [--out bench/out/kernels.json]
+    python bench/kernels.py --model yolov4-tiny [--reps 5]    # per layer against onnxruntime
+    python bench/kernels.py --depthwise [--reps 5]            # MobileNetV2's depthwise 3x3 layers
+    python bench/kernels.py --new-ops [--reps 5]              # SPP pools, mish/swish convs
+
+``--model NAME`` (a built-in model, seeded random weights) times every conv and maxpool layer
+of the model at its own input size: ``net.run_layer(i, x)`` (what the forward pass calls,
+argument checks included) against onnxruntime, single-threaded, on a one-layer ONNX graph of
+the same shape and weights (Conv + the activation / MaxPool with darknet's padding, as
+``tools/export_onnx.py`` writes them), interleaved rep by rep. ``--depthwise`` does the same
+for the depthwise 3x3 convolutions of MobileNetV2 at 224x224 (groups = channels, 32..960
+channels at 112..7 pixels, relu6), ``--new-ops`` for YOLOv4's stride-1 SPP pools (5, 9, 13 on
+512x19x19; YOLOv3-tiny's 2x2/1) and a 3x3 conv with leaky, mish and swish. The ratio column is
+onnxruntime's time / ours (> 1: ours faster); absolute times on a shared machine are noise,
+ratios of interleaved runs much less so.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ import numpy as np  # noqa: E402
 # entry so that ``import kernels`` finds the package, not this script.
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parent))  # the project root, for stealer and tools (--model)
 import kernels  # noqa: E402
 
 try:
@@ -86,6 +101,117 @@ def best_times(fns: dict, reps: int) -> dict:
     return best
 
 
+# The other new operators (--new-ops): YOLOv4's SPP pools (stride 1, on 512x19x19), and a 3x3
+# conv with the AlexeyAB activations mish (YOLOv4) and swish (SiLU: YOLOv8/11) next to leaky.
+NEW_OPS = [("max", 512, 19, 5), ("max", 512, 19, 9), ("max", 512, 19, 13), ("max", 512, 13, 2),
+           ("conv", 64, 104, "leaky"), ("conv", 64, 104, "mish"), ("conv", 64, 104, "swish")]
+
+# MobileNetV2 (224x224)'s depthwise 3x3 convolutions: (channels, input size, stride), relu6.
+DEPTHWISE = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
+             (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1)]
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _one_layer_net(layer, in_shape):
+    """A one-layer stealer network (seeded random weights) with ``layer``'s parameters and input."""
+    from stealer.layers import ConvSpec
+    from stealer.network import Network
+
+    c, h, w = in_shape
+    if isinstance(layer, ConvSpec):
+        sy, sx = layer.strides
+        body = (f"[convolutional]\nbatch_normalize={int(layer.batch_normalize)}\nfilters={layer.filters}\n"
+                f"size={layer.size}\nstride_y={sy}\nstride_x={sx}\npadding={layer.pad // layer.dilation}\n"
+                f"groups={layer.groups}\ndilation={layer.dilation}\nactivation={layer.activation}\n")
+    else:
+        body = f"[maxpool]\nsize={layer.size}\nstride={layer.stride}\n"  # AlexeyAB's default padding
+    net = Network.from_cfg_text(f"[net]\ndarknet=alexeyab\nwidth={w}\nheight={h}\nchannels={c}\n{body}")
+    got = net.layers[0]
+    if (got.out_shape, getattr(got, "pad", None)) != (layer.out_shape, getattr(layer, "pad", None)):
+        raise SystemExit(f"layer {layer.index}: the one-layer copy has another geometry ({got} vs {layer})")
+    return net
+
+
+def layer_rows(cases, reps: int) -> list:
+    """Time ``net.run_layer(0, x)`` of each one-layer network against onnxruntime on its export."""
+    from tools.export_onnx import network_to_onnx
+
+    rng = np.random.default_rng(0)
+    hdr = (f"{'#':>3} {'layer':<30} {'in':>14} {'MFLOP':>8} {'ours ms':>9} {'ORT ms':>9} {'ours GF/s':>10} "
+           f"{'ORT GF/s':>9} {'ORT/ours':>8}")
+    print(hdr)
+    rows = []
+    for label, net in cases:
+        from stealer.network import describe
+
+        layer = net.layers[0]
+        x = rng.random(net.input_shape, dtype=np.float32)
+        sess = _ort_session(network_to_onnx(net))
+        feed = {sess.get_inputs()[0].name: x[None]}
+        ours = net.run_layer(0, x)
+        theirs = sess.run(None, feed)[0][0]
+        diff = float(np.abs(ours - theirs).max())
+        t = best_times({"ours": lambda: net.run_layer(0, x), "ort": lambda: sess.run(None, feed)}, reps)
+        flops = layer.flops
+        gf = {n: (flops / t[n] / 1e9 if flops else 0.0) for n in t}
+        row = {"layer": label, "desc": describe(layer), "in_shape": list(net.input_shape), "mflop": flops / 1e6,
+               "ms": {n: t[n] * 1e3 for n in t}, "ort_over_ours": t["ort"] / t["ours"], "max_abs_diff": diff}
+        rows.append(row)
+        print(f"{label:>3} {describe(layer):<30} {'x'.join(map(str, net.input_shape)):>14} {flops / 1e6:>8.1f} "
+              f"{t['ours'] * 1e3:>9.3f} {t['ort'] * 1e3:>9.3f} {gf['ours']:>10.1f} {gf['ort']:>9.1f} "
+              f"{t['ort'] / t['ours']:>8.2f}", flush=True)
+    ours = sum(r["ms"]["ours"] for r in rows)
+    ort = sum(r["ms"]["ort"] for r in rows)
+    print(f"    {'sum':<30} {'':>14} {sum(r['mflop'] for r in rows):>8.0f} {ours:>9.2f} {ort:>9.2f} "
+          f"{'':>10} {'':>9} {ort / ours:>8.2f}")
+    return rows
+
+
+def main_layers(args) -> int:
+    from stealer.layers import ConvSpec, MaxPoolSpec
+    from stealer.network import Network
+
+    cases = []
+    if args.model:
+        net = Network.from_random(args.model, 0)
+        for layer in net.layers:
+            if isinstance(layer, (ConvSpec, MaxPoolSpec)):
+                cases.append((str(layer.index), _one_layer_net(layer, net.input_shape_of(layer.index))))
+        name = args.model
+    elif args.depthwise:
+        from stealer.darknet import parse_cfg_text
+
+        for c, size, s in DEPTHWISE:
+            text = (f"[net]\ndarknet=alexeyab\nwidth={size}\nheight={size}\nchannels={c}\n[convolutional]\n"
+                    f"batch_normalize=1\nfilters={c}\nsize=3\nstride={s}\npad=1\ngroups={c}\nactivation=relu6\n")
+            parse_cfg_text(text)  # fail early on a bad shape
+            cases.append(("dw", Network.from_cfg_text(text)))
+        name = "depthwise"
+    if args.new_ops:
+        for kind, c, size, arg in NEW_OPS:
+            body = (f"[maxpool]\nsize={arg}\nstride=1\n" if kind == "max" else
+                    f"[convolutional]\nbatch_normalize=1\nfilters={c}\nsize=3\npad=1\nactivation={arg}\n")
+            cases.append((kind, Network.from_cfg_text(f"[net]\ndarknet=alexeyab\nwidth={size}\nheight={size}\n"
+                                                      f"channels={c}\n{body}")))
+        name = "new-ops"
+    rows = layer_rows(cases, args.reps)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"meta": {"model": name, "reps": args.reps, "threads": 1}, "layers": rows},
+                                   indent=2))
+    print(f"wrote {out_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=608, help="input height and width (default 608)")
@@ -93,7 +219,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/out/kernels.json", help="JSON output path")
     ap.add_argument("--no-fast", action="store_true", help="skip the exact=False (BLAS) path")
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy baseline")
+    ap.add_argument("--model", help="per layer of this built-in model against onnxruntime (see the docstring)")
+    ap.add_argument("--depthwise", action="store_true",
+                    help="MobileNetV2's depthwise 3x3 layers against onnxruntime")
+    ap.add_argument("--new-ops", action="store_true",
+                    help="SPP's stride-1 pools and mish/swish convs against onnxruntime")
     args = ap.parse_args(argv)
+    if args.model or args.depthwise or args.new_ops:
+        if args.out == "bench/out/kernels.json":
+            args.out = f"bench/out/kernels-{args.model or ('depthwise' if args.depthwise else 'new-ops')}.json"
+        return main_layers(args)
 
     rng = np.random.default_rng(0)
     shape = (3, args.size, args.size)

@@ -229,3 +229,192 @@ def vmaskload(typingctx, prev, arr, idx, lo, hi):
         return builder.call(fn, [p, ir.Constant(_I32, 4), m, prev_v])
 
     return sig, codegen
+
+
+@intrinsic
+def vrelu6(typingctx, v):
+    """ReLU6 per lane as :func:`kernels.activations._relu6_32`: ``m = x > 0 ? x : 0`` (NaN gives
+    0), then ``m < 6 ? m : 6``."""
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        zero = ir.Constant(_V8F32, [0.0] * LANES)
+        six = ir.Constant(_V8F32, [6.0] * LANES)
+        m = builder.select(builder.fcmp_ordered(">", x, zero), x, zero)
+        return builder.select(builder.fcmp_ordered("<", m, six), m, six)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaskstore(typingctx, arr, idx, v, lo, hi):
+    """Store lanes ``l`` with ``lo <= l < hi`` of ``v`` to ``arr.flat[idx + l]``; the other lanes'
+    memory is not accessed (``llvm.masked.store``), as for :func:`vmaskload`."""
+    if not (_is_f32_c_array(arr) and v == f32x8 and all(isinstance(t, types.Integer) for t in (idx, lo, hi))):
+        return None
+    sig = types.void(arr, idx, v, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        arr_v, idx_v, v_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[0])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[1], types.intp)
+        p = builder.bitcast(builder.gep(data, [i]), _V8F32.as_pointer())
+
+        def splat_i32(val, t):  # lane bounds: callers clip them to [0, 8]
+            return _splat(builder, context.cast(builder, val, t, types.int32), _V8I32)
+
+        m = builder.and_(builder.icmp_signed(">=", _IOTA, splat_i32(lo_v, sig.args[3])),
+                         builder.icmp_signed("<", _IOTA, splat_i32(hi_v, sig.args[4])))
+        fnty = ir.FunctionType(ir.VoidType(), [_V8F32, _V8F32.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v8f32.p0")
+        builder.call(fn, [v_v, p, ir.Constant(_I32, 4), m])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaskgather(typingctx, prev, arr, idx, stride, lo, hi):
+    """Lanes ``l`` with ``lo <= l < hi`` loaded from ``arr.flat[idx + l*stride]``, the others from
+    ``prev`` (``llvm.masked.gather``: ``vgatherdps`` on AVX2); masked-off lanes are not accessed."""
+    if not (prev == f32x8 and _is_f32_c_array(arr)
+            and all(isinstance(t, types.Integer) for t in (idx, stride, lo, hi))):
+        return None
+    sig = f32x8(prev, arr, idx, stride, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        prev_v, arr_v, idx_v, st_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[1])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[2], types.intp)
+        st = context.cast(builder, st_v, sig.args[3], types.intp)
+        i64 = i.type
+        v64 = ir.VectorType(i64, LANES)
+        lanes = ir.Constant(v64, list(range(LANES)))
+        offs = builder.add(_splat(builder, i, v64), builder.mul(lanes, _splat(builder, st, v64)))
+        # a vector of lane addresses (llvmlite's gep takes no vector index): base + 4*offset
+        base = _splat(builder, builder.ptrtoint(data, i64), v64)
+        addr = builder.add(base, builder.mul(offs, ir.Constant(v64, [4] * LANES)))
+        ptrs = builder.inttoptr(addr, ir.VectorType(_F32.as_pointer(), LANES))
+
+        def splat_i32(val, t):  # lane bounds: callers clip them to [0, 8]
+            return _splat(builder, context.cast(builder, val, t, types.int32), _V8I32)
+
+        m = builder.and_(builder.icmp_signed(">=", _IOTA, splat_i32(lo_v, sig.args[4])),
+                         builder.icmp_signed("<", _IOTA, splat_i32(hi_v, sig.args[5])))
+        pty = ir.VectorType(_F32.as_pointer(), LANES)
+        fnty = ir.FunctionType(_V8F32, [pty, _I32, ir.VectorType(ir.IntType(1), LANES), _V8F32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.gather.v8f32.v8p0")
+        return builder.call(fn, [ptrs, ir.Constant(_I32, 4), m, prev_v])
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaskload2(typingctx, prev, arr, idx, lo, hi):
+    """Stride-2 load: lanes ``l`` with ``lo <= l < hi`` from ``arr.flat[idx + 2*l]``, the others
+    from ``prev``. Two masked 8-wide loads (only the even elements of enabled lanes are
+    accessed) and one shuffle, instead of a gather: what stride-2 im2col needs."""
+    if not (prev == f32x8 and _is_f32_c_array(arr) and all(isinstance(t, types.Integer) for t in (idx, lo, hi))):
+        return None
+    sig = f32x8(prev, arr, idx, lo, hi)
+
+    def codegen(context, builder, sig, args):
+        prev_v, arr_v, idx_v, lo_v, hi_v = args
+        data = context.make_array(sig.args[1])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[2], types.intp)
+        fnty = ir.FunctionType(_V8F32, [_V8F32.as_pointer(), _I32, ir.VectorType(ir.IntType(1), LANES), _V8F32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v8f32.p0")
+        lo32 = _splat(builder, context.cast(builder, lo_v, sig.args[3], types.int32), _V8I32)
+        hi32 = _splat(builder, context.cast(builder, hi_v, sig.args[4], types.int32), _V8I32)
+        even = ir.Constant(ir.VectorType(ir.IntType(1), LANES), [1, 0] * (LANES // 2))
+        zero = ir.Constant(_V8F32, [0.0] * LANES)
+        halves = []
+        for h in range(2):
+            lane = ir.Constant(_V8I32, [h * 4 + e // 2 for e in range(LANES)])  # output lane of element e
+            m = builder.and_(builder.and_(builder.icmp_signed(">=", lane, lo32), builder.icmp_signed("<", lane, hi32)),
+                             even)
+            p = builder.bitcast(builder.gep(data, [builder.add(i, ir.Constant(i.type, 8 * h))]), _V8F32.as_pointer())
+            halves.append(builder.call(fn, [p, ir.Constant(_I32, 4), m, zero]))
+        v = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V8I32, list(range(0, 2 * LANES, 2))))
+        lane_all = _IOTA
+        keep = builder.and_(builder.icmp_signed(">=", lane_all, lo32), builder.icmp_signed("<", lane_all, hi32))
+        return builder.select(keep, v, prev_v)
+
+    return sig, codegen
+
+
+@intrinsic
+def vsplatf(typingctx, s):
+    """Broadcast a float32 or float64 constant (rounded to float32) to all lanes."""
+    if not isinstance(s, types.Float):
+        return None
+    sig = f32x8(s)
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return _splat(builder, v)
+
+    return sig, codegen
+
+
+@intrinsic
+def vmaxgt(typingctx, v, m):
+    """Darknet's max update per lane: ``v > m ? v : m`` (NaN in ``v`` never wins; of equal values,
+    such as +0.0 and -0.0, ``m`` is kept)."""
+    if not (v == f32x8 and m == f32x8):
+        return None
+    sig = f32x8(v, m)
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def vdeinterleave(typingctx, a, b, odd):
+    """Lanes ``2*l + odd`` of the 16 lanes ``a ++ b`` (``odd`` a literal 0 or 1): with ``a``,
+    ``b`` two consecutive vectors of a row, the even or the odd columns."""
+    if not (a == f32x8 and b == f32x8 and isinstance(odd, types.IntegerLiteral)):
+        return None
+    sig = f32x8(a, b, odd)
+    phase = odd.literal_value
+
+    def codegen(context, builder, sig, args):
+        mask = ir.Constant(_V8I32, [2 * l + phase for l in range(LANES)])
+        return builder.shuffle_vector(args[0], args[1], mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstoren(typingctx, arr, idx, v, n):
+    """Store the first ``min(n, 8)`` lanes of ``v`` to ``arr.flat[idx:]``: a plain store when all
+    8 fit (masked stores are microcoded and slow on AMD Zen), else :func:`vmaskstore`."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer) and v == f32x8 and isinstance(n, types.Integer)):
+        return None
+    sig = types.void(arr, idx, v, n)
+
+    def codegen(context, builder, sig, args):
+        arr_v, idx_v, v_v, n_v = args
+        data = context.make_array(sig.args[0])(context, builder, arr_v).data
+        i = context.cast(builder, idx_v, sig.args[1], types.intp)
+        p = builder.bitcast(builder.gep(data, [i]), _V8F32.as_pointer())
+        n32 = context.cast(builder, n_v, sig.args[3], types.int64)
+        full = builder.icmp_signed(">=", n32, ir.Constant(ir.IntType(64), LANES))
+        with builder.if_else(full) as (then, otherwise):
+            with then:
+                builder.store(v_v, p, align=4)
+            with otherwise:
+                nn = builder.trunc(n32, _I32)
+                m = builder.icmp_signed("<", _IOTA, _splat(builder, nn, _V8I32))
+                fnty = ir.FunctionType(ir.VoidType(), [_V8F32, _V8F32.as_pointer(), _I32,
+                                                       ir.VectorType(ir.IntType(1), LANES)])
+                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v8f32.p0")
+                builder.call(fn, [v_v, p, ir.Constant(_I32, 4), m])
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -6,6 +6,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
+from ._simd import vdeinterleave, vload, vmaskload, vmaskload2, vmaxgt, vsplatf, vstore, vstoren
 from ._validate import output_array
 from .conv import _check_f32, _check_int
 
@@ -78,6 +79,90 @@ def _maxpool2d(x, size, s, pt, pl, out):
                 out[c, oy, ox] = _window_max(x, c, iy0, ox * s - pl, ky_lo, ky_hi, size, w)
 
 
+@njit(**JIT_OPTS)
+def _maxpool2d_s1(x, size, pt, pl, out):
+    """Stride 1 (SPP's 5/9/13 pools, YOLOv3-tiny's 2x2/1), separable and 8 lanes at a time.
+
+    Darknet's scan keeps the *first* value, in ky-major kx-minor order, that is greater than
+    everything before it; that is the first of the window's maximal elements in that order. A
+    row pass (the kx scan, from -FLT_MAX, for each input row) then a column pass (the ky scan of
+    the row results, from -FLT_MAX) finds the same element: the first row holding the maximum,
+    then its first position. A position outside the map is skipped in darknet and reads as
+    -FLT_MAX here, which never wins against a running max that starts at -FLT_MAX. So the bits
+    are those of :func:`_maxpool2d`, at 2*size instead of size**2 compares per output.
+    """
+    c_n, h, w = x.shape
+    _, out_h, out_w = out.shape
+    xf = x.reshape(c_n * h * w)
+    of = out.reshape(c_n * out_h * out_w)
+    neg = vsplatf(NEG_FLT_MAX)
+    wr = (out_w + 7) // 8 * 8  # row pass buffer pitch (whole vectors)
+    rows = np.empty(h * wr, np.float32)
+    for c in range(c_n):
+        # row pass: rows[iy, ox] = max over kx of x[c, iy, ox - pl + kx] (in-map positions)
+        for iy in range(h):
+            src = (c * h + iy) * w - pl
+            for ox in range(0, out_w, 8):
+                m = neg
+                for kx in range(size):
+                    o = ox + kx  # lane l reads column o + l - pl
+                    lo = min(8, max(0, pl - o))
+                    hi = max(0, min(8, w + pl - o))
+                    m = vmaxgt(vmaskload(neg, xf, src + o, lo, hi), m)
+                vstore(rows, iy * wr + ox, m)
+        # column pass over the in-map rows of each window
+        for oy in range(out_h):
+            iy0 = oy - pt
+            ky_lo = max(0, -iy0)
+            ky_hi = min(size, h - iy0)
+            dst = (c * out_h + oy) * out_w
+            for ox in range(0, out_w, 8):
+                m = neg
+                for ky in range(ky_lo, ky_hi):
+                    m = vmaxgt(vload(rows, (iy0 + ky) * wr + ox), m)
+                vstoren(of, dst + ox, m, out_w - ox)
+
+
+@njit(**JIT_OPTS)
+def _maxpool2d_s2(x, size, pt, pl, out):
+    """Stride 2 (YOLO's 2x2/2 pools), 8 outputs at a time with stride-2 loads: lane ``l`` of tap
+    ``(ky, kx)`` reads column ``2*(ox + l) - pl + kx``; the taps are scanned in darknet's order
+    (ky-major, kx-minor) with its update rule, and a column outside the map reads as -FLT_MAX,
+    which never wins (see :func:`_maxpool2d_s1`): the bits of :func:`_maxpool2d`."""
+    c_n, h, w = x.shape
+    _, out_h, out_w = out.shape
+    xf = x.reshape(c_n * h * w)
+    of = out.reshape(c_n * out_h * out_w)
+    neg = vsplatf(NEG_FLT_MAX)
+    for c in range(c_n):
+        for oy in range(out_h):
+            iy0 = 2 * oy - pt
+            ky_lo = max(0, -iy0)
+            ky_hi = min(size, h - iy0)
+            dst = (c * out_h + oy) * out_w
+            for ox in range(0, out_w, 8):
+                m = neg
+                o = 2 * ox - pl
+                if size == 2 and o >= 0 and o + 16 <= w:
+                    # inside the map: two plain loads per row give both taps (even, odd columns)
+                    for ky in range(ky_lo, ky_hi):
+                        row = (c * h + iy0 + ky) * w + o
+                        a = vload(xf, row)
+                        b = vload(xf, row + 8)
+                        m = vmaxgt(vdeinterleave(a, b, 0), m)
+                        m = vmaxgt(vdeinterleave(a, b, 1), m)
+                    vstoren(of, dst + ox, m, out_w - ox)
+                    continue
+                for ky in range(ky_lo, ky_hi):
+                    row = (c * h + iy0 + ky) * w
+                    for kx in range(size):
+                        o = 2 * ox - pl + kx  # lane l reads column o + 2*l
+                        lo = min(8, max(0, (1 - o) // 2))
+                        hi = max(0, min(8, (w - o + 1) // 2))
+                        m = vmaxgt(vmaskload2(neg, xf, row + o, lo, hi), m)
+                vstoren(of, dst + ox, m, out_w - ox)
+
+
 def maxpool2d(
     x: np.ndarray,
     *,
@@ -141,5 +226,10 @@ def maxpool2d(
     out_h = _check_int("out_h", out_h, 1)
     out_w = _check_int("out_w", out_w, 1)
     out = output_array(out, (c_n, out_h, out_w), x=x)
-    _maxpool2d(x, size, stride, pad_top, pad_left, out)
+    if stride == 1 and size > 1:  # same bits as _maxpool2d (see _maxpool2d_s1)
+        _maxpool2d_s1(x, size, pad_top, pad_left, out)
+    elif stride == 2:  # likewise (see _maxpool2d_s2)
+        _maxpool2d_s2(x, size, pad_top, pad_left, out)
+    else:
+        _maxpool2d(x, size, stride, pad_top, pad_left, out)
     return out

@@ -268,7 +268,8 @@ class Network:
         node calls this before it joins a cluster, so that no compilation stalls its event loop
         (and its heartbeats) later.
         """
-        # keys are ("conv", size, stride, activation) and ("max", size, stride)
+        # keys are ("conv", size, stride, activation, groups, in channels: which kernel path)
+        # and ("max", size, stride)
         seen: set[str | tuple[str | int, ...]] = set()
         for layer in self.layers:
             if isinstance(layer, PadConvSpec):
@@ -277,14 +278,18 @@ class Network:
                     kernels.conv2d(np.zeros((2, 4, 4), np.float32), np.zeros((3, 2, 1, 1), np.float32),
                                    np.zeros(3, np.float32), pad_top=1, pad_left=0, activation=layer.activation)
             elif isinstance(layer, ConvSpec):
-                key = ("conv", layer.size, layer.stride, layer.activation)
+                c_in = layer.in_shape[0]
+                key = ("conv", layer.size, layer.stride, layer.activation, layer.groups, c_in)
                 if key not in seen:
                     seen.add(key)
+                    # the layer's own channel counts, so the path its shape takes (the direct
+                    # paths for depthwise and few-channel layers, else the GEMM) is the one compiled
                     k = layer.size
-                    x = np.zeros((2, k + 2 * layer.stride, k + 2 * layer.stride), np.float32)
-                    w = np.zeros((3, 2, k, k), np.float32)
-                    kernels.conv2d(x, w, np.zeros(3, np.float32), stride=layer.stride, pad_top=layer.pad,
-                                   pad_left=layer.pad, activation=layer.activation)
+                    x = np.zeros((c_in, k + 2 * layer.stride, k + 2 * layer.stride), np.float32)
+                    co = layer.groups if layer.groups > 1 else 3
+                    w = np.zeros((co, c_in // layer.groups, k, k), np.float32)
+                    kernels.conv2d(x, w, np.zeros(co, np.float32), stride=layer.stride, pad_top=layer.pad,
+                                   pad_left=layer.pad, activation=layer.activation, groups=layer.groups)
             elif isinstance(layer, MaxPoolSpec):
                 if ("max", layer.size, layer.stride) not in seen:
                     seen.add(("max", layer.size, layer.stride))
@@ -356,6 +361,17 @@ class Network:
             raise ValueError(f"start={start} is past output layer {min(self.heads)}")
         return self._run(x, start, None, executor, threads, True)[1]
 
+    def outputs_of(self, x: np.ndarray, layers: Sequence[int], start: int = 0, *,
+                   executor: Executor | None = None, threads: int = 1) -> list[np.ndarray]:
+        """The outputs of ``layers`` (indices in increasing order, each >= ``start``), computed in
+        one forward pass from layer ``start`` to the last of them (so a graph with several heads
+        runs its shared backbone once)."""
+        want = list(layers)
+        if not want or want != sorted(set(want)) or want[0] < start:
+            raise ValueError(f"layers must be increasing indices >= start={start}, got {want}")
+        at = self._run(x, start, want[-1] + 1, executor, threads, False, collect_at=set(want))[2]
+        return [at[i] for i in want]
+
     def outputs_from(self, maps: Mapping[int, np.ndarray], start: int, *, executor: Executor | None = None,
                      threads: int = 1) -> list[np.ndarray]:
         """The network's outputs from layer ``start`` on, given the outputs ``maps`` (layer index ->
@@ -410,7 +426,11 @@ class Network:
                         if isinstance(layer, ShortcutSpec) else "reads"
                     raise ValueError(f"layer {i} {verb} layer(s) {missing}, before start={start}")
                 if isinstance(layer, RouteSpec):
-                    y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id)
+                    # a route of one source is a channel slice of it: a view (no layer writes
+                    # into its input) unless it leaves this call, which must not alias x
+                    view = (len(layer.sources) == 1 and i < stop - 1 and not (collect and i in self.heads)
+                            and not (collect_at is not None and i in collect_at))
+                    y = _route([kept[s] for s in layer.sources], layer.groups, layer.group_id, view)
                 elif isinstance(layer, ShortcutSpec):
                     if x is None:
                         raise ValueError(f"layer {i} adds to layer {i - 1}, whose map was not given")
@@ -553,11 +573,14 @@ def crop(x: np.ndarray, layer: CropSpec) -> np.ndarray:
     return window * np.float32(layer.scale) + np.float32(layer.trans)
 
 
-def _route(parts: Sequence[np.ndarray], groups: int, group_id: int) -> np.ndarray:
-    """Concatenate the channel chunk ``group_id`` of ``groups`` of every part (a copy)."""
+def _route(parts: Sequence[np.ndarray], groups: int, group_id: int, view: bool = False) -> np.ndarray:
+    """Concatenate the channel chunk ``group_id`` of ``groups`` of every part (a copy; with
+    ``view`` and one part, the chunk itself: a C-contiguous view, since the parts are CHW)."""
     if groups > 1:
         parts = [p[p.shape[0] // groups * group_id:p.shape[0] // groups * (group_id + 1)] for p in parts]
-    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=0)
+    if len(parts) == 1:
+        return parts[0] if view else parts[0].copy()
+    return np.concatenate(parts, axis=0)
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
