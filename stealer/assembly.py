@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -47,7 +48,7 @@ class FrameAssembly:
         self.tiles: list[tuple[Rect, ...]] = [(tuple(t),) if single else tuple(tuple(r) for r in t)  # type: ignore[misc]
                                               for t in tiles]
         self.shape = self.shapes[0]
-        sizes = [int(np.prod(s)) for s in self.shapes]
+        sizes = [math.prod(s) for s in self.shapes]
         flat = np.empty(sum(sizes), np.float32)
         self.maps = []
         at = 0
@@ -107,17 +108,21 @@ class FrameAssembly:
         if not 0 <= task < len(self.tiles):
             raise ValueError(f"task {task} is not a tile of this frame (0..{len(self.tiles) - 1})")
         shapes = self._tile_shapes[task]
-        want: tuple[int, ...] = shapes[0] if self.single else (sum(int(np.prod(s)) for s in shapes),)
+        want: tuple[int, ...] = shapes[0] if self.single else (sum(math.prod(s) for s in shapes),)
         if tile.shape != want or tile.dtype != np.float32:
             raise ValueError(f"tile {task} must be float32 {want}, got {tile.dtype} {tile.shape}")
         if task in self.received:
             self.duplicates += 1
             return False
-        at = 0
-        for m, s, (y0, y1, x0, x1) in zip(self.maps, shapes, self.tiles[task]):
-            n = int(np.prod(s))
-            m[:, y0:y1, x0:x1] = tile if self.single else tile[at:at + n].reshape(s)
-            at += n
+        if self.single:  # the common case, on every tile's path: no loop, no sizes
+            y0, y1, x0, x1 = self.tiles[task][0]
+            self.maps[0][:, y0:y1, x0:x1] = tile
+        else:
+            at = 0
+            for m, s, (y0, y1, x0, x1) in zip(self.maps, shapes, self.tiles[task]):
+                n = math.prod(s)  # a tuple's product: numpy's reduce cost ~10 us per tile here
+                m[:, y0:y1, x0:x1] = tile[at:at + n].reshape(s)
+                at += n
         self.received.add(task)
         return True
 

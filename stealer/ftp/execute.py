@@ -14,6 +14,7 @@ bit-identical to :meth:`stealer.network.Network.forward`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
@@ -314,13 +315,13 @@ def fused_maps(plan: Plan, data: np.ndarray) -> dict[int, np.ndarray]:
         if data.shape != shapes[0] or data.dtype != np.float32:
             raise ShapeError(f"fused map must be float32 {shapes[0]}, got {data.dtype} {data.shape}")
         return {plan.outputs[0]: data}
-    total = sum(int(np.prod(s)) for s in shapes)
+    total = sum(math.prod(s) for s in shapes)
     if data.ndim != 1 or data.size != total or data.dtype != np.float32:
         raise ShapeError(f"fused maps must be float32 ({total},), got {data.dtype} {data.shape}")
     out: dict[int, np.ndarray] = {}
     at = 0
     for o, s in zip(plan.outputs, shapes):
-        n = int(np.prod(s))
+        n = math.prod(s)
         out[o] = data[at:at + n].reshape(s)
         at += n
     return out
