@@ -191,19 +191,7 @@ class NodeMetrics:
 
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
-        # no access log: a scrape every 15 s would be a log line every 15 s; no signal
-        # handling: the node's own handlers drain it
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self._close_timeout)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConfigError(f"--metrics {host}:{port}: cannot listen: {e.strerror or e}") from None
-        self._runner = runner
-        sockname = runner.addresses[0]
-        self.host, self.port = str(sockname[0]), int(sockname[1])
+        self._runner, self.host, self.port = await serve_app(app, host, port, "--metrics", self._close_timeout)
         log.info("serving metrics at http://%s:%d/metrics", self.host, self.port)
 
     async def close(self) -> None:
@@ -328,6 +316,25 @@ def _numbers(stats: object) -> Iterable[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------ stealer status
+
+async def serve_app(app: web.Application, host: str, port: int, option: str,
+                    close_timeout: float) -> tuple[web.AppRunner, str, int]:
+    """Serve an aiohttp ``app`` on the node's event loop (/metrics, the dashboard, the MJPEG
+    streams): (its runner, the host and port it listens on; port 0 picks a free one). No access
+    log (a scrape every 15 s would be a log line every 15 s) and no signal handling (the node's
+    own handlers drain it). A port that cannot be bound is one ConfigError naming ``option``."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=close_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(f"{option} {host}:{port}: cannot listen: {e.strerror or e}") from None
+    sockname = runner.addresses[0]
+    return runner, str(sockname[0]), int(sockname[1])
+
 
 def add_status_parser(sub: Any) -> None:
     """``stealer status [HOST:PORT ...]``: a table of nodes' /metrics."""

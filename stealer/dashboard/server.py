@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import web
 
 from ..annotate import class_names
-from ..errors import ConfigError
+from ..metrics import serve_app
 from ..node.config import memory_needs, parse_plan_key
 from . import dashboard_token
 from .frames import AnnotatedFrame, FrameStore
@@ -281,17 +281,8 @@ class Dashboard:
         app.router.add_get(r"/api/frame/{node}/{index:\d+}.jpg", self._api_frame)
         if self.metrics is not None:
             app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.node.cfg.limits.close_timeout)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConfigError(f"--http {host}:{port}: cannot listen: {e.strerror or e}") from None
-        self._runner = runner
-        sockname = runner.addresses[0]
-        self.host, self.port = str(sockname[0]), int(sockname[1])
+        self._runner, self.host, self.port = await serve_app(app, host, port, "--http",
+                                                             self.node.cfg.limits.close_timeout)
         for coro, what in ((self._tick(), "dashboard tick"), (self._frames(), "dashboard frames")):
             task = asyncio.get_running_loop().create_task(coro, name=what)
             self._tasks.add(task)

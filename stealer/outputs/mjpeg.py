@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..errors import ConfigError
+from ..metrics import serve_app
 
 if TYPE_CHECKING:
     from ..config import Limits
@@ -126,16 +126,7 @@ class MjpegServer:
         """
         app = web.Application(middlewares=[self._guard])
         self.add_routes(app.router)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=self.close_timeout)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConfigError(f"--mjpeg {host}:{port}: cannot listen: {e.strerror or e}") from None
-        self._runner = runner
-        sockname = runner.addresses[0]
-        self.host, self.port = str(sockname[0]), int(sockname[1])
+        self._runner, self.host, self.port = await serve_app(app, host, port, "--mjpeg", self.close_timeout)
         if self.token is None:
             log.warning("the MJPEG streams at http://%s:%d/ are open: no cluster secret (anyone who can reach "
                         "them sees the camera frames)", self.host, self.port)
