@@ -314,7 +314,11 @@ class Network:
             elif isinstance(layer, SoftmaxSpec) and "softmax" not in seen:
                 seen.add("softmax")
                 kernels.softmax(np.zeros(2, np.float32))
-            elif isinstance(layer, YoloSpec) and "yolo" not in seen:
+            if isinstance(layer, (ConvSpec, ConnectedSpec)) and ("act", layer.activation) not in seen:
+                # a coded shard's gather applies the activation after its layer (stealer.shard)
+                seen.add(("act", layer.activation))
+                kernels.activate(np.zeros(8, np.float32), layer.activation)
+            if isinstance(layer, YoloSpec) and "yolo" not in seen:
                 seen.add("yolo")
                 kernels.yolo_activate(np.zeros((layer.num * (5 + layer.classes), 2, 2), np.float32), num=layer.num,
                                       classes=layer.classes, scale_x_y=layer.scale_x_y, new_coords=layer.new_coords)

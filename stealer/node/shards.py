@@ -421,6 +421,7 @@ class ShardShell(NodeState):
         assert isinstance(layer, (ConvSpec, ConnectedSpec))
         bounds: list[tuple[int, int]] = []
         have: dict[int, np.ndarray] = {}
+        have_pre = False  # whether what is in hand is pre-activation (a coded round's) or final
         avoid: set[str] = set()
         after: int | None = None
         while True:
@@ -429,9 +430,11 @@ class ShardShell(NodeState):
             shards = sorted((h for h in lp.holders if not h.parity), key=lambda h: h.start)
             parity = [h for h in lp.holders if h.parity]
             new_bounds = [(h.start, h.stop) for h in shards]
-            if new_bounds != bounds:
-                bounds, have = new_bounds, {}  # split otherwise: what is in hand does not fit
             pre = bool(parity)
+            if new_bounds != bounds or pre != have_pre:
+                # split otherwise, or the parity came or went (coded rounds return pre-activation
+                # outputs, others final ones): what is in hand does not fit this round
+                bounds, have, have_pre = new_bounds, {}, pre
             jobs = [sh_role.ShardJob(h.node, n, h.start, h.stop) for n, h in enumerate(shards) if n not in have]
             jobs += [sh_role.ShardJob(h.node, -1, h.start, h.stop) for h in parity]
             rnd = sh_role.LayerRound(len(shards), jobs, time.monotonic(), self.cfg.shard_timing, frozenset(have),
