@@ -269,18 +269,22 @@ async def _cluster(name, models, k, coded, frames, close_after=None, extra_nodes
     finally:
         for n in (src, *holders, gw):
             await n.close()
-    return full, out, gw, holders
+    return full, out, gw, [*holders, src]
 
 
 @pytest.mark.parametrize("name, k, coded", [("tiny", 2, True), ("tiny", 3, False), ("vgg", 3, True),
                                             ("vgg", 2, False)])
 async def test_every_shard_in_is_bit_identical_to_one_device(models, name, k, coded):
-    full, out, gw, holders = await _cluster(name, models, k, coded, 3, timing=STEADY)
+    full, out, gw, others = await _cluster(name, models, k, coded, 3, timing=STEADY)
     assert [r["frame"] for r in out] == [0, 1, 2]
     for r in out:
         want = hashlib.sha256(full.forward(synthetic_frame(5, r["frame"], full.input_shape)).tobytes()).hexdigest()
         assert r["output_sha256"] == want and "recovered" not in r, r
-    assert gw.stats.shard_tasks > 0 and all(h.stats.shard_tasks > 0 for h in holders)
+    # the shards ran on K - 1 (+ the parity) nodes besides the gateway: which ones may change when
+    # the source joins after the holders (a join re-places), so the source node counts too
+    assert gw.stats.shard_tasks > 0
+    assert sum(1 for n in others if n.stats.shard_tasks > 0) >= k - 1 + int(coded), \
+        [n.stats.shard_tasks for n in others]
     assert gw.stats.shards_recovered == 0
 
 
