@@ -121,16 +121,34 @@ class WorkQueue:
         ``window`` tasks and ready too (the holder already has the reuse strips it needs, say):
         a short look ahead, so that the queue's order still holds across frames.
         """
-        candidates = (r for r in self.queue if accept_tail or not r.is_tail)
-        first = next(candidates, None)
+        # One pass over the queue, each candidate's readiness asked once: a grant scans this
+        # on every steal, and ``ready``/``prefer`` are the costly part of it.
+        it = iter(self.queue)
+        first = ref = None
+        ref_ready = False
+        for r in it:
+            if not accept_tail and r.task == TAIL:
+                continue
+            if first is None:
+                first = r
+            if ready is None or ready(r):
+                ref, ref_ready = r, True
+                break
         if first is None:
             return None
-        ref = first
-        if ready is not None and not ready(first):
-            ref = next((r for r in candidates if ready(r)), first)
-        if prefer is not None and (ready is None or ready(ref)) and not prefer(ref):
-            ref = next((r for r in itertools.islice(candidates, window)
-                        if (ready is None or ready(r)) and prefer(r)), ref)
+        if ref is None:
+            ref = first  # nothing is ready: the first task goes (its full variant)
+        if prefer is not None and ref_ready and not prefer(ref):
+            looked = 0
+            for r in it:
+                if not accept_tail and r.task == TAIL:
+                    continue
+                if looked == window:
+                    break
+                looked += 1
+                if (ready is None or ready(r)) and prefer(r):
+                    ref = r
+                    break
         self.queue.remove(ref)  # the first equal entry: refs are unique in the queue
         self._tails -= ref.is_tail
         self.leases[ref] = Lease(holder, now + self.lease_seconds, now)

@@ -94,7 +94,9 @@ class Peers(NodeState):
             while True:
                 msg = await comm.recv()
                 try:
-                    await self._dispatch(peer, msg)
+                    pending = self._dispatch_now(peer, msg)
+                    if pending is not None:
+                        await pending
                 except (CommClosedError, ProtocolError, asyncio.CancelledError):
                     raise
                 except Exception:  # noqa: BLE001 - a bug in handling one message must not drop the peer

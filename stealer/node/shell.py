@@ -299,20 +299,32 @@ class Node(Peers, Source, Victim, Thief, GatewayShell, Kernels, ShardShell):
 
     async def _dispatch(self, peer: Peer | None, msg: Message) -> None:
         """Handle one message; ``peer`` is None for messages a node sends itself."""
+        pending = self._dispatch_now(peer, msg)
+        if pending is not None:
+            await pending
+
+    def _dispatch_now(self, peer: Peer | None, msg: Message) -> Awaitable[None] | None:
+        """Handle one message as far as it goes without waiting; returns what is left to await
+        (None for most messages: a receive loop then makes no coroutine per message)."""
         key = getattr(msg, "plan", None)
         if key and key not in self._plans:
-            # a plan this node has not built yet (another source's grid): build it off the loop
-            if len(self._plans) >= self.cfg.limits.max_plans:
-                raise ProtocolError(f"{msg.op} names plan {key!r}: this node keeps {len(self._plans)} "
-                                    "plans already (max_plans)")
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self._plan, key)
-            except PlanError as exc:
-                raise ProtocolError(f"{msg.op} names plan {key!r} that this model cannot make: {exc}") from None
+            return self._dispatch_new_plan(peer, msg, key)
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise ProtocolError(f"unexpected message {msg.op!r}")
-        pending = handler(peer, msg)
+        return handler(peer, msg)
+
+    async def _dispatch_new_plan(self, peer: Peer | None, msg: Message, key: str) -> None:
+        """A message naming a plan this node has not built yet (another source's grid): build it
+        off the loop, then handle the message."""
+        if len(self._plans) >= self.cfg.limits.max_plans:
+            raise ProtocolError(f"{msg.op} names plan {key!r}: this node keeps {len(self._plans)} "
+                                "plans already (max_plans)")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._plan, key)
+        except PlanError as exc:
+            raise ProtocolError(f"{msg.op} names plan {key!r} that this model cannot make: {exc}") from None
+        pending = self._dispatch_now(peer, msg)
         if pending is not None:
             await pending
 

@@ -144,7 +144,7 @@ class Thief(NodeState):
         if self._assigned:
             return self._assigned.pop(0)
         now = time.monotonic()
-        ref = self.queue.take(self.id, now, accept_tail=self._accepts_tails(), ready=self._ready,
+        ref = self.queue.take(self.id, now, accept_tail=self._accepts_tails(), ready=self.source.ready,
                               prefer=self._near(self.id))
         if ref is None and self.cfg.speculate and not self._draining and self.queue.outstanding(self.id):
             # own queue empty but tasks are out with others: copy a straggler, if one is late
@@ -325,12 +325,13 @@ class Thief(NodeState):
         return len(self._plan(job.plan_key).tasks) == 1 and self._accepts_tails()
 
     async def _run_job_inner(self, job: Job) -> None:
+        plan = self._plan(job.plan_key)
         try:
             msg: TileDone | TailDone
             if job.ref.is_tail:
                 msg = await self._compute(self._compute_tail, job)
                 self.stats.tails_run += 1
-                self.stats.flops_run += self._model_flops - self._plan(job.plan_key).frame_flops
+                self.stats.flops_run += self._model_flops - plan.frame_flops
             elif self._runs_whole(job):
                 msg = await self._compute(self._compute_whole, job, None)
                 self.stats.flops_run += self._model_flops
@@ -343,8 +344,7 @@ class Thief(NodeState):
                     return
                 tile, published = await self._compute(self._compute_tile, job, borrowed)
                 msg = tile
-                task = self._plan(job.plan_key).task(job.ref.task)
-                self.stats.flops_run += task.variant(tile.variant == "reuse").flops
+                self.stats.flops_run += plan.task(job.ref.task).variant(tile.variant == "reuse").flops
                 for sid, arr in published.items():  # kept here, on the loop: the cache is not thread-safe
                     # a copy if it is a view, so a held strip never pins a whole layer buffer
                     self._held.put((job.ref.source, job.ref.frame), sid, arr if arr.base is None else arr.copy())

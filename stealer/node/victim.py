@@ -81,7 +81,7 @@ class Victim(NodeState):
             return StealReply(req.request_id, False)
         accept_tail = req.accept_tail
         now = time.monotonic()
-        ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail, ready=self._ready,
+        ref = self.queue.take(peer.node_id, now, accept_tail=accept_tail, ready=self.source.ready,
                               prefer=self._near(peer.node_id))
         if ref is None and req.speculative and self.cfg.speculate:
             ref = self.queue.speculate(peer.node_id, now, min_age=self.cfg.runtime.straggler_min,
@@ -97,7 +97,7 @@ class Victim(NodeState):
         other node still finds work here (``steal_batch`` per node)."""
         if not self._short_tasks() or not self.worker.deep_queue(self.queue.queued_tiles, len(self.peers)):
             return None
-        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self._ready,
+        ref = self.queue.take(peer.node_id, time.monotonic(), accept_tail=False, ready=self.source.ready,
                               prefer=self._near(peer.node_id))
         if ref is None:
             return None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from ..ftp.plan import Plan
-from ..scheduler import TaskRef, WorkQueue
+from ..scheduler import TAIL, TaskRef, WorkQueue
 from ..sources import Frame
 from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TileAck,
                              TilesIn)
@@ -243,20 +243,33 @@ class SourceState:
     def ready(self, ref: TaskRef) -> bool:
         """A task that can run its cheapest variant now: a tail, a tile without producers, or
         a reuse tile whose producers' tiles (and so their strips) are at the gateway."""
-        sf = self.frames.get((ref.source, ref.frame))
-        if ref.is_tail or sf is None:
+        if ref.task == TAIL:
             return True
-        producers = self._producers(sf).get(ref.task)
+        sf = self.frames.get((ref.source, ref.frame))
+        if sf is None:
+            return True
+        producers = self._deps[sf.plan_key][0].get(ref.task)  # inlined: asked per task of a queue scan
         return producers is None or sf.acked.issuperset(producers)
 
     def near(self, node_id: str, me: str) -> Callable[[TaskRef], bool]:
         """Whether a task finds every reuse strip it consumes at ``node_id`` (which will run it)
         or at ``me`` (they go with its grant): no strip fetch from a third node."""
+        frames, deps, near_nodes = self.frames, self._deps, (node_id, me)
+
         def near(ref: TaskRef) -> bool:
-            sf = self.frames.get((ref.source, ref.frame))
-            if ref.is_tail or sf is None:
+            if ref.task == TAIL:
                 return True
-            return all(sf.strip_holders.get(s) in (node_id, me) for s in self._consumes(sf).get(ref.task, ()))
+            sf = frames.get((ref.source, ref.frame))
+            if sf is None:
+                return True
+            consumes = deps[sf.plan_key][1].get(ref.task)
+            if not consumes:
+                return True
+            holders = sf.strip_holders
+            for s in consumes:
+                if holders.get(s) not in near_nodes:
+                    return False
+            return True
         return near
 
     def holders_of(self, key: FrameKey, task_id: int) -> dict[str, list[int]] | None:
