@@ -23,6 +23,22 @@ log = logging.getLogger(__name__)
 Rect = tuple[int, int, int, int]
 
 
+class _Layout:
+    """Where each task's output goes in the maps of a frame (shared by the frames of a plan)."""
+
+    def __init__(self, shape: Sequence[int] | Sequence[Sequence[int]], tiles: Sequence[Any]) -> None:
+        single = len(shape) > 0 and isinstance(shape[0], (int, np.integer))
+        raw: list[Any] = [shape] if single else list(shape)
+        self.shapes: list[tuple[int, int, int]] = [(int(s[0]), int(s[1]), int(s[2])) for s in raw]
+        self.single = single
+        self.tiles: list[tuple[Rect, ...]] = [(tuple(t),) if single else tuple(tuple(r) for r in t)  # type: ignore[misc]
+                                              for t in tiles]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.size = sum(self.sizes)
+        # a tile's (C, h, w) of every output
+        self.tile_shapes = [[(s[0], r[1] - r[0], r[3] - r[2]) for s, r in zip(self.shapes, t)] for t in self.tiles]
+
+
 class FrameAssembly:
     """One frame's fused outputs, filled tile by tile.
 
@@ -40,34 +56,35 @@ class FrameAssembly:
     concatenated (see :func:`stealer.ftp.execute.fused_maps`).
     """
 
-    def __init__(self, shape: Sequence[int] | Sequence[Sequence[int]], tiles: Sequence[Any]) -> None:
-        single = len(shape) > 0 and isinstance(shape[0], (int, np.integer))
-        raw: list[Any] = [shape] if single else list(shape)
-        self.shapes: list[tuple[int, int, int]] = [(int(s[0]), int(s[1]), int(s[2])) for s in raw]
-        self.single = single
-        self.tiles: list[tuple[Rect, ...]] = [(tuple(t),) if single else tuple(tuple(r) for r in t)  # type: ignore[misc]
-                                              for t in tiles]
+    def __init__(self, shape: Sequence[int] | Sequence[Sequence[int]], tiles: Sequence[Any],
+                 layout: "_Layout | None" = None) -> None:
+        lay = layout if layout is not None else _Layout(shape, tiles)
+        self.shapes, self.single, self.tiles, self._tile_shapes = lay.shapes, lay.single, lay.tiles, lay.tile_shapes
         self.shape = self.shapes[0]
-        sizes = [math.prod(s) for s in self.shapes]
-        flat = np.empty(sum(sizes), np.float32)
+        flat = np.empty(lay.size, np.float32)
         self.maps = []
         at = 0
-        for s, n in zip(self.shapes, sizes):
+        for s, n in zip(self.shapes, lay.sizes):
             self.maps.append(flat[at:at + n].reshape(s))
             at += n
-        self.output: np.ndarray = self.maps[0] if single else flat
+        self.output: np.ndarray = self.maps[0] if self.single else flat
         self.received: set[int] = set()
         self.duplicates = 0
-        # a tile's (C, h, w) of every output, and its element count
-        self._tile_shapes = [[(s[0], r[1] - r[0], r[3] - r[2]) for s, r in zip(self.shapes, t)] for t in self.tiles]
 
     @classmethod
     def for_plan(cls, plan: Any) -> "FrameAssembly":
         """The assembly of one frame of ``plan`` (a :class:`stealer.ftp.plan.Plan`)."""
-        tasks = sorted(plan.tasks, key=lambda t: t.id)
-        if len(plan.outputs) == 1:
-            return cls(plan.output_shapes[0], [t.outputs[0] for t in tasks])
-        return cls(plan.output_shapes, [t.outputs for t in tasks])
+        # The layout is the plan's, the same for each of its frames: kept on the plan (a frozen
+        # dataclass, so in its __dict__) instead of being worked out again for every frame.
+        layout = plan.__dict__.get("_assembly_layout")
+        if layout is None:
+            tasks = sorted(plan.tasks, key=lambda t: t.id)
+            if len(plan.outputs) == 1:
+                layout = _Layout(plan.output_shapes[0], [t.outputs[0] for t in tasks])
+            else:
+                layout = _Layout(plan.output_shapes, [t.outputs for t in tasks])
+            plan.__dict__["_assembly_layout"] = layout
+        return cls(layout.shapes[0] if layout.single else layout.shapes, layout.tiles, layout)
 
     @property
     def complete(self) -> bool:
