@@ -23,7 +23,11 @@ Scenarios (``--scenarios``, comma list, default all):
               every node (multi-camera);
 ``hetero``    4 nodes, hosts 0 and 2 at twice the CPU share of hosts 1 and 3;
 ``dask``      the Dask distributed baseline (``bench/dask_baseline.py``) at the scaling counts;
-``codec``     the frame codecs (raw, zstd, jpeg) side by side, 1x1 at the largest node count.
+``codec``     the frame codecs (raw, zstd, jpeg) side by side, 1x1 at the largest node count;
+``auto``      ``--grid auto`` at 6 nodes and the largest count: the planner's choice with the
+              throughput objective (backlog as in ``scaling``) and with the latency objective (one
+              frame in flight), its predicted frames/s and latency (the source's start-up line)
+              against what the run measured.
 
 What "frames/s" is. A source starts ``max_inflight`` frames at once and then one more per
 result, so a run has three phases: the warm-up burst (the first ``max_inflight`` results: frames
@@ -88,7 +92,7 @@ if str(ROOT) not in sys.path:
 OUT = ROOT / "bench" / "out"
 RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults",
+SCENARIOS = ("single", "scaling", "latency", "fused", "unshaped", "grid", "policy", "hetero", "dask", "defaults", "auto",
              "codec")
 PI_SHARE = 0.2  # CPU share of a Pi-class node: the unit of "speed-up"
 MIN_FRAMES = 60  # per cluster run: enough that the steady window outweighs warm-up and drain
@@ -162,6 +166,8 @@ class Run:
     repeat: int = 0  # index of this repeat of the configuration (part of the key, for --resume)
     frame_codec: str = "raw"  # every node's --frame-codec (and the dask baseline's: same bytes moved)
     jpeg_quality: int = 90  # every node's --jpeg-quality (with jpeg)
+    grid_auto: bool = False  # --grid auto (``grid``/``scheme`` then only name the run; the choice is logged)
+    objective: str = "throughput"  # --objective of --grid auto
 
     @property
     def shares(self) -> list[float | None]:
@@ -183,6 +189,9 @@ class Run:
         if d["frame_codec"] == "raw":  # runs of before the codecs keep their keys (--resume)
             d.pop("frame_codec")
             d.pop("jpeg_quality")
+        if not d["grid_auto"]:  # nor do runs of before the auto scenario
+            d.pop("grid_auto")
+            d.pop("objective")
         return json.dumps(d, sort_keys=True)
 
     @property
@@ -325,10 +334,18 @@ def plan_runs(args: argparse.Namespace, fused_cfg: str) -> list[Run]:
     if "dask" in want:
         for n in ([big] if quick else counts):
             runs.append(replace(cluster(n, scenario="dask", label=f"dask {n} nodes"), kind="dask"))
+    if "auto" in want:
+        lat_frames = max(3, round(LATENCY_FRAMES * scale))
+        for n in dict.fromkeys([big, max(counts)]):
+            if n < 2:
+                continue
+            runs.append(cluster(n, scenario="auto", label=f"{n} nodes, grid auto, throughput", grid_auto=True))
+            runs.append(cluster(n, scenario="auto", label=f"{n} nodes, grid auto, latency", grid_auto=True,
+                                objective="latency", max_inflight=1, frames=lat_frames))
     # the most telling runs first, so that a run cut short still has them; the fused block's
     # single-node baseline goes with the fused runs (nothing else needs it)
-    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "codec", "grid", "defaults",
-                "fused"]
+    priority = ["single", "scaling", "latency", "unshaped", "dask", "policy", "hetero", "codec", "auto", "grid",
+                "defaults", "fused"]
 
     def group(r: Run) -> str:
         return "fused" if r.scenario == "single" and r.fused_only else r.scenario
@@ -510,6 +527,23 @@ def _listening(log_path: Path) -> dict[str, Any] | None:
     return None
 
 
+def auto_choice(log_path: Path) -> dict[str, Any] | None:
+    """The last ``--grid auto`` choice a source made (its ``plan`` event lines, key "RxC:L:scheme"):
+    the plan, the computing nodes it was made for, and its predicted frames/s and latency; None
+    if it made none."""
+    last = None
+    for ev in _events(log_path):
+        if ev.get("event") == "plan":
+            last = ev
+    if last is None:
+        return None
+    grid_word, _, scheme = str(last["plan"]).split(":")
+    rows, cols = (int(x) for x in grid_word.split("x"))
+    return {"plan": grid_word if (rows, cols) == (1, 1) else f"{grid_word} {scheme}", "grid": (rows, cols),
+            "scheme": scheme, "objective": last.get("objective"), "nodes": last["nodes"],
+            "inflight": last["inflight"], "predicted_fps": last["fps"], "predicted_latency": last["latency"]}
+
+
 def _events(log_path: Path) -> list[dict[str, Any]]:
     out = []
     with contextlib.suppress(OSError):
@@ -620,9 +654,14 @@ def _seed_of(run: Run, host_ids: dict[int, str]) -> dict[str, int]:
 def run_stealer(run: Run, work: Path, timeout: float) -> dict[str, Any]:
     results_path = work / "results.jsonl"
     total = run.total_frames
-    base = [sys.executable, "-m", "stealer", "node", "--cfg", run.model, "--random-weights", str(run.weights_seed),
-            "--grid", f"{run.grid[0]}x{run.grid[1]}", "--scheme", run.scheme, "--policy", run.policy,
-            "--max-inflight", str(run.max_inflight)]
+    base = [sys.executable, "-m", "stealer", "node", "--cfg", run.model, "--random-weights", str(run.weights_seed)]
+    if run.grid_auto:
+        # the planner chooses grid and scheme for the links as they are (unshaped: a gigabit)
+        mbit = (_rate_bits(run.rate) or 1_000_000_000) / 1e6
+        base += ["--grid", "auto", "--objective", run.objective, "--link-mbit", f"{mbit:g}"]
+    else:
+        base += ["--grid", f"{run.grid[0]}x{run.grid[1]}", "--scheme", run.scheme]
+    base += ["--policy", run.policy, "--max-inflight", str(run.max_inflight)]
     if run.layers:
         base += ["--layers", str(run.layers)]
     if run.frame_codec != "raw":
@@ -832,8 +871,10 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
         for node in nodes:
             if node.get("busy_seconds") is not None:
                 node["task_busy"] = round(node["busy_seconds"] / span, 3)
-    # --- ideal and accounting
-    fig = model_figures(run.model, run.weights_seed, run.grid, run.scheme, run.layers)
+    # --- ideal and accounting (--grid auto: of the plan the source chose last)
+    choice = auto_choice(work / f"node{run.sources[0]}.log") if run.grid_auto else None
+    grid, scheme = (choice["grid"], choice["scheme"]) if choice else (run.grid, run.scheme)
+    fig = model_figures(run.model, run.weights_seed, grid, scheme, run.layers)
     fps1 = base.get("fused_fps" if run.fused_only else "fps")
     # CPU seconds per frame, whole frame on one device (measured by thread CPU time, so other
     # processes on the VM do not inflate it)
@@ -856,6 +897,8 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
         "commands": raw["commands"], "work": str(work),
         "tail_seconds_p50": pct([r["tail_seconds"] for r in results if "tail_seconds" in r], 50),
     }
+    if run.grid_auto:
+        out["auto_choice"] = choice
     # tile inputs as sent against as raw pixels (--frame-codec): summed over the sources' grants
     raw_in = sum(nd.get("input_bytes_raw") or 0 for nd in nodes)
     if raw_in:
@@ -873,7 +916,7 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
         units = PI_SHARE * win["seconds"]  # CPU seconds of one Pi over the window
         useful = win["frames"] * t1_cpu
         fused_share = fig["gflop_fused"] / fig["gflop_total"]
-        ratio = tile_cpu_ratio(run.model, run.weights_seed, run.grid, run.scheme, run.layers)
+        ratio = tile_cpu_ratio(run.model, run.weights_seed, grid, scheme, run.layers)
         fallbacks = sum(nd.get("reuse_fallbacks") or 0 for nd in nodes)
         # CPU seconds per GFLOP of the fused block at the baseline's pace
         per_gflop = t1_cpu * fused_share / fig["gflop_fused"] if fig["gflop_fused"] else 0.0
@@ -887,6 +930,30 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
             "idle": round(idle / units, 3), "tile_cpu_ratio": round(ratio, 3), "fallbacks": fallbacks,
         }
     return out
+
+
+def _check(r: dict[str, Any]) -> str:
+    ok = r.get("status") == "ok" and not r["mismatches"] and r["frames_ok"] == r["frames_expected"]
+    return "ok" if ok else f"**{len(r['mismatches'])} MISMATCH, {r['frames_ok']}/{r['frames_expected']}**"
+
+
+def auto_md(report: dict[str, Any]) -> str:
+    """``--grid auto`` runs: the plan the source chose and what the planner predicted, beside what
+    the run measured (median over the repeats; the prediction of the repeat closest to it)."""
+    rows = [r for r in report["runs"] if r["run"].get("grid_auto")]
+    if not rows:
+        return ""
+    lines = ["| run | objective | chosen plan (frames in flight) | fps predicted | fps measured | measured / "
+             "predicted | latency predicted s | latency p50 measured s | measured / predicted | p50 / 1 node | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r.get("auto_choice") or {}
+        fps, lat = r.get("fps"), r.get("latency_p50")
+        pf, pl = c.get("predicted_fps"), c.get("predicted_latency")
+        lines.append(f"| {r['run']['label']} | {r['run']['objective']} | {c.get('plan', '–')} ({c.get('inflight', '–')}) "
+                     f"| {_f(pf, 3)} | {_f(fps, 3)} | {_f(fps / pf if fps and pf else None)} | {_f(pl)} | {_f(lat)} "
+                     f"| {_f(lat / pl if lat and pl else None)} | {_f(r.get('latency_ratio'))} | {_check(r)} |")
+    return "\n".join(lines)
 
 
 def _rate_bits(rate: str | None) -> int | None:
@@ -905,7 +972,9 @@ def _f(x: Any, nd: int = 2) -> str:
 
 def config_key(run: dict[str, Any]) -> str:
     """A configuration: the run without its repeat index (scenario and label included)."""
-    return json.dumps({k: v for k, v in run.items() if k != "repeat"}, sort_keys=True)
+    # runs of before the auto scenario have no grid_auto/objective: the same configuration
+    skip = {"repeat"} | (set() if run.get("grid_auto") else {"grid_auto", "objective"})
+    return json.dumps({k: v for k, v in run.items() if k not in skip}, sort_keys=True)
 
 
 def _median(values: list[Any]) -> float | None:
@@ -971,7 +1040,7 @@ def view(report: dict[str, Any]) -> dict[str, Any]:
     one = min((c for c in configs if c["run"]["scenario"] == "latency" and c["run"]["nodes"] == 1
                and c.get("latency_p50")), key=lambda c: c["latency_p50"], default=None)
     for c in configs:
-        if c["run"]["scenario"] == "latency":
+        if c["run"]["scenario"] == "latency" or (c["run"].get("grid_auto") and c["run"]["max_inflight"] == 1):
             c["latency_ratio"] = (c["latency_p50"] / one["latency_p50"]) if one and c.get("latency_p50") else None
     return dict(report, runs=configs, baseline=base)
 
@@ -1036,9 +1105,13 @@ def markdown(report: dict[str, Any]) -> str:
         check = "ok" if not r["mismatches"] and r["frames_ok"] == r["frames_expected"] and not r["unverified"] else \
             f"**{len(r['mismatches'])} MISMATCH, {r['frames_ok']}/{r['frames_expected']}**"
         win = r.get("window") or {}
+        grid, scheme = f"{run['grid'][0]}x{run['grid'][1]}", run["scheme"]
+        if run.get("grid_auto"):  # what the planner chose (the run's grid and scheme only name it)
+            chosen = r.get("auto_choice") or {}
+            grid, scheme = f"auto: {chosen.get('plan', '?')}", chosen.get("scheme", "none")
         lines.append(
-            f"| {run['scenario']} | {run['label']} | {run['nodes']} | {run['grid'][0]}x{run['grid'][1]} | "
-            f"{'yes' if run['scheme'] != 'none' else 'no'} | {run['policy'] if run['kind'] == 'stealer' else 'dask'} | "
+            f"| {run['scenario']} | {run['label']} | {run['nodes']} | {grid} | "
+            f"{'yes' if scheme != 'none' else 'no'} | {run['policy'] if run['kind'] == 'stealer' else 'dask'} | "
             f"{len(run['sources'])} | {r.get('frames_per_run', r['frames_ok'])} x {r.get('repeats', 1)} | "
             f"{_f(r['fps'], 3)}{'' if r.get('fps_basis') == 'steady' else '*'} | {_spread(r)} | {_f(r.get('speedup'))} | "
             f"{_f(r.get('ideal_speedup'))} | {_f(r.get('efficiency'))} | {_f(fz['fps'], 3) if fz else '–'} | "
@@ -1360,6 +1433,11 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
                  "frame, with the connections and kernel loading, left out), median over the repeats; "
                  "*p50 / 1 node*: the ratio to the one-node latency. Beside it the scaling run's throughput "
                  "at the same node count, with its backlog (frames in flight).", "", lat, ""]
+    auto = auto_md(report)
+    if auto:
+        text += ["## Grid auto: the planner's prediction against the measurement", "",
+                 "The source's last `--grid auto` line of the run (made once every computing node had "
+                 "joined) against the steady-state figures of the same run.", "", auto, ""]
     text += ["## Per node (scaling)", per_node_md(report), ""]
     notes = report.get("notes")
     if notes:

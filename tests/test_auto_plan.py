@@ -254,6 +254,7 @@ async def test_source_replans_as_a_peer_joins_and_leaves(tiny_net):
         assert r["output_sha256"] == expected_digest(tiny_net, 5, r["frame"]), r
     assert gw.stats.frames_done == len(cut)
     assert math.isfinite(max(e["latency"] for e in events if e["event"] == "plan"))
+    assert {e["objective"] for e in events if e["event"] == "plan"} == {"latency"}
 
 
 def test_a_frame_codec_lifts_the_source_uplink_bound():

@@ -204,3 +204,38 @@ def test_hetero_runs_the_grid_and_whole_frames():
     assert sorted(r.grid for r in runs) == [(1, 1), (5, 5)] and {r.cpu for r in runs} == {(0.4, 0.2)}
     runs = tp.plan_runs(_args("--scenarios", "hetero", "--repeat", "1", "--grid", "1x1"), "fused.cfg")
     assert [r.grid for r in runs] == [(1, 1)]
+
+
+def test_auto_scenario_runs_grid_auto_for_both_objectives(tmp_path):
+    runs = tp.plan_runs(_args("--scenarios", "single,auto", "--nodes", "1,8", "--repeat", "1"), "fused.cfg")
+    auto = [r for r in runs if r.scenario == "auto"]
+    assert {(r.nodes, r.objective, r.max_inflight == 1) for r in auto} == {
+        (6, "throughput", False), (8, "throughput", False), (6, "latency", True), (8, "latency", True)}
+    assert all(r.grid_auto for r in auto) and len({r.key() for r in auto}) == 4
+    plain = next(r for r in runs if r.kind == "stealer" and r.scenario == "single")
+    assert "grid_auto" not in plain.key()  # the keys of runs of before (--resume) stay as they were
+    assert tp.config_key({**plain.__dict__}) == tp.config_key(
+        {k: v for k, v in plain.__dict__.items() if k not in ("grid_auto", "objective")})
+
+
+def test_auto_choice_reads_the_sources_last_plan_event(tmp_path):
+    log = tmp_path / "node1.log"
+    lines = [  # what stealer.node.source emits on --grid auto
+        {"event": "listening", "node_id": "abc"},
+        {"event": "plan", "plan": "1x1:16:none", "nodes": 1, "objective": "latency", "inflight": 1, "fps": 0.25,
+         "latency": 4.0, "within_budget": True},
+        {"event": "plan", "plan": "3x3:16:quad", "nodes": 8, "objective": "latency", "inflight": 1, "fps": 0.41,
+         "latency": 2.44, "within_budget": True},
+    ]
+    log.write_text("\n".join(__import__("json").dumps(x) for x in lines) + "\nnot json\n")
+    got = tp.auto_choice(log)
+    assert got == {"plan": "3x3 quad", "grid": (3, 3), "scheme": "quad", "objective": "latency", "nodes": 8,
+                   "inflight": 1, "predicted_fps": 0.41, "predicted_latency": 2.44}
+    assert tp.auto_choice(tmp_path / "missing.log") is None
+    r = _result("8 nodes, grid auto, latency", 8, 0.4, 0, scenario="auto", max_inflight=1, lat=2.0,
+                auto_choice=got)
+    r["run"].update(grid_auto=True, objective="latency")
+    one = _result("1 nodes, 1 in flight", 1, 0.1, 0, scenario="latency", max_inflight=1, lat=8.0)
+    table = tp.auto_md(tp.view({"runs": [r, one]}))
+    assert "| 8 nodes, grid auto, latency | latency | 3x3 quad (1) | 0.410 | 0.400 | 0.98 | 2.44 | 2.00 | 0.82 | 0.25 | ok |" \
+        in table

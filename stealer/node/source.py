@@ -212,7 +212,7 @@ class Source(NodeState):
         log.info("grid auto (%s) for %d computing node(s): %s, %d frames in flight, predicted %.3f fps, "
                  "latency %.2f s (%s)%s", choice.objective, nodes, best.name, best.inflight, best.fps,
                  best.latency, choice.note, "" if changed else "; plan unchanged")
-        self._event({"event": "plan", "time": time.time(), "plan": key, "nodes": nodes,
+        self._event({"event": "plan", "time": time.time(), "plan": key, "nodes": nodes, "objective": choice.objective,
                      "inflight": best.inflight, "fps": round(best.fps, 4), "latency": round(best.latency, 4),
                      "within_budget": choice.within_budget})
         self._frame_freed.set()  # the frames-in-flight limit may have grown
