@@ -491,6 +491,22 @@ def test_a_prefetched_task_is_not_a_straggler():
     assert q.next_deadline() == 35.0
 
 
+def test_a_prefetched_task_restarts_its_lease_only_after_a_wait_that_matters():
+    """A task that starts right after its grant keeps its lease (no TaskStarted: one message a
+    task less for short tasks); one that waited a visible share of straggler_min restarts it."""
+    from stealer.roles.worker import LEASE_RESTART_SHARE, restarts_lease
+
+    assert not restarts_lease(0.0, 0.25) and not restarts_lease(0.049, 0.25)
+    assert restarts_lease(LEASE_RESTART_SHARE * 0.25, 0.25) and restarts_lease(3.0, 0.25)
+    # the clocks the skipped restart leaves are off by less than the wait: still no copy made
+    q = WorkQueue("src", 30.0)
+    q.typical[False] = 0.25
+    ref = TaskRef("src/0", 0, 0)
+    q.add([ref])
+    q.take("a", 0.0)  # granted at 0, started at 0.04 without a restart, still running at 0.45
+    assert q.speculate("b", 0.45, min_age=0.25) is None
+
+
 def test_prefetch_when_the_transfer_is_on_the_critical_path():
     from stealer.roles.worker import WorkerPolicy
     from stealer.scheduler import PeerLoad

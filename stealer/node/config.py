@@ -165,6 +165,7 @@ class Job:
     holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
     strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
     prefetched: bool = False  # fetched while the slot computed the task before (its lease restarts)
+    granted_at: float = 0.0  # monotonic time its grant came (a prefetched task's wait is counted from it)
 
 
 @dataclass

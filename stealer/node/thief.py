@@ -18,7 +18,7 @@ from ..codec import MAX_DECODED_BYTES
 from ..errors import CommClosedError, PlanError, ProtocolError, StealerError
 from ..images import pixel_rect
 from ..roles.strips import unpack_strips
-from ..roles.worker import refused_steal, speed_worth_telling
+from ..roles.worker import refused_steal, restarts_lease, speed_worth_telling
 from ..scheduler import TAIL, PeerLoad, TaskRef, choose_victim
 from ..wire.messages import (
     Message,
@@ -238,7 +238,7 @@ class Thief(NodeState):
 
     def _job_from_grant(self, reply: StealReply, victim: str) -> Job:
         job = Job(TaskRef(reply.source, reply.frame, reply.task), reply.plan, reply.data,
-                  reply.img_w, reply.img_h, victim)
+                  reply.img_w, reply.img_h, victim, granted_at=time.monotonic())
         if reply.task != TAIL:
             try:
                 full = self._plan(reply.plan).task(reply.task).full.input_region
@@ -306,7 +306,8 @@ class Thief(NodeState):
         if self.first_task_at is None:
             self.first_task_at = time.time()
             self._event({"event": "first-task", "time": self.first_task_at, "stolen": job.victim != self.id})
-        if job.prefetched and job.victim in self.peers:
+        if job.prefetched and job.victim in self.peers and restarts_lease(time.monotonic() - job.granted_at,
+                                                                          self.cfg.runtime.straggler_min):
             # its lease and the straggler clock start now, not when it was granted
             self._post(self.peers[job.victim], TaskStarted(job.ref.source, job.ref.frame, job.ref.task))
         self._running += 1
