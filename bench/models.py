@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+# Single-threaded, both sides: Numba's kernels (NUMBA_NUM_THREADS) and the BLAS that numpy calls
+# for the tail's MatMul/Gemm (OpenBLAS starts a thread per core by default: on a shared 2-core
+# machine its threads fight, and a 1280x1000 Gemm took 3.6 ms instead of 0.18). Set before numpy
+# is imported, which is when OpenBLAS reads them.
+for _var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -136,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "models.json")
     args = ap.parse_args(argv)
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

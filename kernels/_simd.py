@@ -418,3 +418,126 @@ def vstoren(typingctx, arr, idx, v, n):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ------------------------------------------------------------------------------------ expf
+# glibc's expf (2.28 and later; the Arm optimized-routines algorithm, also musl's and LLVM libc's),
+# lane by lane: x*N/ln2 = k + r, 2^(k/N) from a 32-entry table, a cubic in r, all in double, one
+# rounding to float at the end. Only its main path (|x| < 88): callers send other values to the
+# libm. The constants are the library's (``__exp2f_data``); the table is
+# ``bits(2^(i/32)) - (i << 47)``. The reduction ``r = x*N/ln2 - k`` is one fma, as in the FMA
+# build glibc picks on x86-64 (with a separate multiply and subtract 2 of the 2.1e9 floats in
+# [-104, 89] differ: 32.564632 and -63.09946); the cubic's fmas change no result there. Checked
+# against the libm over every float32 in [-104, 89] (glibc 2.36, x86-64) and in
+# tests/test_kernels_paths.py on a sample.
+_EXPF_TAB = (
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+)
+_EXPF_N = 32
+_EXPF_INVLN2N = float.fromhex("0x1.71547652b82fep+0") * _EXPF_N
+_EXPF_SHIFT = float.fromhex("0x1.8p+52")
+_EXPF_C = (float.fromhex("0x1.c6af84b912394p-5") / _EXPF_N ** 3, float.fromhex("0x1.ebfce50fac4f3p-3") / _EXPF_N ** 2,
+           float.fromhex("0x1.62e42ff0c52d6p-1") / _EXPF_N)
+_I64 = ir.IntType(64)
+_V8I64 = ir.VectorType(_I64, LANES)
+
+
+def _vexpf_ir(builder, v):
+    """LLVM IR of :data:`_EXPF_TAB`'s expf on an ``<8 x float>`` (main path: |x| < 88)."""
+    def dsplat(c: float):
+        return ir.Constant(_V8F64, [c] * LANES)
+
+    mod = builder.module
+    name = "stealer_expf_tab"
+    try:
+        tab = mod.get_global(name)
+    except KeyError:
+        tab = cgutils.global_constant(mod, name, ir.Constant(ir.ArrayType(_I64, _EXPF_N), list(_EXPF_TAB)))
+    xd = builder.fpext(v, _V8F64)
+    z = builder.fmul(dsplat(_EXPF_INVLN2N), xd)
+    kd = builder.fadd(z, dsplat(_EXPF_SHIFT))
+    ki = builder.bitcast(kd, _V8I64)
+    kd = builder.fsub(kd, dsplat(_EXPF_SHIFT))
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8F64, [_V8F64] * 3), "llvm.fma.v8f64")
+    r = builder.call(fma, [dsplat(_EXPF_INVLN2N), xd, builder.fneg(kd)])  # z - kd, fused as the library's
+    idx = builder.and_(ki, ir.Constant(_V8I64, [_EXPF_N - 1] * LANES))
+    t = ir.Constant(_V8I64, ir.Undefined)
+    zero = ir.Constant(_I32, 0)
+    for j in range(LANES):
+        lane = ir.Constant(_I32, j)
+        e = builder.load(builder.gep(tab, [zero, builder.extract_element(idx, lane)]))
+        t = builder.insert_element(t, e, lane)
+    t = builder.add(t, builder.shl(ki, ir.Constant(_V8I64, [52 - 5] * LANES)))
+    s = builder.bitcast(t, _V8F64)
+    c0, c1, c2 = _EXPF_C
+    zz = builder.call(fma, [dsplat(c0), r, dsplat(c1)])
+    r2 = builder.fmul(r, r)
+    y = builder.call(fma, [dsplat(c2), r, dsplat(1.0)])
+    y = builder.call(fma, [zz, r2, y])
+    y = builder.fmul(y, s)
+    return builder.fptrunc(y, _V8F32)
+
+
+@intrinsic
+def vexpf(typingctx, v):
+    """``expf`` per lane, glibc's bits, for lanes with |x| < 88 (others: undefined)."""
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        return _vexpf_ir(builder, args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def vswish(typingctx, v):
+    """AlexeyAB's swish per lane, ``x * (1.f / (1.f + expf(-x)))`` in float32, for |x| < 88."""
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        one = ir.Constant(_V8F32, [1.0] * LANES)
+        e = _vexpf_ir(builder, builder.fneg(args[0]))
+        return builder.fmul(args[0], builder.fdiv(one, builder.fadd(one, e)))
+
+    return sig, codegen
+
+
+@intrinsic
+def vlogistic_f32(typingctx, v):
+    """AlexeyAB's logistic per lane, ``1.f / (1.f + expf(-x))`` in float32, for |x| < 88."""
+    if v != f32x8:
+        return None
+    sig = f32x8(v)
+
+    def codegen(context, builder, sig, args):
+        one = ir.Constant(_V8F32, [1.0] * LANES)
+        return builder.fdiv(one, builder.fadd(one, _vexpf_ir(builder, builder.fneg(args[0]))))
+
+    return sig, codegen
+
+
+@intrinsic
+def vall_abs_below(typingctx, v, c):
+    """True when every lane of ``v`` has ``|x| < c`` (False for any NaN lane)."""
+    if not (v == f32x8 and c == types.float32):
+        return None
+    sig = types.boolean(v, c)
+
+    def codegen(context, builder, sig, args):
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32]), "llvm.fabs.v8f32")
+        below = builder.fcmp_ordered("<", builder.call(fabs, [args[0]]), _splat(builder, args[1]))
+        bits = builder.bitcast(below, ir.IntType(LANES))
+        return builder.icmp_unsigned("==", bits, ir.Constant(ir.IntType(LANES), (1 << LANES) - 1))
+
+    return sig, codegen

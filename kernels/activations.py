@@ -45,6 +45,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
+from ._simd import LANES, vall_abs_below, vload, vlogistic_f32, vstore, vswish
 
 ACT_LINEAR = 0
 ACT_LEAKY = 1
@@ -160,6 +161,46 @@ def act_scalar(v, act):
     return v
 
 
+#: Below this magnitude expf takes its main path, which :func:`kernels._simd.vexpf` computes
+#: (glibc's ``abstop < top12(88.0f)``); a block of 8 with any other value (large, inf, NaN) goes
+#: through the libm's expf, element by element.
+_EXPF_MAIN = np.float32(88.0)
+
+
+@njit(**JIT_OPTS)
+def _swish_flat(xf):
+    """``x * _logistic_f32(x)`` in place, 8 lanes at a time with glibc's expf in vector form (the
+    same bits as the libm's expf, see ``tests/test_kernels_paths.py``): the scalar libm call was
+    2.3 ns a value, a third of YOLOv8n's time."""
+    n = xf.shape[0]
+    n8 = n - n % LANES
+    for i in range(0, n8, LANES):
+        v = vload(xf, i)
+        if vall_abs_below(v, _EXPF_MAIN):
+            vstore(xf, i, vswish(v))
+        else:
+            for j in range(i, i + LANES):
+                xf[j] = xf[j] * _logistic_f32(xf[j])
+    for j in range(n8, n):
+        xf[j] = xf[j] * _logistic_f32(xf[j])
+
+
+@njit(**JIT_OPTS)
+def _logistic_f32_flat(xf):
+    """:func:`_logistic_f32` in place, 8 lanes at a time (as :func:`_swish_flat`)."""
+    n = xf.shape[0]
+    n8 = n - n % LANES
+    for i in range(0, n8, LANES):
+        v = vload(xf, i)
+        if vall_abs_below(v, _EXPF_MAIN):
+            vstore(xf, i, vlogistic_f32(v))
+        else:
+            for j in range(i, i + LANES):
+                xf[j] = _logistic_f32(xf[j])
+    for j in range(n8, n):
+        xf[j] = _logistic_f32(xf[j])
+
+
 @njit(**JIT_OPTS)
 def _activate_flat(xf, act):
     """In-place activation of a 1-D contiguous float32 array."""
@@ -181,8 +222,9 @@ def _activate_flat(xf, act):
         for i in range(n):
             xf[i] = _relu6_32(xf[i])
     elif act == ACT_SWISH:
-        for i in range(n):
-            xf[i] = xf[i] * _logistic_f32(xf[i])
+        _swish_flat(xf)
+    elif act == ACT_LOGISTIC32:
+        _logistic_f32_flat(xf)
     elif act == ACT_HARDSWISH:
         for i in range(n):
             xf[i] = _hardswish32(xf[i])

@@ -16,8 +16,9 @@ from stealer.assembly import FrameAssembly
 from stealer.darknet import parse_cfg, parse_cfg_text
 from stealer.errors import CfgError, PlanError
 from stealer.ftp.execute import fused_maps, pack_tile, run_frame, run_task, tile_shapes
-from stealer.ftp.plan import (SCHEMES, Plan, block_outputs, default_layers, depth_candidates, fusable_depth, make_plan,
-                              output_tiles)
+from stealer.ftp.plan import (DEPTH_FLOP_RATE, DEPTH_LINK_RATE, DEPTH_PIXEL_SHARE, SCHEMES, Plan, block_outputs,
+                              default_layers, depth_candidates, frame_seconds, fusable_depth, make_plan, output_tiles,
+                              simulate)
 from stealer.images import synthetic_frame
 from stealer.network import Network, builtin_cfg, output_digest
 
@@ -124,6 +125,67 @@ def test_depth_is_chosen_by_cost_and_meets_the_targets():
     cands = depth_candidates(spec, (5, 5), "wave")
     assert cands[0].layers == n and cands == sorted(cands, key=lambda c: (c.seconds, -c.layers))
     assert default_layers(parse_cfg(builtin_cfg("yolov2"))) == 16  # DeepThings' depth stays YOLOv2's
+
+
+def test_frame_seconds_with_free_links_is_the_simulated_makespan():
+    """With links that cost nothing, the frame time is :func:`simulate`'s makespan (the same
+    policy, in seconds): the reuse phases are in it, which executed FLOPs / devices are not."""
+    spec = parse_cfg_text(sized_cfg("yolov4-tiny", 160), "<yolov4-tiny>")
+    for scheme, devices in (("wave", 25), ("wave", 4), ("quad", 6), ("none", 25)):
+        plan = make_plan(spec, (5, 5), 38, scheme=scheme)
+        reuse = scheme != "none"
+        want = simulate(plan, devices, reuse) * plan.frame_flops / devices / DEPTH_FLOP_RATE
+        assert frame_seconds(plan, devices, reuse, link_rate=float("inf")) == pytest.approx(want, rel=1e-9)
+    wave = make_plan(spec, (5, 5), 38, scheme="wave")
+    chain = frame_seconds(wave, 25, link_rate=float("inf"))
+    assert chain > 3 * wave.totals(True).flops / (25 * DEPTH_FLOP_RATE)  # the wave's phases chain its tiles
+
+
+def test_frame_seconds_puts_the_bytes_on_their_links():
+    """Independent tiles on a node each: the source sends their pixels one after another, each
+    tile starts when its pixels are in, and the gateway's downlink takes the outputs in turn
+    (a hand-played oracle); strips do not exist without reuse."""
+    spec = parse_cfg_text(sized_cfg("yolov4-tiny", 128), "<yolov4-tiny>")
+    plan = make_plan(spec, (1, 2), 20, scheme="none")
+    src = gw = 0.0
+    for t in plan.tasks:
+        src += DEPTH_PIXEL_SHARE * t.full.input_bytes / DEPTH_LINK_RATE
+        end = src + t.full.flops / DEPTH_FLOP_RATE
+        gw = max(gw, end) + sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, t.outputs)) / DEPTH_LINK_RATE
+    assert frame_seconds(plan, 2, reuse=False) == pytest.approx(gw, rel=1e-12)
+    # with reuse, every strip a consumer waits for is on its downlink: slower links never help
+    wave = make_plan(spec, (3, 3), 38, scheme="wave")
+    assert all(frame_seconds(wave, 9, link_rate=r) <= frame_seconds(wave, 9, link_rate=r / 2) for r in (1e6, 1e7))
+    assert frame_seconds(wave, 9) >= wave.totals(True).output_bytes / DEPTH_LINK_RATE  # the gateway's downlink
+
+
+def test_yolov8n_depth_is_the_fastest_by_the_stated_terms(tmp_path):
+    """The YOLOv8n graph at 640, 5x5 wave: the planner's depth is the candidate with the least
+    predicted time, the time is block + tail, and the deepest block (87.8% of the FLOPs) loses
+    for the reasons the model states: its tiles chain over the wave's phases (their makespan
+    with free links is several times executed / devices) and the links add seconds (5 MB of head
+    maps into the gateway's one downlink, strips waited for phase after phase); the strips are
+    not charged as if every byte crossed one link, as the model before did."""
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import onnx_models as om
+
+    onnx.save(om.yolov8(seed=0), str(tmp_path / "yolov8n.onnx"))
+    spec = Network.from_onnx(tmp_path / "yolov8n.onnx").spec
+    cands = depth_candidates(spec, (5, 5), "wave")
+    chosen, deepest = cands[0], max(cands, key=lambda c: c.layers)
+    assert default_layers(spec, (5, 5), "wave") == chosen.layers
+    assert all(c.seconds == pytest.approx(c.block_seconds + c.tail_seconds) for c in cands)
+    assert all(c.tail_seconds == pytest.approx(c.tail_flops / DEPTH_FLOP_RATE) for c in cands)
+    assert deepest.layers == fusable_depth(spec) and deepest.seconds > chosen.seconds
+    assert deepest.block_seconds - deepest.link_seconds > 5 * deepest.executed_flops / (25 * DEPTH_FLOP_RATE)
+    assert deepest.link_seconds < deepest.transfer_bytes / DEPTH_LINK_RATE / 2
+    plan = make_plan(spec, (5, 5), deepest.layers, scheme="wave")
+    assert plan.totals(True).output_bytes / DEPTH_LINK_RATE > 1.5  # the head maps on the gateway's downlink
 
 
 def test_a_depth_past_the_fusable_layers_is_refused():

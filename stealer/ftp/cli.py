@@ -116,7 +116,9 @@ def summary(plan: Plan, reuse: bool, spec: Any = None, depth: list[DepthCandidat
         "depth_chosen_by": chosen_by or ("cost" if depth else "--layers"),
         "depth_candidates": [{"layers": c.layers, "outputs": list(c.outputs), "block_flops": c.block_flops,
                               "executed_flops": c.executed_flops, "tail_flops": c.tail_flops,
-                              "transfer_bytes": c.transfer_bytes, "seconds": c.seconds} for c in depth or ()],
+                              "transfer_bytes": c.transfer_bytes, "seconds": c.seconds,
+                              "block_seconds": c.block_seconds, "link_seconds": c.link_seconds,
+                              "tail_seconds": c.tail_seconds} for c in depth or ()],
         "reuse_note": _REUSE_NOTE if reuse and not plan.is_chain else "",
         "grid": list(plan.grid), "reuse": reuse, "scheme": plan.scheme if reuse else "none",
         "borrow": plan.borrow, "phases": len({t.phase for t in plan.tasks}) if reuse else 1,
@@ -178,13 +180,25 @@ def format_plan(plan: Plan, reuse: bool, regions: bool = False, spec: Any = None
     if s["reuse_note"]:
         lines.append(s["reuse_note"])
     if depth:
-        lines.append("depth candidates (predicted frame time: executed FLOPs over the tiles + tail FLOPs on one "
-                     f"node at {DEPTH_FLOP_RATE / 1e9:g} GFLOP/s + bytes at {DEPTH_LINK_RATE / 1e6:g} MB/s), best first:")
-        lines.append(f"  {'layers':>6} {'block%':>6} {'exec GFLOP':>10} {'tail GFLOP':>10} {'MB moved':>8} {'s':>7}  outputs")
+        lines.append("depth candidates (predicted frame time: the tiles' makespan on a node each at "
+                     f"{DEPTH_FLOP_RATE / 1e9:g} GFLOP/s, reuse phases, pixels on the source's uplink, strips on "
+                     f"each consumer's downlink and outputs on the gateway's, {DEPTH_LINK_RATE / 1e6:g} MB/s each; "
+                     "then the tail on the gateway), best first:")
+        lines.append(f"  {'layers':>6} {'block%':>6} {'exec GFLOP':>10} {'tail GFLOP':>10} {'MB moved':>8} "
+                     f"{'block s':>7} {'links s':>7} {'tail s':>7} {'s':>7}  outputs")
         for cand in depth[:8]:
             lines.append(f"  {cand.layers:>6} {100 * cand.block_flops / s['model_flops']:>6.1f} "
                          f"{cand.executed_flops / 1e9:>10.2f} {cand.tail_flops / 1e9:>10.2f} "
-                         f"{cand.transfer_bytes / 1e6:>8.2f} {cand.seconds:>7.3f}  {','.join(map(str, cand.outputs))}")
+                         f"{cand.transfer_bytes / 1e6:>8.2f} {cand.block_seconds:>7.3f} {cand.link_seconds:>7.3f} "
+                         f"{cand.tail_seconds:>7.3f} {cand.seconds:>7.3f}  {','.join(map(str, cand.outputs))}")
+        deepest = max(depth, key=lambda c: c.layers)
+        if deepest is not depth[0]:
+            best = depth[0]
+            lines.append(f"  why not deeper: the deepest block ({deepest.layers} layers, "
+                         f"{100 * deepest.block_flops / s['model_flops']:.1f}%) takes {deepest.seconds:.3f} s, "
+                         f"{deepest.block_seconds:.3f} s for its tiles ({deepest.link_seconds:.3f} s of it on links, "
+                         f"{deepest.transfer_bytes / 1e6:.2f} MB moved) + {deepest.tail_seconds:.3f} s of tail; "
+                         f"{best.layers} layers: {best.block_seconds:.3f} s + {best.tail_seconds:.3f} s")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ can travel as msgpack and be inspected.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -81,6 +82,8 @@ LENDING_KINDS = ("conv", "maxpool")
 #: 20 Mbit/s link (the emulated cluster's), in FLOP/s and bytes/s.
 DEPTH_FLOP_RATE = 2.0e9
 DEPTH_LINK_RATE = 2.5e6
+#: Tile inputs travel as the camera's uint8 pixels: a quarter of the plan's float32 input bytes.
+DEPTH_PIXEL_SHARE = 0.25
 #: Depths the cost model weighs at most: each costs a plan (0.1-0.2 s for yolov4 at 608), and a
 #: node resolves its default depth at start.
 MAX_DEPTH_CANDIDATES = 32  # every candidate of the tiny models (yolov4-tiny: 26)
@@ -487,24 +490,95 @@ class DepthCandidate:
     executed_flops: int  # FLOPs the tiles execute, halos included
     tail_flops: int  # FLOPs after the block, on one node
     transfer_bytes: int  # fused outputs + reuse strips + the tiles' input (camera bytes, a quarter of float32)
-    seconds: float  # predicted frame time
+    seconds: float  # predicted frame time: block_seconds + tail_seconds
+    block_seconds: float = 0.0  # the tiles' makespan, their phases and bytes on the links included
+    link_seconds: float = 0.0  # the part of block_seconds the links add (makespan with free links subtracted)
+    tail_seconds: float = 0.0  # the tail on the gateway, which holds the assembled map
+
+
+def frame_seconds(plan: Plan, devices: int, reuse: bool = True, flop_rate: float = DEPTH_FLOP_RATE,
+                  link_rate: float = DEPTH_LINK_RATE) -> float:
+    """Seconds from a frame's start until the gateway holds all of its fused outputs, on ``devices``
+    equal nodes, each with a full-duplex link of ``link_rate`` bytes/s each way. Pure.
+
+    The tasks run by :func:`simulate`'s policy (a free node takes the first task in plan order
+    whose reuse strips are in hand, else waits for them or runs the full variant, whichever ends
+    sooner, its bytes included),
+    and the bytes take the links they take in the runtime:
+
+    * a task's pixels (:data:`DEPTH_PIXEL_SHARE` of its input bytes; a full variant's region is
+      large) leave the source's uplink,
+      one task after another in the order they are taken; the source sends ahead (nodes fetch
+      their next task while computing), so only a backlog on that link delays a task;
+    * a reuse variant fetches its borrowed strips straight from their producers once they are done,
+      at its own downlink's rate (strips of different consumers move on different links at once);
+    * every task's fused outputs enter the gateway's downlink, one after another as tasks end.
+
+    The phases of the reuse scheme are in it: a wave over a deep block chains its tiles, which
+    "executed FLOPs / devices" does not see.
+    """
+    if devices < 1:
+        raise PlanError(f"need at least one device, got {devices}")
+    pending = list(plan.tasks)
+    finish: dict[int, float] = {}
+    free = [0.0] * min(devices, len(pending))
+    src = gw = 0.0
+    inf = float("inf")
+
+    def ready(t: Task) -> float:  # when a reuse variant has its strips
+        assert t.reuse is not None
+        return max((finish.get(p, inf) for p in t.producers), default=0.0) + t.reuse.borrowed_bytes / link_rate
+
+    while pending:
+        d = min(range(len(free)), key=free.__getitem__)
+        now = free[d]
+        pick = next((i for i, t in enumerate(pending) if not reuse or t.reuse is None or ready(t) <= now), None)
+        if pick is None:
+            t = pending[0]
+            assert t.reuse is not None
+            full_pixels = src + DEPTH_PIXEL_SHARE * t.full.input_bytes / link_rate
+            if ready(t) + t.reuse.flops / flop_rate < max(now, full_pixels) + t.full.flops / flop_rate:
+                # wait for the next task to end or this one's strips to arrive, then look again
+                free[d] = min([x for x in finish.values() if x > now] + [ready(t)])
+                continue
+            pick, v = 0, t.full
+        else:
+            t = pending[pick]
+            v = t.variant(reuse)
+        pending.pop(pick)
+        src += DEPTH_PIXEL_SHARE * v.input_bytes / link_rate
+        start = max(now, src)
+        end = start + v.flops / flop_rate
+        finish[t.id] = free[d] = end
+        gw = max(gw, end) + sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, t.outputs)) / link_rate
+    return gw
 
 
 def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none",
                      devices: int | None = None) -> list[DepthCandidate]:
     """Every block boundary worth weighing, with its predicted frame time, best first.
 
-    The model: tiles run in parallel on ``devices`` (default: one per tile), the tail on one
-    node, every byte crosses one link::
+    The model: the tiles run on ``devices`` Pi-class nodes (default: one per tile) at
+    :data:`DEPTH_FLOP_RATE`, their bytes on 20 Mbit/s links (:data:`DEPTH_LINK_RATE`), as
+    :func:`frame_seconds` plays them out; then the gateway, which holds the assembled map, runs
+    the tail::
 
-        seconds = executed / (DEPTH_FLOP_RATE * min(devices, tiles)) + tail / DEPTH_FLOP_RATE
-                  + transfer / DEPTH_LINK_RATE
+        seconds = frame_seconds(plan, devices) + tail / DEPTH_FLOP_RATE
 
-    Fusing deeper moves the tail's FLOPs into parallel tiles but grows the halos (executed FLOPs
-    above the block's); the fused outputs' bytes change with where the cut falls. Candidates are
-    the depths where the block ends on a conv, a maxpool or a yolo head (cutting right after a
-    route or upsample only moves a copy), at most :data:`MAX_DEPTH_CANDIDATES` of them spread
-    evenly, and the deepest one. Ties go to the deeper block.
+    Fusing deeper moves the tail's FLOPs into parallel tiles, but grows what the tiles move: the
+    fused outputs the gateway's one downlink receives (a detector's head maps are larger than its
+    backbone's), the strips each consumer waits for, and the chain of reuse phases. A tiled grid
+    is there for a frame's latency (whole-frame data parallelism, 1x1, is the throughput choice
+    on slow links; :mod:`stealer.ftp.auto`), so its depth is chosen for a frame's time too.
+
+    An earlier model summed every byte on one link (``(outputs + strips + pixels) / link``) and
+    ran the tiles ``devices``-fold parallel (``executed / (rate * devices)``): it charged a deep
+    block's strips, which cross many links at once, as if they crossed one, and missed that a
+    wave's phases chain its tiles; both errors are on the same side for a deep DAG block.
+
+    Candidates are the depths where the block ends on a conv, a maxpool or a yolo head (cutting
+    right after a route or upsample only moves a copy), at most :data:`MAX_DEPTH_CANDIDATES` of
+    them spread evenly, and the deepest one. Ties go to the deeper block.
     """
     rows, cols = grid
     tiles = rows * cols
@@ -517,18 +591,24 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
     elif len(ends) > MAX_DEPTH_CANDIDATES - 1:  # a deep model (yolov4: 116 ends): an even spread of them
         step = len(ends) / (MAX_DEPTH_CANDIDATES - 1)
         ends = sorted({ends[int(i * step)] for i in range(MAX_DEPTH_CANDIDATES - 1)})
+    reuse = scheme != "none"
     out: list[DepthCandidate] = []
     for n in ends + [most]:
         try:
             plan = make_plan(spec, grid, n, scheme=scheme)
         except PlanError:
             continue
-        t = plan.totals(reuse=scheme != "none")
+        t = plan.totals(reuse=reuse)
         block = plan.frame_flops
-        # a 1x1 grid runs the block and the tail on one node: nothing crosses a link
-        transfer = 0 if tiles == 1 else t.output_bytes + t.overlap_bytes + t.input_bytes // 4
-        sec = t.flops / (DEPTH_FLOP_RATE * par) + (total - block) / DEPTH_FLOP_RATE + transfer / DEPTH_LINK_RATE
-        out.append(DepthCandidate(n, plan.outputs, block, t.flops, total - block, transfer, sec))
+        tail_s = (total - block) / DEPTH_FLOP_RATE
+        if tiles == 1:  # the block and the tail on one node: nothing crosses a link
+            transfer, block_s, link_s = 0, t.flops / DEPTH_FLOP_RATE, 0.0
+        else:
+            transfer = t.output_bytes + t.overlap_bytes + int(DEPTH_PIXEL_SHARE * t.input_bytes)
+            block_s = frame_seconds(plan, par, reuse)
+            link_s = block_s - frame_seconds(plan, par, reuse, link_rate=math.inf)
+        out.append(DepthCandidate(n, plan.outputs, block, t.flops, total - block, transfer, block_s + tail_s,
+                                  block_s, link_s, tail_s))
     if not out:
         raise PlanError(f"{spec.source}: no block boundary fits a {rows}x{cols} grid")
     out.sort(key=lambda c: (c.seconds, -c.layers))
