@@ -329,7 +329,13 @@ class ShardShell(NodeState):
             return
         p = st.pending.pop(msg.task_id, None)
         if p is None:
-            return  # a late answer of a round that is over (recovered, or re-run)
+            # a late answer of a round that is over (recovered, or re-run): its holder is alive
+            node = st.ended.get(msg.task_id)
+            if node is not None and peer is not None and peer.node_id == node:
+                del st.ended[msg.task_id]
+                if msg.ok and st.placer is not None:
+                    self._carry_out_placement(st.placer.answered(node, time.monotonic(), late=True))
+            return
         job = p.round.jobs[p.job]
         if peer is None or peer.node_id != job.node:
             st.pending[msg.task_id] = p  # still the holder's to answer
@@ -347,7 +353,7 @@ class ShardShell(NodeState):
             p.outs[p.job] = msg.data
             p.round.result(p.job, now)
             if st.placer is not None:
-                self._carry_out_placement(st.placer.cleared(job.node, now))
+                self._carry_out_placement(st.placer.answered(job.node, now))
         else:
             p.reasons[p.job] = msg.error or "failed"
             p.round.fail(p.job)
@@ -493,7 +499,11 @@ class ShardShell(NodeState):
                     wake.clear()
             finally:
                 for tid in ids:
-                    st.pending.pop(tid, None)
+                    gone = st.pending.pop(tid, None)
+                    if gone is not None:  # still out: remember whose it is, for a late answer
+                        st.ended[tid] = gone.round.jobs[gone.job].node
+                while len(st.ended) > self.cfg.limits.ended_shard_tasks_remembered:
+                    st.ended.popitem(last=False)
 
     def _issue(self, rnd: sh_role.LayerRound, x: np.ndarray, pre: bool, epoch: int, outs: dict[int, np.ndarray],
                reasons: dict[int, str], wake: asyncio.Event) -> list[int]:
