@@ -168,3 +168,21 @@ def test_once_the_lost_answer_and_everyone_reads_the_shards_spread_over_every_no
     if len(usable) >= want:
         held = _sharded_holders(p)
         assert held and all(len(h) == want for h in held.values()), (held, usable, p.suspects)
+
+
+def test_when_no_placement_fits_the_placer_asks_for_no_tick_before_something_can_change(spec):
+    """A gateway whose nodes offer too little for the tail (waiting for more) spun a core: the
+    placer's next check stayed at the grace's end, in the past, so the shell ticked it again at
+    once, forever."""
+    p = sh.ShardPlacer(spec, "gw", 9, 2, False, 0.0, TIMING)
+    assert p.nodes_changed({"gw": 200 << 20}, 1.0) == []  # in the grace, one node of the two K=2 wants
+    assert p.next_check() == TIMING.place_grace
+    (fail,) = p.tick(TIMING.place_grace)  # the tail whole on the gateway does not fit in 200 MB
+    assert isinstance(fail, sh.PlaceFailed)
+    assert p.next_check() is None  # only an event (a node joining) can change it
+    (fail,) = p.nodes_changed({"gw": 200 << 20, "a": 160 << 20}, 5.5)
+    assert isinstance(fail, sh.PlaceFailed) and p.next_check() is None
+    _read_all(p, p.suspect("a", 6.0), 6.0)
+    assert p.next_check() == 6.0 + TIMING.suspect_for  # a suspicion running out can
+    acts = p.nodes_changed({"gw": BIG, "a": 160 << 20, "b": BIG}, 7.0)
+    assert any(isinstance(a, sh.Activated) for a in _read_all(p, acts, 7.5))

@@ -216,7 +216,10 @@ class ShardPlacer:
         times = list(self.suspects.values())
         if self.proposed is not None:
             times.append(self.proposed_at + self.timing.lease)
-        if self.active is None and self.proposed is None:
+        if self.active is None and self.proposed is None and self.failed is None:
+            # the grace's end (once a placement was tried and failed, only events can change
+            # that: a node joining, a suspicion running out; a time in the past here had the
+            # shell call tick() again at once, forever, spinning a core while no placement fit)
             times.append(self.started + self.timing.place_grace)
         return min(times) if times else None
 
