@@ -240,7 +240,7 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     from .dashboard import add_http_arg
 
     add_http_arg(p)
-    from .outputs.mjpeg import add_mjpeg_arg
+    from .outputs.mjpeg_args import add_mjpeg_arg
     from .outputs.video import add_video_args
 
     add_mjpeg_arg(p)

@@ -222,6 +222,12 @@ class Limits:
     it already released from a new frame (frames a lease brings back arrive within seconds,
     far fewer than this many frames later); keeps a long-running gateway's memory constant."""
 
+    ended_shard_tasks_remembered: int = 1024
+    """Shard tasks whose round is over (recovered, or re-run) that a coordinator remembers with
+    the node they went to: a late answer to one shows that its holder, given up as lost (frozen,
+    or a cold process still compiling its kernels), is back and may hold shards again. Keeps a
+    long-running coordinator's memory constant."""
+
     max_sources_per_node: int = 64
     """Most sources (cameras) one node may announce frames for at the gateway; stops a peer
     from making the gateway keep ordering state for source names of its choosing."""

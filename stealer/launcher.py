@@ -271,7 +271,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     # the gateway's outputs, passed on to it as they are (see gateway_outputs_argv)
     from .dashboard import add_http_arg
     from .metrics import add_metrics_arg
-    from .outputs.mjpeg import add_mjpeg_arg
+    from .outputs.mjpeg_args import add_mjpeg_arg
     from .outputs.mqtt import add_mqtt_args
     from .outputs.video import add_video_args
 

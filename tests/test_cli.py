@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import subprocess
 import sys
@@ -71,3 +72,15 @@ def test_info_table(tmp_path):
     r = run("info", "--cfg", "yolov2", cwd=tmp_path)
     assert r.returncode == 0
     assert "62.938" in r.stdout and "conv 3x3/1 p1 32 bn leaky" in r.stdout
+
+
+def test_a_node_without_http_outputs_never_imports_aiohttp():
+    """Building the command line and loading the node runtime must not import aiohttp (about
+    9 MiB resident on every node, counted against --max-memory): only --http/--metrics/--mjpeg
+    need it, and they import it when they start."""
+    code = ("import sys; import stealer.cli as cli; cli.build_parser().parse_args(['node', '--shards', '4']); "
+            "import stealer.node, stealer.node.shards, stealer.launcher; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert out.stdout.strip() == "[]", out.stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -133,6 +134,27 @@ def _rows(layer: ConvSpec | ConnectedSpec, x: np.ndarray, w: np.ndarray, b: np.n
     return run_rows(layer, x, w, b, pre_activation=pre)
 
 
+def warm_holding(layer: ConvSpec | ConnectedSpec, w: np.ndarray, b: np.ndarray, parity: bool) -> None:
+    """Run a holding's kernels once, as its shard tasks will (the parity: pre-activation; a shard:
+    both, as a coded placement or not sends it), on a small input, so that its first task does not
+    compile (a node's start-up warm-up compiles each layer's own activation only). At most 16 of
+    its rows, on a map of the size :meth:`Network.warm_up` uses: milliseconds once compiled."""
+    rows = min(len(b), 16)
+    wr, br = np.ascontiguousarray(w[:rows]), np.ascontiguousarray(b[:rows])
+    if isinstance(layer, ConvSpec):
+        sy, sx = layer.strides
+        side = layer.span + 2 * max(sy, sx)
+        x = np.zeros((layer.in_shape[0], side, side), np.float32)
+        out = (rows, (side + 2 * layer.pad - layer.span) // sy + 1, (side + 2 * layer.pad - layer.span) // sx + 1)
+        small = dataclasses.replace(layer, in_shape=x.shape, out_shape=out, filters=rows)
+        for pre in (True,) if parity else (True, False):
+            run_rows(small, x, wr, br, pre_activation=pre)
+    else:
+        v = np.zeros(wr.shape[1], np.float32)
+        for pre in (True,) if parity else (True, False):
+            run_rows(layer, v, wr, br, pre_activation=pre)
+
+
 def _tail(runner: RemoteTail, maps: dict[int, np.ndarray], start: int, net: Network, img_w: int, img_h: int,
           thresh: float, nms: float) -> tuple[str, list[dict[str, Any]]]:
     outs = runner.outputs_from(maps, start)
@@ -201,9 +223,14 @@ class ShardShell(NodeState):
             p, _ = read_parity(self.cfg.weights_file, spec, layer, k)
             if (start, stop) != (0, p.rows):
                 raise ProtocolError(f"layer {layer}: the parity of {k} shards has {p.rows} rows, not [{start}, {stop})")
-            return p.weight, p.bias
-        (sw,), _ = read_shards(self.cfg.weights_file, spec, [(layer, start, stop)])
-        return sw.weight, sw.bias
+            w, b = p.weight, p.bias
+        else:
+            (sw,), _ = read_shards(self.cfg.weights_file, spec, [(layer, start, stop)])
+            w, b = sw.weight, sw.bias
+        shape = spec.layers[layer]
+        assert isinstance(shape, (ConvSpec, ConnectedSpec))
+        warm_holding(shape, w, b, parity)
+        return w, b
 
     async def _on_shard_task(self, peer: Peer | None, msg: ShardTask) -> None:
         assert peer is not None
@@ -226,6 +253,11 @@ class ShardShell(NodeState):
         want = tuple(self.net.input_shape_of(index))
         if x.dtype != np.float32 or tuple(x.shape) != want:
             return f"layer {index}: input {x.dtype} {tuple(x.shape)} is not the float32 {want} it reads"
+        if not x.flags.writeable:
+            # the wire's zero-copy view: a read-only array is another type to Numba, whose kernels
+            # would compile again for it (seconds to tens of seconds in a cold process, which the
+            # coordinator rightly takes for a late or lost holder); one copy of the input is cheap
+            x = np.array(x)
         t0 = time.perf_counter()
         w, b = held
         try:
@@ -329,7 +361,13 @@ class ShardShell(NodeState):
             return
         p = st.pending.pop(msg.task_id, None)
         if p is None:
-            return  # a late answer of a round that is over (recovered, or re-run)
+            # a late answer of a round that is over (recovered, or re-run): its holder is alive
+            node = st.ended.get(msg.task_id)
+            if node is not None and peer is not None and peer.node_id == node:
+                del st.ended[msg.task_id]
+                if msg.ok and st.placer is not None:
+                    self._carry_out_placement(st.placer.answered(node, time.monotonic(), late=True))
+            return
         job = p.round.jobs[p.job]
         if peer is None or peer.node_id != job.node:
             st.pending[msg.task_id] = p  # still the holder's to answer
@@ -347,7 +385,7 @@ class ShardShell(NodeState):
             p.outs[p.job] = msg.data
             p.round.result(p.job, now)
             if st.placer is not None:
-                self._carry_out_placement(st.placer.cleared(job.node, now))
+                self._carry_out_placement(st.placer.answered(job.node, now))
         else:
             p.reasons[p.job] = msg.error or "failed"
             p.round.fail(p.job)
@@ -493,7 +531,11 @@ class ShardShell(NodeState):
                     wake.clear()
             finally:
                 for tid in ids:
-                    st.pending.pop(tid, None)
+                    gone = st.pending.pop(tid, None)
+                    if gone is not None:  # still out: remember whose it is, for a late answer
+                        st.ended[tid] = gone.round.jobs[gone.job].node
+                while len(st.ended) > self.cfg.limits.ended_shard_tasks_remembered:
+                    st.ended.popitem(last=False)
 
     def _issue(self, rnd: sh_role.LayerRound, x: np.ndarray, pre: bool, epoch: int, outs: dict[int, np.ndarray],
                reasons: dict[int, str], wake: asyncio.Event) -> list[int]:

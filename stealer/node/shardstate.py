@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ class ShardRuntime:
     changed: asyncio.Event | None = None  # set (and replaced) whenever the active placement changes
     node_bytes: dict[str, int] = field(default_factory=dict)  # node -> weights it said it holds
     pending: dict[int, PendingShard] = field(default_factory=dict)  # task id -> where it goes
+    ended: OrderedDict[int, str] = field(default_factory=OrderedDict)  # task id of a round over -> its node
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     timer: asyncio.TimerHandle | None = None
     tail_pool: concurrent.futures.ThreadPoolExecutor | None = None

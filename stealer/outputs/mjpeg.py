@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..metrics import serve_app
+from .mjpeg_args import add_mjpeg_arg  # noqa: F401 - re-exported (the CLI imports it from there: no aiohttp)
 
 if TYPE_CHECKING:
     from ..config import Limits
@@ -53,17 +54,6 @@ CLIENT_BACKLOG = 2
 """Frames a stream may have waiting: the one being written and the next; older ones go."""
 
 _KEEPALIVE = 10.0  # seconds: a quiet source's latest frame again (players and proxies time out idle streams)
-
-
-def add_mjpeg_arg(parser: Any) -> None:
-    """Add ``--mjpeg [HOST]:PORT`` (off by default)."""
-    from ..metrics import metrics_address_arg
-
-    parser.add_argument(
-        "--mjpeg", type=metrics_address_arg, default=None, metavar="[HOST]:PORT",
-        help="gateway: serve each source's annotated frames as a live MJPEG stream at http://HOST:PORT/NODE/INDEX "
-             "(/ : the first source; :PORT and the token as --http; the --http address serves them under "
-             "/mjpeg/) [off]")
 
 
 def part(frame: AnnotatedFrame) -> bytes:

@@ -10,7 +10,18 @@ holder falling under suspicion (a lost or late shard task), give a new placement
 its weights and said so (:meth:`ShardPlacer.ready`) that placement becomes the active one
 (:class:`Activated`). Until then frames go on with the previous active placement; a shard task
 sent to a node that dropped its shard meanwhile comes back failed and is recovered or re-run
-like any lost task, so no frame is lost to a re-placement.
+like any lost task, so no frame is lost to a re-placement. Only the nodes that hold something
+under the new placement are waited for: a node told only to drop its holdings (it left the
+placement, maybe because it is frozen) holds up nothing.
+
+Suspicion has two kinds. A holder that seemed *lost* (a shard task out past the lease, or no
+:class:`ShardReady` within the lease: frozen, hung, or in a cold process still compiling its
+kernels) comes back as soon as it shows it is alive: any answer, a shard result that came too
+late for its round (:meth:`ShardPlacer.answered` with ``late``) or a late ready for an older
+placement, re-places with it, so shards moved to the coordinator while it was away spread out
+again. A holder that was merely *slow* (its shard recovered from the parity past the deadline)
+stays out for ``suspect_for`` unless it answers a task in time: a late answer would only bring
+back a node that is late again (flapping re-placements, each re-reading weights).
 
 :class:`LayerRound` is one sharded layer of one frame: the shard tasks out (and the parity's),
 what came back, and the decision (:meth:`LayerRound.decide`):
@@ -113,6 +124,7 @@ class ShardPlacer:
         self.timing = timing
         self.offers: dict[str, int] = {}  # node -> bytes it offers for shards (the coordinator included)
         self.suspects: dict[str, float] = {}  # node -> until when it is left out
+        self.lost: set[str] = set()  # suspects that seemed lost (not merely slow): any answer clears them
         self.epoch = 0
         self.active: Placement | None = None
         self.active_epoch = 0
@@ -136,24 +148,39 @@ class ShardPlacer:
             return []
         if not degrade and len(self.eligible(now)) - 1 < self.shards + (1 if self.coded else 0):
             return []
-        self.suspects[node] = now + self.timing.suspect_for
+        self._suspect(node, now, lost=degrade)
         return self._replace(now)
 
-    def cleared(self, node: str, now: float) -> list[PlaceAction]:
-        """``node`` answered a shard task again: it may hold shards again."""
-        if self.suspects.pop(node, None) is None:
+    def answered(self, node: str, now: float, *, late: bool = False) -> list[PlaceAction]:
+        """``node`` answered a shard task: in time for its round, or ``late`` (the round was
+        over: recovered, or re-run elsewhere). In time, it may hold shards again; late, only if it
+        seemed lost (a frozen or compiling node that is back), not if it was merely slow."""
+        if node not in self.suspects or late and node not in self.lost:
             return []
+        self._clear(node)
         return self._replace(now)
+
+    def _suspect(self, node: str, now: float, *, lost: bool) -> None:
+        self.suspects[node] = now + self.timing.suspect_for
+        if lost:
+            self.lost.add(node)
+        else:
+            self.lost.discard(node)
+
+    def _clear(self, node: str) -> None:
+        self.suspects.pop(node, None)
+        self.lost.discard(node)
 
     def tick(self, now: float) -> list[PlaceAction]:
         """Time passed: the grace may be over, suspicions may have run out."""
         expired = [n for n, t in self.suspects.items() if t <= now]
         for n in expired:
-            del self.suspects[n]
+            self._clear(n)
         if self.proposed is not None and now >= self.proposed_at + self.timing.lease:
-            # nodes that never said they read their shards (frozen, or hung reading): without them
+            # nodes that never said they read their shards (frozen, hung reading, or compiling in
+            # a cold process): without them, until they answer
             for n in self.waiting - {self.coordinator}:
-                self.suspects[n] = now + self.timing.suspect_for
+                self._suspect(n, now, lost=True)
             self.proposed = None
             return self._replace(now)
         if expired or (self.active is None and self.proposed is None):
@@ -163,9 +190,13 @@ class ShardPlacer:
     def ready(self, node: str, epoch: int, ok: bool, now: float) -> list[PlaceAction]:
         """``node`` read its holdings of ``epoch`` (``ok``), or could not."""
         if epoch != self.epoch or self.proposed is None:
-            return []  # an older placement's answer: superseded
+            # an older placement's answer: superseded; but a node given up as lost is back
+            if ok and node in self.lost:
+                self._clear(node)
+                return self._replace(now)
+            return []
         if not ok:
-            self.suspects[node] = now + self.timing.suspect_for
+            self._suspect(node, now, lost=False)
             return self._replace(now)
         self.waiting.discard(node)
         if self.waiting:
@@ -185,7 +216,10 @@ class ShardPlacer:
         times = list(self.suspects.values())
         if self.proposed is not None:
             times.append(self.proposed_at + self.timing.lease)
-        if self.active is None and self.proposed is None:
+        if self.active is None and self.proposed is None and self.failed is None:
+            # the grace's end (once a placement was tried and failed, only events can change
+            # that: a node joining, a suspicion running out; a time in the past here had the
+            # shell call tick() again at once, forever, spinning a core while no placement fit)
             times.append(self.started + self.timing.place_grace)
         return min(times) if times else None
 
@@ -193,7 +227,10 @@ class ShardPlacer:
         nodes = self.eligible(now)
         want = self.shards + (1 if self.coded else 0)
         if len(nodes) < want and now < self.started + self.timing.place_grace and self.active is None:
-            return []  # peers are still being found: do not load what the next placement moves
+            # peers are still being found: do not load what the next placement moves; a first
+            # placement proposed meanwhile on nodes of which one has left is given up
+            self.proposed, self.waiting = None, set()
+            return []
         k = max(1, min(self.shards, len(nodes) - (1 if self.coded else 0)))
         coded = self.coded and k >= 2
         try:
@@ -221,13 +258,20 @@ class ShardPlacer:
             if held:
                 self._assigned.add(name)
             out.append(Assign(name, self.epoch, held))
-        self.waiting = {a.node for a in out if isinstance(a, Assign)}
+        # only nodes that hold something under it must have read it: one told to drop all it
+        # holds (frozen, maybe) must not keep the placement from becoming active
+        self.waiting = {a.node for a in out if isinstance(a, Assign) and a.holdings}
+        if not self.waiting:  # nothing to read anywhere (cannot happen with weighted layers)
+            self.active, self.active_epoch, self.proposed = placement, self.epoch, None
+            out.append(Activated(self.epoch, placement))
         return out
 
     def validate(self) -> None:
         """Invariants (tests call this after every step)."""
         assert self.active is None or self.active_epoch <= self.epoch
         assert self.proposed is None or self.waiting or self.active is self.proposed
+        assert self.lost <= set(self.suspects)
+        assert self.proposed is None or self.waiting <= {n for n in self.offers} | {self.coordinator}
         if self.active is not None:
             for layer in self.active.layers:
                 nodes = [h.node for h in layer.holders]
