@@ -497,12 +497,16 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-#: Peak resident memory (VmHWM) of a bare node runtime holding no weights and no activations:
-#: Python, numpy, numba and ``stealer.network`` imported and every kernel variant of the built-in
-#: models loaded from Numba's cache. Measured 2026-12-03 on x86-64 (CPython 3.11, numpy 2.4,
-#: numba 0.68.1): 147 MiB (the imports alone: 98 MiB). The placement planner
-#: (:mod:`stealer.shard`) counts it on every node before weights and activations.
-RUNTIME_BYTES = 147 * _MiB
+#: Peak resident memory (VmHWM) of an idle node runtime holding no weights and no activations:
+#: Python, numpy, numba and ``stealer.network`` imported, every kernel variant of the built-in
+#: models loaded from Numba's cache (the bare runtime: 146 MiB, the imports alone 98 MiB), plus
+#: the node's own modules and state (connections, discovery, plans: 22 MiB). Measured
+#: 2026-12-03 on x86-64 (CPython 3.11, numpy 2.4, numba 0.68.1), bench/shard_cluster.py
+#: --memory: an idle ``stealer node --shards`` peaks at 181.6 MiB with its 13 MiB of fused-block
+#: weights. The placement planner (:mod:`stealer.placement`) counts it on every node before
+#: weights and activations; with the bare runtime's 147 MiB alone, placements it called fitting
+#: peaked 35-50 MiB over their nodes' --max-memory.
+RUNTIME_BYTES = 169 * _MiB
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
     fused : int
         Layers ``0 .. fused-1`` run as FTP tiles (0: none); ``tile_bytes`` is one task's working set.
     runtime : int
-        The bare runtime's peak (:data:`stealer.config.RUNTIME_BYTES`).
+        An idle node runtime's peak (:data:`stealer.config.RUNTIME_BYTES`).
     prefer : mapping (layer, start, stop, parity) -> node, optional
         Where each holding is now (a re-placement): a holding stays on its node if that node is
         still there and has room, so that a node leaving moves only what it held.
@@ -257,6 +257,9 @@ def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fus
     if coord.room(0) < 0:
         raise PlacementError(f"node {coord.name} offers {coord.memory / _MB:.1f} MB, less than the bare runtime's "
                              f"{runtime / _MB:.1f} MB")
+    # a node that cannot hold even the runtime takes no part: it holds nothing and runs no tiles
+    # (listed, it would be a node whose placement exceeds what it offers)
+    loads = [coord] + [n for n in loads[1:] if n.room(0) >= 0]
     acts = _coordinator_acts(spec, fused)
     out: list[LayerPlacement] = []
     for layer in spec.layers[fused:]:
@@ -415,7 +418,7 @@ def add_place_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fused", default="auto",
                    help="layers run as FTP tiles: a count, 0, or auto (the FTP planner's prefix) [auto]")
     p.add_argument("--grid", default="5x5", help="FTP grid of the tiles [5x5]")
-    p.add_argument("--runtime", type=_size, default=RUNTIME_BYTES, help="bare runtime peak [measured 147M]")
+    p.add_argument("--runtime", type=_size, default=RUNTIME_BYTES, help="an idle node runtime's peak [measured 169M]")
     p.set_defaults(func=cmd_place)
 
 

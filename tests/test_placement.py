@@ -64,7 +64,7 @@ def test_every_placement_fits_or_names_a_layer(mems, k, coded, fused):
 
 
 def test_yolov2_needs_shards_below_its_tail_and_fits_at_k4():
-    with pytest.raises(PlacementError, match=r"layer 24 \(conv\): kept whole it needs 1\d\d\.\d MB"):
+    with pytest.raises(PlacementError, match=r"layer 23 \(conv\): kept whole it needs 2\d\d\.\d MB"):
         plan_placement(YOLOV2, [NodeOffer("a", 256 * MiB)], fused=16, tile_bytes=4 * MiB)
     nodes = [NodeOffer(f"n{i}", 256 * MiB) for i in range(4)]
     p = plan_placement(YOLOV2, nodes, shards=4, fused=16, tile_bytes=4 * MiB)
@@ -95,6 +95,11 @@ def test_vgg16_on_eight_256m_nodes():
 def test_a_node_below_the_runtime_is_refused():
     with pytest.raises(PlacementError, match="bare runtime"):
         plan_placement(YOLOV2, [NodeOffer("a", RUNTIME_BYTES - 1)])
+    # not the coordinator: it takes no part (no node of a placement may be over its offer)
+    nodes = [NodeOffer("gw", 4 << 30), NodeOffer("small", RUNTIME_BYTES - 1), NodeOffer("n2", 4 << 30)]
+    p = plan_placement(YOLOV2, nodes, shards=2, fused=16, tile_bytes=4 * MiB)
+    check(p, YOLOV2, nodes)
+    assert "small" not in {u.name for u in p.nodes}
 
 
 def test_placement_drives_the_sharded_executor(tmp_path):
@@ -117,6 +122,6 @@ def test_place_command(capsys):
     out = capsys.readouterr().out
     assert "K=4" in out and "tiles" in out and "bytes moved per frame" in out and "node3" in out
     assert main(["place", "--cfg", "yolov2", "--nodes", "1", "--max-memory", "256M"]) == 2
-    assert "layer 24" in capsys.readouterr().err
+    assert "layer 23" in capsys.readouterr().err
     assert main(["place", "--cfg", "vgg-16"]) == 2
     assert "--nodes" in capsys.readouterr().err
