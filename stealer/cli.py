@@ -275,6 +275,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .outputs.video import video_config_from_args
 
     video = video_config_from_args(args)  # ConfigError (no OpenCV, not .avi/.mp4): one line, before the model loads
+    if args.max_memory is not None:
+        from .sysmem import return_large_blocks
+
+        # a promised bound: freed big buffers go back to the system at once (see stealer.sysmem)
+        return_large_blocks()
     shard_weights, held = None, 0
     if args.shards:  # only the fused block's weights now; the gateway assigns the shards
         from .node.shards import load_shard_node
