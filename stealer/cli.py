@@ -281,6 +281,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         # a promised bound: freed big buffers go back to the system at once (see stealer.sysmem)
         return_large_blocks()
     shard_weights, held = None, 0
+    if args.pipeline:  # pipeline stages are shard mode with every layer whole (K = 1)
+        if args.shards > 1 or args.coded:
+            raise ConfigError("--pipeline places whole layers: not with --shards K > 1 or --coded")
+        args.shards = 1
     if args.shards:  # only the fused block's weights now; the gateway assigns the shards
         from .node.shards import load_shard_node
 
@@ -313,6 +317,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     )
     if args.shards:
         cfg.shards, cfg.coded, cfg.weights_file = args.shards, args.coded, shard_weights
+        cfg.pipeline = args.pipeline
         cfg.slots = cfg.slots if computes else 0
         if not computes:
             log.warning("--max-memory %d B is below what one tile needs: this node holds and computes shards only",

@@ -41,9 +41,23 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
                    help="model parallelism: the gateway places the tail's weighted layers as K shards each "
                         "(by output channels) on the nodes it knows, by the memory each offers; every node "
                         "then reads only the weights it is given [0: off]")
+    p.add_argument("--pipeline", type=_stage_count, default=0, metavar="S",
+                   help="model parallelism for throughput: the gateway places the tail's weighted layers whole, "
+                        "in S consecutive stages of about equal FLOPs on S nodes, and runs S frames' tails at "
+                        "once (shard mode with K = 1; not with --shards K > 1 or --coded) [0: off]")
     p.add_argument("--coded", action="store_true",
                    help="with --shards: a parity shard per sharded layer, so a late or lost shard is "
                         "recovered at once (within a stated tolerance; the result line names it)")
+
+
+def _stage_count(text: str) -> int:
+    try:
+        s = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pipeline wants a whole number, got {text!r}") from None
+    if s != 0 and not 2 <= s <= 64:
+        raise argparse.ArgumentTypeError(f"--pipeline {s}: 0 (off) or 2 to 64 stages")
+    return s
 
 
 def _shard_count(text: str) -> int:

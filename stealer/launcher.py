@@ -67,7 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   "--max-inflight", str(args.max_inflight)] + auto_argv(args)
     if args.layers:
         common += ["--layers", str(args.layers)]
-    if args.shards:  # every node in shard mode: none loads the whole model
+    if args.pipeline:  # every node in shard mode, the tail in pipeline stages
+        common += ["--pipeline", str(args.pipeline)]
+    elif args.shards:  # every node in shard mode: none loads the whole model
         common += ["--shards", str(args.shards)] + (["--coded"] if args.coded else [])
     common += codec_argv(args) + ["--loopback", "--host", "127.0.0.1"]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []

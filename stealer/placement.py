@@ -203,7 +203,8 @@ def _coordinator_acts(spec: ModelSpec, start: int) -> dict[int, int]:
 
 def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int | None = None, coded: bool = False,
                    fused: int = 0, tile_bytes: int = 0, runtime: int = RUNTIME_BYTES,
-                   whole_below: int = WHOLE_BELOW, prefer: Mapping[HoldKey, str] | None = None) -> Placement:
+                   whole_below: int = WHOLE_BELOW, prefer: Mapping[HoldKey, str] | None = None,
+                   pipeline: int = 0) -> Placement:
     """Place ``spec``'s layers on ``nodes`` (the first is the coordinator) so that every node fits.
 
     Parameters
@@ -223,6 +224,11 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
     prefer : mapping (layer, start, stop, parity) -> node, optional
         Where each holding is now (a re-placement): a holding stays on its node if that node is
         still there and has room, so that a node leaving moves only what it held.
+    pipeline : int
+        ``S >= 2``: pipeline stages instead of shards. The tail's weighted layers are cut into
+        ``min(S, len(nodes))`` consecutive groups of about equal FLOPs, group ``s`` whole on
+        ``nodes[s]`` (the coordinator runs the first), so that consecutive frames' tails run on
+        different nodes at once (throughput; a frame's latency is not shortened).
 
     Raises
     ------
@@ -235,6 +241,10 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
         raise PlacementError("node names must be unique")
     if not 0 <= fused <= len(spec.layers):
         raise PlacementError(f"fused={fused} is not in 0..{len(spec.layers)}")
+    if pipeline >= 2:
+        if coded or (shards or 1) != 1:
+            raise PlacementError("pipeline stages hold whole layers: no --shards K > 1, no --coded")
+        return _place_pipeline(spec, nodes, min(pipeline, len(nodes)), fused, tile_bytes, runtime, prefer or {})
     if shards is not None:
         return _place(spec, nodes, shards, coded, fused, tile_bytes, runtime, whole_below, prefer or {})
     top = max(1, len(nodes) - (1 if coded else 0))
@@ -246,6 +256,95 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
             last = exc
     assert last is not None
     raise last
+
+
+def pipeline_stages(spec: ModelSpec, start: int, stages: int) -> list[list[int]]:
+    """The tail's weighted layers from ``start`` on, cut into at most ``stages`` consecutive groups
+    of about equal FLOPs: a layer goes to the stage its FLOPs' midpoint falls in (of ``stages``
+    equal shares of the total), so no stage is over its share by more than half a layer."""
+    weighted = [l for l in spec.layers[start:] if layer_weight_bytes(l)]
+    total = sum(int(l.flops) for l in weighted) or 1
+    groups: list[list[int]] = [[] for _ in range(stages)]
+    done = 0
+    for l in weighted:
+        mid = done + int(l.flops) / 2
+        groups[min(stages - 1, int(mid * stages / total))].append(l.index)
+        done += int(l.flops)
+    return [g for g in groups if g]
+
+
+def _place_pipeline(spec: ModelSpec, nodes: Sequence[NodeOffer], stages: int, fused: int, tile_bytes: int,
+                    runtime: int, prefer: Mapping[HoldKey, str]) -> Placement:
+    loads = [_Load(n.name, n.memory, runtime) for n in nodes]
+    coord = loads[0]
+    if coord.room(0) < 0:
+        raise PlacementError(f"node {coord.name} offers {coord.memory / _MB:.1f} MB, less than the bare runtime's "
+                             f"{runtime / _MB:.1f} MB")
+    loads = [coord] + [n for n in loads[1:] if n.room(0) >= 0]
+    groups = pipeline_stages(spec, fused, min(stages, len(loads)))
+    # the coordinator runs the first stage; a later stage stays on the node that holds its first
+    # layer now (a re-placement: a node joining moves nothing), else it takes the next free node
+    by_name = {n.name: n for n in loads}
+    stage_load = [coord]
+    for g in groups[1:]:
+        first = spec.layers[g[0]]
+        assert isinstance(first, (ConvSpec, ConnectedSpec))
+        was = by_name.get(prefer.get((first.index, 0, channels_of(first), False), ""))
+        if was is None or was in stage_load:
+            was = next(n for n in loads if n not in stage_load)
+        stage_load.append(was)
+    stage_of = {i: s for s, g in enumerate(groups) for i in g}
+    acts = _coordinator_acts(spec, fused)
+    out: list[LayerPlacement] = []
+    for layer in spec.layers[fused:]:
+        i = layer.index
+        if coord.room(acts[i]) < 0:
+            raise PlacementError(f"layer {i} ({layer.kind}): the coordinator {coord.name} needs "
+                                 f"{(runtime + coord.weights + acts[i]) / _MB:.1f} MB to run it (offers "
+                                 f"{coord.memory / _MB:.1f} MB)")
+        wb = layer_weight_bytes(layer)
+        if wb == 0:
+            coord.take(0, acts[i])
+            out.append(LayerPlacement(i, layer.kind, "-", (), 0, 0))
+            continue
+        assert isinstance(layer, (ConvSpec, ConnectedSpec))
+        node = stage_load[stage_of[i]]
+        need = acts[i] if node is coord else _map_bytes(layer.in_shape) + _map_bytes(layer.out_shape)
+        if node.room(need) < wb:
+            raise PlacementError(f"layer {i} ({layer.kind}): pipeline stage {stage_of[i]} on {node.name} needs "
+                                 f"{(runtime + node.weights + wb + max(node.act, need)) / _MB:.1f} MB "
+                                 f"({wb / _MB:.1f} MB of weights for this layer); it offers {node.memory / _MB:.1f} MB")
+        node.take(wb, need)
+        if node is not coord:
+            coord.take(0, acts[i])
+        moved = 0 if node is coord else need
+        out.append(LayerPlacement(i, layer.kind, "whole", (Holding(node.name, 0, channels_of(layer), wb),), wb, moved))
+    if fused:
+        out = _tile_layers(spec, loads, fused, tile_bytes) + out
+    return Placement(spec.source, tuple(out),
+                     tuple(NodeUse(n.name, n.memory, n.runtime, n.weights, n.act, n.tiles) for n in loads),
+                     1, False, fused)
+
+
+def _tile_layers(spec: ModelSpec, loads: list[_Load], fused: int, tile_bytes: int) -> list[LayerPlacement]:
+    """Layers ``0 .. fused-1`` as FTP tiles on every node with room for their weights and one
+    task's working set on top of what it holds."""
+    prefix_w = sum(layer_weight_bytes(l) for l in spec.layers[:fused])
+    tile_nodes = [n for n in loads if n.room(tile_bytes) >= prefix_w]
+    if not tile_nodes:
+        best = max(loads, key=lambda n: n.room(tile_bytes))
+        raise PlacementError(f"layers 0-{fused - 1} (fused tiles): a tile node needs "
+                             f"{(prefix_w + tile_bytes) / _MB:.1f} MB of weights and working set on top of what "
+                             f"it holds; the roomiest, {best.name}, has {max(best.room(tile_bytes) + tile_bytes, 0) / _MB:.1f} MB")
+    for n in tile_nodes:
+        n.take(prefix_w, tile_bytes)
+        n.tiles = True
+    moved = _map_bytes(spec.input_shape) + _map_bytes(spec.layers[fused - 1].out_shape)
+    return [LayerPlacement(l.index, l.kind, "tiles",
+                           tuple(Holding(n.name, 0, l.out_shape[0], layer_weight_bytes(l)) for n in tile_nodes)
+                           if layer_weight_bytes(l) else (),
+                           layer_weight_bytes(l), moved if l.index == fused - 1 else 0)
+            for l in spec.layers[:fused]]
 
 
 def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fused: int, tile_bytes: int,
@@ -282,23 +381,7 @@ def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fus
             continue
         out.append(_place_shards(layer, loads, kk, coded, act, in_b, out_b, runtime, prefer))
     if fused:
-        prefix_w = sum(layer_weight_bytes(l) for l in spec.layers[:fused])
-        tile_nodes = [n for n in loads if n.room(tile_bytes) >= prefix_w]
-        if not tile_nodes:
-            best = max(loads, key=lambda n: n.room(tile_bytes))
-            raise PlacementError(f"layers 0-{fused - 1} (fused tiles): a tile node needs "
-                                 f"{(prefix_w + tile_bytes) / _MB:.1f} MB of weights and working set on top of what "
-                                 f"it holds; the roomiest, {best.name}, has {max(best.room(tile_bytes) + tile_bytes, 0) / _MB:.1f} MB")
-        for n in tile_nodes:
-            n.take(prefix_w, tile_bytes)
-            n.tiles = True
-        moved = _map_bytes(spec.input_shape) + _map_bytes(spec.layers[fused - 1].out_shape)
-        tiles = [LayerPlacement(l.index, l.kind, "tiles",
-                                tuple(Holding(n.name, 0, l.out_shape[0], layer_weight_bytes(l)) for n in tile_nodes)
-                                if layer_weight_bytes(l) else (),
-                                layer_weight_bytes(l), moved if l.index == fused - 1 else 0)
-                 for l in spec.layers[:fused]]
-        out = tiles + out
+        out = _tile_layers(spec, loads, fused, tile_bytes) + out
     return Placement(spec.source, tuple(out),
                      tuple(NodeUse(n.name, n.memory, n.runtime, n.weights, n.act, n.tiles) for n in loads),
                      k, coded, fused)
@@ -419,6 +502,9 @@ def add_place_parser(sub: argparse._SubParsersAction) -> None:
                    help="layers run as FTP tiles: a count, 0, or auto (the FTP planner's prefix) [auto]")
     p.add_argument("--grid", default="5x5", help="FTP grid of the tiles [5x5]")
     p.add_argument("--runtime", type=_size, default=RUNTIME_BYTES, help="an idle node runtime's peak [measured 169M]")
+    p.add_argument("--pipeline", type=int, default=0, metavar="S",
+                   help="pipeline stages instead of shards: the tail's weighted layers in S consecutive groups of "
+                        "about equal FLOPs, one whole group per node (throughput: frames' tails overlap) [0: off]")
     p.set_defaults(func=cmd_place)
 
 
@@ -440,7 +526,7 @@ def cmd_place(args: argparse.Namespace) -> int:
     nodes = [NodeOffer(f"node{i}", m) for i, m in enumerate(sizes)]
     fused, tile_bytes = _fused_prefix(spec, args.fused, args.grid)
     placement = plan_placement(spec, nodes, shards=args.shards, coded=args.coded, fused=fused,
-                               tile_bytes=tile_bytes, runtime=args.runtime)
+                               tile_bytes=tile_bytes, runtime=args.runtime, pipeline=args.pipeline)
     print(format_placement(placement))
     return 0
 

@@ -265,7 +265,16 @@ def spread(gw: Node, want: int) -> bool:
     return bool(layers) and all(len({h.node for h in l.holders}) == want for l in layers)
 
 
-async def _cluster(name, models, k, coded, frames, close_after=None, extra_nodes=1, timing=TIMING, settled=None):
+def staged(gw: Node, want: int) -> bool:
+    """Whether the gateway's active placement puts the tail's weighted layers whole on ``want`` nodes."""
+    st = gw.sharding
+    if st is None or st.active is None:
+        return False
+    return len({h.node for l in st.active.layers if l.mode == "whole" for h in l.holders}) == want
+
+
+async def _cluster(name, models, k, coded, frames, close_after=None, extra_nodes=1, timing=TIMING, settled=None,
+                   pipeline=0):
     """A gateway, ``K - 1 (+ 1 coded) + extra_nodes - 1`` holders and a source node, in this
     process. ``settled(gw)``: called before the source starts, once the gateway's placement
     spreads every sharded layer over K (+ 1) nodes (waited for)."""
@@ -275,20 +284,22 @@ async def _cluster(name, models, k, coded, frames, close_after=None, extra_nodes
     net, prefix = load_partial_network(spec, weights, depth, full.model_hash)
     assert prefix == sum(layer_weight_bytes(l) for l in spec.layers[:depth])
     grid = (2, 2) if name == "tiny" else (1, 1)
-    gw = Node(net, _config(weights, depth, k, coded, gateway=True, grid=grid, timing=timing))
+    gw = Node(net, _config(weights, depth, k, coded, gateway=True, grid=grid, timing=timing, pipeline=pipeline))
     await gw.start()
     holders = []
     for _ in range(k - 1 + int(coded) + extra_nodes - 1):
-        n = Node(net, _config(weights, depth, k, coded, grid=grid, peers=[("127.0.0.1", gw.port)], timing=timing))
+        n = Node(net, _config(weights, depth, k, coded, grid=grid, peers=[("127.0.0.1", gw.port)], timing=timing,
+                              pipeline=pipeline))
         await n.start()
         holders.append(n)
     if settled is not None:
         async with asyncio.timeout(60):
-            while not spread(gw, k + int(coded)):
+            while not (staged(gw, pipeline) if pipeline else spread(gw, k + int(coded))):
                 await asyncio.sleep(0.02)
         settled(gw)
     src = Node(net, _config(weights, depth, k, coded, grid=grid, peers=[("127.0.0.1", gw.port)],
-                            sources=[SyntheticSource(5)], frames=frames, max_inflight=2, timing=timing))
+                            sources=[SyntheticSource(5)], frames=frames, max_inflight=2 + pipeline, timing=timing,
+                            pipeline=pipeline))
     await src.start()
     out = []
     try:
@@ -301,6 +312,25 @@ async def _cluster(name, models, k, coded, frames, close_after=None, extra_nodes
         for n in (src, *holders, gw):
             await n.close()
     return full, out, gw, [*holders, src]
+
+
+async def test_pipeline_stages_hold_whole_layers_elsewhere_and_stay_exact(models):
+    """--pipeline 2: the tail's weighted layers whole, in two stages on the gateway and one holder;
+    every frame bit-identical to one device, and the holder ran its stage's layers; the source
+    joining after the stages were placed moved nothing."""
+    before: dict[str, int] = {}
+    full, out, gw, others = await _cluster("tiny", models, 1, False, 6, extra_nodes=2, timing=STEADY, pipeline=2,
+                                           settled=lambda gw: before.update(kernel_signatures()))
+    assert sorted(r["frame"] for r in out) == list(range(6))
+    for r in out:
+        want = hashlib.sha256(full.forward(synthetic_frame(5, r["frame"], full.input_shape)).tobytes()).hexdigest()
+        assert r["output_sha256"] == want and "recovered" not in r, r
+    assert staged(gw, 2)
+    placement = gw.sharding.active
+    stage_nodes = [l.holders[0].node for l in placement.layers if l.mode == "whole"]
+    assert stage_nodes == sorted(stage_nodes, key=lambda n: n != gw.id)  # consecutive: the gateway's stage first
+    holder = others[0]
+    assert holder.id in stage_nodes and holder.stats.shard_tasks > 0 and gw.stats.shards_recovered == 0
 
 
 @pytest.mark.parametrize("name, k, coded", [("tiny", 2, True), ("tiny", 3, False), ("vgg", 3, True),

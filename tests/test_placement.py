@@ -125,3 +125,44 @@ def test_place_command(capsys):
     assert "layer 23" in capsys.readouterr().err
     assert main(["place", "--cfg", "vgg-16"]) == 2
     assert "--nodes" in capsys.readouterr().err
+
+
+def test_pipeline_stages_are_consecutive_balanced_and_fit():
+    from stealer.placement import pipeline_stages
+
+    groups = pipeline_stages(YOLOV2, 16, 4)
+    flat = [i for g in groups for i in g]
+    weighted = [l.index for l in YOLOV2.layers[16:] if layer_weight_bytes(l)]
+    assert flat == weighted and len(groups) == 4  # every weighted tail layer once, in order
+    flops = [sum(int(YOLOV2.layers[i].flops) for i in g) for g in groups]
+    share, biggest = sum(flops) / 4, max(int(YOLOV2.layers[i].flops) for i in weighted)
+    assert all(abs(f - share) <= biggest for f in flops), flops
+    nodes = [NodeOffer(f"n{i}", 256 * MiB) for i in range(4)]
+    p = plan_placement(YOLOV2, nodes, fused=16, tile_bytes=4 * MiB, pipeline=4)
+    check(p, YOLOV2, nodes)
+    stage_node = {i: lp.holders[0].node for lp in p.layers if lp.mode == "whole" for i in [lp.index]}
+    assert all(lp.mode in ("tiles", "whole", "-") for lp in p.layers) and p.shards == 1
+    assert [stage_node[g[0]] for g in groups] == ["n0", "n1", "n2", "n3"]
+    assert all(stage_node[i] == stage_node[g[0]] for g in groups for i in g)
+    # a re-placement keeps each stage where it is when its node is still there
+    prefer = {(lp.index, 0, lp.holders[0].stop, False): lp.holders[0].node for lp in p.layers if lp.mode == "whole"}
+    shuffled = [nodes[0], NodeOffer("new", 256 * MiB), *reversed(nodes[1:])]
+    again = plan_placement(YOLOV2, shuffled, fused=16, tile_bytes=4 * MiB, pipeline=4, prefer=prefer)
+    assert {lp.index: lp.holders[0].node for lp in again.layers if lp.mode == "whole"} == stage_node
+    # what does not fit is named
+    with pytest.raises(PlacementError, match=r"layer \d+ \(conv\): pipeline stage \d on n\d needs"):
+        plan_placement(YOLOV2, [NodeOffer(f"n{i}", 200 * MiB) for i in range(2)], fused=16, tile_bytes=4 * MiB,
+                       pipeline=2)
+    with pytest.raises(PlacementError, match="whole layers"):
+        plan_placement(YOLOV2, nodes, shards=2, pipeline=2)
+
+
+def test_place_and_node_take_pipeline(capsys):
+    assert main(["place", "--cfg", "yolov2", "--nodes", "4", "--max-memory", "256M", "--pipeline", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "K=1" in out and "node3[" in out
+    with pytest.raises(SystemExit):
+        main(["node", "--cfg", "yolov2", "--pipeline", "1"])  # argparse: 0 or 2..64
+    assert main(["node", "--cfg", "yolov2-tiny", "--random-weights", "0", "--pipeline", "2", "--shards", "3",
+                 "--no-discovery"]) == 2
+    assert "--pipeline places whole layers" in capsys.readouterr().err

@@ -116,6 +116,7 @@ class NodeConfig:
     jpeg_quality: int = DEFAULT_JPEG_QUALITY  # with frame_codec "jpeg": the frames' encoding quality
     shards: int = 0  # --shards K: the gateway places and gathers the tail's weighted layers as K shards
     coded: bool = False  # --coded: a parity shard per sharded layer (a late or lost shard is recovered)
+    pipeline: int = 0  # --pipeline S: the tail's weighted layers whole in S stages on S nodes (shard mode, K = 1)
     weights_file: str | None = None  # shard mode: the darknet weights file shards are read from, by range
     shard_timing: ShardTiming = DEFAULT_SHARD_TIMING
 

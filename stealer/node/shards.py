@@ -282,7 +282,7 @@ class ShardShell(NodeState):
         now = time.monotonic()
         if st.placer is None:
             st.placer = sh_role.ShardPlacer(self.net.spec, self.id, self.layers, self.cfg.shards, self.cfg.coded,
-                                            now, self.cfg.shard_timing)
+                                            now, self.cfg.shard_timing, pipeline=self.cfg.pipeline)
         offers = {self.id: self._offer(self.cfg.max_memory)}
         offers.update({pid: self._offer(p.max_memory) for pid, p in self.peers.items()})
         self._carry_out_placement(st.placer.nodes_changed(offers, now))
@@ -416,7 +416,10 @@ class ShardShell(NodeState):
                 st.in_threads.discard(fut)
 
         if st.tail_pool is None:
-            st.tail_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tail")
+            # one frame's tail per pipeline stage at once (and one more, gathering): consecutive
+            # frames' tails then run on different stages' nodes together
+            st.tail_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, self.cfg.pipeline + 1),
+                                                                 thread_name_prefix="tail")
         runner = RemoteTail(self.net, start, remote)
         t0 = time.perf_counter()
         try:

@@ -109,17 +109,21 @@ class ShardPlacer:
     shards, coded : int, bool
         ``--shards K`` and ``--coded``. With fewer nodes than ``K`` (``K + 1`` coded) known, the
         placement uses as many shards as there are nodes (coded only from 2 shards on).
+    pipeline : int
+        ``--pipeline S``: the tail's weighted layers whole, in ``S`` stages on as many nodes
+        (:func:`stealer.placement.plan_placement`); fewer while fewer nodes are known.
     started : float
         When the coordinator started (the placement grace counts from it).
     """
 
     def __init__(self, spec: ModelSpec, coordinator: str, start: int, shards: int, coded: bool, started: float,
-                 timing: ShardTiming = DEFAULT_SHARD_TIMING) -> None:
+                 timing: ShardTiming = DEFAULT_SHARD_TIMING, pipeline: int = 0) -> None:
         self.spec = spec
         self.coordinator = coordinator
         self.start = start
         self.shards = shards
         self.coded = coded
+        self.pipeline = pipeline  # S >= 2: whole layers in S pipeline stages, not shards
         self.started = started
         self.timing = timing
         self.offers: dict[str, int] = {}  # node -> bytes it offers for shards (the coordinator included)
@@ -225,7 +229,7 @@ class ShardPlacer:
 
     def _replace(self, now: float) -> list[PlaceAction]:
         nodes = self.eligible(now)
-        want = self.shards + (1 if self.coded else 0)
+        want = self.pipeline if self.pipeline >= 2 else self.shards + (1 if self.coded else 0)
         if len(nodes) < want and now < self.started + self.timing.place_grace and self.active is None:
             # peers are still being found: do not load what the next placement moves; a first
             # placement proposed meanwhile on nodes of which one has left is given up
@@ -237,7 +241,11 @@ class ShardPlacer:
             current = self.proposed if self.proposed is not None else self.active
             prefer = {} if current is None else {(l.index, h.start, h.stop, h.parity): h.node
                                                   for l in current.layers for h in l.holders if l.mode != "tiles"}
-            placement = plan_placement(self.spec, nodes, shards=k, coded=coded, fused=self.start, prefer=prefer)
+            if self.pipeline >= 2:
+                placement = plan_placement(self.spec, nodes, shards=1, fused=self.start, pipeline=self.pipeline,
+                                           prefer=prefer)
+            else:
+                placement = plan_placement(self.spec, nodes, shards=k, coded=coded, fused=self.start, prefer=prefer)
         except PlacementError as exc:
             self.failed = str(exc)
             return [PlaceFailed(str(exc))]
