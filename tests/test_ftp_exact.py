@@ -236,3 +236,61 @@ def test_measured_memory_stays_within_the_plan():
         assert peak + given_bytes <= v.working_set + scratch, (task.id, peak, v.working_set, scratch)
         assert res.peak_bytes <= v.working_set
         store.update(res.published)
+
+
+# ------------------------------------------------------------------------------------ a leading crop
+VGG_LIKE = """
+[net]
+height=40
+width=40
+channels=3
+
+[crop]
+crop_height=32
+crop_width=32
+
+[convolutional]
+filters=8
+size=3
+stride=1
+pad=1
+activation=relu
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+filters=16
+size=3
+stride=1
+pad=1
+activation=relu
+
+[convolutional]
+filters=8
+size=3
+stride=1
+pad=1
+activation=relu
+"""
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (3, 3), (2, 4)])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_leading_crop_is_fused_exactly(grid, scheme):
+    """2017 darknet's [crop] (VGG-16's 256 -> 224 at inference: the centred window, x*2 - 1) is a
+    1x1 window with a negative pad: tiles through it equal Network.forward bit for bit."""
+    net = Network.from_random(parse_cfg_text(VGG_LIKE, "vgg-like"), seed=4)
+    x = np.random.default_rng(9).uniform(0, 1, net.input_shape).astype(np.float32)
+    plan = make_plan(net, grid, 5, scheme=scheme)
+    assert plan.windows[0].kind == "crop" and plan.windows[0].pad == -4
+    # tile inputs are regions of the uncropped frame: the outer 4 pixels are never read
+    assert all(t.full.input_region[0] >= 4 and t.full.input_region[1] <= 36 for t in plan.tasks)
+    assert_exact(net, plan, x, net.forward(x, 0, 5))
+
+
+def test_an_uneven_crop_is_a_block_boundary():
+    text = VGG_LIKE.replace("crop_width=32", "crop_width=30")
+    with pytest.raises(PlanError, match="layer 0 is a crop that cannot be fused"):
+        make_plan(Network.from_random(parse_cfg_text(text, "uneven"), seed=4), (2, 2), 3)

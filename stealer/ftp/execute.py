@@ -23,7 +23,7 @@ import numpy as np
 import kernels
 
 from ..errors import PlanError, ShapeError
-from ..layers import ConvSpec, ShortcutSpec, UpsampleSpec, YoloSpec
+from ..layers import ConvSpec, CropSpec, ShortcutSpec, UpsampleSpec, YoloSpec
 from .geometry import Rect, Window, contains, height, intersect, is_empty, relative, width
 from .plan import LayerStep, Plan, Strip, Task, Variant, band_rects, block_consumers
 
@@ -158,11 +158,19 @@ def _compute_yolo(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray
                                      scale_x_y=layer.scale_x_y, new_coords=layer.new_coords)
 
 
+def _compute_crop(net: Network, w: Window, inputs: Mapping[int, tuple[np.ndarray, Rect]], g: Rect,
+                  out: np.ndarray) -> None:
+    layer = net.layers[w.index]
+    assert isinstance(layer, CropSpec)
+    # the same float32 ops as Network's crop, pixel by pixel: x * scale + trans
+    out[...] = _crop(inputs[w.index - 1], w.back(g)) * np.float32(layer.scale) + np.float32(layer.trans)
+
+
 #: window kind -> how a region of its output is computed from its sources' buffers (the
 #: executor's half of a kind's rules; the planner's half is :data:`stealer.ftp.geometry.REGION_RULES`).
 COMPUTE_RULES: dict[str, Callable[[Network, Window, Mapping[int, tuple[np.ndarray, Rect]], Rect, np.ndarray], None]] = {
     "conv": _compute_window, "maxpool": _compute_window, "upsample": _compute_upsample,
-    "route": _compute_route, "shortcut": _compute_shortcut, "yolo": _compute_yolo,
+    "route": _compute_route, "shortcut": _compute_shortcut, "yolo": _compute_yolo, "crop": _compute_crop,
 }
 
 

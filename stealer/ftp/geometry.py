@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from ..errors import PlanError
-from ..layers import ConvSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec
+from ..layers import ConvSpec, CropSpec, LayerSpec, MaxPoolSpec, RouteSpec, ShortcutSpec, UpsampleSpec, YoloSpec
 
 log = logging.getLogger(__name__)
 
@@ -344,13 +344,25 @@ def _build_shortcut(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Win
                   sources=tuple(layer.sources))
 
 
+def _build_crop(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
+    """2017 ``[crop]`` at inference: output pixel (y, x) is input pixel (y + top, x + left), scaled.
+    That is a 1x1 window of stride 1 with a negative pad (``first(y) = y + top``), so the window
+    rule carries regions back; it needs ``top == left`` (one pad for both axes), as every centred
+    crop of a square input has (VGG-16's 256 -> 224)."""
+    assert isinstance(layer, CropSpec)
+    if layer.top != layer.left:
+        raise PlanError(f"layer {layer.index} is a crop offset by {layer.top} rows and {layer.left} columns; "
+                        "only equal offsets can be fused")
+    return Window(layer.index, layer.kind, 1, 1, -layer.top, tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
+
+
 def _build_yolo(layer: LayerSpec, layers: Sequence[LayerSpec] | None) -> Window:
     assert isinstance(layer, YoloSpec)  # per-pixel activations: the same region in and out
     return Window(layer.index, layer.kind, 1, 1, 0, tuple(layer.in_shape), tuple(layer.out_shape))  # type: ignore[arg-type]
 
 
 def _window_rule(w: Window, r: Rect) -> list[tuple[int, Rect]]:
-    """conv, maxpool: the receptive field, clipped (see :meth:`Window.back`)."""
+    """conv, maxpool, crop: the receptive field, clipped (see :meth:`Window.back`)."""
     return [(w.index - 1, w.back(r))]
 
 
@@ -370,12 +382,12 @@ def _same_region_rule(w: Window, r: Rect) -> list[tuple[int, Rect]]:
 #: spec type -> builder of its :class:`Window`; a type missing here is a block boundary.
 WINDOW_BUILDERS: dict[type, Callable[[LayerSpec, Sequence[LayerSpec] | None], Window]] = {
     ConvSpec: _build_conv, MaxPoolSpec: _build_maxpool, UpsampleSpec: _build_upsample,
-    RouteSpec: _build_route, ShortcutSpec: _build_shortcut, YoloSpec: _build_yolo,
+    RouteSpec: _build_route, ShortcutSpec: _build_shortcut, YoloSpec: _build_yolo, CropSpec: _build_crop,
 }
 #: window kind -> its region rule: the source regions an output region needs.
 REGION_RULES: dict[str, Callable[[Window, Rect], list[tuple[int, Rect]]]] = {
     "conv": _window_rule, "maxpool": _window_rule, "upsample": _upsample_rule,
-    "route": _same_region_rule, "shortcut": _same_region_rule, "yolo": _same_region_rule,
+    "route": _same_region_rule, "shortcut": _same_region_rule, "yolo": _same_region_rule, "crop": _window_rule,
 }
 
 

@@ -411,7 +411,7 @@ def runnable_prefix(spec: ModelSpec) -> int:
 
 def fusable_depth(spec: ModelSpec) -> int:
     """Number of leading layers a DAG block can hold: every layer kind with a rule in
-    :data:`stealer.ftp.geometry.WINDOW_BUILDERS` (conv, maxpool, route, shortcut of equal
+    :data:`stealer.ftp.geometry.WINDOW_BUILDERS` (conv, crop, maxpool, route, shortcut of equal
     shapes, upsample, yolo), up to the first layer of any other kind or one its builder refuses
     (reorg, region, a conv with unequal strides, a pool whose windows leave the map). Any depth
     from 1 to this is a block boundary: the block's outputs are whatever the rest reads."""
@@ -672,7 +672,7 @@ def fused_windows(spec: ModelSpec, layers: int | None = None) -> tuple[Window, .
             raise PlanError(f"{spec.source} has only {prefix} layers, cannot fuse {layers}")
         bad = spec.layers[prefix]
         raise PlanError(f"cannot fuse {layers} layers of {spec.source}: layer {bad.index} is a {bad.kind} that "
-                        f"cannot be fused (at most {prefix} here; fusable kinds: conv, maxpool, route, "
+                        f"cannot be fused (at most {prefix} here; fusable kinds: conv, crop, maxpool, route, "
                         "shortcut, upsample, yolo)")
     windows = tuple(Window.of(l, spec.layers) for l in spec.layers[:layers])
     for w in windows:
