@@ -20,7 +20,7 @@ a shared machine): per-node peak RSS (VmHWM, read from ``/proc/PID/status`` just
 node is killed) of YOLOv2-608 with K = 1, 2, 4, 8 shards of the tail (K node processes: the
 gateway and K - 1 more, the last of them the source; K = 1: the gateway alone, ``--shards 1``),
 offering no limit below K = 4 (one node cannot hold 190 MB of tail weights in 256 MB) and
-``--max-memory`` from K = 4 on; then VGG-16 at 224 on 8 nodes with ``--shards 8 --max-memory``;
+``--max-memory`` from K = 4 on; then VGG-16 (the shipped cfg: 256, cropped to 224) on 8 nodes with ``--shards 8 --max-memory``;
 and the bare runtime of each model. Every frame is checked exact: the SHA-256 the gateway's
 result line carries against that of ``stealer infer --save-output`` on the same frame. Per node
 it also lists what it says it holds (its ``shards-held`` events) and the planner's peak for it
@@ -163,24 +163,21 @@ def memory_figure(args: argparse.Namespace, work: Path) -> int:
     from stealer.network import builtin_cfg
 
     runs: list[tuple[str, str, str, int, str, list[str]]] = []  # (label, cfg, grid, K, max-memory, flags)
-    # The built-in vgg-16.cfg starts with a [crop] (256 -> 224), and the node runtime's tiles
-    # need a fusable first layer: VGG-16 at 224 is that cfg with [net] at 224 and no crop (the
-    # same layers and weights; the crop's x*2-1 is not applied). Its first --vgg-layers layers
-    # run as tiles, the rest (13 convs' remainder and the three connected) sharded.
+    # VGG-16 as darknet ships it (stealer/models/vgg-16.cfg): a 256x256 input, centre-cropped to
+    # 224 by its first layer (x*2 - 1, fused into the tiles like any other layer), then 13 convs
+    # and three connected layers. Its first --vgg-layers layers run as tiles, the rest sharded.
     vgg_text = builtin_cfg("vgg-16").read_text()
-    head, rest = vgg_text.split("[crop]", 1)
-    vgg_text = head.replace("height=256", "height=224").replace("width=256", "width=224") + \
-        rest[rest.index("[convolutional]"):]
     yolo = ("yolov2", "5x5", [])
-    size = 224
+    size = 256
     if args.smoke:
         cfg = work / "tiny96.cfg"
         cfg.write_text(builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=96")
                        .replace("height=416", "height=96"))
         yolo = (str(cfg), "2x2", ["--layers", "9"])
-        size = 32
-        vgg_text = vgg_text.replace("height=224", f"height={size}").replace("width=224", f"width={size}")
-    vgg = work / f"vgg-16-{size}-nocrop.cfg"
+        size = 40
+        vgg_text = (vgg_text.replace("height=256", "height=40").replace("width=256", "width=40")
+                    .replace("crop_height=224", "crop_height=32").replace("crop_width=224", "crop_width=32"))
+    vgg = work / f"vgg-16-{size}.cfg"
     vgg.write_text(vgg_text)
     for k in args.k:
         runs.append((f"yolov2 K={k}", yolo[0], yolo[1], k, args.max_memory if k >= 4 else "0", yolo[2]))
@@ -267,7 +264,7 @@ def main() -> int:
     ap.add_argument("--emulate", action="store_true", help="reserved: under tools/emulate.py (not wired here)")
     ap.add_argument("--memory", action="store_true", help="the memory figure only (see above); --frames default 3")
     ap.add_argument("--no-vgg", action="store_true", help="--memory: skip VGG-16")
-    ap.add_argument("--vgg-layers", type=int, default=4, help="--memory: VGG-16 layers run as tiles [4]")
+    ap.add_argument("--vgg-layers", type=int, default=5, help="--memory: VGG-16 layers run as tiles (the crop and 4) [5]")
     ap.add_argument("--text", default=None, help="--memory: also write the table to this file")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "shard_cluster.json"))
     args = ap.parse_args()
