@@ -481,3 +481,37 @@ def test_a_holder_frozen_or_killed_mid_stream_loses_and_stalls_nothing(models, t
     assert sum(holds.values()) >= sum(layer_weight_bytes(l) for l in spec.layers[depth:])
     if coded:
         assert any("recovered" in r for r in res), "the frozen holder's shards were never recovered"
+
+
+async def test_big_shard_inputs_go_out_one_at_a_time_and_stay_exact(models, monkeypatch):
+    """Every input counted big (the gate's threshold at 0): the coordinator sends them in turn,
+    no two on their way at once, and every frame is still exact with shards on other nodes."""
+    import stealer.node.shards as node_shards
+    from stealer.wire.comm import Comm
+    from stealer.wire.messages import ShardTask
+
+    monkeypatch.setattr(node_shards, "_GATED_INPUT_BYTES", 0)
+    sending, most, sent = 0, 0, 0
+    real_send = Comm.send
+
+    async def counting(self, msg):  # type: ignore[no-untyped-def]
+        nonlocal sending, most, sent
+        if not isinstance(msg, ShardTask):
+            return await real_send(self, msg)
+        sending += 1
+        sent += 1
+        most = max(most, sending)
+        try:
+            await asyncio.sleep(0.005)  # long enough for a second send to start, were it not held
+            return await real_send(self, msg)
+        finally:
+            sending -= 1
+
+    monkeypatch.setattr(Comm, "send", counting)
+    full, out, gw, others = await _cluster("tiny", models, 3, False, 3)
+    assert [r["frame"] for r in out] == [0, 1, 2]
+    for r in out:
+        want = hashlib.sha256(full.forward(synthetic_frame(5, r["frame"], full.input_shape)).tobytes()).hexdigest()
+        assert r["output_sha256"] == want, r
+    assert sent > 0 and sum(n.stats.shard_tasks for n in others) > 0
+    assert most == 1

@@ -52,6 +52,9 @@ log = logging.getLogger("stealer.node")
 UNLIMITED = 1 << 40
 """What a node offering no limit (``max_memory`` 0) counts as in a placement."""
 
+_GATED_INPUT_BYTES = 1 << 20
+"""Shard inputs of at least this size are sent one at a time (see ``ShardShell._send_shard``)."""
+
 
 # --------------------------------------------------------------------------------- loading
 
@@ -564,8 +567,22 @@ class ShardShell(NodeState):
         return ids
 
     async def _send_shard(self, peer: Peer, msg: ShardTask, tid: int) -> None:
+        st = self.sharding
+        assert st is not None
+        if st.send_gate is None:
+            st.send_gate = asyncio.Lock()
         try:
-            await peer.comm.send(msg)
+            if msg.data.nbytes < _GATED_INPUT_BYTES:
+                await peer.comm.send(msg)
+            else:
+                # one big input at a time: the K copies of a layer's input all leave by this
+                # node's one uplink anyway, so sending them together only makes each arrive later
+                # and, on a link slower than the writes (Wi-Fi), keeps every unsent copy in its
+                # transport's buffer at once (K x 6.4 MB for VGG-16's first sharded layer). Not
+                # measurable on loopback, where the kernel takes each copy at once: the VGG-16
+                # coordinator's 17 MiB over its plan is something else (left open)
+                async with st.send_gate:
+                    await peer.comm.send(msg)
         except CommClosedError:
             st = self.sharding
             p = st.pending.pop(tid, None) if st is not None else None

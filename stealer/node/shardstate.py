@@ -51,6 +51,8 @@ class ShardRuntime:
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     timer: asyncio.TimerHandle | None = None
     tail_pool: concurrent.futures.ThreadPoolExecutor | None = None
+    # big shard inputs go out one at a time (made on the loop): see ShardShell._send_shard
+    send_gate: asyncio.Lock | None = None
     in_threads: set[concurrent.futures.Future[Any]] = field(default_factory=set)  # layers the tail threads wait on
     last_failure: str | None = None
 
