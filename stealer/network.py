@@ -387,6 +387,10 @@ class Network:
             raise ValueError(f"the outputs of layers {missing} are not among the maps given")
         if start >= len(self.layers):
             return [maps[h] for h in self.heads]
+        # maps off the wire are read-only views, another array type to Numba: its kernels would
+        # compile (and cache) a second variant for them, seconds to tens of seconds at a node's
+        # first tail in a cold process; one copy of the block's outputs is cheap against the tail
+        maps = {k: v if v.flags.writeable else v.copy() for k, v in maps.items()}
         rest = iter(self._run(maps.get(start - 1), start, None, executor, threads, True, given=maps)[1])
         # in the heads' order (an ONNX model's graph outputs need not be in layer order)
         return [maps[h] if h < start else next(rest) for h in self.heads]

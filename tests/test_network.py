@@ -183,3 +183,28 @@ def test_model_hash_depends_on_weights(tmp_path):
     assert a.model_hash != b.model_hash
     assert a.model_hash == Network.from_darknet(cfg, tmp_path / "a.weights").model_hash
     assert np.array_equal(a.conv[0][0], Network.from_random(cfg, 1).conv[0][0])
+
+
+def test_a_read_only_map_compiles_no_second_kernel_variant():
+    """A tail's input comes off the wire as a read-only view; to Numba that is another type, so
+    every kernel would compile again for it at a node's first tail (tens of seconds, cold)."""
+    import sys
+
+    from numba.core.registry import CPUDispatcher
+
+    def signatures() -> dict[str, int]:
+        return {f"{m}.{a}": len(f.signatures) for m, mod in list(sys.modules.items())
+                if m == "kernels" or m.startswith("kernels.") for a, f in vars(mod).items()
+                if isinstance(f, CPUDispatcher)}
+
+    text = builtin_cfg("yolov2-tiny").read_text().replace("width=416", "width=64").replace("height=416", "height=64")
+    net = Network.from_cfg_text(text, seed=0)
+    net.warm_up()
+    x = np.random.default_rng(0).random(net.spec.layers[9].in_shape, dtype=np.float32)
+    want = net.outputs_from({8: x}, 9)
+    ro = x.copy()
+    ro.flags.writeable = False
+    before = signatures()
+    got = net.outputs_from({8: ro}, 9)
+    assert {k: n for k, n in signatures().items() if n > before.get(k, 0)} == {}
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
