@@ -1486,19 +1486,27 @@ def _tile_z(kc, wf, wedge, bp, cf, biasp, scratch, ir, jp, jc, pc, nc, co_n, n_n
     else:
         a = wedge
         ao = pc
-    if mv == 8 and nv == NRZ:
-        _mk_z8x48(kc, a, ao, k_n, bp, bo, cf, ir * n_n + jc + j0, n_n, init, e, biasp, ir)
-    else:
+    edge = mv < 8 or nv < NRZ
+    # one call site per micro-kernel (an edge tile runs on a scratch tile): compile time
+    if edge:
+        dst = scratch
+        do = 0
+        ld = NRZ
         if init:
             for r in range(mv):
                 for j in range(nv):
                     scratch[r * NRZ + j] = cf[(ir + r) * n_n + jc + j0 + j]
-        if nv <= 16:
-            _mk_z8x16(kc, a, ao, k_n, bp, bo, scratch, 0, NRZ, init, e, biasp, ir)
-        elif nv <= 32:
-            _mk_z8x32(kc, a, ao, k_n, bp, bo, scratch, 0, NRZ, init, e, biasp, ir)
-        else:
-            _mk_z8x48(kc, a, ao, k_n, bp, bo, scratch, 0, NRZ, init, e, biasp, ir)
+    else:
+        dst = cf
+        do = ir * n_n + jc + j0
+        ld = n_n
+    if nv <= 16:
+        _mk_z8x16(kc, a, ao, k_n, bp, bo, dst, do, ld, init, e, biasp, ir)
+    elif nv <= 32:
+        _mk_z8x32(kc, a, ao, k_n, bp, bo, dst, do, ld, init, e, biasp, ir)
+    else:
+        _mk_z8x48(kc, a, ao, k_n, bp, bo, dst, do, ld, init, e, biasp, ir)
+    if edge:
         for r in range(mv):
             for j in range(nv):
                 cf[(ir + r) * n_n + jc + j0 + j] = scratch[r * NRZ + j]
