@@ -13,6 +13,11 @@ library call). It is the *specified* arithmetic, not a contraction the optimizer
 do, so every lane of every vector computes exactly ``fma(a, b, c)`` and the result of an
 accumulation chain depends only on its operands and their order.
 
+:data:`f32x16` (``<16 x float>``: one ``zmm`` register on AVX-512F, two ``ymm`` elsewhere) has
+the few operations the 16-lane GEMM needs (:func:`vzero16`, :func:`vload16`, :func:`vstore16`,
+:func:`vbcast16`; :func:`vfma`, :func:`vadd`, :func:`vleaky`, :func:`vrelu` take either type);
+the per-lane arithmetic is the same IEEE operation at either width.
+
 All memory intrinsics take a C-contiguous float32 array and a *flat* element index into it;
 there is no bounds checking (callers guarantee it), as in the rest of the inner loops.
 """
@@ -30,6 +35,9 @@ _F32 = ir.FloatType()
 _F64 = ir.DoubleType()
 _I32 = ir.IntType(32)
 _V8F32 = ir.VectorType(_F32, LANES)
+#: Number of float32 lanes in :data:`f32x16`.
+LANES16 = 16
+_V16F32 = ir.VectorType(_F32, LANES16)
 _V8F64 = ir.VectorType(_F64, LANES)
 _V8I32 = ir.VectorType(_I32, LANES)
 _IOTA = ir.Constant(_V8I32, list(range(LANES)))  # lane numbers 0..7
@@ -49,6 +57,25 @@ f32x8 = F32x8Type()
 class _F32x8Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _V8F32)
+
+
+class F32x16Type(types.Type):
+    """Numba type of an ``<16 x float>`` LLVM vector value: one ``zmm`` register on AVX-512F,
+    two ``ymm`` (or four ``q``) registers elsewhere (LLVM legalizes it; the arithmetic per lane is
+    the same IEEE operation either way)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16Type()
+_FVECS = (f32x8, f32x16)  # the types vfma/vadd/vleaky/vrelu accept (all operands of one type)
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F32)
 
 
 def _is_f32_c_array(t) -> bool:
@@ -137,14 +164,72 @@ def vsplat(typingctx, s):
 
 
 @intrinsic
-def vfma(typingctx, a, b, c):
-    """``a * b + c`` per lane with a single rounding (``llvm.fma.v8f32``)."""
-    if not (a == f32x8 and b == f32x8 and c == f32x8):
-        return None
-    sig = f32x8(a, b, c)
+def vzero16(typingctx):
+    """:func:`vzero` for :data:`f32x16`."""
+    sig = f32x16()
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+        return ir.Constant(_V16F32, [0.0] * LANES16)
+
+    return sig, codegen
+
+
+@intrinsic
+def vload16(typingctx, arr, idx):
+    """Unaligned load of ``arr.flat[idx : idx + 16]``."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = f32x16(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return builder.load(builder.bitcast(p, _V16F32.as_pointer()), align=4)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore16(typingctx, arr, idx, v):
+    """Unaligned store of ``v`` to ``arr.flat[idx : idx + 16]``."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+        return None
+    sig = types.void(arr, idx, v)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _V16F32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vbcast16(typingctx, arr, idx):
+    """:func:`vbcast` for :data:`f32x16` (``vbroadcastss zmm``, or an embedded ``{1to16}``)."""
+    if not (_is_f32_c_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = f32x16(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        undef = ir.Constant(_V16F32, ir.Undefined)
+        v = builder.insert_element(undef, builder.load(p, align=4), ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, LANES16), [0] * LANES16))
+
+    return sig, codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` per lane with a single rounding (``llvm.fma.v8f32``/``llvm.fma.v16f32``)."""
+    if not (a in _FVECS and b == a and c == a):
+        return None
+    sig = a(a, b, c)
+    vty = _V8F32 if a == f32x8 else _V16F32
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                            f"llvm.fma.v{vty.count}f32")
         return builder.call(fn, list(args))
 
     return sig, codegen
@@ -153,9 +238,9 @@ def vfma(typingctx, a, b, c):
 @intrinsic
 def vadd(typingctx, a, b):
     """``a + b`` per lane (IEEE float32 addition)."""
-    if not (a == f32x8 and b == f32x8):
+    if not (a in _FVECS and b == a):
         return None
-    sig = f32x8(a, b)
+    sig = a(a, b)
 
     def codegen(context, builder, sig, args):
         return builder.fadd(args[0], args[1])
@@ -170,16 +255,17 @@ def vleaky(typingctx, v):
     The multiply is done in double, like darknet's ``.1*x`` (``.1`` is a C double), then rounded
     once to float32; this is not the same as ``x * 0.1f`` in float32 for every x.
     """
-    if v != f32x8:
+    if v not in _FVECS:
         return None
-    sig = f32x8(v)
+    sig = v(v)
+    n = LANES if v == f32x8 else LANES16
 
     def codegen(context, builder, sig, args):
         x = args[0]
-        xd = builder.fpext(x, _V8F64)
-        yd = builder.fmul(xd, ir.Constant(_V8F64, [0.1] * LANES))
-        y = builder.fptrunc(yd, _V8F32)
-        pos = builder.fcmp_ordered(">", x, ir.Constant(_V8F32, [0.0] * LANES))
+        xd = builder.fpext(x, ir.VectorType(_F64, n))
+        yd = builder.fmul(xd, ir.Constant(ir.VectorType(_F64, n), [0.1] * n))
+        y = builder.fptrunc(yd, ir.VectorType(_F32, n))
+        pos = builder.fcmp_ordered(">", x, ir.Constant(ir.VectorType(_F32, n), [0.0] * n))
         return builder.select(pos, x, y)
 
     return sig, codegen
@@ -188,13 +274,14 @@ def vleaky(typingctx, v):
 @intrinsic
 def vrelu(typingctx, v):
     """ReLU per lane with the package's rule ``x <= 0 ? +0.0 : x`` (NaN passes through)."""
-    if v != f32x8:
+    if v not in _FVECS:
         return None
-    sig = f32x8(v)
+    sig = v(v)
+    n = LANES if v == f32x8 else LANES16
 
     def codegen(context, builder, sig, args):
         x = args[0]
-        zero = ir.Constant(_V8F32, [0.0] * LANES)
+        zero = ir.Constant(ir.VectorType(_F32, n), [0.0] * n)
         le0 = builder.fcmp_ordered("<=", x, zero)
         return builder.select(le0, zero, x)
 

@@ -149,6 +149,11 @@ def test_conv2d_default_path_is_blocking_invariant():
         out = np.empty((10, 13 * 11), np.float32)
         conv_mod._conv2d_exact(x, w2, b, 3, 1, 1, 1, 13, 11, kernels.ACT_LEAKY, out, kc, nc, mc, order)
         assert_same_bits(out.reshape(10, 13, 11), ref, f"blocking {kc, nc, mc, order}")
+    # the 16-lane (AVX-512F) variant: 48-pixel panels, so multiples of 48 pixels per block
+    for kc, nc, mc, order in [(5, 48, 4, 0), (5, 48, 8, 1), (17, 96, 8, 0), (63, 144, 16, 1), (1000, 48 * 100, 400, 0)]:
+        out = np.empty((10, 13 * 11), np.float32)
+        conv_mod._conv2d_exact_z(x, w2, b, 3, 1, 1, 1, 1, 1, 13, 11, kernels.ACT_LEAKY, out, kc, nc, mc, order)
+        assert_same_bits(out.reshape(10, 13, 11), ref, f"16 lanes, blocking {kc, nc, mc, order}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +216,12 @@ def test_conv2d_tile_invariance(case):
     conv_mod._conv2d_exact(xt, wt.reshape(co, -1), b, k, stride, pad - oy0 * stride + ya, pad - ox0 * stride + xa,
                            oy1 - oy0, ox1 - ox0, kernels.activations._act_code(act), out, *blocking)
     assert_same_bits(out.reshape(tile.shape), tile, f"window {win}, blocking {blocking}")
+    # and through the 16-lane variant's driver (48-pixel panels), whichever one conv2d took
+    kc, nc, mc, order = blocking
+    conv_mod._conv2d_exact_z(xt, wt.reshape(co, -1), b, k, stride, stride, 1, pad - oy0 * stride + ya,
+                             pad - ox0 * stride + xa, oy1 - oy0, ox1 - ox0, kernels.activations._act_code(act),
+                             out, kc, 2 * nc, mc, order)
+    assert_same_bits(out.reshape(tile.shape), tile, f"window {win}, 16 lanes, blocking {blocking}")
 
 
 def test_tile_invariance_data_is_sensitive_to_summation_order():

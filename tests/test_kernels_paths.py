@@ -157,6 +157,10 @@ def test_strided_conv_is_the_stride1_conv_subsampled(case):
             conv_mod._conv2d_exact_ext(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow, code, out, kc, nc,
                                        8, int(rng.integers(0, 2)), mr)
             assert_same_bits(out.reshape(got.shape), got, f"{case} blocking {kc, nc}, mr {mr}")
+        out = np.empty((og, oh * ow), np.float32)  # the 16-lane variant (48-pixel panels)
+        conv_mod._conv2d_exact_z(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow, code, out, kc, 2 * nc, 8,
+                                 int(rng.integers(0, 2)))
+        assert_same_bits(out.reshape(got.shape), got, f"{case} blocking {kc, 2 * nc}, 16 lanes")
 
 
 @examples(60)
@@ -175,8 +179,35 @@ def test_register_blocks_of_4_and_8_rows_give_the_same_bits(co, c, k, h, w, act,
         out = np.empty((co, h * w), np.float32)
         conv_mod._conv2d_exact_ext(x, wt, b, k, 1, 1, 1, k // 2, k // 2, h, w, code, out, kc, 48, 16, 1, mr)
         outs.append(out)
+    for kc in (2304, 7):  # 16-lane vectors, 8 x 48 blocks: edge panels of 1..48 pixels
+        out = np.empty((co, h * w), np.float32)
+        conv_mod._conv2d_exact_z(x, wt, b, k, 1, 1, 1, k // 2, k // 2, h, w, code, out, kc, 96, 16, 1)
+        outs.append(out)
     assert_same_bits(outs[1], outs[0], "mr 8 vs 4")
     assert_same_bits(outs[2], outs[0], "mr 8, K blocks of 7, vs 4")
+    assert_same_bits(outs[3], outs[0], "16 lanes vs 8 lanes, mr 4")
+    assert_same_bits(outs[4], outs[0], "16 lanes, K blocks of 7, vs 8 lanes, mr 4")
+
+
+@examples(40)
+@given(st.integers(1, 20), st.integers(1, 12), st.sampled_from([1, 3]), st.sampled_from([(1, 1), (2, 2)]),
+       st.integers(1, 30), st.integers(1, 60), st.sampled_from(ACTS), st.integers(0, 2**32 - 1))
+def test_conv2d_on_16_and_8_lane_vectors_gives_the_same_bits(co, c, k, s, h, w, act, seed):
+    """``kernels.conv2d`` with the 16-lane GEMM (``conv.ZMM``, the default where the target has
+    AVX-512F) forced on and off: the same bits for every activation (the AlexeyAB ones run after
+    the driver), any Co, N and stride. Elsewhere LLVM splits the 16-lane vectors in two; the
+    arithmetic per lane is the same, so this holds on any machine."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((c, h, w)) * np.exp(rng.uniform(-4, 4, (c, h, w)))).astype(np.float32)
+    wt = rng.standard_normal((co, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32)
+    kw = dict(stride=s, pad_top=k // 2, pad_left=k // 2, activation=act)
+    outs = []
+    for zmm in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(conv_mod, "ZMM", zmm)
+            outs.append(general_conv(mp, x, wt, b, **kw))
+    assert_same_bits(outs[1], outs[0], "16 lanes vs 8")
 
 
 @st.composite
