@@ -105,7 +105,13 @@ class Cluster:
     def results(self) -> list[dict]:
         if not self.out.exists():
             return []
-        return [json.loads(l) for l in self.out.read_text().splitlines() if l.strip()]
+        out = []
+        for line in self.out.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # the line the gateway is writing right now
+                break
+        return out
 
     def wait(self, n: int, timeout: float) -> list[dict]:
         deadline = time.monotonic() + timeout
