@@ -258,6 +258,18 @@ def plan_placement(spec: ModelSpec, nodes: Sequence[NodeOffer], *, shards: int |
     raise last
 
 
+def _loads(nodes: Sequence[NodeOffer], runtime: int) -> list[_Load]:
+    """The nodes that take part, the coordinator first (it must hold the runtime). A node that
+    cannot hold even the runtime takes no part: it holds nothing and runs no tiles (listed, it
+    would be a node whose placement exceeds what it offers)."""
+    loads = [_Load(n.name, n.memory, runtime) for n in nodes]
+    coord = loads[0]
+    if coord.room(0) < 0:
+        raise PlacementError(f"node {coord.name} offers {coord.memory / _MB:.1f} MB, less than the bare runtime's "
+                             f"{runtime / _MB:.1f} MB")
+    return [coord] + [n for n in loads[1:] if n.room(0) >= 0]
+
+
 def pipeline_stages(spec: ModelSpec, start: int, stages: int) -> list[list[int]]:
     """The tail's weighted layers from ``start`` on, cut into at most ``stages`` consecutive groups
     of about equal FLOPs: a layer goes to the stage its FLOPs' midpoint falls in (of ``stages``
@@ -275,12 +287,8 @@ def pipeline_stages(spec: ModelSpec, start: int, stages: int) -> list[list[int]]
 
 def _place_pipeline(spec: ModelSpec, nodes: Sequence[NodeOffer], stages: int, fused: int, tile_bytes: int,
                     runtime: int, prefer: Mapping[HoldKey, str]) -> Placement:
-    loads = [_Load(n.name, n.memory, runtime) for n in nodes]
+    loads = _loads(nodes, runtime)
     coord = loads[0]
-    if coord.room(0) < 0:
-        raise PlacementError(f"node {coord.name} offers {coord.memory / _MB:.1f} MB, less than the bare runtime's "
-                             f"{runtime / _MB:.1f} MB")
-    loads = [coord] + [n for n in loads[1:] if n.room(0) >= 0]
     groups = pipeline_stages(spec, fused, min(stages, len(loads)))
     # the coordinator runs the first stage; a later stage stays on the node that holds its first
     # layer now (a re-placement: a node joining moves nothing), else it takes the next free node
@@ -351,14 +359,8 @@ def _place(spec: ModelSpec, nodes: Sequence[NodeOffer], k: int, coded: bool, fus
            runtime: int, whole_below: int, prefer: Mapping[HoldKey, str]) -> Placement:
     if k < 1:
         raise PlacementError(f"shards must be >= 1, got {k}")
-    loads = [_Load(n.name, n.memory, runtime) for n in nodes]
+    loads = _loads(nodes, runtime)
     coord = loads[0]
-    if coord.room(0) < 0:
-        raise PlacementError(f"node {coord.name} offers {coord.memory / _MB:.1f} MB, less than the bare runtime's "
-                             f"{runtime / _MB:.1f} MB")
-    # a node that cannot hold even the runtime takes no part: it holds nothing and runs no tiles
-    # (listed, it would be a node whose placement exceeds what it offers)
-    loads = [coord] + [n for n in loads[1:] if n.room(0) >= 0]
     acts = _coordinator_acts(spec, fused)
     out: list[LayerPlacement] = []
     for layer in spec.layers[fused:]:
