@@ -143,6 +143,35 @@ class FrameAssembly:
         self.received.add(task)
         return True
 
+    def add_flat(self, task: int, flat: np.ndarray) -> bool:
+        """:meth:`add` for a tile that travelled raveled (fetched from the node that kept it)."""
+        if not 0 <= task < len(self.tiles):
+            raise ValueError(f"task {task} is not a tile of this frame (0..{len(self.tiles) - 1})")
+        shapes = self._tile_shapes[task]
+        if flat.ndim != 1 or flat.size != sum(math.prod(s) for s in shapes):
+            raise ValueError(f"tile {task} has {sum(math.prod(s) for s in shapes)} values, got {flat.shape}")
+        return self.add(task, flat.reshape(shapes[0]) if self.single else flat)
+
+    def mark(self, task: int) -> bool:
+        """Count a task's tile as in without its data: another node keeps it (a direct data
+        path; the tail's runner fetches it). False for a duplicate."""
+        if not 0 <= task < len(self.tiles):
+            raise ValueError(f"task {task} is not a tile of this frame (0..{len(self.tiles) - 1})")
+        if task in self.received:
+            self.duplicates += 1
+            return False
+        self.received.add(task)
+        return True
+
+    def unmark(self, tasks: Sequence[int]) -> None:
+        """The tiles of ``tasks`` are not in after all (the node that kept them is gone)."""
+        self.received.difference_update(tasks)
+
+    def tile(self, task: int) -> np.ndarray:
+        """A placed task's tile, raveled (a copy: it travels on while the map may be reused)."""
+        parts = [m[:, y0:y1, x0:x1].ravel() for m, (y0, y1, x0, x1) in zip(self.maps, self.tiles[task])]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
 
 class ResultOrder:
     """Releases each source's results in frame order.

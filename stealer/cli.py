@@ -209,6 +209,10 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     add_shard_args(p)
     p.add_argument("--no-speculate", dest="speculate", action="store_false",
                    help="never run copies of straggling tasks")
+    p.add_argument("--no-direct-outputs", dest="direct_outputs", action="store_false",
+                   help="send every tile's output to the gateway (by default, with several frames in flight, a "
+                        "tile's output stays on the node that made it and the tail's runner fetches it: one "
+                        "link instead of two)")
     p.add_argument("--out", help="gateway (or standby): append results as JSON lines to this file")
     p.add_argument("--host", default="0.0.0.0", help="listen address [0.0.0.0]")
     p.add_argument("--port", type=int, default=0, help="listen port [any free]")
@@ -310,7 +314,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight, slots=args.slots,
         deadline=args.deadline / 1000.0 if args.deadline else None,
         max_memory=args.max_memory if args.max_memory is not None else default_memory(),
-        policy=args.policy, speculate=args.speculate, out=args.out, discovery=not args.no_discovery, loopback=args.loopback,
+        policy=args.policy, speculate=args.speculate, direct_outputs=args.direct_outputs, out=args.out,
+        discovery=not args.no_discovery, loopback=args.loopback,
         interfaces=args.interface, peers=args.peer, thresh=args.thresh, nms=args.nms,
         limits=limits, secret=secret, authenticate_frames=args.authenticate_frames,
         frame_codec=args.frame_codec, jpeg_quality=args.jpeg_quality,

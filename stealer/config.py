@@ -171,6 +171,16 @@ class Limits:
     when the gateway has every tile of their frame. Stops a slow tail, a lost release or a
     flood of frames from a misbehaving source from filling memory with strips."""
 
+    kept_output_bytes: int = 128 * _MiB
+    """Byte cap of the tile outputs a node keeps for the node that runs their frame's tail (a
+    direct data path). A tile whose output would pass it sends its output to the gateway
+    instead, as without direct paths: nothing kept is ever evicted before it is fetched."""
+
+    kept_output_seconds: float = 120.0
+    """A node lets go of a frame's kept tile outputs this long after it kept the first, if no
+    release came (the gateway that would have sent it died). Far above a frame's life on a
+    shelf of Pis (a tail is ~10 s); the tiles run again if a tail still wants them."""
+
     result_buffer_bytes: int = 128 * _MiB
     """Byte cap of the fused maps the gateway holds for open frames (being assembled, or
     waiting for their tail to run). A frame whose map would pass it waits to be admitted (see

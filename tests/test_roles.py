@@ -20,7 +20,7 @@ from stealer.roles.source import SourceState, ToGateway
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
 from stealer.wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait,
-                                   TailDone, TileAck, TileDone, TilesIn)
+                                   TailDone, TileAck, TileDone, TilesIn, TilesRedo)
 
 PK = "2x2:4:quad"
 
@@ -625,3 +625,114 @@ def test_a_measured_speed_is_news_when_first_known_or_a_quarter_off():
     assert speed_worth_telling(0.0, 1e9)
     assert not speed_worth_telling(1e9, 1.2e9) and not speed_worth_telling(1e9, 0.8e9)
     assert speed_worth_telling(1e9, 1.3e9) and speed_worth_telling(1e9, 0.7e9)
+
+
+# ---------------------------------------------------------------- direct data paths
+def kept_msg(plan, source: str, frame: int, task: int) -> TileDone:
+    return TileDone(source, frame, task, PK, "full", np.empty(0, np.float32), [], kept=True)
+
+
+def test_kept_outputs_stay_where_they_were_made_and_the_tail_grant_says_where(plan):
+    """Direct data paths: a kept tile's map never reaches the gateway; the tail's input names
+    each tile's holder (the gateway for those that came to it), every tile exactly once."""
+    gw = gateway(plan)
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 96, 96), 0.0)
+    acts = []
+    for t in plan.tasks:
+        msg = tile_msg(plan, "src/0", 0, t.id, strips=False) if t.id == 0 else kept_msg(plan, "src/0", 0, t.id)
+        acts += gw.tile_done("n1" if t.id % 2 else "n2", msg, 0.0)
+        gw.validate()
+    assert g.QueueTail(TaskRef("src/0", 0, TAIL)) in acts
+    plan_key, data, _, _, holders = gw.tail_input(("src/0", 0))
+    assert data is None and plan_key == PK
+    want = {"gw": [0]}
+    for t in plan.tasks[1:]:
+        want.setdefault("n1" if t.id % 2 else "n2", []).append(t.id)
+    assert holders == want
+    assert gw.tiles_here(("src/0", 0), [0])[0].tolist() == tile_msg(plan, "src/0", 0, 0).output.ravel().tolist()
+    assert gw.tiles_here(("src/0", 0), [1]) is None  # kept by n1, not here
+    acts = gw.tail_done("n3", TailDone("src/0", 0, "ab" * 32), 1.0)
+    assert released(acts) and {a for a in acts if isinstance(a, g.ReleaseOutputs)} == {
+        g.ReleaseOutputs("n1", ("src/0", 0)), g.ReleaseOutputs("n2", ("src/0", 0))}
+    gw.validate()
+
+
+def test_a_lost_holder_has_its_tiles_run_again_and_the_frame_still_finishes(plan):
+    """Defect guarded: a node that kept tile outputs and died before the tail fetched them
+    would strand its frame (the tiles' leases ended with TilesIn)."""
+    gw = gateway(plan)
+    q = WorkQueue("src", 30.0)
+    src = SourceState(q, PK, plan)
+    src.new_frame("src/0", frame(0), 0.0)
+    src.new_frame("src/0", frame(1), 0.0)  # two in flight: the source advises keeping
+    assert src.keep_outputs()
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 96, 96), 0.0)
+    for t in plan.tasks:
+        gw.tile_done("n1" if t.id < 2 else "n2", kept_msg(plan, "src/0", 0, t.id), 0.0)
+    src.tiles_in(TilesIn("src/0", 0), 0.0)
+    assert not [r for r in q.queue if r.frame == 0]
+    acts = gw.holder_lost("n1", 1.0)
+    gw.validate()
+    redo = [a.msg for a in acts if isinstance(a, g.Notify)]
+    assert redo == [TilesRedo("src/0", 0, [0, 1])]
+    assert g.DropTail(TaskRef("src/0", 0, TAIL)) in acts and gw.tail_input(("src/0", 0)) is None
+    assert src.tiles_redo(redo[0])
+    assert sorted(r.task for r in q.queue if r.frame == 0) == [0, 1]
+    # the redone tiles come back (this time to the gateway itself): the tail is queued again
+    acts = []
+    for t in (0, 1):
+        acts += gw.tile_done("n3", tile_msg(plan, "src/0", 0, t, strips=False), 2.0)
+    assert g.QueueTail(TaskRef("src/0", 0, TAIL)) in acts
+    _, data, _, _, holders = gw.tail_input(("src/0", 0))
+    assert data is None and holders == {"gw": [0, 1], "n2": [2, 3]}
+    assert released(gw.tail_done("n3", TailDone("src/0", 0, "ab" * 32), 3.0))
+    gw.validate()
+
+
+def test_a_tail_result_that_comes_while_its_tiles_run_again_still_counts(plan):
+    """The tail's runner fetched everything before the holder died: its result finishes the
+    frame even though the tiles were queued again (the late redo results are duplicates)."""
+    gw = gateway(plan)
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 96, 96), 0.0)
+    for t in plan.tasks:
+        gw.tile_done("n1", kept_msg(plan, "src/0", 0, t.id), 0.0)
+    gw.holder_lost("n1", 1.0)
+    assert released(gw.tail_done("n2", TailDone("src/0", 0, "ab" * 32), 2.0))
+    late = gw.tile_done("n3", tile_msg(plan, "src/0", 0, 0, strips=False), 3.0)
+    assert not [a for a in late if isinstance(a, g.QueueTail)]
+    gw.validate()
+
+
+def test_outputs_that_keep_getting_lost_fail_their_frame_instead_of_looping(plan):
+    gw = gateway(plan)
+    gw.frame_start("src", FrameStart("src/0", 0, PK, 96, 96), 0.0)
+    fails = []
+    for attempt in range(DEFAULT_LIMITS.max_task_attempts + 1):
+        for t in plan.tasks:
+            gw.tile_done("n1", kept_msg(plan, "src/0", 0, t.id), float(attempt))
+        acts = gw.outputs_lost(("src/0", 0), "n1", float(attempt))
+        fails += released(acts)
+        gw.validate()
+    assert len(fails) == 1 and "lost" in fails[0]["error"]
+    # a report about a node that keeps nothing of the frame, or a frame not yet queued, is a no-op
+    gw.frame_start("src", FrameStart("src/0", 1, PK, 96, 96), 0.0)
+    gw.tile_done("n1", kept_msg(plan, "src/0", 1, 0), 0.0)
+    assert gw.outputs_lost(("src/0", 1), "n1", 0.0) == []
+
+
+def test_kept_outputs_are_bounded_and_let_go_when_no_release_comes():
+    from stealer.roles.strips import KeptOutputs, pack_outputs, unpack_outputs
+    kept = KeptOutputs(max_bytes=900, max_age=10.0)
+    a = np.arange(100, dtype=np.float32)
+    assert kept.put(("s", 0), 0, a, 0.0) and kept.put(("s", 0), 1, a[:50], 0.0)
+    assert not kept.put(("s", 1), 0, a, 1.0)  # 400 + 200 + 400 > 900: not kept, nothing evicted
+    assert kept.get(("s", 0), [0, 1]) is not None and kept.get(("s", 0), [2]) is None
+    meta, data = pack_outputs(kept.get(("s", 0), [0, 1]))
+    back = unpack_outputs(meta, data)
+    assert back[0].tolist() == a.tolist() and back[1].tolist() == a[:50].tolist()
+    with pytest.raises(ProtocolError):
+        unpack_outputs([[0, 200]], data[:10])
+    assert kept.put(("s", 1), 0, a[:10], 11.0)  # frame 0 expired first
+    assert kept.get(("s", 0), [0]) is None and kept.nbytes == 40 and kept.expired_frames == 1
+    kept.drop(("s", 1))
+    assert kept.nbytes == 0 and len(kept) == 0

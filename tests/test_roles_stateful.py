@@ -3,7 +3,8 @@
 One source node, two thieves and a gateway, wired by message lists instead of sockets, so
 hypothesis chooses the order of everything: frames, steals, results, failures, lost
 holders, expired leases, late and duplicated messages, tiles that overtake their FrameStart,
-and gateway takeovers. After every step the machines' own invariants hold; at the end, with
+gateway takeovers, and tile outputs kept by the thieves that made them (direct data paths),
+lost when such a thief dies. After every step the machines' own invariants hold; at the end, with
 the faults stopped and every message delivered, **every frame the camera gave is released
 (or reported failed), none twice by the last gateway, and nothing is left behind**.
 """
@@ -25,7 +26,7 @@ from stealer.roles.source import SourceState
 from stealer.scheduler import TAIL, TaskRef, WorkQueue
 from stealer.sources import Frame
 from stealer.wire.messages import (FrameDone, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TailDone, TileAck,
-                                   TileDone, TilesIn)
+                                   TileDone, TilesIn, TilesRedo)
 
 PK = "2x2:4:quad"
 SRC = "src/0"
@@ -35,9 +36,11 @@ PLAN = make_plan(Network.from_cfg_text(_text, seed=11), (2, 2), 4, scheme="quad"
 LIMITS = DEFAULT_LIMITS.replace(max_queued_frames=2, finished_frames_remembered=64)  # frames wait too
 
 
-def tile(frame: int, task: int) -> TileDone:
+def tile(frame: int, task: int, kept: bool = False) -> TileDone:
     t = PLAN.task(task)
     y0, y1, x0, x1 = t.output
+    if kept:
+        return TileDone(SRC, frame, task, PK, "full", np.empty(0, np.float32), sorted(t.produces), kept=True)
     out = np.zeros((PLAN.output_shape[0], y1 - y0, x1 - x0), np.float32)
     return TileDone(SRC, frame, task, PK, "full", out, sorted(t.produces))
 
@@ -54,6 +57,7 @@ class Cluster(RuleBasedStateMachine):
         self.to_gateway: list[tuple[str, object]] = []  # (sender, message)
         self.to_source: list[object] = []
         self.held: dict[str, list[TaskRef]] = {"a": [], "b": []}
+        self.kept: dict[str, set[tuple[int, int]]] = {"a": set(), "b": set()}  # (frame, task) outputs kept
         self.frames_made = 0
         self.released: dict[int, list[int]] = {}  # epoch -> frames released by that gateway
         self.failed: set[int] = set()
@@ -67,6 +71,9 @@ class Cluster(RuleBasedStateMachine):
                 self.tails.add([act.ref], front=True)
             elif isinstance(act, g.DropTail):
                 self.tails.done(act.ref)
+            elif isinstance(act, g.ReleaseOutputs):
+                if act.node in self.kept:
+                    self.kept[act.node] = {k for k in self.kept[act.node] if k[0] != act.key[1]}
             elif isinstance(act, g.Released):
                 self.released.setdefault(self.epoch, []).append(act.result["frame"])
                 if "error" in act.result:
@@ -107,6 +114,8 @@ class Cluster(RuleBasedStateMachine):
             self.source.admitted(msg)
         elif isinstance(msg, FrameUnknown):
             self.announce(self.source.frame_unknown(msg))
+        elif isinstance(msg, TilesRedo):
+            self.source.tiles_redo(msg)
 
     # ---------------------------------------------------------------- rules
     @precondition(lambda self: self.source.inflight.get(SRC, 0) < 4)
@@ -122,11 +131,13 @@ class Cluster(RuleBasedStateMachine):
         if ref is not None:
             self.held[thief].append(ref)
 
-    @rule(thief=st.sampled_from(["a", "b"]), i=st.integers(0, 7))
-    def finish_task(self, thief: str, i: int) -> None:
+    @rule(thief=st.sampled_from(["a", "b"]), i=st.integers(0, 7), keep=st.booleans())
+    def finish_task(self, thief: str, i: int, keep: bool = False) -> None:
         if self.held[thief]:
             ref = self.held[thief].pop(i % len(self.held[thief]))
-            self.to_gateway.append((thief, tile(ref.frame, ref.task)))
+            if keep:
+                self.kept[thief].add((ref.frame, ref.task))
+            self.to_gateway.append((thief, tile(ref.frame, ref.task, keep)))
 
     @rule(thief=st.sampled_from(["a", "b"]), i=st.integers(0, 7))
     def task_fails(self, thief: str, i: int) -> None:
@@ -139,8 +150,10 @@ class Cluster(RuleBasedStateMachine):
     @rule(thief=st.sampled_from(["a", "b"]))
     def thief_dies(self, thief: str) -> None:
         self.held[thief].clear()
+        self.kept[thief].clear()  # what it kept dies with it; it comes back empty
         self.queue.peer_lost(thief)
         self.give_ups()
+        self.carry_out(self.gw.holder_lost(thief, self.now))
 
     @rule()
     def leases_run_out(self) -> None:
@@ -167,8 +180,19 @@ class Cluster(RuleBasedStateMachine):
     @rule()
     def run_a_tail(self) -> None:
         ref = self.tails.take("a", self.now)
-        if ref is not None:
-            self.to_gateway.append(("a", TailDone(ref.source, ref.frame, "ab" * 32)))
+        if ref is None:
+            return
+        tail = self.gw.tail_input((ref.source, ref.frame))
+        if tail is not None and tail[1] is None:  # fetch the kept outputs from their holders
+            holders = tail[4]
+            assert sorted(t for ids in holders.values() for t in ids) == list(range(len(PLAN.tasks)))
+            for node, ids in holders.items():
+                have = (self.gw.tiles_here((ref.source, ref.frame), ids) is not None if node == self.gw.node_id
+                        else all((ref.frame, t) in self.kept.get(node, set()) for t in ids))
+                if not have:  # what the thief does: tell the gateway, whose tiles then run again
+                    self.carry_out(self.gw.outputs_lost((ref.source, ref.frame), node, self.now))
+                    return
+        self.to_gateway.append(("a", TailDone(ref.source, ref.frame, "ab" * 32)))
 
     @rule(i=st.integers(0, 63))
     def frame_start_lost(self, i: int) -> None:

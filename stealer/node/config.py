@@ -64,6 +64,9 @@ class RuntimeLimits:
     """Seconds of compute before a node's speed (FLOPs run / busy seconds) counts as measured
     and goes to its peers: over the first tasks, kernel warm-up and small tiles' overheads
     dominate the figure."""
+    outputs_timeout: float = 30.0
+    """Wait this long for the tile outputs a tail needs from the nodes that kept them (a few MB
+    over a 20 Mbit/s link take a few seconds) before their tiles run again."""
     straggler_min: float = 0.25
     """An idle node copies a task only once its lease is this old (and twice the typical task
     time): below that, a copy would mostly duplicate work that is about to arrive."""
@@ -96,6 +99,7 @@ class NodeConfig:
     max_memory: int = 0  # bytes offered for tasks; 0 = unlimited
     policy: str = "steal"
     speculate: bool = True  # idle nodes run copies of stragglers (first result wins)
+    direct_outputs: bool = True  # tile outputs stay where they were made; the tail's runner fetches them
     out: str | None = None
     metrics: tuple[str | None, int] | None = None  # --metrics: serve /metrics at (host or default, port)
     mqtt: MqttConfig | None = None  # --mqtt: the gateway (or a standby once it takes over) publishes results
@@ -166,6 +170,7 @@ class Job:
     holders: dict[str, list[int]] | None = None  # who holds the strips it consumes, when known
     strips: dict[int, np.ndarray] | None = None  # strips it consumes that came with its grant
     prefetched: bool = False  # fetched while the slot computed the task before (its lease restarts)
+    keep_output: bool = False  # a tile: keep its output for the tail's runner (its source's advice)
     granted_at: float = 0.0  # monotonic time its grant came (a prefetched task's wait is counted from it)
 
 
@@ -185,6 +190,9 @@ class Stats:
     region_refetches: int = 0  # reuse tiles shipped small whose strips were gone (full region fetched)
     strips_served: int = 0  # strip fetches this node answered from the strips it produced
     strips_granted: int = 0  # grants that carried reuse strips this node holds (no fetch needed)
+    outputs_kept: int = 0  # tile outputs this node kept for their tail's runner (direct data paths)
+    outputs_served: int = 0  # fetches of kept tile outputs this node answered
+    outputs_fetched: int = 0  # tails this node ran on tile outputs it fetched from the nodes that kept them
     batch_grants: int = 0  # tiles sent unasked after a steal's answer (a deep queue, steal_batch)
     paired: int = 0  # tasks queued to the compute thread right behind another one
     speculative: int = 0

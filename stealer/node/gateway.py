@@ -14,7 +14,9 @@ from typing import Any, Callable
 from ..errors import PlanError, ProtocolError
 from ..roles import gateway as gw_role
 from ..scheduler import TAIL, TaskRef
-from ..wire.messages import Message, Preview, StripsRelease, StripsReply, StripsRequest, TailDone
+from ..roles.strips import pack_outputs
+from ..wire.messages import (Message, OutputsFetch, OutputsMissing, OutputsRelease, Preview, StripsRelease, StripsReply,
+                             StripsRequest, TailDone)
 from .config import Peer
 from .state import NodeState
 
@@ -65,6 +67,11 @@ class GatewayShell(NodeState):
                     self._held.drop(act.key)
                 elif act.node in self.peers:
                     self._post(self.peers[act.node], StripsRelease(*act.key))
+            elif isinstance(act, gw_role.ReleaseOutputs):
+                if act.node == self.id:
+                    self._kept.drop(act.key)
+                elif act.node in self.peers:
+                    self._post(self.peers[act.node], OutputsRelease(*act.key))
             elif isinstance(act, gw_role.ArmDeadline):
                 loop = asyncio.get_running_loop()
                 delay = max(0.0, act.at - time.monotonic())
@@ -106,6 +113,27 @@ class GatewayShell(NodeState):
             raise ProtocolError(f"strips for unknown task {msg.task}") from None
         holders = self.gateway.strip_locations((msg.source, msg.frame), task.consumes)
         return StripsReply(msg.request_id, holders is not None, holders=holders or {})
+
+    def _serve_outputs(self, msg: OutputsFetch) -> StripsReply:
+        """Tile outputs of a frame for the node that runs its tail: those this node kept, or, as
+        the gateway, those that came to it."""
+        key = (msg.source, msg.frame)
+        got = self._kept.get(key, msg.tasks)
+        if got is None and self.is_gateway:
+            got = self.gateway.tiles_here(key, msg.tasks)
+        if got is None:
+            return StripsReply(msg.request_id, False)
+        meta, data = pack_outputs(got)
+        self.stats.outputs_served += 1
+        return StripsReply(msg.request_id, True, meta, data)
+
+    def _on_outputs_missing(self, peer: Peer | None, msg: OutputsMissing) -> None:
+        """The node running a frame's tail could not fetch some of its tiles' outputs: if it
+        holds the tail's lease, those tiles run again."""
+        sender = peer.node_id if peer is not None else self.id
+        if not self.is_gateway or self.queue.holder(TaskRef(msg.source, msg.frame, TAIL)) != sender:
+            return  # not its lease (a late report): the lease decides
+        self._carry_out(self.gateway.outputs_lost((msg.source, msg.frame), msg.holder, time.monotonic()))
 
     def _on_preview(self, peer: Peer | None, msg: Preview) -> None:
         """A source's frame preview, for the dashboard, --mjpeg, --video-out: only of the

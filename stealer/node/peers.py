@@ -18,7 +18,7 @@ from ..roles.worker import speed_worth_telling, status_worth_sending
 from ..scheduler import PeerLoad
 from ..wire import Comm, connect
 from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, GatewayClaim, Goodbye, Message, Status, TileAck,
-                             TilesIn)
+                             TilesIn, TilesRedo)
 from .config import Peer
 from .state import NodeState
 
@@ -137,6 +137,10 @@ class Peers(NodeState):
         self.stats.peers_lost += 1
         if self.metrics is not None:
             self.metrics.peer_gone(peer)
+        for rid in [r for r, nid in self._pending_from.items() if nid == peer.node_id]:
+            fut = self._pending.pop(rid, None)
+            if fut is not None and not fut.done():  # no answer will come: waiting out its timeout only stalls
+                fut.set_exception(CommClosedError(f"{peer.node_id[:8]} is gone"))
         requeued = self.queue.peer_lost(peer.node_id)
         if requeued:
             self.stats.requeued += len(requeued)
@@ -147,6 +151,7 @@ class Peers(NodeState):
         self._give_up_failed("its holders were lost")
         if self.is_gateway:
             self._carry_out(self.gateway.source_lost(peer.node_id, time.monotonic()))
+            self._carry_out(self.gateway.holder_lost(peer.node_id, time.monotonic()))
         if peer.node_id == self.gateway_id:
             self._gateway_seen.clear()
         self._carry_out_membership(self.membership.peer_lost(peer.node_id))
@@ -258,7 +263,8 @@ class Peers(NodeState):
         with contextlib.suppress(CommClosedError):
             await peer.comm.send(msg)
 
-    def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown) -> None:
+    def _notify(self, node_id: str,
+                msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown | TilesRedo) -> None:
         """Tell a source (this node or a peer) how its tiles and frames stand, without waiting."""
         if node_id == self.id:
             self._handlers[type(msg)](None, msg)

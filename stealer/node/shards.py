@@ -43,7 +43,7 @@ from ..roles import shards as sh_role
 from ..scheduler import TaskRef
 from ..shard import gather, read_parity, read_shards, recover, run_rows
 from ..wire.messages import ShardAssign, ShardReady, ShardResult, ShardTask, TailDone
-from .config import Peer, parse_plan_key
+from .config import Job, Peer, parse_plan_key
 from .shardstate import HoldKey, PendingShard
 from .state import NodeState
 
@@ -405,7 +405,13 @@ class ShardShell(NodeState):
         tail = self.gateway.tail_input(key)
         if tail is None:
             return
-        plan_key, fused, img_w, img_h = tail
+        plan_key, fused, img_w, img_h, holders = tail
+        if fused is None:  # tiles kept their outputs (a peer chose a direct data path): fetch them
+            job = Job(ref, plan_key, None, img_w, img_h, self.id, holders=holders)
+            if not await self._collect_outputs(job):
+                return  # those tiles run again, and their frame's tail with them
+            fused = job.data
+            assert fused is not None
         _, start, _ = parse_plan_key(plan_key)
         loop = asyncio.get_running_loop()
         recovered: list[list[int]] = []

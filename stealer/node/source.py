@@ -21,7 +21,7 @@ from ..ftp.auto import DEFAULT_NODE_SPEED, Cluster, NodeSpec, choose
 from ..roles.source import ToGateway
 from ..scheduler import TaskRef
 from ..sources import Frame, FrameSource, jpeg_frames
-from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameUnknown, FrameWait, Preview, TileAck, TilesIn
+from ..wire.messages import FrameDone, FrameDrop, FrameGo, FrameUnknown, FrameWait, Preview, TileAck, TilesIn, TilesRedo
 from .config import plan_key
 from .state import NodeState
 
@@ -120,6 +120,12 @@ class Source(NodeState):
 
     def _on_tiles_in(self, msg: TilesIn) -> None:
         if self.source.tiles_in(msg, time.monotonic()):
+            self._work_changed()
+
+    def _on_tiles_redo(self, msg: TilesRedo) -> None:
+        if self.source.tiles_redo(msg):
+            log.warning("tiles %s of frame %d of %s run again: the node that kept their outputs is gone",
+                        msg.tasks, msg.frame, msg.source[:8])
             self._work_changed()
 
     def _on_tile_ack(self, msg: TileAck) -> None:

@@ -27,14 +27,14 @@ from ..roles import gateway as gw_role
 from ..roles.gateway import GatewayState
 from ..roles.membership import MembershipState
 from ..roles.source import SourceState, ToGateway
-from ..roles.strips import StripCache
+from ..roles.strips import KeptOutputs, StripCache
 from ..roles.worker import WorkerPolicy
 from ..scheduler import TaskRef, WorkQueue
 from ..sources import Frame
 from ..wire import ClusterKey, Hello
 from ..wire.server import Server
-from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, Message, Preview, StealReply, TailDone,
-                             TileAck, TileDone, TilesIn)
+from ..wire.messages import (FrameDone, FrameGo, FrameUnknown, FrameWait, Message, OutputsMissing, Preview, StealReply,
+                             TailDone, TileAck, TileDone, TilesIn, TilesRedo)
 from .shardstate import ShardRuntime
 from .config import MAX_IMAGE_SIDE, Job, NodeConfig, Peer, Stats, _fusable, parse_plan_key, plan_key
 
@@ -101,6 +101,7 @@ class NodeState:
         self._stopping = asyncio.Event()
         self._request_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending_from: dict[int, str] = {}  # request id -> the peer asked (``_request``)
         self._assigned: list[Job] = []  # tasks pushed to this node (policy "share")
         self._status_dirty = False
         self._last_status: tuple[int, int, int] | None = None
@@ -133,6 +134,8 @@ class NodeState:
         # reuse strips this node produced, served to dependent tiles peer to peer; the gateway
         # keeps only where each frame's strips are
         self._held = StripCache(max_bytes=config.limits.reuse_cache_bytes)
+        # tile outputs this node made and keeps for the node that runs their frame's tail
+        self._kept = KeptOutputs(config.limits.kept_output_bytes, config.limits.kept_output_seconds)
         self._key = ClusterKey.of(config.secret)  # derived once (scrypt), not per connection
         self._out_file = open(config.out, "a", buffering=1) if (config.out and config.gateway) else None
         self._closed = False
@@ -164,7 +167,9 @@ class NodeState:
         def _post(self, peer: Peer, msg: Message) -> None: ...
         async def _send_quietly(self, peer: Peer, msg: Message) -> None: ...
         def _notify(self, node_id: str, msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown
-                    ) -> None: ...
+                    | TilesRedo) -> None: ...
+        def _on_outputs_missing(self, peer: Peer | None, msg: OutputsMissing) -> None: ...
+        async def _collect_outputs(self, job: Job) -> bool: ...
         def _work_changed(self) -> None: ...
         async def _report_loop(self) -> None: ...
         def _link_bytes(self) -> tuple[int, int]: ...

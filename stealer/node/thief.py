@@ -12,16 +12,20 @@ import math
 import time
 from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 
 from ..codec import MAX_DECODED_BYTES
 from ..errors import CommClosedError, PlanError, ProtocolError, StealerError
 from ..images import pixel_rect
-from ..roles.strips import unpack_strips
+from ..assembly import FrameAssembly
+from ..roles.strips import unpack_outputs, unpack_strips
 from ..roles.worker import refused_steal, restarts_lease, speed_worth_telling
 from ..scheduler import TAIL, PeerLoad, TaskRef, choose_victim
 from ..wire.messages import (
     Message,
+    OutputsFetch,
+    OutputsMissing,
     TaskStarted,
     RegionReply,
     RegionRequest,
@@ -190,6 +194,8 @@ class Thief(NodeState):
                 job = self._job_or_report(reply, peer)
                 if job is None:
                     continue
+                if job.ref.is_tail and job.data is None and not await self._collect_outputs(job):
+                    continue  # its tiles run again; the gateway drops the lease
                 self.stats.stolen += 1
                 self.stats.speculative += int(speculative)
                 took = time.monotonic() - asked  # request to data in hand: what a prefetch hides
@@ -238,7 +244,15 @@ class Thief(NodeState):
 
     def _job_from_grant(self, reply: StealReply, victim: str) -> Job:
         job = Job(TaskRef(reply.source, reply.frame, reply.task), reply.plan, reply.data,
-                  reply.img_w, reply.img_h, victim, granted_at=time.monotonic())
+                  reply.img_w, reply.img_h, victim, granted_at=time.monotonic(), keep_output=reply.keep_output)
+        if reply.task == TAIL and reply.data is None:  # its tiles' outputs are where they were made
+            try:
+                n_tasks = len(self._plan(reply.plan).tasks)
+            except PlanError:
+                raise ProtocolError(f"tail grant of unknown plan {reply.plan!r}") from None
+            if sorted(t for ids in reply.holders.values() for t in ids) != list(range(n_tasks)):
+                raise ProtocolError(f"tail grant's holders {reply.holders} do not list each of its {n_tasks} tiles once")
+            job.holders = reply.holders
         if reply.task != TAIL:
             try:
                 full = self._plan(reply.plan).task(reply.task).full.input_region
@@ -330,6 +344,8 @@ class Thief(NodeState):
         try:
             msg: TileDone | TailDone
             if job.ref.is_tail:
+                if job.data is None and not await self._collect_outputs(job):
+                    return
                 msg = await self._compute(self._compute_tail, job)
                 self.stats.tails_run += 1
                 self.stats.flops_run += self._model_flops - plan.frame_flops
@@ -345,6 +361,11 @@ class Thief(NodeState):
                     return
                 tile, published = await self._compute(self._compute_tile, job, borrowed)
                 msg = tile
+                if self._keeps_output(job, plan) and self._kept.put((job.ref.source, job.ref.frame), job.ref.task,
+                                                                    tile.output, time.monotonic()):
+                    # a direct data path: the tail's runner fetches it from here
+                    msg = msgspec.structs.replace(tile, output=_NO_OUTPUT, kept=True)
+                    self.stats.outputs_kept += 1
                 self.stats.flops_run += plan.task(job.ref.task).variant(tile.variant == "reuse").flops
                 for sid, arr in published.items():  # kept here, on the loop: the cache is not thread-safe
                     # a copy if it is a view, so a held strip never pins a whole layer buffer
@@ -374,6 +395,69 @@ class Thief(NodeState):
         await self._delivery_slots.acquire()
         self._running += 1
         self._spawn(self._deliver(job.ref, msg), "deliver")
+
+    def _keeps_output(self, job: Job, plan: Any) -> bool:
+        """Whether a tile's output stays here for the node that will run its frame's tail: its
+        source advised it (:meth:`SourceState.keep_outputs`), the grid has more than one tile
+        (a 1x1 tile runs its tail here at once, :meth:`_runs_whole`), and this node is not the
+        gateway (where the tail is queued: the map is where it must be)."""
+        return (job.keep_output and self.cfg.direct_outputs and len(plan.tasks) > 1 and not self.is_gateway
+                and self.sharding is None and self._has_gateway())
+
+    async def _collect_outputs(self, job: Job) -> bool:
+        """A tail's input from the nodes that kept its tiles' outputs (``job.holders``: node id
+        -> task ids; this node for those it kept, or, as the gateway, those that came to it),
+        all at once. False if any holder could not give its part: the gateway hears of it
+        (:class:`OutputsMissing`) and has those tiles run again."""
+        plan = self._plan(job.plan_key)
+        key = (job.ref.source, job.ref.frame)
+        holders = dict(job.holders or {})
+        timeout = self.cfg.runtime.outputs_timeout
+
+        async def from_node(node_id: str, ids: list[int]) -> dict[int, np.ndarray] | None:
+            if node_id == self.id:
+                got = self._kept.get(key, ids)
+                if got is None and self.is_gateway:
+                    got = self.gateway.tiles_here(key, ids)
+                return None if got is None else {t: a.ravel() for t, a in got.items()}
+            peer = self.peers.get(node_id)
+            if peer is None:
+                return None
+            reply = await self._request(peer, lambda rid: OutputsFetch(rid, key[0], key[1], ids), timeout)
+            if not isinstance(reply, StripsReply) or not reply.found:
+                return None
+            return unpack_outputs(reply.meta, reply.data)
+
+        parts = await asyncio.gather(*(from_node(n, ids) for n, ids in holders.items()))
+        assembly = FrameAssembly.for_plan(plan)
+        missing = []
+        for (node_id, ids), part in zip(holders.items(), parts):
+            if part is None or sorted(part) != sorted(ids):
+                missing.append(node_id)
+                continue
+            for task, flat in part.items():
+                try:
+                    assembly.add_flat(task, flat)
+                except ValueError as exc:
+                    raise ProtocolError(f"tile outputs from {node_id[:8]}: {exc}") from None
+        if missing:
+            for node_id in missing:
+                log.warning("%s: the tile outputs %s kept could not be fetched; they run again", job.ref, node_id[:8])
+                self._report_outputs_missing(job, node_id)
+            return False
+        job.data, job.holders = assembly.output, None
+        self.stats.outputs_fetched += 1
+        return True
+
+    def _report_outputs_missing(self, job: Job, holder: str) -> None:
+        msg = OutputsMissing(job.ref.source, job.ref.frame, holder)
+        if job.victim == self.id:
+            self._on_outputs_missing(None, msg)
+            return
+        peer = self.peers.get(job.victim)
+        if peer is not None:
+            with contextlib.suppress(ValueError, CommClosedError):
+                self._post(peer, msg)
 
     async def _deliver(self, ref: TaskRef, msg: Message) -> None:
         try:
@@ -419,12 +503,15 @@ class Thief(NodeState):
         rid = next(self._request_ids)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        self._pending_from[rid] = peer.node_id  # a peer that is lost fails its requests at once
         try:
             peer.comm.post(make(rid))
             return await _reply_within(fut, self.cfg.runtime.strips_timeout if timeout is None else timeout)
         except (CommClosedError, asyncio.TimeoutError):
             self._pending.pop(rid, None)
             return None
+        finally:
+            self._pending_from.pop(rid, None)
 
     async def _collect_strips(self, key: tuple[str, int], wanted: tuple[int, ...], holders: dict[str, list[int]],
                               given: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray] | None:
@@ -480,6 +567,9 @@ class Thief(NodeState):
         job.partial = False
         self.stats.region_refetches += 1
         return True
+
+
+_NO_OUTPUT = np.empty(0, np.float32)  # a kept tile's TileDone carries none
 
 
 def _expire_reply(fut: asyncio.Future[Any]) -> None:

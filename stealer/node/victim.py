@@ -114,7 +114,7 @@ class Victim(NodeState):
             return None
         if ref.is_tail:
             return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key, [],
-                              job.img_w, job.img_h, job.data)
+                              job.img_w, job.img_h, job.data, holders=job.holders or {})
         region, holders = self.source.grant_input(ref)
         self.stats.small_grants += region != self.source.plan_of((ref.source, ref.frame)).task(ref.task).full.input_region
         sent = await self._input_payload(self.source.frames[(ref.source, ref.frame)].frame, region)
@@ -129,7 +129,7 @@ class Victim(NodeState):
                 holders = {n: ids for n, ids in holders.items() if n != self.id}
         return StealReply(request_id, True, ref.source, ref.frame, ref.task, job.plan_key,
                           list(region), job.img_w, job.img_h, sent.data, sent.pixels, sent.origin, holders, meta,
-                          packed, sent.codec, sent.encoded)
+                          packed, sent.codec, sent.encoded, self.source.keep_outputs())
 
     async def _on_region_request(self, peer: Peer | None, req: RegionRequest) -> None:
         if peer is not None:
@@ -188,14 +188,14 @@ class Victim(NodeState):
             if tail is None:
                 self.queue.done(ref)
                 return None
-            plan, data, img_w, img_h = tail
-            return Job(ref, plan, data, img_w, img_h, self.id)
+            plan, data, img_w, img_h, holders = tail
+            return Job(ref, plan, data, img_w, img_h, self.id, holders=holders or None)
         sf = self.source.frames.get(key)
         if sf is None:
             self.queue.done(ref)
             return None
         return Job(ref, sf.plan_key, sf.frame.data, sf.frame.img_w, sf.frame.img_h, self.id,
-                   holders=self.source.holders_of(key, ref.task))
+                   holders=self.source.holders_of(key, ref.task), keep_output=self.source.keep_outputs())
 
     def _ready(self, ref: TaskRef) -> bool:
         return self.source.ready(ref)

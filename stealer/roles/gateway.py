@@ -42,7 +42,7 @@ from ..errors import PlanError, ProtocolError
 from ..ftp.plan import Plan
 from ..scheduler import TAIL, TaskRef
 from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TailDone,
-                             TileAck, TileDone, TilesIn)
+                             TileAck, TileDone, TilesIn, TilesRedo)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Notify:
     """Post ``msg`` to the node ``node`` (the owner of a frame's source)."""
 
     node: str
-    msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown
+    msg: TileAck | TilesIn | FrameDone | FrameWait | FrameGo | FrameUnknown | TilesRedo
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,15 @@ class ReleaseStrips:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseOutputs:
+    """Tell ``node`` that it may forget the tile outputs it kept of frame ``key`` (the frame is
+    over, or its tail went with this gateway)."""
+
+    node: str
+    key: FrameKey
+
+
+@dataclass(frozen=True, slots=True)
 class ArmDeadline:
     """Call :meth:`GatewayState.deadline_passed` for ``key`` at time ``at`` (same clock as
     ``now``); a later :class:`CancelDeadline` or the frame's end makes the call a no-op."""
@@ -107,7 +116,7 @@ class Released:
     result: dict[str, Any]
 
 
-Action = Union[Notify, QueueTail, DropTail, ReleaseStrips, ArmDeadline, CancelDeadline, Released]
+Action = Union[Notify, QueueTail, DropTail, ReleaseStrips, ReleaseOutputs, ArmDeadline, CancelDeadline, Released]
 
 
 # ------------------------------------------------------------------------------------ state
@@ -120,8 +129,13 @@ class OpenFrame:
     img_h: int
     started: float
     nbytes: int  # its fused map: held while it is assembled and until its tail is done
-    assembly: FrameAssembly | None = None  # made at the first tile
+    assembly: FrameAssembly | None = None  # made at the first tile, kept until the frame is over
     tail_input: np.ndarray | None = None  # set once every tile is in: the tail is queued
+    # direct data paths: task -> the node that kept its output (it never came here); the
+    # tail's runner fetches them from there
+    kept: dict[int, str] = field(default_factory=dict)
+    tail_queued: bool = False  # its tail was queued once (a tail result is good from then on)
+    redos: int = 0  # times tiles were run again because the node keeping them was lost
     strip_holders: dict[int, str] = field(default_factory=dict)  # strip id -> node keeping it
     # nodes that keep copies of its strips nobody fetches from (a second run of a producer):
     # told to let them go with the others, or they would hold them until their cache's cap
@@ -143,6 +157,7 @@ class GatewayStats:
     early_dropped: int = 0  # ... and those dropped because the early buffer was full
     frames_unknown: int = 0  # frames whose results came first: their sources were asked to announce them again
     foreign_refused: int = 0  # messages about another node's sources, refused
+    tiles_redone: int = 0  # tiles run again because the node that kept their outputs was lost
 
 
 class GatewayState:
@@ -182,12 +197,31 @@ class GatewayState:
         self.stats = GatewayStats()
 
     # -------------------------------------------------------------------- lookups
-    def tail_input(self, key: FrameKey) -> tuple[str, np.ndarray, int, int] | None:
-        """(plan key, fused map, img_w, img_h) of a frame whose tail is queued, or None."""
+    def tail_input(self, key: FrameKey) -> tuple[str, np.ndarray | None, int, int, dict[str, list[int]]] | None:
+        """(plan key, fused map, img_w, img_h, holders) of a frame whose tail is queued, or None.
+
+        With tile outputs kept by the nodes that made them, the map is None and ``holders``
+        names where each tile's output is (node id -> task ids; this node for those that came
+        here); else ``holders`` is empty and the map is whole."""
         f = self.frames.get(key)
         if f is None or f.tail_input is None:
             return None
-        return f.plan, f.tail_input, f.img_w, f.img_h
+        if not f.kept:
+            return f.plan, f.tail_input, f.img_w, f.img_h, {}
+        holders: dict[str, list[int]] = {}
+        for task in range(len(self.plan_of(f.plan).tasks)):
+            holders.setdefault(f.kept.get(task, self.node_id), []).append(task)
+        return f.plan, None, f.img_w, f.img_h, holders
+
+    def tiles_here(self, key: FrameKey, tasks: list[int]) -> dict[int, np.ndarray] | None:
+        """The outputs (raveled) of tiles of a frame that came to this gateway, for the node
+        that runs its tail; None if any of them is not here."""
+        f = self.frames.get(key)
+        if f is None or f.assembly is None or f.result is not None:
+            return None
+        if any(t in f.kept or t not in f.assembly.received for t in tasks):
+            return None
+        return {t: f.assembly.tile(t) for t in tasks}
 
     def strip_locations(self, key: FrameKey, wanted: tuple[int, ...]) -> dict[str, list[int]] | None:
         """Which node holds each wanted strip of a frame (node id -> strip ids), or None if the
@@ -275,6 +309,8 @@ class GatewayState:
             late: list[Action] = [Notify(owner, TileAck(msg.source, msg.frame, msg.task))]
             if msg.strips_held:  # a late copy kept strips the frame no longer needs: let them go
                 late.append(ReleaseStrips(sender, key))
+            if msg.kept and (f is None or f.result is not None or sender not in f.kept.values()):
+                late.append(ReleaseOutputs(sender, key))  # ... or an output nobody will fetch
             return late
         if f is None:
             return self._keep_early(sender, msg, now)
@@ -292,7 +328,12 @@ class GatewayState:
         if f.assembly is None:
             f.assembly = FrameAssembly.for_plan(plan)
         try:
-            fresh = f.assembly.add(msg.task, np.asarray(msg.output))
+            if msg.kept:  # its sender keeps the output, for the tail's runner to fetch
+                fresh = f.assembly.mark(msg.task)
+                if fresh:
+                    f.kept[msg.task] = sender
+            else:
+                fresh = f.assembly.add(msg.task, np.asarray(msg.output))
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
         if not fresh:
@@ -341,7 +382,9 @@ class GatewayState:
             # the frame's only tile and its tail ran on one node: the tile's lease ends here
             # too, and its map never came (no tail was queued)
             out.append(Notify(owner_of(key[0]), TilesIn(*key)))
-        elif f is None or f.tail_input is None:
+        elif f is None or not f.tail_queued or f.result is not None:
+            # (a tail's result is good even while some of its tiles run again: the node that
+            # kept them was lost after the tail's runner had fetched them)
             self.stats.duplicates_dropped += 1
             return [DropTail(TaskRef(msg.source, msg.frame, TAIL))]
         result: dict[str, Any] = {"source": msg.source, "frame": msg.frame, "latency": round(now - f.started, 4),
@@ -385,7 +428,7 @@ class GatewayState:
         for key in [k for k in self.frames if owner_of(k[0]) == node_id]:
             f = self.frames.pop(key)
             self.held_bytes -= f.nbytes
-            out += self._strips_gone(key, f)
+            out += self._strips_gone(key, f) + self._outputs_gone(key, f)
             if f.deadline:
                 out.append(CancelDeadline(key))
             out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
@@ -396,6 +439,46 @@ class GatewayState:
         for source in self.sources.pop(node_id, set()):
             self.order.forget(source)
         return out + self._admit_waiting(now)
+
+    def holder_lost(self, node_id: str, now: float) -> list[Action]:
+        """A node that kept tile outputs left: the open frames' tiles it kept run again."""
+        out: list[Action] = []
+        for key, f in list(self.frames.items()):
+            lost = sorted(t for t, n in f.kept.items() if n == node_id)
+            if lost and f.result is None:
+                out += self._redo(key, f, lost, f"node {node_id[:8]}, which kept their outputs, left", now)
+        return out
+
+    def outputs_lost(self, key: FrameKey, holder: str, now: float) -> list[Action]:
+        """The node running a frame's tail could not fetch the outputs ``holder`` kept (the
+        shell checked that it holds the tail's lease): those tiles run again."""
+        f = self.frames.get(key)
+        if f is None or f.result is not None or not f.tail_queued:
+            return []
+        lost = sorted(t for t, n in f.kept.items() if n == holder)
+        if not lost:
+            return []
+        return self._redo(key, f, lost, f"their outputs could not be fetched from {holder[:8]}", now)
+
+    def _redo(self, key: FrameKey, f: OpenFrame, tasks: list[int], why: str, now: float) -> list[Action]:
+        """Tiles whose outputs were lost run again: the frame is open for them (its queued or
+        leased tail goes; a result of it that comes anyway still counts), and the source
+        queues them again. Bounded: a frame whose outputs keep getting lost fails."""
+        f.redos += 1
+        if f.redos > self.limits.max_task_attempts:
+            return self.give_up(key, tasks[0], f"tile outputs lost {f.redos} times; last: {why}", now)
+        log.warning("frame %d of %s: tiles %s run again: %s", key[1], key[0][:8], tasks, why)
+        self.stats.tiles_redone += len(tasks)
+        assert f.assembly is not None  # kept until the frame is over
+        f.assembly.unmark(tasks)
+        for t in tasks:
+            f.kept.pop(t, None)
+        out: list[Action] = []
+        if f.tail_input is not None:
+            f.tail_input = None
+            out.append(DropTail(TaskRef(key[0], key[1], TAIL)))
+        out.append(Notify(owner_of(key[0]), TilesRedo(key[0], key[1], tasks)))
+        return out
 
     def deadline_passed(self, key: FrameKey, now: float) -> list[Action]:
         """The frame's tiles are late: finish with the missing ones zeroed, and say so."""
@@ -425,7 +508,7 @@ class GatewayState:
         them again on the gateway that won) and release nothing more."""
         out: list[Action] = []
         for key, f in self.frames.items():
-            out += self._strips_gone(key, f)
+            out += self._strips_gone(key, f) + self._outputs_gone(key, f)
             if f.deadline:
                 out.append(CancelDeadline(key))
             if f.tail_input is not None:
@@ -506,13 +589,18 @@ class GatewayState:
         hears that the leases of its tiles end."""
         assert f.assembly is not None
         f.tail_input = f.assembly.output
-        f.assembly = None
+        f.tail_queued = True
         out: list[Action] = [Notify(owner_of(key[0]), TilesIn(*key))]
         if f.deadline:
             out.append(CancelDeadline(key))
         out += self._strips_gone(key, f)
         out.append(QueueTail(TaskRef(key[0], key[1], TAIL)))
         return out
+
+    def _outputs_gone(self, key: FrameKey, f: OpenFrame) -> list[Action]:
+        holders = sorted(set(f.kept.values()))
+        f.kept = {}
+        return [ReleaseOutputs(node, key) for node in holders]
 
     def _strips_gone(self, key: FrameKey, f: OpenFrame) -> list[Action]:
         holders = sorted(set(f.strip_holders.values()) | f.spare_holders)
@@ -531,7 +619,7 @@ class GatewayState:
             f.nbytes = 0
             f.tail_input = f.assembly = None
             f.result = result
-            out += self._strips_gone(key, f)
+            out += self._strips_gone(key, f) + self._outputs_gone(key, f)
             if f.deadline:
                 out.append(CancelDeadline(key))
         self._pop_early(key)
@@ -586,10 +674,12 @@ class GatewayState:
         for key, f in self.frames.items():
             assert key[1] in self.order.pending(key[0]), f"open frame {key} not expected in order"
             assert key not in self.finished
-            assert f.result is None or (f.tail_input is None and f.nbytes == 0)
+            assert f.result is None or (f.tail_input is None and f.nbytes == 0 and not f.kept)
+            if f.kept:
+                assert f.assembly is not None and set(f.kept) <= f.assembly.received
 
 
 def _early_nbytes(msg: TileDone | TailDone) -> int:
     """Bytes an early result holds: a tile's fused map; a whole frame's result is a digest and
     its detections (counted at a nominal size, so the byte cap still bounds how many)."""
-    return msg.output.nbytes if isinstance(msg, TileDone) else 1024
+    return max(msg.output.nbytes, 1024) if isinstance(msg, TileDone) else 1024

@@ -27,7 +27,7 @@ from ..ftp.plan import Plan
 from ..scheduler import TAIL, TaskRef, WorkQueue
 from ..sources import Frame
 from ..wire.messages import (FrameDone, FrameDrop, FrameFailed, FrameGo, FrameStart, FrameUnknown, FrameWait, TileAck,
-                             TilesIn)
+                             TilesIn, TilesRedo)
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,30 @@ class SourceState:
             if msg.holder:
                 for sid in msg.strips:
                     sf.strip_holders.setdefault(sid, msg.holder)
+
+    def tiles_redo(self, msg: TilesRedo) -> bool:
+        """The node that kept some tiles' outputs left before the tail fetched them: queue those
+        tiles again. Their full variants: the frame's reuse strips went with its TilesIn, so
+        what the gateway said of its producers no longer holds. False if nothing was queued
+        (not a frame of this node, or one given up or waiting to be admitted)."""
+        sf = self.frames.get((msg.source, msg.frame))
+        if sf is None or sf.failed is not None or sf.held:
+            return False
+        n_tasks = len(sf.plan.tasks)
+        tasks = sorted({t for t in msg.tasks if 0 <= t < n_tasks})
+        sf.acked.clear()
+        sf.strip_holders.clear()
+        self.queue.add(TaskRef(msg.source, msg.frame, t) for t in tasks)
+        return bool(tasks)
+
+    def keep_outputs(self) -> bool:
+        """Whether this node's tiles should keep their outputs for the tail's runner to fetch
+        (a direct data path) rather than send them to the gateway: when several of its frames
+        are in flight the gateway is busy too and a frame's tail mostly runs elsewhere, so a
+        map sent to the gateway would cross a second link to it. With one frame in flight the
+        gateway is idle when the last tile is in and runs the tail itself on the maps that
+        streamed in while the other tiles computed."""
+        return len(self.frames) > 1
 
     def tiles_in(self, msg: TilesIn, now: float | None = None) -> bool:
         return self.queue.end_tiles(msg.source, msg.frame, now) > 0

@@ -825,6 +825,9 @@ def _check_task_name(source: str, frame: int, task: int) -> None:
         raise ValueError(f"task {task} is invalid")
 
 
+MAX_TILES: Final = 4096
+"""Tiles a frame's plan may have (a 64x64 grid): bounds every list of task ids a peer sends."""
+
 MAX_NODE_SPEED: Final = 1e15
 """FLOP/s a peer may claim (a petaflop: far beyond any edge device, finite for the planner)."""
 
@@ -922,7 +925,10 @@ class StealReply(Message, tag="steal-reply", frozen=True):
     codec ``codec`` (:mod:`stealer.codec`): ``zstd``/``png``, those pixels losslessly;
     ``jpeg``, the whole image's JPEG, which the thief decodes and crops to the pixels at
     ``pixel_origin``. Exactly one of ``data``, ``pixels``, ``encoded``. For a tail, ``data`` is
-    the fused block's output."""
+    the fused block's output, or, when tile outputs were kept by the nodes that made them,
+    nothing: ``holders`` then says which node keeps which tiles' outputs (node id -> task
+    ids; the gateway lists itself for those that came to it), fetched with
+    :class:`OutputsFetch`."""
 
     request_id: int
     granted: bool
@@ -945,10 +951,15 @@ class StealReply(Message, tag="steal-reply", frozen=True):
     strips: np.ndarray | None = None
     codec: str = "raw"
     encoded: np.ndarray | None = None
+    # a tile: its source advises its runner to keep the output for the tail's runner to fetch
+    # (several of its frames are in flight, so the tail rarely runs on the gateway)
+    keep_output: bool = False
 
     def __post_init__(self) -> None:
         if self.granted:
             _check_task_name(self.source, self.frame, self.task)
+            if self.task == -1 and self.data is None and self.holders:
+                return  # a tail whose tiles' outputs are kept by their nodes: fetched from them
             _check_tile_input(self.data, self.pixels, self.pixel_origin, self.codec, self.encoded)
 
 
@@ -1012,6 +1023,63 @@ class StripsRelease(Message, tag="strips-release", frozen=True):
 
 
 @register
+class OutputsFetch(Message, tag="outputs-fetch", frozen=True):
+    """The node that runs a frame's tail asks a node that kept tile outputs of it (or the
+    gateway, for those that came to it) for them. The answer is a :class:`StripsReply`:
+    ``found`` false if any is missing; else ``meta`` [task, size] each and ``data`` their
+    outputs, flat float32, concatenated in that order."""
+
+    request_id: int
+    source: str
+    frame: int
+    tasks: list[int]
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, 0)
+        if not 0 < len(self.tasks) <= MAX_TILES or min(self.tasks) < 0:
+            raise ValueError(f"outputs-fetch: 1..{MAX_TILES} task ids, none negative")
+
+
+@register
+class OutputsRelease(Message, tag="outputs-release", frozen=True):
+    """Gateway to a node that kept tile outputs of a frame: the frame is over, they can go."""
+
+    source: str
+    frame: int
+
+
+@register
+class OutputsMissing(Message, tag="outputs-missing", frozen=True):
+    """The node that runs a frame's tail (it holds the tail's lease) could not fetch the tile
+    outputs ``holder`` kept (it left, restarted, or let them go): the gateway has those tiles
+    run again."""
+
+    source: str
+    frame: int
+    holder: str
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, -1)
+        if not 1 <= len(self.holder) <= 128:
+            raise ValueError("holder must have 1..128 characters")
+
+
+@register
+class TilesRedo(Message, tag="tiles-redo", frozen=True):
+    """Gateway to source: the outputs of these tiles of the frame were lost with the node that
+    kept them before the tail fetched them: queue them again (their full variants)."""
+
+    source: str
+    frame: int
+    tasks: list[int]
+
+    def __post_init__(self) -> None:
+        _check_task_name(self.source, self.frame, 0)
+        if not 0 < len(self.tasks) <= MAX_TILES or min(self.tasks) < 0:
+            raise ValueError(f"tiles-redo: 1..{MAX_TILES} task ids, none negative")
+
+
+@register
 class RegionRequest(Message, tag="region-request", frozen=True):
     """A thief holding a reuse task's small input region, whose strips are gone (a new gateway,
     an evicted cache), asks the task's owner for the full variant's region instead."""
@@ -1048,7 +1116,11 @@ class RegionReply(Message, tag="region-reply", frozen=True):
 @register
 class TileDone(Message, tag="tile-done", frozen=True):
     """A tile's output, and the ids of the reuse strips it published: the sender keeps those
-    and serves them to dependent tiles (:class:`StripsFetch`)."""
+    and serves them to dependent tiles (:class:`StripsFetch`).
+
+    ``kept``: the sender keeps the output itself (``output`` is then empty) and serves it to
+    whichever node runs the frame's tail (:class:`OutputsFetch`): a direct data path, so that
+    a fused map crosses one link (holder to tail) instead of two (to the gateway, and on)."""
 
     source: str
     frame: int
@@ -1058,9 +1130,12 @@ class TileDone(Message, tag="tile-done", frozen=True):
     output: np.ndarray
     strips_held: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    kept: bool = False
 
     def __post_init__(self) -> None:
         _check_task_name(self.source, self.frame, self.task)
+        if self.kept and self.output.size:
+            raise ValueError("a kept tile's output stays with its sender: none may come along")
 
 
 @register
