@@ -860,6 +860,8 @@ def analyse(run: Run, raw: dict[str, Any], work: Path, digests: dict[str, dict[s
                "seconds": round(w, 3), "frames": frames_in, "cpu_used": round(cpu_used, 3),
                "capacity": round(capacity, 3),
                "mb_per_frame": round(sum(nd["tx_mb"] for nd in nodes) / max(1, frames_in), 3),
+               # through the gateway's link, both ways (host 0): what direct data paths cut
+               "gateway_mb_per_frame": round((nodes[0]["tx_mb"] + nodes[0]["rx_mb"]) / max(1, frames_in), 3),
                "max_link_util": max((nd["link_util"] or 0) for nd in nodes) if rate_bits else None,
                "foreign_cores": round((machine - cpu_used - (b["self"] - a["self"])) / w, 3),
                "vm_steal_cores": round((b["proc"]["steal"] - a["proc"]["steal"]) / w, 3)}
@@ -1080,8 +1082,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| scenario | run | nodes | grid | reuse | policy | src | frames x runs | fps (median) | fps min–max | "
         "speed-up | ideal | eff. | fused fps | lat p50 s | lat p99 s | busy mean (min–max) | "
-        "tiles/tails/steals per node | MB/frame | link max | start s | check |",
-        "|" + "---|" * 22,
+        "tiles/tails/steals per node | MB/frame | gw MB/frame | link max | start s | check |",
+        "|" + "---|" * 23,
     ]
     fused = {r["run"]["nodes"]: r for r in report["runs"] if r["run"]["scenario"] == "fused"}
     for r in report["runs"]:
@@ -1090,7 +1092,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {run['scenario']} | {run['label']} | 1 | – | – | – | – | "
                          f"{r.get('frames_per_run', r['frames_ok'])} x {r.get('repeats', 1)} | "
                          f"{_f(r['fps'], 3)} | {_spread(r)} | 1.00 | 1.00 | – | – | {_f(r.get('forward_median'))} | "
-                         f"{_f(max(r['forward_seconds'])) if r.get('forward_seconds') else '–'} | – | – | – | – | "
+                         f"{_f(max(r['forward_seconds'])) if r.get('forward_seconds') else '–'} | – | – | – | – | – | "
                          f"{_f(r.get('load_seconds'))} (load) | {'ok' if r.get('status') == 'ok' else r.get('status')} |")
             continue
         nodes = r["nodes"]
@@ -1116,7 +1118,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(r['fps'], 3)}{'' if r.get('fps_basis') == 'steady' else '*'} | {_spread(r)} | {_f(r.get('speedup'))} | "
             f"{_f(r.get('ideal_speedup'))} | {_f(r.get('efficiency'))} | {_f(fz['fps'], 3) if fz else '–'} | "
             f"{_f(r['latency_p50'])} | {_f(r['latency_p99'])} | {busy_s} | {per} | {_f(win.get('mb_per_frame'))} | "
-            f"{_f(win.get('max_link_util'))} | {_f(r['startup_seconds'], 1)} | {check} |")
+            f"{_f(win.get('gateway_mb_per_frame'))} | {_f(win.get('max_link_util'))} | {_f(r['startup_seconds'], 1)} | {check} |")
     acc = ["| run | capacity | speed-up | redundancy | overhead | idle | tile CPU ratio | fallbacks | "
            "foreign cores |", "|" + "---|" * 9]
     for r in report["runs"]:
@@ -1419,7 +1421,8 @@ def write_markdown(report: dict[str, Any], path: Path, pngs: list[Path]) -> None
     text += ["", "## Targets", "", targets(report), "", "## All runs", "", table, "",
              "Columns: *busy* = cgroup CPU seconds / (CPU share × steady-state window) per node; "
              "*tiles/tails/steals per node* in host order (host 0 is the gateway); *MB/frame* = bytes sent by all "
-             "hosts in the window / frames; *link max* = busiest link's utilisation of its rate; *start* = spawn "
+             "hosts in the window / frames; *gw MB/frame* = bytes through the gateway's link (host 0, sent and "
+             "received) / frames; *link max* = busiest link's utilisation of its rate; *start* = spawn "
              "to first result.", "",
              "## Where the speed-up goes (Pi-equivalents over the steady-state window)", "",
              "capacity = speed-up + redundancy + overhead + idle. *redundancy*: CPU the tiling costs beyond one "
