@@ -70,8 +70,8 @@ from numba import njit
 
 from ._config import JIT_OPTS
 from ._validate import output_array
-from ._simd import (vadd, vbcast, vbcast16, vdeinterleave, vfma, vleaky, vload, vload16, vmaskgather, vmaskload,
-                    vmaskload2, vrelu, vrelu6, vstore, vstore16, vstoren, vzero, vzero16)
+from ._simd import (target_features, vadd, vbcast, vbcast16, vdeinterleave, vfma, vleaky, vload, vload16,
+                    vmaskgather, vmaskload, vmaskload2, vrelu, vrelu6, vstore, vstore16, vstoren, vzero, vzero16)
 from .activations import (ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_RELU6, _act_code, _activate_flat,
                           _logistic32, act_scalar)
 
@@ -83,24 +83,10 @@ from .activations import (ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_REL
 # elements are computed together, so the bits are the same either way (tested).
 
 
-def _target_features() -> list[str]:
-    """Numba's target features (``+avx512vl``, ...), as it compiles for them."""
-    import numba
-    from llvmlite import binding
-
-    cpu_name = getattr(numba.config, "CPU_NAME", None)  # set from NUMBA_CPU_NAME/FEATURES
-    cpu_features = getattr(numba.config, "CPU_FEATURES", None)
-    if cpu_name:  # an explicit target (portable caches): trust only its features
-        feats = cpu_features or ""
-    else:
-        feats = cpu_features or binding.get_host_cpu_features().flatten()
-    return feats.split(",")
-
-
 def _vector_registers() -> int:
     """32 if Numba's target has AVX-512VL (32 ymm registers), else 16 (AVX2; NEON's 32 q
     registers hold 16 <8 x float>)."""
-    return 32 if "+avx512vl" in _target_features() else 16
+    return 32 if "+avx512vl" in target_features() else 16
 
 
 MR = 8 if _vector_registers() == 32 else 4
@@ -109,7 +95,7 @@ NR = 24
 #: and 8 x 48 register blocks (:func:`_conv2d_exact_z`). Each element's chain of fma is the
 #: same, so the bits are; a module switch so tests can force either path on any machine
 #: (elsewhere LLVM splits the 16-lane vectors into 8-lane ones, with the same arithmetic).
-ZMM = "+avx512f" in _target_features() and MR == 8
+ZMM = "+avx512f" in target_features() and MR == 8
 NRZ = 48  # pixels per panel of the 16-lane variant (3 zmm)
 NCZ = NRZ * 4  # pixels per packed B block of the 16-lane variant
 # Cache blocking, tuned on Zen 3 (32 KiB L1d, 512 KiB L2 per core, 32 MiB L3) with interleaved

@@ -308,22 +308,30 @@ def _libm_activation(x: np.ndarray, act: str) -> np.ndarray:
 
 @pytest.mark.parametrize("act", ["swish_f32", "logistic_f32"])
 def test_vector_expf_activations_have_the_libm_bits(act):
-    """swish and logistic_f32 run 8 lanes at a time with glibc's expf algorithm in vector form
-    (kernels._simd.vexpf): the libm's bits on 2^20 values over the whole main path (|x| < 88),
-    both sides of its edge, blocks with inf / NaN / huge values (the libm, element by element) and
-    a tail that is not a multiple of 8, and the two floats where a reduction without fma
-    rounds differently. (Checked once over every float32 in [-104, 89] too.)"""
+    """swish and logistic_f32 run 16 lanes (AVX-512F targets: the table looked up by a gather)
+    and 8 lanes at a time with glibc's expf algorithm in vector form (kernels._simd.vexpf): the
+    libm's bits on 2^20 values over the whole main path (|x| < 88), both sides of its edge,
+    blocks with inf / NaN / huge values (the libm, element by element) and a tail that is not a
+    multiple of 8 or 16, and the two floats where a reduction without fma rounds differently,
+    through both widths. (Checked once over every float32 in [-104, 89] too.)"""
+    from kernels.activations import _expf_act_flat
+
     rng = np.random.default_rng(7)
     parts = [rng.standard_normal(1 << 19) * 8, rng.uniform(-88, 88, 1 << 19),
              np.array([np.inf, -np.inf, np.nan, 88.0, -88.0, np.nextafter(88, 0), -np.nextafter(88, 0), 1e30,
                        -1e30, 0.0, -0.0, 1e-45, -1e-45, 103.0, -104.0,
                        32.564632, -63.09946, 63.09946, -32.564632], np.float64),  # an unfused reduction misses these
-             rng.uniform(-120, 120, 1003)]
+             rng.uniform(-120, 120, 1000)]  # 19 + 1000 = 63*16 + 8 + 3: a block of 8 after the 16s, then 3
     x = np.concatenate(parts).astype(np.float32)
+    want = _libm_activation(x, act)
     got = x.copy()
     kernels.activate(got, act)
-    assert_same_bits(got, _libm_activation(x, act), act)
+    assert_same_bits(got, want, act)
+    for wide in (False, True):
+        got = x.copy()
+        _expf_act_flat(got, act == "swish_f32", wide)
+        assert_same_bits(got, want, f"{act}, wide={wide}")
     # a perturbed lane breaks the comparison: the check is not vacuous
     bad = got.copy()
     bad[5] = np.nextafter(bad[5], np.float32(np.inf))
-    assert (bad.view(np.uint32) != _libm_activation(x, act).view(np.uint32)).sum() == 1
+    assert (bad.view(np.uint32) != want.view(np.uint32)).sum() == 1
