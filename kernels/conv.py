@@ -1573,9 +1573,10 @@ DIRECT_MAX_CG = 4
 #: Ungrouped convolutions with at most this many input channels and K = C*k*k at most
 #: DIRECT8_MAX_K take :func:`_conv2d_direct8` where the 8-row block exists (MR = 8). Measured on
 #: Zen 4 against the GEMM: C = 3 1.2-2.3x faster (YOLO's first layers), C = 16 1.2x, C = 32
-#: 0.8-0.9x (there packing is a small share and the GEMM's sequential panels win).
+#: 0.8-0.9x (there packing is a small share and the GEMM's sequential panels win). K = 147 is
+#: ResNet's 7x7 first layer (C = 3): 2.40 against the 16-lane GEMM's 2.80 ms (Sapphire Rapids).
 DIRECT8_MAX_C = 16
-DIRECT8_MAX_K = 144
+DIRECT8_MAX_K = 147
 
 
 @njit(**JIT_OPTS)

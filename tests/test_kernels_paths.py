@@ -252,8 +252,8 @@ def test_stride1_maxpool_keeps_the_first_of_equal_values():
 
 @st.composite
 def small_k_cases(draw):
-    c = draw(st.integers(1, conv_mod.DIRECT8_MAX_C))
-    k = draw(st.sampled_from([1, 2, 3]))
+    k = draw(st.sampled_from([1, 2, 3, 3, 7]))
+    c = draw(st.integers(1, 3 if k == 7 else conv_mod.DIRECT8_MAX_C))  # 7x7, C = 3: ResNet's first layer
     co = draw(st.integers(1, 20))  # edge row blocks of 8
     sy, sx = draw(st.sampled_from([(1, 1), (2, 2), (1, 2), (3, 1)]))
     d = draw(st.integers(1, 2))
@@ -288,6 +288,24 @@ def test_direct_small_k_conv_has_the_gemm_bits(case):
         assert_same_bits(got, want, str(case))
     assert_same_bits(kernels.conv2d(x, wt, b, **kw), want, str(case))
 
+
+
+def test_first_layers_take_the_direct_path(monkeypatch):
+    """YOLO's 3x3 and ResNet's 7x7 first layers (C = 3) run :func:`_conv2d_direct8` where MR = 8
+    (the tests above compare it with the GEMM; this checks that it is what conv2d runs)."""
+    calls = []
+    real = conv_mod._conv2d_direct8
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(conv_mod, "_conv2d_direct8", spy)
+    x = np.random.default_rng(1).standard_normal((3, 30, 30)).astype(np.float32)
+    for k in (3, 7):
+        wt = np.ones((8, 3, k, k), np.float32)
+        kernels.conv2d(x, wt, np.zeros(8, np.float32), stride=2, pad_top=k // 2, pad_left=k // 2)
+    assert calls == ([3, 7] if conv_mod.MR == 8 else [])
 
 
 def _libm_activation(x: np.ndarray, act: str) -> np.ndarray:
