@@ -340,14 +340,14 @@ def vmaskload(typingctx, prev, arr, idx, lo, hi):
 def vrelu6(typingctx, v):
     """ReLU6 per lane as :func:`kernels.activations._relu6_32`: ``m = x > 0 ? x : 0`` (NaN gives
     0), then ``m < 6 ? m : 6``."""
-    if v != f32x8:
+    if v not in _FVECS:
         return None
-    sig = f32x8(v)
+    sig = v(v)
 
     def codegen(context, builder, sig, args):
         x = args[0]
-        zero = ir.Constant(_V8F32, [0.0] * LANES)
-        six = ir.Constant(_V8F32, [6.0] * LANES)
+        zero = ir.Constant(x.type, [0.0] * x.type.count)
+        six = ir.Constant(x.type, [6.0] * x.type.count)
         m = builder.select(builder.fcmp_ordered(">", x, zero), x, zero)
         return builder.select(builder.fcmp_ordered("<", m, six), m, six)
 

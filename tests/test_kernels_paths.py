@@ -72,6 +72,35 @@ def test_direct_grouped_conv_has_the_gemm_bits(case):
         want = general_conv(mp, x, wt, b, **kw)
     got = kernels.conv2d(x, wt, b, **kw)
     assert_same_bits(got, want, str(case))
+    # the direct kernel on 8- and 16-lane blocks (32 or 64 grid pixels; conv2d picks by conv.ZMM)
+    code = kernels.activations._act_code(act)
+    vec = code <= kernels.ACT_RELU or code == kernels.ACT_RELU6
+    for wide in (False, True):
+        out = np.empty_like(want)
+        conv_mod._conv2d_direct(x, wt.reshape(-1), b, k, sy, sx, d, pt, pl, oh, ow, code if vec else 0, groups, og,
+                                out.reshape(-1), wide)
+        if not vec:
+            kernels.activate(out, act)
+        assert_same_bits(out, want, f"{case}, wide={wide}")
+
+
+def test_depthwise_layers_run_the_direct_kernel_at_the_targets_width(monkeypatch):
+    """conv2d sends a depthwise layer to :func:`_conv2d_direct` with ``wide = conv.ZMM`` (the
+    16-lane block where the target has AVX-512F)."""
+    calls = []
+    real = conv_mod._conv2d_direct
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(conv_mod, "_conv2d_direct", spy)
+    x = np.random.default_rng(2).standard_normal((8, 9, 9)).astype(np.float32)
+    for zmm in (False, True):
+        monkeypatch.setattr(conv_mod, "ZMM", zmm)
+        kernels.conv2d(x, np.ones((8, 1, 3, 3), np.float32), np.zeros(8, np.float32), pad_top=1, pad_left=1,
+                       groups=8, activation="relu6")
+    assert calls == [False, True]
 
 
 def test_direct_path_is_taken_and_catches_a_reordered_sum(monkeypatch):
