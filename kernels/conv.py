@@ -851,6 +851,31 @@ def _mk_z8x48(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
             c70 = vrelu(c70)
             c71 = vrelu(c71)
             c72 = vrelu(c72)
+        elif epi == 4:
+            c00 = vrelu6(c00)
+            c01 = vrelu6(c01)
+            c02 = vrelu6(c02)
+            c10 = vrelu6(c10)
+            c11 = vrelu6(c11)
+            c12 = vrelu6(c12)
+            c20 = vrelu6(c20)
+            c21 = vrelu6(c21)
+            c22 = vrelu6(c22)
+            c30 = vrelu6(c30)
+            c31 = vrelu6(c31)
+            c32 = vrelu6(c32)
+            c40 = vrelu6(c40)
+            c41 = vrelu6(c41)
+            c42 = vrelu6(c42)
+            c50 = vrelu6(c50)
+            c51 = vrelu6(c51)
+            c52 = vrelu6(c52)
+            c60 = vrelu6(c60)
+            c61 = vrelu6(c61)
+            c62 = vrelu6(c62)
+            c70 = vrelu6(c70)
+            c71 = vrelu6(c71)
+            c72 = vrelu6(c72)
     vstore16(c, co, c00)
     vstore16(c, co + 16, c01)
     vstore16(c, co + 32, c02)
@@ -1002,6 +1027,23 @@ def _mk_z8x32(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
             c61 = vrelu(c61)
             c70 = vrelu(c70)
             c71 = vrelu(c71)
+        elif epi == 4:
+            c00 = vrelu6(c00)
+            c01 = vrelu6(c01)
+            c10 = vrelu6(c10)
+            c11 = vrelu6(c11)
+            c20 = vrelu6(c20)
+            c21 = vrelu6(c21)
+            c30 = vrelu6(c30)
+            c31 = vrelu6(c31)
+            c40 = vrelu6(c40)
+            c41 = vrelu6(c41)
+            c50 = vrelu6(c50)
+            c51 = vrelu6(c51)
+            c60 = vrelu6(c60)
+            c61 = vrelu6(c61)
+            c70 = vrelu6(c70)
+            c71 = vrelu6(c71)
     vstore16(c, co, c00)
     vstore16(c, co + 16, c01)
     vstore16(c, co + 1 * ldc, c10)
@@ -1096,6 +1138,15 @@ def _mk_z8x16(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
             c50 = vrelu(c50)
             c60 = vrelu(c60)
             c70 = vrelu(c70)
+        elif epi == 4:
+            c00 = vrelu6(c00)
+            c10 = vrelu6(c10)
+            c20 = vrelu6(c20)
+            c30 = vrelu6(c30)
+            c40 = vrelu6(c40)
+            c50 = vrelu6(c50)
+            c60 = vrelu6(c60)
+            c70 = vrelu6(c70)
     vstore16(c, co, c00)
     vstore16(c, co + 1 * ldc, c10)
     vstore16(c, co + 2 * ldc, c20)
@@ -1524,7 +1575,7 @@ def _conv2d_exact_z(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2, 
             wedge[r * k_n + kk] = w2[r0 + r, kk]
     biasp = np.zeros(mp, np.float32)
     biasp[:co_n] = bias
-    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
+    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 4 if act == ACT_RELU6 else 1
     kcb = min(kc_blk, k_n)
     ncb = min(nc_blk, (n_n + NRZ - 1) // NRZ * NRZ)
     bp = np.empty(kcb * ncb, np.float32)
@@ -1851,6 +1902,31 @@ def _dk_8x24(kk_n, toff, q, p0, a, ao, lda, c, co, ldc, bias, bo_bias, epi):
         c70 = vrelu(c70)
         c71 = vrelu(c71)
         c72 = vrelu(c72)
+    elif epi == 4:
+        c00 = vrelu6(c00)
+        c01 = vrelu6(c01)
+        c02 = vrelu6(c02)
+        c10 = vrelu6(c10)
+        c11 = vrelu6(c11)
+        c12 = vrelu6(c12)
+        c20 = vrelu6(c20)
+        c21 = vrelu6(c21)
+        c22 = vrelu6(c22)
+        c30 = vrelu6(c30)
+        c31 = vrelu6(c31)
+        c32 = vrelu6(c32)
+        c40 = vrelu6(c40)
+        c41 = vrelu6(c41)
+        c42 = vrelu6(c42)
+        c50 = vrelu6(c50)
+        c51 = vrelu6(c51)
+        c52 = vrelu6(c52)
+        c60 = vrelu6(c60)
+        c61 = vrelu6(c61)
+        c62 = vrelu6(c62)
+        c70 = vrelu6(c70)
+        c71 = vrelu6(c71)
+        c72 = vrelu6(c72)
     vstore(c, co, c00)
     vstore(c, co + 8, c01)
     vstore(c, co + 16, c02)
@@ -1915,7 +1991,7 @@ def _conv2d_direct8(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2):
     biasp = np.zeros(mp, np.float32)
     biasp[:co_n] = bias
     scratch = np.empty(8 * NR, np.float32)
-    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
+    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 4 if act == ACT_RELU6 else 1
     for oy in range(out_h):
         for ir in range(0, mp, 8):
             mv = min(8, co_n - ir)
@@ -2200,7 +2276,7 @@ def conv2d(
             _activate_flat(of, act)
         return out
     if exact and groups == 1 and MR == 8 and c_n <= DIRECT8_MAX_C and c_n * k * k <= DIRECT8_MAX_K:
-        vec = act <= ACT_RELU
+        vec = act <= ACT_RELU or act == ACT_RELU6
         out2 = out.reshape(co_n, out_h * out_w)
         _conv2d_direct8(x, weight.reshape(co_n, c_n * k * k), bias, k, sy, sx, dilation, pad_top, pad_left, out_h,
                         out_w, act if vec else ACT_LINEAR, out2)
@@ -2213,10 +2289,12 @@ def conv2d(
         w2 = weight[g * og:(g + 1) * og].reshape(og, cg * k * k)
         bg = bias if groups == 1 else bias[g * og:(g + 1) * og]
         out2 = out[g * og:(g + 1) * og].reshape(og, out_h * out_w)  # a view: out is C-contiguous
-        if exact and act > ACT_RELU:
+        if exact and act > ACT_RELU and not (ZMM and act == ACT_RELU6):
             # AlexeyAB's float32 activations run as a pass over the finished group rather than in
             # the tile loop: code in that loop (even in a branch never taken) cost YOLOv2's 3x3
-            # layers ~8%; the bits are the same, one scalar function of the same sums either way
+            # layers ~8%; the bits are the same, one scalar function of the same sums either way.
+            # ReLU6 (MobileNetV2's) is the 16-lane micro-kernels' epilogue 4: a pass over the
+            # finished output cost as much as the GEMM of a 1x1 layer with few input channels
             if ZMM:
                 _conv2d_exact_z(xg, w2, bg, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w, ACT_LINEAR,
                                 out2, KC, NCZ, MC, ORDER)

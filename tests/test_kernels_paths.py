@@ -178,10 +178,10 @@ def test_strided_conv_is_the_stride1_conv_subsampled(case):
     assert_same_bits(got, np.ascontiguousarray(dense[:, ::sy, ::sx]), str(case))
     # and through the GEMM driver with small random cache blocks and both register blocks (4 and
     # 8 rows): the same bits again
-    if groups == 1 and act in ("linear", "leaky", "relu"):
+    if groups == 1 and act in ("linear", "leaky", "relu", "relu6"):
         code = kernels.activations._act_code(act)
         kc, nc = int(rng.integers(1, 30)), 24 * int(rng.integers(1, 3))
-        for mr in (4, 8):
+        for mr in (4, 8) if act != "relu6" else ():  # the 8-lane driver has no relu6 epilogue
             out = np.empty((og, oh * ow), np.float32)
             conv_mod._conv2d_exact_ext(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow, code, out, kc, nc,
                                        8, int(rng.integers(0, 2)), mr)
@@ -310,9 +310,10 @@ def test_direct_small_k_conv_has_the_gemm_bits(case):
     if c * k * k <= conv_mod.DIRECT8_MAX_K:  # the direct kernel itself, whatever the target's MR
         got = np.empty_like(want)
         code = kernels.activations._act_code(act)
-        conv_mod._conv2d_direct8(x, wt.reshape(co, -1), b, k, sy, sx, d, pt, pl, oh, ow,
-                                 code if code <= kernels.ACT_RELU else 0, got.reshape(co, -1))
-        if code > kernels.ACT_RELU:
+        vec = code <= kernels.ACT_RELU or code == kernels.ACT_RELU6  # the vector epilogues
+        conv_mod._conv2d_direct8(x, wt.reshape(co, -1), b, k, sy, sx, d, pt, pl, oh, ow, code if vec else 0,
+                                 got.reshape(co, -1))
+        if not vec:
             kernels.activate(got, act)
         assert_same_bits(got, want, str(case))
     assert_same_bits(kernels.conv2d(x, wt, b, **kw), want, str(case))
