@@ -28,6 +28,24 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
+def target_features() -> list[str]:
+    """Numba's target features (``+avx512vl``, ...), as it compiles for them."""
+    import numba
+    from llvmlite import binding
+
+    cpu_name = getattr(numba.config, "CPU_NAME", None)  # set from NUMBA_CPU_NAME/FEATURES
+    cpu_features = getattr(numba.config, "CPU_FEATURES", None)
+    if cpu_name:  # an explicit target (portable caches): trust only its features
+        feats = cpu_features or ""
+    else:
+        feats = cpu_features or binding.get_host_cpu_features().flatten()
+    return feats.split(",")
+
+
+#: The target has AVX-512F: elementwise passes run on :data:`f32x16` (one ``zmm``). Elsewhere they
+#: stay on 8 lanes (NEON and AVX2 would split 16-lane vectors, and their gathers are slow).
+AVX512F = "+avx512f" in target_features()
+
 #: Number of float32 lanes in :data:`f32x8`.
 LANES = 8
 
@@ -322,14 +340,14 @@ def vmaskload(typingctx, prev, arr, idx, lo, hi):
 def vrelu6(typingctx, v):
     """ReLU6 per lane as :func:`kernels.activations._relu6_32`: ``m = x > 0 ? x : 0`` (NaN gives
     0), then ``m < 6 ? m : 6``."""
-    if v != f32x8:
+    if v not in _FVECS:
         return None
-    sig = f32x8(v)
+    sig = v(v)
 
     def codegen(context, builder, sig, args):
         x = args[0]
-        zero = ir.Constant(_V8F32, [0.0] * LANES)
-        six = ir.Constant(_V8F32, [6.0] * LANES)
+        zero = ir.Constant(x.type, [0.0] * x.type.count)
+        six = ir.Constant(x.type, [6.0] * x.type.count)
         m = builder.select(builder.fcmp_ordered(">", x, zero), x, zero)
         return builder.select(builder.fcmp_ordered("<", m, six), m, six)
 
@@ -537,9 +555,16 @@ _V8I64 = ir.VectorType(_I64, LANES)
 
 
 def _vexpf_ir(builder, v):
-    """LLVM IR of :data:`_EXPF_TAB`'s expf on an ``<8 x float>`` (main path: |x| < 88)."""
+    """LLVM IR of :data:`_EXPF_TAB`'s expf on an ``<8 x float>`` or ``<16 x float>`` (main path:
+    |x| < 88). The 16-lane form looks the table up with one gather (``vpgatherqq`` on AVX-512),
+    the 8-lane form lane by lane (gathers are slow on the AVX2/NEON targets it serves); either
+    way each lane gets the same table entry, so the same bits."""
+    n = v.type.count
+    vf64 = ir.VectorType(_F64, n)
+    vi64 = ir.VectorType(_I64, n)
+
     def dsplat(c: float):
-        return ir.Constant(_V8F64, [c] * LANES)
+        return ir.Constant(vf64, [c] * n)
 
     mod = builder.module
     name = "stealer_expf_tab"
@@ -547,29 +572,45 @@ def _vexpf_ir(builder, v):
         tab = mod.get_global(name)
     except KeyError:
         tab = cgutils.global_constant(mod, name, ir.Constant(ir.ArrayType(_I64, _EXPF_N), list(_EXPF_TAB)))
-    xd = builder.fpext(v, _V8F64)
+    xd = builder.fpext(v, vf64)
     z = builder.fmul(dsplat(_EXPF_INVLN2N), xd)
     kd = builder.fadd(z, dsplat(_EXPF_SHIFT))
-    ki = builder.bitcast(kd, _V8I64)
+    ki = builder.bitcast(kd, vi64)
     kd = builder.fsub(kd, dsplat(_EXPF_SHIFT))
-    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8F64, [_V8F64] * 3), "llvm.fma.v8f64")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vf64, [vf64] * 3), f"llvm.fma.v{n}f64")
     r = builder.call(fma, [dsplat(_EXPF_INVLN2N), xd, builder.fneg(kd)])  # z - kd, fused as the library's
-    idx = builder.and_(ki, ir.Constant(_V8I64, [_EXPF_N - 1] * LANES))
-    t = ir.Constant(_V8I64, ir.Undefined)
+    idx = builder.and_(ki, ir.Constant(vi64, [_EXPF_N - 1] * n))
     zero = ir.Constant(_I32, 0)
-    for j in range(LANES):
-        lane = ir.Constant(_I32, j)
-        e = builder.load(builder.gep(tab, [zero, builder.extract_element(idx, lane)]))
-        t = builder.insert_element(t, e, lane)
-    t = builder.add(t, builder.shl(ki, ir.Constant(_V8I64, [52 - 5] * LANES)))
-    s = builder.bitcast(t, _V8F64)
+    if n == LANES16:
+        base = builder.ptrtoint(builder.gep(tab, [zero, zero]), _I64)
+        addr = builder.add(_splat_n(builder, base, vi64), builder.shl(idx, ir.Constant(vi64, [3] * n)))
+        ptrs = builder.inttoptr(addr, ir.VectorType(_I64.as_pointer(), n))
+        mask = ir.Constant(ir.VectorType(ir.IntType(1), n), [1] * n)
+        gty = ir.FunctionType(vi64, [ptrs.type, _I32, mask.type, vi64])
+        gather = cgutils.get_or_insert_function(mod, gty, f"llvm.masked.gather.v{n}i64.v{n}p0")
+        t = builder.call(gather, [ptrs, ir.Constant(_I32, 8), mask, ir.Constant(vi64, ir.Undefined)])
+    else:
+        t = ir.Constant(vi64, ir.Undefined)
+        for j in range(n):
+            lane = ir.Constant(_I32, j)
+            e = builder.load(builder.gep(tab, [zero, builder.extract_element(idx, lane)]))
+            t = builder.insert_element(t, e, lane)
+    t = builder.add(t, builder.shl(ki, ir.Constant(vi64, [52 - 5] * n)))
+    s = builder.bitcast(t, vf64)
     c0, c1, c2 = _EXPF_C
     zz = builder.call(fma, [dsplat(c0), r, dsplat(c1)])
     r2 = builder.fmul(r, r)
     y = builder.call(fma, [dsplat(c2), r, dsplat(1.0)])
     y = builder.call(fma, [zz, r2, y])
     y = builder.fmul(y, s)
-    return builder.fptrunc(y, _V8F32)
+    return builder.fptrunc(y, ir.VectorType(_F32, n))
+
+
+def _splat_n(builder, scalar, vty):
+    """Broadcast an LLVM scalar to every lane of ``vty`` (any lane count)."""
+    undef = ir.Constant(vty, ir.Undefined)
+    w = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(w, undef, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
 
 
 @intrinsic
@@ -588,12 +629,12 @@ def vexpf(typingctx, v):
 @intrinsic
 def vswish(typingctx, v):
     """AlexeyAB's swish per lane, ``x * (1.f / (1.f + expf(-x)))`` in float32, for |x| < 88."""
-    if v != f32x8:
+    if v not in _FVECS:
         return None
-    sig = f32x8(v)
+    sig = v(v)
 
     def codegen(context, builder, sig, args):
-        one = ir.Constant(_V8F32, [1.0] * LANES)
+        one = ir.Constant(args[0].type, [1.0] * args[0].type.count)
         e = _vexpf_ir(builder, builder.fneg(args[0]))
         return builder.fmul(args[0], builder.fdiv(one, builder.fadd(one, e)))
 
@@ -603,12 +644,12 @@ def vswish(typingctx, v):
 @intrinsic
 def vlogistic_f32(typingctx, v):
     """AlexeyAB's logistic per lane, ``1.f / (1.f + expf(-x))`` in float32, for |x| < 88."""
-    if v != f32x8:
+    if v not in _FVECS:
         return None
-    sig = f32x8(v)
+    sig = v(v)
 
     def codegen(context, builder, sig, args):
-        one = ir.Constant(_V8F32, [1.0] * LANES)
+        one = ir.Constant(args[0].type, [1.0] * args[0].type.count)
         return builder.fdiv(one, builder.fadd(one, _vexpf_ir(builder, builder.fneg(args[0]))))
 
     return sig, codegen
@@ -617,14 +658,16 @@ def vlogistic_f32(typingctx, v):
 @intrinsic
 def vall_abs_below(typingctx, v, c):
     """True when every lane of ``v`` has ``|x| < c`` (False for any NaN lane)."""
-    if not (v == f32x8 and c == types.float32):
+    if not (v in _FVECS and c == types.float32):
         return None
     sig = types.boolean(v, c)
 
     def codegen(context, builder, sig, args):
-        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32]), "llvm.fabs.v8f32")
-        below = builder.fcmp_ordered("<", builder.call(fabs, [args[0]]), _splat(builder, args[1]))
-        bits = builder.bitcast(below, ir.IntType(LANES))
-        return builder.icmp_unsigned("==", bits, ir.Constant(ir.IntType(LANES), (1 << LANES) - 1))
+        vty = args[0].type
+        n = vty.count
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty]), f"llvm.fabs.v{n}f32")
+        below = builder.fcmp_ordered("<", builder.call(fabs, [args[0]]), _splat_n(builder, args[1], vty))
+        bits = builder.bitcast(below, ir.IntType(n))
+        return builder.icmp_unsigned("==", bits, ir.Constant(ir.IntType(n), (1 << n) - 1))
 
     return sig, codegen

@@ -45,7 +45,8 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT_OPTS
-from ._simd import LANES, vall_abs_below, vload, vlogistic_f32, vstore, vswish
+from ._simd import (AVX512F, LANES, LANES16, vall_abs_below, vload, vload16, vlogistic_f32, vstore, vstore16,
+                    vswish)
 
 ACT_LINEAR = 0
 ACT_LEAKY = 1
@@ -167,38 +168,38 @@ def act_scalar(v, act):
 _EXPF_MAIN = np.float32(88.0)
 
 
-@njit(**JIT_OPTS)
-def _swish_flat(xf):
-    """``x * _logistic_f32(x)`` in place, 8 lanes at a time with glibc's expf in vector form (the
-    same bits as the libm's expf, see ``tests/test_kernels_paths.py``): the scalar libm call was
-    2.3 ns a value, a third of YOLOv8n's time."""
-    n = xf.shape[0]
-    n8 = n - n % LANES
-    for i in range(0, n8, LANES):
-        v = vload(xf, i)
-        if vall_abs_below(v, _EXPF_MAIN):
-            vstore(xf, i, vswish(v))
-        else:
-            for j in range(i, i + LANES):
-                xf[j] = xf[j] * _logistic_f32(xf[j])
-    for j in range(n8, n):
-        xf[j] = xf[j] * _logistic_f32(xf[j])
+@njit(inline="always", **JIT_OPTS)
+def _expf_act_scalar(xf, i0, i1, swish):
+    """Elements ``i0 .. i1-1`` through the libm's expf: a block with a value outside the vector
+    main path, and the tail."""
+    for j in range(i0, i1):
+        xf[j] = xf[j] * _logistic_f32(xf[j]) if swish else _logistic_f32(xf[j])
 
 
 @njit(**JIT_OPTS)
-def _logistic_f32_flat(xf):
-    """:func:`_logistic_f32` in place, 8 lanes at a time (as :func:`_swish_flat`)."""
+def _expf_act_flat(xf, swish, wide):
+    """``x * _logistic_f32(x)`` (``swish``) or :func:`_logistic_f32` in place, vectors at a time
+    with glibc's expf in vector form (the same bits as the libm's expf, see
+    ``tests/test_kernels_paths.py``): the scalar libm call was 2.3 ns a value, a third of
+    YOLOv8n's time. ``wide`` (AVX-512F targets): 16 lanes first (half the time of 8 on a
+    Sapphire-Rapids-class Xeon), then 8; the function of each element is the same either way."""
     n = xf.shape[0]
-    n8 = n - n % LANES
-    for i in range(0, n8, LANES):
+    i = 0
+    if wide:
+        for i in range(0, n - n % LANES16, LANES16):
+            v = vload16(xf, i)
+            if vall_abs_below(v, _EXPF_MAIN):
+                vstore16(xf, i, vswish(v) if swish else vlogistic_f32(v))
+            else:
+                _expf_act_scalar(xf, i, i + LANES16, swish)
+        i = n - n % LANES16
+    for i in range(i, n - n % LANES, LANES):
         v = vload(xf, i)
         if vall_abs_below(v, _EXPF_MAIN):
-            vstore(xf, i, vlogistic_f32(v))
+            vstore(xf, i, vswish(v) if swish else vlogistic_f32(v))
         else:
-            for j in range(i, i + LANES):
-                xf[j] = _logistic_f32(xf[j])
-    for j in range(n8, n):
-        xf[j] = _logistic_f32(xf[j])
+            _expf_act_scalar(xf, i, i + LANES, swish)
+    _expf_act_scalar(xf, n - n % LANES, n, swish)
 
 
 @njit(**JIT_OPTS)
@@ -221,10 +222,8 @@ def _activate_flat(xf, act):
     elif act == ACT_RELU6:
         for i in range(n):
             xf[i] = _relu6_32(xf[i])
-    elif act == ACT_SWISH:
-        _swish_flat(xf)
-    elif act == ACT_LOGISTIC32:
-        _logistic_f32_flat(xf)
+    elif act == ACT_SWISH or act == ACT_LOGISTIC32:
+        _expf_act_flat(xf, act == ACT_SWISH, AVX512F)
     elif act == ACT_HARDSWISH:
         for i in range(n):
             xf[i] = _hardswish32(xf[i])

@@ -26,7 +26,8 @@ convolutions with at most ``DIRECT_MAX_CG`` input channels per group (depthwise)
 ``MR = 8``, ungrouped ones with few input channels (``DIRECT8_MAX_C``/``DIRECT8_MAX_K``: the
 first layer of every YOLO, C = 3). Both copy the input once into zero-padded, row/column
 phase-split planes, so that tap ``kk`` of every output is at a constant offset, and run the
-same chain per element (see ``_conv2d_direct``).
+same chain per element (see ``_conv2d_direct``; its blocks are 16-lane where ``ZMM``, which
+gains only 2-10%: the depthwise layers are bound by the phase-plane copy, not by the fma).
 
 Why this is bit-exact under tiling: every output element is computed as::
 
@@ -70,8 +71,8 @@ from numba import njit
 
 from ._config import JIT_OPTS
 from ._validate import output_array
-from ._simd import (vadd, vbcast, vbcast16, vdeinterleave, vfma, vleaky, vload, vload16, vmaskgather, vmaskload,
-                    vmaskload2, vrelu, vrelu6, vstore, vstore16, vstoren, vzero, vzero16)
+from ._simd import (target_features, vadd, vbcast, vbcast16, vdeinterleave, vfma, vleaky, vload, vload16,
+                    vmaskgather, vmaskload, vmaskload2, vrelu, vrelu6, vstore, vstore16, vstoren, vzero, vzero16)
 from .activations import (ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_RELU6, _act_code, _activate_flat,
                           _logistic32, act_scalar)
 
@@ -83,24 +84,10 @@ from .activations import (ACT_LEAKY, ACT_LINEAR, ACT_LOGISTIC, ACT_RELU, ACT_REL
 # elements are computed together, so the bits are the same either way (tested).
 
 
-def _target_features() -> list[str]:
-    """Numba's target features (``+avx512vl``, ...), as it compiles for them."""
-    import numba
-    from llvmlite import binding
-
-    cpu_name = getattr(numba.config, "CPU_NAME", None)  # set from NUMBA_CPU_NAME/FEATURES
-    cpu_features = getattr(numba.config, "CPU_FEATURES", None)
-    if cpu_name:  # an explicit target (portable caches): trust only its features
-        feats = cpu_features or ""
-    else:
-        feats = cpu_features or binding.get_host_cpu_features().flatten()
-    return feats.split(",")
-
-
 def _vector_registers() -> int:
     """32 if Numba's target has AVX-512VL (32 ymm registers), else 16 (AVX2; NEON's 32 q
     registers hold 16 <8 x float>)."""
-    return 32 if "+avx512vl" in _target_features() else 16
+    return 32 if "+avx512vl" in target_features() else 16
 
 
 MR = 8 if _vector_registers() == 32 else 4
@@ -109,7 +96,7 @@ NR = 24
 #: and 8 x 48 register blocks (:func:`_conv2d_exact_z`). Each element's chain of fma is the
 #: same, so the bits are; a module switch so tests can force either path on any machine
 #: (elsewhere LLVM splits the 16-lane vectors into 8-lane ones, with the same arithmetic).
-ZMM = "+avx512f" in _target_features() and MR == 8
+ZMM = "+avx512f" in target_features() and MR == 8
 NRZ = 48  # pixels per panel of the 16-lane variant (3 zmm)
 NCZ = NRZ * 4  # pixels per packed B block of the 16-lane variant
 # Cache blocking, tuned on Zen 3 (32 KiB L1d, 512 KiB L2 per core, 32 MiB L3) with interleaved
@@ -864,6 +851,31 @@ def _mk_z8x48(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
             c70 = vrelu(c70)
             c71 = vrelu(c71)
             c72 = vrelu(c72)
+        elif epi == 4:
+            c00 = vrelu6(c00)
+            c01 = vrelu6(c01)
+            c02 = vrelu6(c02)
+            c10 = vrelu6(c10)
+            c11 = vrelu6(c11)
+            c12 = vrelu6(c12)
+            c20 = vrelu6(c20)
+            c21 = vrelu6(c21)
+            c22 = vrelu6(c22)
+            c30 = vrelu6(c30)
+            c31 = vrelu6(c31)
+            c32 = vrelu6(c32)
+            c40 = vrelu6(c40)
+            c41 = vrelu6(c41)
+            c42 = vrelu6(c42)
+            c50 = vrelu6(c50)
+            c51 = vrelu6(c51)
+            c52 = vrelu6(c52)
+            c60 = vrelu6(c60)
+            c61 = vrelu6(c61)
+            c62 = vrelu6(c62)
+            c70 = vrelu6(c70)
+            c71 = vrelu6(c71)
+            c72 = vrelu6(c72)
     vstore16(c, co, c00)
     vstore16(c, co + 16, c01)
     vstore16(c, co + 32, c02)
@@ -1015,6 +1027,23 @@ def _mk_z8x32(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
             c61 = vrelu(c61)
             c70 = vrelu(c70)
             c71 = vrelu(c71)
+        elif epi == 4:
+            c00 = vrelu6(c00)
+            c01 = vrelu6(c01)
+            c10 = vrelu6(c10)
+            c11 = vrelu6(c11)
+            c20 = vrelu6(c20)
+            c21 = vrelu6(c21)
+            c30 = vrelu6(c30)
+            c31 = vrelu6(c31)
+            c40 = vrelu6(c40)
+            c41 = vrelu6(c41)
+            c50 = vrelu6(c50)
+            c51 = vrelu6(c51)
+            c60 = vrelu6(c60)
+            c61 = vrelu6(c61)
+            c70 = vrelu6(c70)
+            c71 = vrelu6(c71)
     vstore16(c, co, c00)
     vstore16(c, co + 16, c01)
     vstore16(c, co + 1 * ldc, c10)
@@ -1109,6 +1138,15 @@ def _mk_z8x16(kc, a, ao, lda, bp, bo, c, co, ldc, init, epi, bias, bo_bias):
             c50 = vrelu(c50)
             c60 = vrelu(c60)
             c70 = vrelu(c70)
+        elif epi == 4:
+            c00 = vrelu6(c00)
+            c10 = vrelu6(c10)
+            c20 = vrelu6(c20)
+            c30 = vrelu6(c30)
+            c40 = vrelu6(c40)
+            c50 = vrelu6(c50)
+            c60 = vrelu6(c60)
+            c70 = vrelu6(c70)
     vstore16(c, co, c00)
     vstore16(c, co + 1 * ldc, c10)
     vstore16(c, co + 2 * ldc, c20)
@@ -1537,7 +1575,7 @@ def _conv2d_exact_z(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2, 
             wedge[r * k_n + kk] = w2[r0 + r, kk]
     biasp = np.zeros(mp, np.float32)
     biasp[:co_n] = bias
-    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
+    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 4 if act == ACT_RELU6 else 1
     kcb = min(kc_blk, k_n)
     ncb = min(nc_blk, (n_n + NRZ - 1) // NRZ * NRZ)
     bp = np.empty(kcb * ncb, np.float32)
@@ -1587,9 +1625,10 @@ DIRECT_MAX_CG = 4
 #: Ungrouped convolutions with at most this many input channels and K = C*k*k at most
 #: DIRECT8_MAX_K take :func:`_conv2d_direct8` where the 8-row block exists (MR = 8). Measured on
 #: Zen 4 against the GEMM: C = 3 1.2-2.3x faster (YOLO's first layers), C = 16 1.2x, C = 32
-#: 0.8-0.9x (there packing is a small share and the GEMM's sequential panels win).
+#: 0.8-0.9x (there packing is a small share and the GEMM's sequential panels win). K = 147 is
+#: ResNet's 7x7 first layer (C = 3): 2.40 against the 16-lane GEMM's 2.80 ms (Sapphire Rapids).
 DIRECT8_MAX_C = 16
-DIRECT8_MAX_K = 144
+DIRECT8_MAX_K = 147
 
 
 @njit(**JIT_OPTS)
@@ -1672,6 +1711,47 @@ def _direct_block(kk_n, toff, q, p0, wf, wo, bv, epi, dst, do):
     vstore(dst, do + 8, a1)
     vstore(dst, do + 16, a2)
     vstore(dst, do + 24, a3)
+
+
+@njit(inline="always", **JIT_OPTS)
+def _direct_block_z(kk_n, toff, q, p0, wf, wo, bias, co, epi, dst, do):
+    """:func:`_direct_block` on 16-lane vectors: 64 grid pixels ``p0 .. p0+63``, the same chain
+    per element (AVX-512F targets; 1.3-1.6x the 8-lane block on MobileNetV2's depthwise layers)."""
+    a0 = vzero16()
+    a1 = vzero16()
+    a2 = vzero16()
+    a3 = vzero16()
+    for kk in range(kk_n):
+        p = p0 + toff[kk]
+        wv = vbcast16(wf, wo + kk)
+        a0 = vfma(wv, vload16(q, p), a0)
+        a1 = vfma(wv, vload16(q, p + 16), a1)
+        a2 = vfma(wv, vload16(q, p + 32), a2)
+        a3 = vfma(wv, vload16(q, p + 48), a3)
+    bv = vbcast16(bias, co)
+    a0 = vadd(a0, bv)
+    a1 = vadd(a1, bv)
+    a2 = vadd(a2, bv)
+    a3 = vadd(a3, bv)
+    if epi == 2:
+        a0 = vleaky(a0)
+        a1 = vleaky(a1)
+        a2 = vleaky(a2)
+        a3 = vleaky(a3)
+    elif epi == 3:
+        a0 = vrelu(a0)
+        a1 = vrelu(a1)
+        a2 = vrelu(a2)
+        a3 = vrelu(a3)
+    elif epi == 4:
+        a0 = vrelu6(a0)
+        a1 = vrelu6(a1)
+        a2 = vrelu6(a2)
+        a3 = vrelu6(a3)
+    vstore16(dst, do, a0)
+    vstore16(dst, do + 16, a1)
+    vstore16(dst, do + 32, a2)
+    vstore16(dst, do + 48, a3)
 
 
 @njit(inline="always", **JIT_OPTS)
@@ -1822,6 +1902,31 @@ def _dk_8x24(kk_n, toff, q, p0, a, ao, lda, c, co, ldc, bias, bo_bias, epi):
         c70 = vrelu(c70)
         c71 = vrelu(c71)
         c72 = vrelu(c72)
+    elif epi == 4:
+        c00 = vrelu6(c00)
+        c01 = vrelu6(c01)
+        c02 = vrelu6(c02)
+        c10 = vrelu6(c10)
+        c11 = vrelu6(c11)
+        c12 = vrelu6(c12)
+        c20 = vrelu6(c20)
+        c21 = vrelu6(c21)
+        c22 = vrelu6(c22)
+        c30 = vrelu6(c30)
+        c31 = vrelu6(c31)
+        c32 = vrelu6(c32)
+        c40 = vrelu6(c40)
+        c41 = vrelu6(c41)
+        c42 = vrelu6(c42)
+        c50 = vrelu6(c50)
+        c51 = vrelu6(c51)
+        c52 = vrelu6(c52)
+        c60 = vrelu6(c60)
+        c61 = vrelu6(c61)
+        c62 = vrelu6(c62)
+        c70 = vrelu6(c70)
+        c71 = vrelu6(c71)
+        c72 = vrelu6(c72)
     vstore(c, co, c00)
     vstore(c, co + 8, c01)
     vstore(c, co + 16, c02)
@@ -1886,7 +1991,7 @@ def _conv2d_direct8(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2):
     biasp = np.zeros(mp, np.float32)
     biasp[:co_n] = bias
     scratch = np.empty(8 * NR, np.float32)
-    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 1
+    epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 4 if act == ACT_RELU6 else 1
     for oy in range(out_h):
         for ir in range(0, mp, 8):
             mv = min(8, co_n - ir)
@@ -1912,16 +2017,17 @@ def _conv2d_direct8(x, w2, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, out2):
 
 
 @njit(**JIT_OPTS)
-def _conv2d_direct(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, groups, og, of):
+def _conv2d_direct(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, groups, og, of, wide):
     """Grouped convolution, one call for all groups: ``wf`` is the flat (Co, C/groups, k, k)
     weight, ``of`` the flat (Co, out_h, out_w) output, ``act`` any activation code (relu6 in
     the vector epilogue; the AlexeyAB ones other than relu6 are left to the caller).
 
     Outputs are computed on a grid of ``out_h`` rows of ``wq`` pixels (the valid ``out_w``
     first): with the input split into phases, tap ``(c, ky, kx)`` of grid pixel ``n`` is
-    ``q[n + toff[kk]]`` for all n, so a channel is one loop over 32-pixel blocks whatever its
-    width, then its valid columns are copied out.
+    ``q[n + toff[kk]]`` for all n, so a channel is one loop over 32-pixel blocks (64 on 16-lane
+    vectors if ``wide``) whatever its width, then its valid columns are copied out.
     """
+    bw = 64 if wide else 32  # grid pixels per block
     c_n, h, w = x.shape
     xf = x.reshape(c_n * h * w)
     cg = c_n // groups
@@ -1931,12 +2037,12 @@ def _conv2d_direct(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, groups,
     wq = out_w + span // sx
     plane = hq * wq
     ng = out_h * wq
-    nb = (ng + 31) // 32
-    # reads of the last block run up to ~wq + 31 past the last plane: zeros there
+    nb = (ng + bw - 1) // bw
+    # reads of the last block run up to ~wq + bw - 1 past the last plane: zeros there
     n_q = cg * sy * sx * plane
-    q = np.empty(n_q + wq + 32, np.float32)
+    q = np.empty(n_q + wq + bw, np.float32)
     q[n_q:] = 0.0
-    grid = np.empty(nb * 32 + 8, np.float32)  # + 8: the copy-out reads whole vectors
+    grid = np.empty(nb * bw + 8, np.float32)  # + 8: the copy-out reads whole vectors
     epi = 2 if act == ACT_LEAKY else 3 if act == ACT_RELU else 4 if act == ACT_RELU6 else 1
     toff = np.empty(kk_n, np.int64)
     for c in range(cg):
@@ -1951,9 +2057,13 @@ def _conv2d_direct(x, wf, bias, k, sy, sx, d, pt, pl, out_h, out_w, act, groups,
         for m in range(og):
             co = g * og + m
             wo = co * kk_n
-            bv = vbcast(bias, co)
-            for blk in range(nb):
-                _direct_block(kk_n, toff, q, blk * 32, wf, wo, bv, epi, grid, blk * 32)
+            if wide:
+                for blk in range(nb):
+                    _direct_block_z(kk_n, toff, q, blk * bw, wf, wo, bias, co, epi, grid, blk * bw)
+            else:
+                bv = vbcast(bias, co)
+                for blk in range(nb):
+                    _direct_block(kk_n, toff, q, blk * bw, wf, wo, bv, epi, grid, blk * bw)
             o = co * out_h * out_w
             for oy in range(out_h):
                 for ox in range(0, out_w, 8):
@@ -2161,12 +2271,12 @@ def conv2d(
         of = out.reshape(-1)
         vec = act <= ACT_RELU or act == ACT_RELU6  # activations of the vector epilogue
         _conv2d_direct(x, weight.reshape(-1), bias, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w,
-                       act if vec else ACT_LINEAR, groups, og, of)
+                       act if vec else ACT_LINEAR, groups, og, of, ZMM)
         if not vec:
             _activate_flat(of, act)
         return out
     if exact and groups == 1 and MR == 8 and c_n <= DIRECT8_MAX_C and c_n * k * k <= DIRECT8_MAX_K:
-        vec = act <= ACT_RELU
+        vec = act <= ACT_RELU or act == ACT_RELU6
         out2 = out.reshape(co_n, out_h * out_w)
         _conv2d_direct8(x, weight.reshape(co_n, c_n * k * k), bias, k, sy, sx, dilation, pad_top, pad_left, out_h,
                         out_w, act if vec else ACT_LINEAR, out2)
@@ -2179,10 +2289,12 @@ def conv2d(
         w2 = weight[g * og:(g + 1) * og].reshape(og, cg * k * k)
         bg = bias if groups == 1 else bias[g * og:(g + 1) * og]
         out2 = out[g * og:(g + 1) * og].reshape(og, out_h * out_w)  # a view: out is C-contiguous
-        if exact and act > ACT_RELU:
+        if exact and act > ACT_RELU and not (ZMM and act == ACT_RELU6):
             # AlexeyAB's float32 activations run as a pass over the finished group rather than in
             # the tile loop: code in that loop (even in a branch never taken) cost YOLOv2's 3x3
-            # layers ~8%; the bits are the same, one scalar function of the same sums either way
+            # layers ~8%; the bits are the same, one scalar function of the same sums either way.
+            # ReLU6 (MobileNetV2's) is the 16-lane micro-kernels' epilogue 4: a pass over the
+            # finished output cost as much as the GEMM of a 1x1 layer with few input channels
             if ZMM:
                 _conv2d_exact_z(xg, w2, bg, k, sy, sx, dilation, pad_top, pad_left, out_h, out_w, ACT_LINEAR,
                                 out2, KC, NCZ, MC, ORDER)

@@ -72,6 +72,35 @@ def test_direct_grouped_conv_has_the_gemm_bits(case):
         want = general_conv(mp, x, wt, b, **kw)
     got = kernels.conv2d(x, wt, b, **kw)
     assert_same_bits(got, want, str(case))
+    # the direct kernel on 8- and 16-lane blocks (32 or 64 grid pixels; conv2d picks by conv.ZMM)
+    code = kernels.activations._act_code(act)
+    vec = code <= kernels.ACT_RELU or code == kernels.ACT_RELU6
+    for wide in (False, True):
+        out = np.empty_like(want)
+        conv_mod._conv2d_direct(x, wt.reshape(-1), b, k, sy, sx, d, pt, pl, oh, ow, code if vec else 0, groups, og,
+                                out.reshape(-1), wide)
+        if not vec:
+            kernels.activate(out, act)
+        assert_same_bits(out, want, f"{case}, wide={wide}")
+
+
+def test_depthwise_layers_run_the_direct_kernel_at_the_targets_width(monkeypatch):
+    """conv2d sends a depthwise layer to :func:`_conv2d_direct` with ``wide = conv.ZMM`` (the
+    16-lane block where the target has AVX-512F)."""
+    calls = []
+    real = conv_mod._conv2d_direct
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(conv_mod, "_conv2d_direct", spy)
+    x = np.random.default_rng(2).standard_normal((8, 9, 9)).astype(np.float32)
+    for zmm in (False, True):
+        monkeypatch.setattr(conv_mod, "ZMM", zmm)
+        kernels.conv2d(x, np.ones((8, 1, 3, 3), np.float32), np.zeros(8, np.float32), pad_top=1, pad_left=1,
+                       groups=8, activation="relu6")
+    assert calls == [False, True]
 
 
 def test_direct_path_is_taken_and_catches_a_reordered_sum(monkeypatch):
@@ -149,10 +178,10 @@ def test_strided_conv_is_the_stride1_conv_subsampled(case):
     assert_same_bits(got, np.ascontiguousarray(dense[:, ::sy, ::sx]), str(case))
     # and through the GEMM driver with small random cache blocks and both register blocks (4 and
     # 8 rows): the same bits again
-    if groups == 1 and act in ("linear", "leaky", "relu"):
+    if groups == 1 and act in ("linear", "leaky", "relu", "relu6"):
         code = kernels.activations._act_code(act)
         kc, nc = int(rng.integers(1, 30)), 24 * int(rng.integers(1, 3))
-        for mr in (4, 8):
+        for mr in (4, 8) if act != "relu6" else ():  # the 8-lane driver has no relu6 epilogue
             out = np.empty((og, oh * ow), np.float32)
             conv_mod._conv2d_exact_ext(x, wt.reshape(og, -1), b, k, sy, sx, d, pt, pl, oh, ow, code, out, kc, nc,
                                        8, int(rng.integers(0, 2)), mr)
@@ -252,8 +281,8 @@ def test_stride1_maxpool_keeps_the_first_of_equal_values():
 
 @st.composite
 def small_k_cases(draw):
-    c = draw(st.integers(1, conv_mod.DIRECT8_MAX_C))
-    k = draw(st.sampled_from([1, 2, 3]))
+    k = draw(st.sampled_from([1, 2, 3, 3, 7]))
+    c = draw(st.integers(1, 3 if k == 7 else conv_mod.DIRECT8_MAX_C))  # 7x7, C = 3: ResNet's first layer
     co = draw(st.integers(1, 20))  # edge row blocks of 8
     sy, sx = draw(st.sampled_from([(1, 1), (2, 2), (1, 2), (3, 1)]))
     d = draw(st.integers(1, 2))
@@ -281,13 +310,32 @@ def test_direct_small_k_conv_has_the_gemm_bits(case):
     if c * k * k <= conv_mod.DIRECT8_MAX_K:  # the direct kernel itself, whatever the target's MR
         got = np.empty_like(want)
         code = kernels.activations._act_code(act)
-        conv_mod._conv2d_direct8(x, wt.reshape(co, -1), b, k, sy, sx, d, pt, pl, oh, ow,
-                                 code if code <= kernels.ACT_RELU else 0, got.reshape(co, -1))
-        if code > kernels.ACT_RELU:
+        vec = code <= kernels.ACT_RELU or code == kernels.ACT_RELU6  # the vector epilogues
+        conv_mod._conv2d_direct8(x, wt.reshape(co, -1), b, k, sy, sx, d, pt, pl, oh, ow, code if vec else 0,
+                                 got.reshape(co, -1))
+        if not vec:
             kernels.activate(got, act)
         assert_same_bits(got, want, str(case))
     assert_same_bits(kernels.conv2d(x, wt, b, **kw), want, str(case))
 
+
+
+def test_first_layers_take_the_direct_path(monkeypatch):
+    """YOLO's 3x3 and ResNet's 7x7 first layers (C = 3) run :func:`_conv2d_direct8` where MR = 8
+    (the tests above compare it with the GEMM; this checks that it is what conv2d runs)."""
+    calls = []
+    real = conv_mod._conv2d_direct8
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(conv_mod, "_conv2d_direct8", spy)
+    x = np.random.default_rng(1).standard_normal((3, 30, 30)).astype(np.float32)
+    for k in (3, 7):
+        wt = np.ones((8, 3, k, k), np.float32)
+        kernels.conv2d(x, wt, np.zeros(8, np.float32), stride=2, pad_top=k // 2, pad_left=k // 2)
+    assert calls == ([3, 7] if conv_mod.MR == 8 else [])
 
 
 def _libm_activation(x: np.ndarray, act: str) -> np.ndarray:
@@ -308,22 +356,30 @@ def _libm_activation(x: np.ndarray, act: str) -> np.ndarray:
 
 @pytest.mark.parametrize("act", ["swish_f32", "logistic_f32"])
 def test_vector_expf_activations_have_the_libm_bits(act):
-    """swish and logistic_f32 run 8 lanes at a time with glibc's expf algorithm in vector form
-    (kernels._simd.vexpf): the libm's bits on 2^20 values over the whole main path (|x| < 88),
-    both sides of its edge, blocks with inf / NaN / huge values (the libm, element by element) and
-    a tail that is not a multiple of 8, and the two floats where a reduction without fma
-    rounds differently. (Checked once over every float32 in [-104, 89] too.)"""
+    """swish and logistic_f32 run 16 lanes (AVX-512F targets: the table looked up by a gather)
+    and 8 lanes at a time with glibc's expf algorithm in vector form (kernels._simd.vexpf): the
+    libm's bits on 2^20 values over the whole main path (|x| < 88), both sides of its edge,
+    blocks with inf / NaN / huge values (the libm, element by element) and a tail that is not a
+    multiple of 8 or 16, and the two floats where a reduction without fma rounds differently,
+    through both widths. (Checked once over every float32 in [-104, 89] too.)"""
+    from kernels.activations import _expf_act_flat
+
     rng = np.random.default_rng(7)
     parts = [rng.standard_normal(1 << 19) * 8, rng.uniform(-88, 88, 1 << 19),
              np.array([np.inf, -np.inf, np.nan, 88.0, -88.0, np.nextafter(88, 0), -np.nextafter(88, 0), 1e30,
                        -1e30, 0.0, -0.0, 1e-45, -1e-45, 103.0, -104.0,
                        32.564632, -63.09946, 63.09946, -32.564632], np.float64),  # an unfused reduction misses these
-             rng.uniform(-120, 120, 1003)]
+             rng.uniform(-120, 120, 1000)]  # 19 + 1000 = 63*16 + 8 + 3: a block of 8 after the 16s, then 3
     x = np.concatenate(parts).astype(np.float32)
+    want = _libm_activation(x, act)
     got = x.copy()
     kernels.activate(got, act)
-    assert_same_bits(got, _libm_activation(x, act), act)
+    assert_same_bits(got, want, act)
+    for wide in (False, True):
+        got = x.copy()
+        _expf_act_flat(got, act == "swish_f32", wide)
+        assert_same_bits(got, want, f"{act}, wide={wide}")
     # a perturbed lane breaks the comparison: the check is not vacuous
     bad = got.copy()
     bad[5] = np.nextafter(bad[5], np.float32(np.inf))
-    assert (bad.view(np.uint32) != _libm_activation(x, act).view(np.uint32)).sum() == 1
+    assert (bad.view(np.uint32) != want.view(np.uint32)).sum() == 1
