@@ -186,7 +186,8 @@ def test_frame_seconds_puts_the_bytes_on_their_links():
     for t in rest:  # node 1 and node 2
         src += PIXEL_SHARE * t.full.input_bytes / DEFAULT_LINK_RATE
         end = src + t.full.flops / DEFAULT_NODE_SPEED
-        gw = max(gw, end) + sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, t.outputs)) / DEFAULT_LINK_RATE
+        out = sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, t.outputs))
+        gw = max(gw, end) + out / DEFAULT_LINK_RATE
     assert frame_seconds(plan, 3, reuse=False) == pytest.approx(max(mine, gw), rel=1e-12)
     assert gw > mine  # the links are what the frame waits for
     # with reuse, every strip a consumer waits for is on its downlink: slower links never help

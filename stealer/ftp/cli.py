@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from ..errors import PlanError
 from .geometry import Rect, is_empty
-from .plan import (AUTO_SCHEME, BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, DEFAULT_NODE_SPEED, DEFAULT_LINK_RATE, SCHEMES,
-                   DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
+from .plan import (AUTO_SCHEME, BORROW_MODES, DEFAULT_BORROW, DEFAULT_LINK_RATE, DEFAULT_NODE_SPEED, DEFAULT_SCHEME,
+                   SCHEMES, DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
                    resolve_scheme, simulate)
 
 MIB = 1 << 20
