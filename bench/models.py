@@ -19,7 +19,10 @@ worse than YOLOv2's.
 
 Usage::
 
-    python bench/models.py [--models yolov2,yolov4-tiny,...] [--repeat 5] [--out bench/out/models.json]
+    python bench/models.py [--models yolov2,yolov4-tiny,...] [--repeat 5] [--plans-only] [--out bench/out/models.json]
+
+``--plans-only`` skips the timing columns (no onnxruntime session, no stealer run): the FTP
+figures alone, in seconds.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(DARKNET + ONNX))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--plans-only", action="store_true", help="FTP figures only: skip the timing against onnxruntime")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "models.json")
     args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
@@ -155,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row: dict[str, Any] = {"model": name, "input": list(net.input_shape)}
             row.update(plan_figures(net))
-            log(f"{name}: timing ({args.repeat} runs each)")
-            row.update(timing(net, model, reference, args.repeat))
+            if not args.plans_only:
+                log(f"{name}: timing ({args.repeat} runs each)")
+                row.update(timing(net, model, reference, args.repeat))
             rows.append(row)
             log(json.dumps(row))
     header = (f"{'model':<12} {'input':>11} {'GFLOP':>6} | {'chosen 5x5':>10} {'in fused':>8} {'3x3':>6} {'3x3 r':>6} "

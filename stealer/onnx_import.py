@@ -803,8 +803,9 @@ def _fusable_act(n: _Node, g: _Graph, use: dict[str, list[_Node]], outs: set[str
 
 
 def _order(g: _Graph) -> list[_Node]:
-    """Live nodes in a topological order that, where it can, runs next a node reading the tensor
-    just made (each layer then reads its predecessor, and few route copies are needed)."""
+    """Live nodes in a topological order that makes every 4-D map it can before any other tensor
+    and, where it can, runs next a node reading the tensor just made (each layer then reads its
+    predecessor, and few route copies are needed)."""
     producer = {o: n for n in g.nodes if not n.dead for o in n.outputs}
     live: set[int] = set()
     stack = [producer[o] for o in g.outputs]
@@ -823,6 +824,11 @@ def _order(g: _Graph) -> list[_Node]:
         ready = [n for n in pending if all(d == "" or d in done for d in n.data)]
         if not ready:  # pragma: no cover - the parser checked every input is defined earlier
             raise ModelError(f"{g.path}: the graph has a cycle")
+        # nodes that make (N, C, H, W) maps first: a tensor op (a detector's Reshape/Concat of its
+        # head maps) waits until no map is left to make, so every tileable branch (YOLOv8's three
+        # detection scales) comes before the first of them and a fused block, a prefix of the
+        # layers, can hold them all
+        ready = [n for n in ready if all(len(g.shapes.get(o, ())) == 4 for o in n.outputs)] or ready
         pick = next((n for n in ready if n.data and n.data[0] == last), None) or \
             next((n for n in ready if last in n.data), None) or ready[0]
         pending.remove(pick)

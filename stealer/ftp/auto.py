@@ -71,15 +71,13 @@ from typing import Iterable, Sequence
 
 from ..darknet import ModelSpec
 from ..errors import PlanError
+# the node, link and pixel constants are the depth model's too: defined once, in .plan
+from .plan import DEFAULT_LINK_RATE as DEFAULT_LINK_RATE
+from .plan import DEFAULT_NODE_SPEED as DEFAULT_NODE_SPEED
+from .plan import PIXEL_SHARE as PIXEL_SHARE
 from .plan import Plan, make_plan, simulate
 
 # ------------------------------------------------------------------------------------ constants
-DEFAULT_LINK_RATE = 20e6 / 8
-"""Bytes/s of a link when nothing better is known: 20 Mbit/s, the emulated shelf's links and
-about what a Raspberry Pi 3 gets over Wi-Fi."""
-DEFAULT_NODE_SPEED = 0.246 * 62.938e9
-"""FLOP/s of a node when nothing better is known: an emulated Pi (0.2 core) ran YOLOv2-608
-(62.94 GFLOP) whole at 0.246 frames/s."""
 EXPOSED_TRANSFER = 0.4
 """Share of a transfer's link time that a node waits for instead of computing (fitted; see the
 module docstring). The rest is hidden behind compute by fetching the next task early."""
@@ -88,8 +86,6 @@ TASK_OVERHEAD = 0.07
 the hand-over to a compute thread (fitted: it is what makes 25 small tasks cost more than one)."""
 RESULT_BYTES = 4096
 """A frame's result on the wire: the output's digest and the detections."""
-PIXEL_SHARE = 0.25
-"""Tile inputs travel as the camera's uint8 pixels, a quarter of the plan's float32 bytes."""
 GRIDS = (2, 3, 4, 5, 6)
 SCHEMES = ("quad", "none")
 OBJECTIVES = ("throughput", "latency")

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from ..errors import PlanError
 from .geometry import Rect, is_empty
-from .plan import (AUTO_SCHEME, BORROW_MODES, DEFAULT_BORROW, DEFAULT_SCHEME, DEPTH_FLOP_RATE, DEPTH_LINK_RATE, SCHEMES,
-                   DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
+from .plan import (AUTO_SCHEME, BORROW_MODES, DEFAULT_BORROW, DEFAULT_LINK_RATE, DEFAULT_NODE_SPEED, DEFAULT_SCHEME,
+                   SCHEMES, DepthCandidate, Plan, Task, default_layers, depth_candidates, make_plan, parse_grid,
                    resolve_scheme, simulate)
 
 MIB = 1 << 20
@@ -180,9 +180,10 @@ def format_plan(plan: Plan, reuse: bool, regions: bool = False, spec: Any = None
     if s["reuse_note"]:
         lines.append(s["reuse_note"])
     if depth:
-        lines.append("depth candidates (predicted frame time: the tiles' makespan on a node each at "
-                     f"{DEPTH_FLOP_RATE / 1e9:g} GFLOP/s, reuse phases, pixels on the source's uplink, strips on "
-                     f"each consumer's downlink and outputs on the gateway's, {DEPTH_LINK_RATE / 1e6:g} MB/s each; "
+        lines.append("depth candidates (predicted frame time: the tiles' makespan on a node each (node 0 the source "
+                     "and the gateway) at "
+                     f"{DEFAULT_NODE_SPEED / 1e9:.1f} GFLOP/s, reuse phases, pixels on the source's uplink, strips on "
+                     f"each consumer's downlink and outputs on the gateway's, {DEFAULT_LINK_RATE / 1e6:g} MB/s each; "
                      "then the tail on the gateway), best first:")
         lines.append(f"  {'layers':>6} {'block%':>6} {'exec GFLOP':>10} {'tail GFLOP':>10} {'MB moved':>8} "
                      f"{'block s':>7} {'links s':>7} {'tail s':>7} {'s':>7}  outputs")

@@ -78,14 +78,24 @@ BAND_ROWS = 8
 #: window (route, shortcut, upsample and yolo copy or map their inputs pixel for pixel, so lending
 #: their output would only duplicate strips of the conv/maxpool maps they come from).
 LENDING_KINDS = ("conv", "maxpool")
-#: The depth cost model (see :func:`depth_candidates`): a Pi-class core running our kernels, and a
-#: 20 Mbit/s link (the emulated cluster's), in FLOP/s and bytes/s.
-DEPTH_FLOP_RATE = 2.0e9
-DEPTH_LINK_RATE = 2.5e6
-#: Tile inputs travel as the camera's uint8 pixels: a quarter of the plan's float32 input bytes.
-DEPTH_PIXEL_SHARE = 0.25
+# The node and link every cost model of the planner assumes when nothing better is known: the
+# depth model here (:func:`depth_candidates`) and ``--grid auto`` (:mod:`stealer.ftp.auto`, which
+# also takes measured speeds) read these three, so both describe the same shelf.
+DEFAULT_NODE_SPEED = 0.246 * 62.938e9
+"""FLOP/s of a node running our kernels: an emulated Pi (0.2 core, the shelf the runtime's numbers
+were measured on) ran YOLOv2-608 (62.94 GFLOP) whole at 0.246 frames/s, i.e. 15.5 GFLOP/s
+(fitted in :mod:`stealer.ftp.auto`, whose tests keep the comparison with the recorded runs). The
+depth model used a guessed 2 GFLOP/s before: a slower node than the one the links belong to,
+which overstated the tail's cost against the links' by 7.7x."""
+DEFAULT_LINK_RATE = 20e6 / 8
+"""Bytes/s of a link each way: 20 Mbit/s, the emulated shelf's links and about what a Raspberry
+Pi 3 gets over Wi-Fi."""
+PIXEL_SHARE = 0.25
+"""Tile inputs travel as the camera's uint8 pixels: a quarter of the plan's float32 input bytes."""
 #: Depths the cost model weighs at most: each costs a plan (0.1-0.2 s for yolov4 at 608), and a
 #: node resolves its default depth at start.
+#: Relative difference of predicted frame times below which two depths tie (the deeper wins).
+DEPTH_TIE = 1e-9
 MAX_DEPTH_CANDIDATES = 32  # every candidate of the tiny models (yolov4-tiny: 26)
 
 
@@ -496,62 +506,81 @@ class DepthCandidate:
     tail_seconds: float = 0.0  # the tail on the gateway, which holds the assembled map
 
 
-def frame_seconds(plan: Plan, devices: int, reuse: bool = True, flop_rate: float = DEPTH_FLOP_RATE,
-                  link_rate: float = DEPTH_LINK_RATE) -> float:
+def frame_seconds(plan: Plan, devices: int, reuse: bool = True, flop_rate: float = DEFAULT_NODE_SPEED,
+                  link_rate: float = DEFAULT_LINK_RATE) -> float:
     """Seconds from a frame's start until the gateway holds all of its fused outputs, on ``devices``
     equal nodes, each with a full-duplex link of ``link_rate`` bytes/s each way. Pure.
 
-    The tasks run by :func:`simulate`'s policy (a free node takes the first task in plan order
-    whose reuse strips are in hand, else waits for them or runs the full variant, whichever ends
-    sooner, its bytes included),
-    and the bytes take the links they take in the runtime:
+    Node 0 is the source and the gateway (``Cluster``'s default in :mod:`stealer.ftp.auto`); it
+    computes tiles too. The tasks run by :func:`simulate`'s policy (a free node takes the first
+    task in plan order that is ready for its reuse variant, else waits or runs the full variant,
+    whichever ends sooner, its bytes included), and the bytes take the links they take in the
+    runtime:
 
-    * a task's pixels (:data:`DEPTH_PIXEL_SHARE` of its input bytes; a full variant's region is
-      large) leave the source's uplink,
-      one task after another in the order they are taken; the source sends ahead (nodes fetch
-      their next task while computing), so only a backlog on that link delays a task;
-    * a reuse variant fetches its borrowed strips straight from their producers once they are done,
-      at its own downlink's rate (strips of different consumers move on different links at once);
-    * every task's fused outputs enter the gateway's downlink, one after another as tasks end.
+    * a task's pixels (:data:`PIXEL_SHARE` of its input bytes; a full variant's region is
+      large) leave the source's uplink, one task after another in the order they are taken; the
+      source sends ahead (nodes fetch their next task while computing), so only a backlog on that
+      link delays a task; node 0's own tasks read the frame where it is;
+    * every task's fused outputs enter the gateway's downlink, one after another as tasks end
+      (node 0's own stay where they are);
+    * a reuse variant is granted once its producers' tiles are *at the gateway* (the source
+      machine's ``ready``: their outputs have crossed the gateway's downlink), and then fetches
+      the strips it borrows from the nodes that computed them, on its own downlink (strips of
+      different consumers move on different links at once); strips its own node computed are in
+      hand.
 
-    The phases of the reuse scheme are in it: a wave over a deep block chains its tiles, which
-    "executed FLOPs / devices" does not see.
+    The phases of the reuse scheme are in it: a wave over a deep block chains its tiles, and
+    every link of that chain waits for outputs to reach the gateway and strips to reach the next
+    node, which "executed FLOPs / devices" does not see.
     """
     if devices < 1:
         raise PlanError(f"need at least one device, got {devices}")
     pending = list(plan.tasks)
-    finish: dict[int, float] = {}
+    finish: dict[int, float] = {}  # task -> when its node is done with it
+    at_gw: dict[int, float] = {}  # task -> when its outputs are at the gateway
+    ran_on: dict[int, int] = {}
     free = [0.0] * min(devices, len(pending))
     src = gw = 0.0
     inf = float("inf")
+    strips = plan.strips
 
-    def ready(t: Task) -> float:  # when a reuse variant has its strips
+    def ready(t: Task, d: int) -> float:  # when node d could start t's reuse variant
         assert t.reuse is not None
-        return max((finish.get(p, inf) for p in t.producers), default=0.0) + t.reuse.borrowed_bytes / link_rate
+        fetched = sum(strips[s].nbytes for s in t.consumes if ran_on.get(strips[s].producer) != d)
+        return max((at_gw.get(p, inf) for p in t.producers), default=0.0) + fetched / link_rate
+
+    def pixels_in(v: Variant, d: int) -> float:  # when the source's uplink has sent v's pixels
+        return src + (PIXEL_SHARE * v.input_bytes / link_rate if d else 0.0)
 
     while pending:
         d = min(range(len(free)), key=free.__getitem__)
         now = free[d]
-        pick = next((i for i, t in enumerate(pending) if not reuse or t.reuse is None or ready(t) <= now), None)
+        pick = next((i for i, t in enumerate(pending) if not reuse or t.reuse is None or ready(t, d) <= now), None)
         if pick is None:
             t = pending[0]
             assert t.reuse is not None
-            full_pixels = src + DEPTH_PIXEL_SHARE * t.full.input_bytes / link_rate
-            if ready(t) + t.reuse.flops / flop_rate < max(now, full_pixels) + t.full.flops / flop_rate:
-                # wait for the next task to end or this one's strips to arrive, then look again
-                free[d] = min([x for x in finish.values() if x > now] + [ready(t)])
+            r = ready(t, d)
+            if r + t.reuse.flops / flop_rate < max(now, pixels_in(t.full, d)) + t.full.flops / flop_rate:
+                # wait for the next task to end or reach the gateway, or this one's strips, then look again
+                free[d] = min([x for x in (*finish.values(), *at_gw.values()) if x > now] + [r])
                 continue
             pick, v = 0, t.full
         else:
             t = pending[pick]
             v = t.variant(reuse)
         pending.pop(pick)
-        src += DEPTH_PIXEL_SHARE * v.input_bytes / link_rate
-        start = max(now, src)
+        if d:
+            src = pixels_in(v, d)
+        start = max(now, src) if d else now
         end = start + v.flops / flop_rate
         finish[t.id] = free[d] = end
-        gw = max(gw, end) + sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, t.outputs)) / link_rate
-    return gw
+        ran_on[t.id] = d
+        if d:
+            gw = max(gw, end) + sum(plan.windows[o].out_bytes(r) for o, r in zip(plan.outputs, t.outputs)) / link_rate
+            at_gw[t.id] = gw
+        else:
+            at_gw[t.id] = end
+    return max(at_gw.values())
 
 
 def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none",
@@ -559,11 +588,11 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
     """Every block boundary worth weighing, with its predicted frame time, best first.
 
     The model: the tiles run on ``devices`` Pi-class nodes (default: one per tile) at
-    :data:`DEPTH_FLOP_RATE`, their bytes on 20 Mbit/s links (:data:`DEPTH_LINK_RATE`), as
+    :data:`DEFAULT_NODE_SPEED`, their bytes on 20 Mbit/s links (:data:`DEFAULT_LINK_RATE`), as
     :func:`frame_seconds` plays them out; then the gateway, which holds the assembled map, runs
     the tail::
 
-        seconds = frame_seconds(plan, devices) + tail / DEPTH_FLOP_RATE
+        seconds = frame_seconds(plan, devices) + tail / DEFAULT_NODE_SPEED
 
     Fusing deeper moves the tail's FLOPs into parallel tiles, but grows what the tiles move: the
     fused outputs the gateway's one downlink receives (a detector's head maps are larger than its
@@ -574,11 +603,19 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
     An earlier model summed every byte on one link (``(outputs + strips + pixels) / link``) and
     ran the tiles ``devices``-fold parallel (``executed / (rate * devices)``): it charged a deep
     block's strips, which cross many links at once, as if they crossed one, and missed that a
-    wave's phases chain its tiles; both errors are on the same side for a deep DAG block.
+    wave's phases chain its tiles; both errors are on the same side for a deep DAG block. The
+    next one (stop 19) ran the nodes at a guessed 2 GFLOP/s against the emulated shelf's links,
+    which made the tail 7.7x dearer against the bytes than on the shelf the links belong to, put
+    every task's pixels and outputs on a link although node 0 (source and gateway) computes tiles
+    too, fetched strips a node had computed itself, and let a reuse tile start when its
+    producers ended rather than when their outputs reached the gateway (the runtime grants it
+    then). With those fixed, on 20 Mbit/s, a 5x5 frame of a detector is rarely faster than node 0
+    running the whole model: the depth then only decides how little the other nodes slow it.
 
     Candidates are the depths where the block ends on a conv, a maxpool or a yolo head (cutting
     right after a route or upsample only moves a copy), at most :data:`MAX_DEPTH_CANDIDATES` of
-    them spread evenly, and the deepest one. Ties go to the deeper block.
+    them spread evenly, and the deepest one. Ties (within :data:`DEPTH_TIE`) go to the deeper
+    block, which comes first; the rest follow by time.
     """
     rows, cols = grid
     tiles = rows * cols
@@ -600,11 +637,11 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
             continue
         t = plan.totals(reuse=reuse)
         block = plan.frame_flops
-        tail_s = (total - block) / DEPTH_FLOP_RATE
+        tail_s = (total - block) / DEFAULT_NODE_SPEED
         if tiles == 1:  # the block and the tail on one node: nothing crosses a link
-            transfer, block_s, link_s = 0, t.flops / DEPTH_FLOP_RATE, 0.0
+            transfer, block_s, link_s = 0, t.flops / DEFAULT_NODE_SPEED, 0.0
         else:
-            transfer = t.output_bytes + t.overlap_bytes + int(DEPTH_PIXEL_SHARE * t.input_bytes)
+            transfer = t.output_bytes + t.overlap_bytes + int(PIXEL_SHARE * t.input_bytes)
             block_s = frame_seconds(plan, par, reuse)
             link_s = block_s - frame_seconds(plan, par, reuse, link_rate=math.inf)
         out.append(DepthCandidate(n, plan.outputs, block, t.flops, total - block, transfer, block_s + tail_s,
@@ -612,7 +649,12 @@ def depth_candidates(spec: ModelSpec, grid: tuple[int, int], scheme: str = "none
     if not out:
         raise PlanError(f"{spec.source}: no block boundary fits a {rows}x{cols} grid")
     out.sort(key=lambda c: (c.seconds, -c.layers))
-    return out
+    # Ties go to the deeper block. Blocks whose frame time is the same sum of FLOPs over one
+    # node's speed (the node holding the frame runs the whole chain itself, see frame_seconds)
+    # differ only in rounding, so "the same" is within DEPTH_TIE of the best.
+    tied = [c for c in out if c.seconds <= out[0].seconds * (1 + DEPTH_TIE)]
+    best = max(tied, key=lambda c: c.layers)
+    return [best] + [c for c in out if c is not best]
 
 
 _DEFAULT_DEPTH: dict[tuple[ModelSpec, tuple[int, int], str], int] = {}
